@@ -1,0 +1,355 @@
+"""The GGUF LoRA adapter format, as llama.cpp (llama-cpp-python >= 0.3.36) reads it.
+
+This module is the single owner of that format: tensor names, pair shapes, the scale rule, dtypes,
+the avgguf.* metadata keys, writing (streamed through a temp file, renamed on success) and
+validation of any adapter against a base model before llama.cpp sees it (llama.cpp aborts the
+process on a key of the wrong type, a missing half of a pair or a shape mismatch).
+
+Conventions: shapes are numpy order. A linear weight W is (out, in); its delta is factored as
+left @ right with left (out, r) and right (r, in). llama.cpp computes
+``scale * alpha / r * (lora_b @ lora_a)`` per tensor (r read from lora_b); avgguf writes
+``alpha = 0`` so the factor is just ``scale`` whatever each tensor's rank, and scale 1.0
+reproduces the delta exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import gguf
+from gguf import GGMLQuantizationType as QType
+from gguf import GGUFValueType as VType
+
+from .errors import AdapterError
+
+LORA_A = ".lora_a"
+LORA_B = ".lora_b"
+TOKEN_EMBD = "token_embd.weight"
+OUTPUT = "output.weight"
+
+# avgguf's own metadata keys.
+KEY_VERSION = "avgguf.version"
+KEY_NAME = "avgguf.av.name"
+KEY_DOMAIN = "avgguf.av.domain"
+KEY_SOURCE_KIND = "avgguf.source.kind"
+KEY_SOURCE_BASE = "avgguf.source.base"
+KEY_SOURCE_ALIGNED = "avgguf.source.aligned"
+KEY_RANK_POLICY = "avgguf.rank.policy"
+KEY_SVD = "avgguf.svd.method"
+KEY_DTYPE = "avgguf.dtype"
+KEY_BASE_N_LAYER = "avgguf.base.block_count"
+KEY_BASE_N_EMBD = "avgguf.base.embedding_length"
+KEY_ENERGY_TOTAL = "avgguf.energy.total"
+KEY_ENERGY_UNAPPLIED = "avgguf.energy.unapplied_fraction"
+KEY_ENERGY_KEPT = "avgguf.energy.kept_fraction"
+KEY_T_NAME = "avgguf.tensors.name"
+KEY_T_RANK = "avgguf.tensors.rank"
+KEY_T_ENERGY = "avgguf.tensors.energy"
+KEY_T_KEPT = "avgguf.tensors.energy_kept"
+KEY_T_ERROR = "avgguf.tensors.rel_error"
+KEY_S_NAME = "avgguf.skipped.name"
+KEY_S_ENERGY = "avgguf.skipped.energy"
+KEY_S_REASON = "avgguf.skipped.reason"
+
+DTYPES = {"f32": QType.F32, "f16": QType.F16, "q8_0": QType.Q8_0}
+# llama.cpp can run these adapter tensor types on every backend.
+SAFE_TYPES = {QType.F32, QType.F16, QType.Q8_0}
+
+
+def lora_names(base_name: str) -> tuple[str, str]:
+    return base_name + LORA_A, base_name + LORA_B
+
+
+def unapplicable_reason(base_name: str, ndim: int, tied_embeddings: bool) -> str | None:
+    """Why llama.cpp cannot apply a delta on this base tensor through a LoRA, or None if it can."""
+    if base_name.endswith("_norm.weight") or "_norm" in base_name:
+        return "norm (llama.cpp never applies norm deltas)"
+    if base_name.endswith(".bias"):
+        return "bias (llama.cpp LoRA reaches matmuls only)"
+    if ndim != 2:
+        return f"{ndim}-D tensor (not a matmul weight)"
+    if tied_embeddings and base_name in (TOKEN_EMBD, OUTPUT):
+        return "tied embeddings (llama.cpp would apply it in the wrong orientation)"
+    if not base_name.endswith(".weight"):
+        return "not a weight tensor"
+    return None
+
+
+def pair_from_factors(base_name: str, left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(lora_a, lora_b) for delta = left @ right, left (out, r), right (r, in) in the base's numpy order.
+
+    token_embd is flipped in llama.cpp (get_rows on lora_a, then lora_b): lora_a (n_vocab, r),
+    lora_b (n_embd, r).
+    """
+    if base_name == TOKEN_EMBD:
+        return np.ascontiguousarray(left), np.ascontiguousarray(right.T)
+    return np.ascontiguousarray(right), np.ascontiguousarray(left)
+
+
+def delta_from_pair(base_name: str, lora_a: np.ndarray, lora_b: np.ndarray) -> np.ndarray:
+    """The delta llama.cpp applies at scale 1 with alpha 0 (inverse of pair_from_factors)."""
+    if base_name == TOKEN_EMBD:
+        return lora_a @ lora_b.T
+    return lora_b @ lora_a
+
+
+def expected_pair_shapes(base_name: str, base_shape: tuple[int, ...], rank: int) -> tuple[tuple, tuple]:
+    rows, cols = base_shape
+    if base_name == TOKEN_EMBD:
+        return (rows, rank), (cols, rank)
+    return (rank, cols), (rows, rank)
+
+
+def storage_type(requested: str, arr: np.ndarray) -> QType:
+    """The GGML type a factor is stored in; q8_0 needs rows of a multiple of 32, else f16."""
+    qtype = DTYPES[requested]
+    if qtype == QType.Q8_0 and arr.shape[-1] % 32 != 0:
+        return QType.F16
+    return qtype
+
+
+def encode(arr: np.ndarray, qtype: QType) -> np.ndarray:
+    if qtype == QType.F32:
+        return np.ascontiguousarray(arr, dtype=np.float32)
+    if qtype == QType.F16:
+        return np.ascontiguousarray(arr, dtype=np.float16)
+    return gguf.quants.quantize(np.ascontiguousarray(arr, dtype=np.float32), qtype)
+
+
+def decode(raw: np.ndarray, qtype: QType) -> np.ndarray:
+    if qtype in (QType.F32, QType.F16):
+        return np.asarray(raw, dtype=np.float32)
+    return gguf.quants.dequantize(raw, qtype)
+
+
+class AdapterWriter:
+    """Writes one adapter. Tensors stream to an unnamed temp file beside the output; the GGUF is
+    assembled in a temp file and renamed into place by commit(). Nothing is left on failure."""
+
+    def __init__(self, out_path: str | os.PathLike, arch: str, name: str):
+        self.out_path = Path(out_path)
+        parent = self.out_path.parent if str(self.out_path.parent) else Path(".")
+        if not parent.is_dir():
+            raise AdapterError(f"output directory {str(parent)!r} does not exist: create it or choose another --out")
+        if not os.access(parent, os.W_OK):
+            raise AdapterError(f"output directory {str(parent)!r} is not writable: choose another --out")
+        if self.out_path.is_dir():
+            raise AdapterError(f"--out {str(self.out_path)!r} is a directory; give a file name such as medical.gguf")
+        self.writer = gguf.GGUFWriter(None, arch)
+        # Keep tensor data on disk as it is produced, never all of it in memory.
+        self.writer.temp_file = tempfile.TemporaryFile(dir=parent, prefix=".avgguf-tensors-")
+        self.writer.add_type(gguf.GGUFType.ADAPTER)
+        self.writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        self.writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 0.0)
+        self.writer.add_name(name)
+        self.n_pairs = 0
+
+    def add_pair(self, base_name: str, lora_a: np.ndarray, lora_b: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+        """Store a pair; returns the factors as llama.cpp will see them (after quantization)."""
+        seen = []
+        for suffix, arr in ((LORA_A, lora_a), (LORA_B, lora_b)):
+            qtype = storage_type(dtype, arr)
+            raw = encode(arr, qtype)
+            # quantized data is uint8 in byte shape; gguf derives the element shape from it
+            self.writer.add_tensor(base_name + suffix, raw, raw_dtype=qtype if qtype == QType.Q8_0 else None)
+            seen.append(decode(raw, qtype).reshape(arr.shape))
+        self.n_pairs += 1
+        return seen[0], seen[1]
+
+    def add_metadata(self, key: str, value: Any) -> None:
+        w = self.writer
+        if isinstance(value, bool):
+            w.add_bool(key, value)
+        elif isinstance(value, int):
+            w.add_uint32(key, value)
+        elif isinstance(value, float):
+            w.add_float64(key, value)
+        elif isinstance(value, str):
+            w.add_string(key, value)
+        elif isinstance(value, (list, tuple)):
+            if value:
+                w.add_key_value(key, list(value), VType.ARRAY, sub_type=_array_type(value))
+        else:
+            raise TypeError(f"unsupported metadata type for {key}: {type(value).__name__}")
+
+    def commit(self) -> None:
+        parent = self.out_path.parent if str(self.out_path.parent) else Path(".")
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=".avgguf-", suffix=".gguf.partial")
+        os.close(fd)
+        try:
+            self.writer.write_header_to_file(Path(tmp))
+            self.writer.write_kv_data_to_file()
+            self.writer.write_tensors_to_file()
+            self.writer.close()
+            os.replace(tmp, self.out_path)
+        except BaseException:
+            self.writer.close()
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def abort(self) -> None:
+        if self.writer.temp_file is not None:
+            self.writer.temp_file.close()
+        self.writer.close()
+
+
+def _array_type(values) -> VType:
+    first = values[0]
+    if isinstance(first, str):
+        return VType.STRING
+    if isinstance(first, (int, np.integer)) and not isinstance(first, bool):
+        return VType.UINT32
+    return VType.FLOAT32
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and validation
+
+
+@dataclass
+class PairInfo:
+    base_name: str
+    rank: int
+    a_shape: tuple[int, ...]
+    b_shape: tuple[int, ...]
+    a_type: str
+    b_type: str
+
+
+@dataclass
+class AdapterInfo:
+    path: Path
+    arch: str
+    alpha: float
+    name: str | None
+    pairs: dict[str, PairInfo]
+    meta: dict[str, Any] = field(default_factory=dict)  # avgguf.* and other non-standard keys
+
+
+def _numpy_shape(t) -> tuple[int, ...]:
+    return tuple(int(x) for x in reversed(t.shape.tolist()))
+
+
+def _open(path: Path, what: str) -> gguf.GGUFReader:
+    if not path.is_file():
+        raise AdapterError(f"{what} {str(path)!r} not found")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as exc:  # gguf raises ValueError/struct errors on corrupt files
+        raise AdapterError(f"{what} {str(path)!r} is not a readable GGUF file ({exc}); "
+                           f"re-create it or check the path") from None
+
+
+def _field(reader: gguf.GGUFReader, key: str, vtype: VType, path: Path, required: bool = True):
+    f = reader.get_field(key)
+    if f is None:
+        if required:
+            raise AdapterError(f"{path}: missing key {key!r}; this is not a GGUF LoRA adapter "
+                               f"(make one with `avgguf convert`)")
+        return None
+    if f.types[0] != vtype:
+        raise AdapterError(f"{path}: key {key!r} has GGUF type {f.types[0].name}, expected {vtype.name} "
+                           f"(llama.cpp would abort on it); re-create the adapter")
+    return f.contents()
+
+
+def read_adapter(path: str | os.PathLike) -> AdapterInfo:
+    """Read and check an adapter's own structure (keys, types, complete pairs, pair shapes)."""
+    path = Path(path)
+    reader = _open(path, "adapter")
+    gtype = _field(reader, gguf.Keys.General.TYPE, VType.STRING, path)
+    if gtype != gguf.GGUFType.ADAPTER:
+        raise AdapterError(f"{path}: general.type is {gtype!r}, expected 'adapter' "
+                           f"(is this a model file? adapters are made with `avgguf convert`)")
+    atype = _field(reader, gguf.Keys.Adapter.TYPE, VType.STRING, path)
+    if atype != "lora":
+        raise AdapterError(f"{path}: adapter.type is {atype!r}, expected 'lora'")
+    arch = _field(reader, gguf.Keys.General.ARCHITECTURE, VType.STRING, path)
+    alpha = _field(reader, gguf.Keys.Adapter.LORA_ALPHA, VType.FLOAT32, path)
+    name = _field(reader, gguf.Keys.General.NAME, VType.STRING, path, required=False)
+
+    tensors = {t.name: t for t in reader.tensors}
+    pairs: dict[str, PairInfo] = {}
+    for tname, t in tensors.items():
+        if tname.endswith(LORA_A):
+            base = tname[: -len(LORA_A)]
+        elif tname.endswith(LORA_B):
+            base = tname[: -len(LORA_B)]
+        else:
+            raise AdapterError(f"{path}: tensor {tname!r} ends neither in .lora_a nor .lora_b")
+        if base in pairs:
+            continue
+        a, b = tensors.get(base + LORA_A), tensors.get(base + LORA_B)
+        if a is None or b is None:
+            missing = base + (LORA_A if a is None else LORA_B)
+            raise AdapterError(f"{path}: tensor {missing!r} is missing; lora_a and lora_b come in pairs")
+        a_shape, b_shape = _numpy_shape(a), _numpy_shape(b)
+        if len(a_shape) != 2 or len(b_shape) != 2:
+            raise AdapterError(f"{path}: {base}: only 2-D LoRA pairs are supported, found "
+                               f"lora_a {a_shape}, lora_b {b_shape}")
+        rank = b_shape[1]
+        ok = a_shape[1] == rank if base == TOKEN_EMBD else a_shape[0] == rank
+        if not ok:
+            raise AdapterError(f"{path}: {base}: lora_a {a_shape} and lora_b {b_shape} disagree on the rank")
+        pairs[base] = PairInfo(base, rank, a_shape, b_shape, a.tensor_type.name, b.tensor_type.name)
+
+    meta = {}
+    for key, f in reader.fields.items():
+        if key.startswith("avgguf."):
+            meta[key] = f.contents()
+    return AdapterInfo(path, arch, float(alpha), name, pairs, meta)
+
+
+@dataclass
+class BaseModelInfo:
+    path: Path
+    arch: str
+    shapes: dict[str, tuple[int, ...]]
+    block_count: int | None
+    embedding_length: int | None
+
+    @property
+    def tied_embeddings(self) -> bool:
+        return OUTPUT not in self.shapes
+
+
+def read_base_model(path: str | os.PathLike) -> BaseModelInfo:
+    path = Path(path)
+    reader = _open(path, "base model")
+    arch = _field(reader, gguf.Keys.General.ARCHITECTURE, VType.STRING, path)
+    gtype = reader.get_field(gguf.Keys.General.TYPE)
+    if gtype is not None and gtype.contents() == gguf.GGUFType.ADAPTER:
+        raise AdapterError(f"{path} is an adapter, not a base model")
+    n_layer = reader.get_field(gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch))
+    n_embd = reader.get_field(gguf.Keys.LLM.EMBEDDING_LENGTH.format(arch=arch))
+    shapes = {t.name: _numpy_shape(t) for t in reader.tensors}
+    return BaseModelInfo(path, arch, shapes,
+                         int(n_layer.contents()) if n_layer else None,
+                         int(n_embd.contents()) if n_embd else None)
+
+
+def check_against_base(adapter: AdapterInfo, base: BaseModelInfo) -> None:
+    """Raise AdapterError unless llama.cpp can load this adapter on this base."""
+    where = f"adapter {str(adapter.path)!r}"
+    if adapter.arch != base.arch:
+        raise AdapterError(f"{where} is for architecture {adapter.arch!r} but base {str(base.path)!r} is "
+                           f"{base.arch!r}; convert it against this base")
+    for base_name, p in adapter.pairs.items():
+        if base_name not in base.shapes:
+            raise AdapterError(f"{where}: tensor {base_name!r} does not exist in base {str(base.path)!r}; "
+                               f"the adapter was built for another model")
+        if base_name.endswith("_norm.weight"):
+            continue  # llama.cpp skips these
+        if base.tied_embeddings and base_name in (TOKEN_EMBD, OUTPUT):
+            raise AdapterError(f"{where}: pair on {base_name!r} but the base ties its embeddings; "
+                               f"llama.cpp would apply it wrongly. Re-convert the adapter with avgguf")
+        want_a, want_b = expected_pair_shapes(base_name, base.shapes[base_name], p.rank)
+        if (p.a_shape, p.b_shape) != (want_a, want_b):
+            raise AdapterError(f"{where}: {base_name}: lora_a {p.a_shape} / lora_b {p.b_shape} do not fit the "
+                               f"base tensor {base.shapes[base_name]} (expected {want_a} / {want_b}); "
+                               f"the adapter was built for another model")

@@ -1,0 +1,146 @@
+"""The `avgguf` command line. Only this module turns errors into messages and exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .errors import AvggufError
+
+log = logging.getLogger("avgguf")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value}")
+    return value
+
+
+def add_convert_parser(sub) -> None:
+    p = sub.add_parser("convert", help="turn an alignment vector (aligned - base, or a PEFT LoRA) into a GGUF LoRA",
+                       description="Write aligned - base (or a PEFT LoRA) as a GGUF LoRA adapter for llama.cpp.")
+    p.add_argument("--base", required=True, help="base model: HF checkpoint directory or .gguf file")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--aligned", help="aligned (fine-tuned) model: HF checkpoint directory or .gguf file")
+    src.add_argument("--peft", metavar="PEFT_ADAPTER_DIR", help="PEFT LoRA directory (adapter_config.json + "
+                     "adapter_model.safetensors) trained on --base")
+    p.add_argument("--out", required=True, help="output adapter file (.gguf)")
+    p.add_argument("--name", help="AV name stored in the file (default: the output file's stem)")
+    p.add_argument("--domain", help="AV domain, e.g. medical (default: the name)")
+    rank = p.add_mutually_exclusive_group()
+    rank.add_argument("--rank", type=_positive_int, help="uniform rank (default 16 for a pair; a PEFT adapter keeps "
+                      "its own ranks); a rank >= a tensor's smaller dimension keeps it exact")
+    rank.add_argument("--energy", type=_fraction, help="per tensor, the smallest rank keeping this fraction of the "
+                      "delta's Frobenius energy")
+    p.add_argument("--max-rank", type=_positive_int, help="cap for --energy")
+    p.add_argument("--dtype", default="f16", choices=["f16", "f32", "q8_0"], help="factor storage type (default f16)")
+    p.add_argument("--svd", default="auto", choices=["auto", "full", "randomized"],
+                   help="SVD algorithm (auto: randomized where the rank is small against the matrix)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where torch runs the SVD")
+    p.add_argument("--json", action="store_true", help="print the conversion report as JSON")
+
+
+def run_convert(args) -> int:
+    try:
+        import torch  # noqa: F401
+        import safetensors  # noqa: F401
+    except ImportError:
+        raise AvggufError("conversion needs torch and safetensors: pip install 'avgguf[convert]'") from None
+    from pathlib import Path
+
+    import torch
+
+    from converters.convert import convert_pair
+    from converters.lowrank import RankPolicy
+    from converters.peft import convert_peft
+    from converters.sources import open_source
+
+    if args.max_rank and args.energy is None:
+        raise AvggufError("--max-rank only applies with --energy; for a uniform rank use --rank")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise AvggufError("--device cuda: torch sees no CUDA GPU (torch.cuda.is_available() is False); use --device cpu")
+    name = args.name or Path(args.out).stem
+    base = open_source(args.base, "--base")
+    progress = sys.stderr.isatty()
+    if args.peft:
+        policy = None
+        if args.rank or args.energy:
+            policy = RankPolicy(rank=args.rank, energy=args.energy, max_rank=args.max_rank, svd=args.svd)
+        report = convert_peft(args.peft, base, args.out, name=name, domain=args.domain, policy=policy,
+                              dtype=args.dtype, device=args.device, progress=progress)
+    else:
+        aligned = open_source(args.aligned, "--aligned")
+        policy = RankPolicy(rank=args.rank or (None if args.energy else 16), energy=args.energy,
+                            max_rank=args.max_rank, svd=args.svd)
+        report = convert_pair(base, aligned, args.out, name=name, domain=args.domain, policy=policy,
+                              dtype=args.dtype, device=args.device, progress=progress)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        ranks = [r.rank for r in report.records]
+        print(f"wrote {args.out}: {len(report.records)} tensor pairs, rank {min(ranks)}..{max(ranks)}, "
+              f"{args.dtype}")
+        print(f"AV energy kept: {report.kept_fraction:.2%}   not applicable in llama.cpp: "
+              f"{report.unapplied_fraction:.2%} ({len(report.skipped)} tensors: norms/biases/tied embeddings)")
+    return 0
+
+
+def add_inspect_parser(sub) -> None:
+    p = sub.add_parser("inspect", help="show what a GGUF LoRA adapter holds (any tool's)")
+    p.add_argument("adapter", help="adapter .gguf file")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def run_inspect(args) -> int:
+    from .inspect_adapter import describe, render_table
+
+    desc = describe(args.adapter)
+    print(json.dumps(desc, indent=2) if args.json else render_table(desc))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="avgguf", description="Alignment vectors as live knobs on llama.cpp.")
+    parser.add_argument("--verbose", "-v", action="store_true", help="show debug logs and llama.cpp's output")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_convert_parser(sub)
+    add_inspect_parser(sub)
+    return parser
+
+
+COMMANDS = {"convert": run_convert, "inspect": run_inspect}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except AvggufError as exc:
+        print(f"avgguf {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Alignment vector (aligned - base) -> GGUF LoRA adapter, streamed one tensor pair at a time."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+import avgguf
+from avgguf import adapter_format as fmt
+from avgguf.errors import ConversionError
+from .lowrank import Factors, RankPolicy, factorize
+from .sources import TensorSource
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TensorRecord:
+    name: str
+    shape: tuple[int, ...]
+    rank: int
+    energy: float
+    kept: float        # energy fraction in the kept singular values
+    rel_error: float   # ||delta - written pair|| / ||delta|| after dtype rounding
+    method: str
+
+
+@dataclass
+class SkipRecord:
+    name: str
+    energy: float
+    reason: str
+
+
+@dataclass
+class ConversionReport:
+    out: str
+    records: list[TensorRecord] = field(default_factory=list)
+    skipped: list[SkipRecord] = field(default_factory=list)
+    zero_tensors: int = 0
+
+    @property
+    def total_energy(self) -> float:
+        return sum(r.energy for r in self.records) + sum(s.energy for s in self.skipped)
+
+    @property
+    def unapplied_fraction(self) -> float:
+        total = self.total_energy
+        return sum(s.energy for s in self.skipped) / total if total else 0.0
+
+    @property
+    def kept_fraction(self) -> float:
+        """Share of the whole AV's energy the adapter carries (after truncation and skips)."""
+        total = self.total_energy
+        return sum(r.energy * r.kept for r in self.records) / total if total else 1.0
+
+    def to_dict(self) -> dict:
+        return {"out": self.out, "total_energy": self.total_energy, "kept_fraction": self.kept_fraction,
+                "unapplied_fraction": self.unapplied_fraction, "zero_tensors": self.zero_tensors,
+                "tensors": [asdict(r) for r in self.records], "skipped": [asdict(s) for s in self.skipped]}
+
+
+class AdapterBuild:
+    """Collects factored tensors into an adapter file plus the avgguf.* bookkeeping."""
+
+    def __init__(self, out: str | Path, arch: str, name: str, dtype: str):
+        if dtype not in fmt.DTYPES:
+            raise ConversionError(f"--dtype {dtype!r} is not supported; choose one of {sorted(fmt.DTYPES)}")
+        self.writer = fmt.AdapterWriter(out, arch, name)
+        self.dtype = dtype
+        self.report = ConversionReport(str(out))
+
+    def add(self, name: str, delta_shape: tuple[int, ...], f: Factors, delta: np.ndarray | None = None) -> None:
+        lora_a, lora_b = fmt.pair_from_factors(name, f.left, f.right)
+        a_seen, b_seen = self.writer.add_pair(name, lora_a, lora_b, self.dtype)
+        applied = fmt.delta_from_pair(name, a_seen, b_seen)
+        if delta is None:  # low-rank source: compare with the factors we were given
+            delta = f.left @ f.right
+        err = float(np.linalg.norm(delta - applied) / max(np.linalg.norm(delta), 1e-30))
+        self.report.records.append(TensorRecord(name, tuple(delta_shape), f.rank, f.energy, f.kept, err, f.method))
+
+    def skip(self, name: str, energy: float, reason: str) -> None:
+        log.info("not applied by llama.cpp: %s (%s), %.3g of delta energy", name, reason, energy)
+        self.report.skipped.append(SkipRecord(name, energy, reason))
+
+    def commit(self, meta: dict) -> ConversionReport:
+        rep = self.report
+        if not rep.records:
+            self.writer.abort()
+            reasons = "; ".join(f"{s.name}: {s.reason}" for s in rep.skipped[:5]) or "every delta is zero"
+            raise ConversionError(f"nothing llama.cpp can apply: {reasons}. Check that --aligned differs "
+                                  f"from --base in its attention/MLP weights")
+        w = self.writer
+        w.add_metadata(fmt.KEY_VERSION, avgguf.__version__)
+        for key, value in meta.items():
+            w.add_metadata(key, value)
+        w.add_metadata(fmt.KEY_DTYPE, self.dtype)
+        w.add_metadata(fmt.KEY_ENERGY_TOTAL, float(rep.total_energy))
+        w.add_metadata(fmt.KEY_ENERGY_UNAPPLIED, float(rep.unapplied_fraction))
+        w.add_metadata(fmt.KEY_ENERGY_KEPT, float(rep.kept_fraction))
+        w.add_metadata(fmt.KEY_T_NAME, [r.name for r in rep.records])
+        w.add_metadata(fmt.KEY_T_RANK, [int(r.rank) for r in rep.records])
+        w.add_metadata(fmt.KEY_T_ENERGY, [float(r.energy) for r in rep.records])
+        w.add_metadata(fmt.KEY_T_KEPT, [float(r.kept) for r in rep.records])
+        w.add_metadata(fmt.KEY_T_ERROR, [float(r.rel_error) for r in rep.records])
+        w.add_metadata(fmt.KEY_S_NAME, [s.name for s in rep.skipped])
+        w.add_metadata(fmt.KEY_S_ENERGY, [float(s.energy) for s in rep.skipped])
+        w.add_metadata(fmt.KEY_S_REASON, [s.reason for s in rep.skipped])
+        w.commit()
+        return rep
+
+
+def check_compatible(base: TensorSource, aligned: TensorSource) -> None:
+    for attr, label in (("arch", "architecture"), ("n_layer", "block count"), ("n_embd", "hidden size"),
+                        ("n_head", "attention heads"), ("n_head_kv", "KV heads")):
+        b, a = getattr(base, attr), getattr(aligned, attr)
+        if attr == "arch":
+            b, a = b.gguf_name, a.gguf_name
+        if b != a:
+            raise ConversionError(f"--base and --aligned are different models: {label} {b} in {base.path} "
+                                  f"vs {a} in {aligned.path}; the aligned model must be a fine-tune of the base")
+    bn, an = set(base.names()), set(aligned.names())
+    for missing, have, lacks in ((sorted(bn - an), base, aligned), (sorted(an - bn), aligned, base)):
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise ConversionError(f"tensor {missing[0]!r}{more} is in {have.path} but missing from {lacks.path}")
+    for name in base.names():
+        if base.shape(name) != aligned.shape(name):
+            raise ConversionError(f"tensor {name!r}: shape {base.shape(name)} in {base.path} vs "
+                                  f"{aligned.shape(name)} in {aligned.path}")
+
+
+def convert_pair(base: TensorSource, aligned: TensorSource, out: str | Path, *, name: str,
+                 domain: str | None = None, policy: RankPolicy = RankPolicy(rank=16),
+                 dtype: str = "f16", device: str = "cpu", progress: bool = False) -> ConversionReport:
+    """Write the AV aligned - base as a GGUF LoRA adapter at `out`."""
+    check_compatible(base, aligned)
+    for src in (base, aligned):
+        if src.quantized:
+            log.warning("%s is quantized: its quantization noise enters the alignment vector", src.path)
+    tied = base.tied_embeddings
+    build = AdapterBuild(out, base.arch.gguf_name, name, dtype)
+    try:
+        names = base.names()
+        for tname in tqdm(names, desc="converting", unit="tensor", disable=not progress, leave=False):
+            delta = aligned.load(tname) - base.load(tname)
+            if not np.all(np.isfinite(delta)):
+                raise ConversionError(f"tensor {tname!r}: the delta has NaN/Inf values "
+                                      f"({base.path} vs {aligned.path}); check both checkpoints")
+            energy = float(np.sum(np.square(delta, dtype=np.float64)))
+            if energy == 0.0:
+                build.report.zero_tensors += 1
+                continue
+            reason = fmt.unapplicable_reason(tname, delta.ndim, tied)
+            if reason:
+                build.skip(tname, energy, reason)
+                continue
+            build.add(tname, delta.shape, factorize(delta, policy, device), delta)
+            del delta
+        for hf_name in sorted(set(base.unmapped) & set(aligned.unmapped)):
+            energy = float(np.sum(np.square(aligned.load_unmapped(hf_name) - base.load_unmapped(hf_name),
+                                            dtype=np.float64)))
+            if energy > 0:
+                build.skip(hf_name, energy, "no llama.cpp tensor for it")
+        meta = {fmt.KEY_NAME: name, fmt.KEY_DOMAIN: domain or name, fmt.KEY_SOURCE_KIND: "pair",
+                fmt.KEY_SOURCE_BASE: str(base.path), fmt.KEY_SOURCE_ALIGNED: str(aligned.path),
+                fmt.KEY_RANK_POLICY: policy.describe(), fmt.KEY_SVD: policy.svd,
+                fmt.KEY_BASE_N_LAYER: base.n_layer, fmt.KEY_BASE_N_EMBD: base.n_embd}
+        return build.commit(meta)
+    except BaseException:
+        build.writer.abort()
+        raise

@@ -1,0 +1,200 @@
+"""Lazy tensor sources: a Hugging Face checkpoint directory or a GGUF file, both seen in GGUF naming
+and GGUF layout (llama Q/K rows permuted), one tensor at a time as float32 numpy arrays."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import gguf
+
+from avgguf.errors import ConversionError
+from .arches import ArchSpec, permute_rows, spec_for_gguf, spec_for_hf
+
+log = logging.getLogger(__name__)
+
+FLOAT_TYPES = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
+
+
+class TensorSource:
+    """Common interface. Subclasses fill the attributes in __init__."""
+
+    path: Path
+    arch: ArchSpec
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    quantized: bool = False
+    unmapped: list[str]  # tensors with no llama.cpp counterpart (reported, never applied)
+
+    def names(self) -> list[str]:
+        raise NotImplementedError
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def load(self, name: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def load_unmapped(self, name: str) -> np.ndarray:
+        raise NotImplementedError
+
+    @property
+    def tied_embeddings(self) -> bool:
+        return "output.weight" not in self.names()
+
+    def describe(self) -> str:
+        return f"{self.path} ({self.arch.gguf_name}, {self.n_layer} layers, n_embd {self.n_embd})"
+
+
+def open_source(path: str | Path, role: str) -> TensorSource:
+    """role names the CLI argument (e.g. '--base') for error messages."""
+    p = Path(path)
+    if p.is_dir():
+        return HFCheckpoint(p, role)
+    if p.is_file():
+        return GGUFModel(p, role)
+    raise ConversionError(f"{role} {str(p)!r} not found: give a Hugging Face checkpoint directory "
+                          f"(config.json + *.safetensors) or a .gguf file")
+
+
+class HFCheckpoint(TensorSource):
+    def __init__(self, path: Path, role: str):
+        from safetensors import safe_open
+
+        self.path, self.role = path, role
+        cfg_path = path / "config.json"
+        if not cfg_path.is_file():
+            raise ConversionError(f"{role} {str(path)!r}: config.json not found; a Hugging Face checkpoint "
+                                  f"directory needs config.json and *.safetensors")
+        try:
+            self.config = json.loads(cfg_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConversionError(f"{role} {str(cfg_path)!r} is not valid JSON ({exc})") from None
+        archs = self.config.get("architectures") or [None]
+        self.arch = spec_for_hf(archs[0], f"{role} {str(cfg_path)!r}")
+        try:
+            self.n_layer = int(self.config["num_hidden_layers"])
+            self.n_embd = int(self.config["hidden_size"])
+            self.n_head = int(self.config["num_attention_heads"])
+            self.n_head_kv = int(self.config.get("num_key_value_heads") or self.n_head)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConversionError(f"{role} {str(cfg_path)!r}: missing or bad key {exc}; expected "
+                                  f"num_hidden_layers, hidden_size, num_attention_heads") from None
+
+        files = self._shard_files()
+        tmap = gguf.get_tensor_name_map(self.arch.model_arch, self.n_layer)
+        self._where: dict[str, tuple[object, str]] = {}  # gguf name -> (handle, hf name)
+        self._unmapped: dict[str, object] = {}
+        self.unmapped = []
+        for f in files:
+            try:
+                handle = safe_open(str(f), framework="pt")
+                keys = list(handle.keys())
+            except Exception as exc:
+                raise ConversionError(f"{role}: {str(f)!r} is not a readable safetensors file ({exc})") from None
+            for hf_name in keys:
+                gguf_name = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+                if gguf_name is None:
+                    self.unmapped.append(hf_name)
+                    self._unmapped[hf_name] = handle
+                else:
+                    self._where[gguf_name] = (handle, hf_name)
+        if not self._where:
+            raise ConversionError(f"{role} {str(path)!r}: no tensors found in {[f.name for f in files]}")
+
+    def _shard_files(self) -> list[Path]:
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise ConversionError(f"{self.role} {str(index)!r}: expected JSON with a 'weight_map' ({exc})") from None
+            files = [self.path / name for name in dict.fromkeys(weight_map.values())]
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise ConversionError(f"{self.role} {str(index)!r} names shards that are missing: {missing}")
+            return files
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise ConversionError(f"{self.role} {str(self.path)!r}: no *.safetensors files "
+                                  f"(.bin checkpoints are not supported: re-save with safe_serialization=True)")
+        return files
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        handle, hf_name = self._where[name]
+        return tuple(handle.get_slice(hf_name).get_shape())
+
+    def load(self, name: str) -> np.ndarray:
+        import torch
+
+        handle, hf_name = self._where[name]
+        t = handle.get_tensor(hf_name).to(torch.float32).numpy()
+        if self.arch.permute_qk:
+            if name.startswith("blk.") and ".attn_q." in name:
+                t = permute_rows(t, self.n_head, self.n_head)
+            elif name.startswith("blk.") and ".attn_k." in name:
+                t = permute_rows(t, self.n_head, self.n_head_kv)
+        return t
+
+    def load_unmapped(self, name: str) -> np.ndarray:
+        import torch
+
+        return self._unmapped[name].get_tensor(name).to(torch.float32).numpy()
+
+    def hf_name(self, name: str) -> str:
+        return self._where[name][1]
+
+
+class GGUFModel(TensorSource):
+    def __init__(self, path: Path, role: str):
+        self.path, self.role = path, role
+        try:
+            reader = gguf.GGUFReader(path)
+        except Exception as exc:
+            raise ConversionError(f"{role} {str(path)!r} is not a readable GGUF file ({exc})") from None
+        self.reader = reader
+        arch_field = reader.get_field(gguf.Keys.General.ARCHITECTURE)
+        if arch_field is None:
+            raise ConversionError(f"{role} {str(path)!r}: no general.architecture key; not a model GGUF")
+        arch = arch_field.contents()
+        gtype = reader.get_field(gguf.Keys.General.TYPE)
+        if gtype is not None and gtype.contents() == gguf.GGUFType.ADAPTER:
+            raise ConversionError(f"{role} {str(path)!r} is a LoRA adapter, not a model")
+        self.arch = spec_for_gguf(arch, f"{role} {str(path)!r}")
+
+        def key(k: str, default=None):
+            f = reader.get_field(k.format(arch=arch))
+            if f is None:
+                if default is None:
+                    raise ConversionError(f"{role} {str(path)!r}: missing key {k.format(arch=arch)!r}")
+                return default
+            return int(f.contents())
+
+        self.n_layer = key(gguf.Keys.LLM.BLOCK_COUNT)
+        self.n_embd = key(gguf.Keys.LLM.EMBEDDING_LENGTH)
+        self.n_head = key(gguf.Keys.Attention.HEAD_COUNT)
+        self.n_head_kv = key(gguf.Keys.Attention.HEAD_COUNT_KV, self.n_head)
+        self._tensors = {t.name: t for t in reader.tensors}
+        self.quantized = any(t.tensor_type not in FLOAT_TYPES for t in reader.tensors)
+        self.unmapped = []
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in reversed(self._tensors[name].shape.tolist()))
+
+    def load(self, name: str) -> np.ndarray:
+        t = self._tensors[name]
+        if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            data = np.asarray(t.data, dtype=np.float32)
+        else:
+            data = gguf.quants.dequantize(t.data, t.tensor_type)
+        return data.reshape(self.shape(name))
