@@ -37,14 +37,16 @@ class Engine:
     """
 
     def __init__(self, model_path: str | os.PathLike, *, n_ctx: int = 2048, n_threads: int | None = None,
-                 n_gpu_layers: int = 0, seed: int = 0, logits_all: bool = False, verbose: bool = False):
+                 n_gpu_layers: int = 0, seed: int = 0, logits_all: bool = False, verbose: bool = False,
+                 **llama_kwargs):
         from llama_cpp import Llama
 
         self.model_path = Path(model_path)
         self.base = fmt.read_base_model(self.model_path)
         try:
             self.llm = Llama(model_path=str(self.model_path), n_ctx=n_ctx, n_threads=n_threads,
-                             n_gpu_layers=n_gpu_layers, seed=seed, logits_all=logits_all, verbose=verbose)
+                             n_gpu_layers=n_gpu_layers, seed=seed, logits_all=logits_all, verbose=verbose,
+                             **llama_kwargs)
         except (ValueError, RuntimeError) as exc:
             raise AvggufError(f"llama.cpp could not load base model {str(self.model_path)!r} ({exc})") from None
         self.adapters: dict[str, LoadedAdapter] = {}

@@ -62,7 +62,7 @@ def hf_weights(spec: Spec) -> dict[str, np.ndarray]:
     def mat(out, inp, scale=None):
         return (rng.standard_normal((out, inp)) * (scale or 1.0 / np.sqrt(inp))).astype(np.float32)
 
-    w = {"model.embed_tokens.weight": mat(spec.n_vocab, spec.n_embd, 1.0),
+    w = {"model.embed_tokens.weight": mat(spec.n_vocab, spec.n_embd, 0.5),
          "model.norm.weight": (1 + 0.1 * rng.standard_normal(spec.n_embd)).astype(np.float32)}
     if not spec.tied:
         w["lm_head.weight"] = mat(spec.n_vocab, spec.n_embd)
@@ -196,3 +196,25 @@ def representable(spec: Spec, delta: Delta) -> Delta:
             continue
         keep[k] = d
     return Delta(keep)
+
+
+def copy_gguf(src: Path, dst: Path, replace: dict[str, np.ndarray]) -> Path:
+    """Copy a model GGUF (metadata and tensors as stored), with some tensors replaced by float32 data."""
+    reader = gguf.GGUFReader(src)
+    arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
+    w = gguf.GGUFWriter(str(dst), arch)
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF.") or key == gguf.Keys.General.ARCHITECTURE:
+            continue
+        sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(key, f.contents(), f.types[0], sub_type=sub)
+    for t in reader.tensors:
+        if t.name in replace:
+            w.add_tensor(t.name, np.ascontiguousarray(replace[t.name], dtype=np.float32))
+        else:
+            w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
