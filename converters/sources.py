@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -87,22 +88,24 @@ class HFCheckpoint(TensorSource):
 
         files = self._shard_files()
         tmap = gguf.get_tensor_name_map(self.arch.model_arch, self.n_layer)
-        self._where: dict[str, tuple[object, str]] = {}  # gguf name -> (handle, hf name)
-        self._unmapped: dict[str, object] = {}
+        # name -> (shard file, hf name, shape); shards are opened per tensor so that no mapping of a whole
+        # checkpoint stays resident (peak memory is one tensor pair, whatever the model size)
+        self._where: dict[str, tuple[Path, str, tuple[int, ...]]] = {}
+        self._unmapped: dict[str, Path] = {}
         self.unmapped = []
         for f in files:
             try:
-                handle = safe_open(str(f), framework="pt")
-                keys = list(handle.keys())
+                with safe_open(str(f), framework="pt") as handle:
+                    headers = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
             except Exception as exc:
                 raise ConversionError(f"{role}: {str(f)!r} is not a readable safetensors file ({exc})") from None
-            for hf_name in keys:
+            for hf_name, shape in headers.items():
                 gguf_name = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
                 if gguf_name is None:
                     self.unmapped.append(hf_name)
-                    self._unmapped[hf_name] = handle
+                    self._unmapped[hf_name] = f
                 else:
-                    self._where[gguf_name] = (handle, hf_name)
+                    self._where[gguf_name] = (f, hf_name, shape)
         if not self._where:
             raise ConversionError(f"{role} {str(path)!r}: no tensors found in {[f.name for f in files]}")
 
@@ -128,14 +131,11 @@ class HFCheckpoint(TensorSource):
         return list(self._where)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        handle, hf_name = self._where[name]
-        return tuple(handle.get_slice(hf_name).get_shape())
+        return self._where[name][2]
 
     def load(self, name: str) -> np.ndarray:
-        import torch
-
-        handle, hf_name = self._where[name]
-        t = handle.get_tensor(hf_name).to(torch.float32).numpy()
+        f, hf_name, _ = self._where[name]
+        t = _read_safetensor(f, hf_name)
         if self.arch.permute_qk:
             if name.startswith("blk.") and ".attn_q." in name:
                 t = permute_rows(t, self.n_head, self.n_head)
@@ -144,12 +144,18 @@ class HFCheckpoint(TensorSource):
         return t
 
     def load_unmapped(self, name: str) -> np.ndarray:
-        import torch
-
-        return self._unmapped[name].get_tensor(name).to(torch.float32).numpy()
+        return _read_safetensor(self._unmapped[name], name)
 
     def hf_name(self, name: str) -> str:
         return self._where[name][1]
+
+
+def _read_safetensor(path: Path, name: str) -> np.ndarray:
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.get_tensor(name).to(torch.float32, copy=True).numpy()
 
 
 class GGUFModel(TensorSource):
@@ -193,8 +199,12 @@ class GGUFModel(TensorSource):
 
     def load(self, name: str) -> np.ndarray:
         t = self._tensors[name]
+        # pread rather than the reader's memmap: touched mmap pages would stay resident for the whole run
+        with open(self.path, "rb") as fh:
+            raw = os.pread(fh.fileno(), t.n_bytes, t.data_offset)
+        data = np.frombuffer(raw, dtype=t.data.dtype).reshape(t.data.shape)
         if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-            data = np.asarray(t.data, dtype=np.float32)
+            data = data.astype(np.float32)
         else:
-            data = gguf.quants.dequantize(t.data, t.tensor_type)
+            data = gguf.quants.dequantize(data, t.tensor_type)
         return data.reshape(self.shape(name))
