@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 
+from . import cli_chat
 from .errors import AvggufError
 
 log = logging.getLogger("avgguf")
@@ -121,10 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_convert_parser(sub)
     add_inspect_parser(sub)
+    cli_chat.add_parsers(sub)
     return parser
 
 
-COMMANDS = {"convert": run_convert, "inspect": run_inspect}
+COMMANDS = {"convert": run_convert, "inspect": run_inspect, "run": cli_chat.run_run, "chat": cli_chat.run_chat,
+            "profiles": cli_chat.run_profiles, "demo": cli_chat.run_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except AvggufError as exc:
+        print(f"avgguf {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # unreadable/unwritable files named by the user
         print(f"avgguf {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

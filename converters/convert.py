@@ -147,7 +147,8 @@ def convert_pair(base: TensorSource, aligned: TensorSource, out: str | Path, *, 
     try:
         names = base.names()
         for tname in tqdm(names, desc="converting", unit="tensor", disable=not progress, leave=False):
-            delta = aligned.load(tname) - base.load(tname)
+            delta = aligned.load(tname)
+            delta -= base.load(tname)
             if not np.all(np.isfinite(delta)):
                 raise ConversionError(f"tensor {tname!r}: the delta has NaN/Inf values "
                                       f"({base.path} vs {aligned.path}); check both checkpoints")

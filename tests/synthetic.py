@@ -197,24 +197,3 @@ def representable(spec: Spec, delta: Delta) -> Delta:
         keep[k] = d
     return Delta(keep)
 
-
-def copy_gguf(src: Path, dst: Path, replace: dict[str, np.ndarray]) -> Path:
-    """Copy a model GGUF (metadata and tensors as stored), with some tensors replaced by float32 data."""
-    reader = gguf.GGUFReader(src)
-    arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
-    w = gguf.GGUFWriter(str(dst), arch)
-    for key, f in reader.fields.items():
-        if key.startswith("GGUF.") or key == gguf.Keys.General.ARCHITECTURE:
-            continue
-        sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
-        w.add_key_value(key, f.contents(), f.types[0], sub_type=sub)
-    for t in reader.tensors:
-        if t.name in replace:
-            w.add_tensor(t.name, np.ascontiguousarray(replace[t.name], dtype=np.float32))
-        else:
-            w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return dst

@@ -1,0 +1,99 @@
+"""A modelfile brought to life: its base loaded once, its AVs attached, generation under any coefficients."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterator
+
+from .engine import Engine
+from .modelfile import Modelfile
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationRequest:
+    messages: list[dict] | None = None   # chat
+    prompt: str | None = None            # plain completion
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repeat_penalty: float | None = None
+    seed: int | None = None
+    stop: list[str] | None = None
+
+
+class Runtime:
+    def __init__(self, modelfile: Modelfile, *, n_gpu_layers: int | None = None, n_ctx: int | None = None,
+                 n_threads: int | None = None, verbose: bool = False):
+        d = modelfile.spec.defaults
+        self.modelfile = modelfile
+        self.engine = Engine(modelfile.base_path, n_ctx=n_ctx or d.n_ctx, n_threads=n_threads or d.n_threads,
+                             n_gpu_layers=d.n_gpu_layers if n_gpu_layers is None else n_gpu_layers,
+                             seed=d.seed if d.seed is not None else 0, verbose=verbose)
+        for name, path in modelfile.av_paths.items():
+            self.engine.load_adapter(name, path)
+
+    @property
+    def n_ctx(self) -> int:
+        return self.engine.llm.n_ctx()
+
+    def set_coefficients(self, coefficients: dict[str, float]) -> bool:
+        return self.engine.set_coefficients(coefficients)
+
+    def _sampling(self, req: GenerationRequest) -> dict:
+        d = self.modelfile.spec.defaults
+        seed = req.seed if req.seed is not None else d.seed
+        return dict(max_tokens=req.max_tokens or d.max_tokens,
+                    temperature=d.temperature if req.temperature is None else req.temperature,
+                    top_p=d.top_p if req.top_p is None else req.top_p,
+                    top_k=d.top_k if req.top_k is None else req.top_k,
+                    repeat_penalty=d.repeat_penalty if req.repeat_penalty is None else req.repeat_penalty,
+                    seed=seed, stop=req.stop)
+
+    def with_system(self, messages: list[dict]) -> list[dict]:
+        system = self.modelfile.spec.system
+        if system and not any(m.get("role") == "system" for m in messages):
+            return [{"role": "system", "content": system}, *messages]
+        return messages
+
+    def _prepare(self, coefficients: dict[str, float], reuse_prefix: bool) -> None:
+        """Apply the coefficients (a change resets the KV cache). Without prefix reuse every request is
+        evaluated from position 0, so its output does not depend on what ran before (same seed, same text)."""
+        self.set_coefficients(coefficients)
+        if not reuse_prefix:
+            self.engine.llm.reset()
+
+    def chat(self, req: GenerationRequest, coefficients: dict[str, float], stream: bool = False,
+             reuse_prefix: bool = True):
+        """OpenAI-shaped chat completion (dict) or stream of chunks, under exactly these coefficients."""
+        self._prepare(coefficients, reuse_prefix)
+        kw = self._sampling(req)
+        if kw["seed"] is None:
+            kw.pop("seed")
+        return self.engine.llm.create_chat_completion(messages=self.with_system(req.messages or []),
+                                                      stream=stream, **kw)
+
+    def complete(self, req: GenerationRequest, coefficients: dict[str, float], stream: bool = False,
+                 reuse_prefix: bool = True):
+        self._prepare(coefficients, reuse_prefix)
+        kw = self._sampling(req)
+        if kw["seed"] is None:
+            kw.pop("seed")
+        return self.engine.llm.create_completion(prompt=req.prompt or "", stream=stream, **kw)
+
+    def stream_chat_text(self, req: GenerationRequest, coefficients: dict[str, float],
+                         reuse_prefix: bool = True) -> Iterator[str]:
+        for chunk in self.chat(req, coefficients, stream=True, reuse_prefix=reuse_prefix):
+            piece = chunk["choices"][0]["delta"].get("content")
+            if piece:
+                yield piece
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.engine.llm.tokenize(text.encode(), add_bos=False, special=True))
+
+    def close(self) -> None:
+        self.engine.close()
+
