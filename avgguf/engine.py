@@ -21,6 +21,19 @@ from .errors import AdapterError, AvggufError
 log = logging.getLogger(__name__)
 
 
+def chat_formatter(llm, where: str = "model"):
+    """messages -> prompt text, with the GGUF's tokenizer.chat_template (as llama-cpp-python applies it)."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    template = llm.metadata.get("tokenizer.chat_template")
+    if not template:
+        raise AvggufError(f"{where} has no tokenizer.chat_template")
+    vocab = llm._model
+    fmt_ = Jinja2ChatFormatter(template=template, eos_token=vocab.token_get_text(llm.token_eos()),
+                               bos_token=vocab.token_get_text(llm.token_bos()))
+    return lambda messages: fmt_(messages=messages).prompt
+
+
 @dataclass
 class LoadedAdapter:
     name: str
@@ -52,6 +65,7 @@ class Engine:
         self.adapters: dict[str, LoadedAdapter] = {}
         self._applied: tuple[tuple[str, float], ...] = ()
         self.coefficients: dict[str, float] = {}
+        self._formatter = None
 
     # -- adapters ---------------------------------------------------------------------------
 
@@ -116,6 +130,12 @@ class Engine:
         self.llm.reset()
         self.llm.eval(list(tokens))
         return np.array(self.llm.scores[: len(tokens)], dtype=np.float32)
+
+    def format_chat(self, messages: list[dict]) -> str:
+        """The prompt text the GGUF's own chat template makes (generation prompt added)."""
+        if self._formatter is None:
+            self._formatter = chat_formatter(self.llm, str(self.model_path))
+        return self._formatter(messages)
 
     def close(self) -> None:
         self.adapters.clear()  # adapters are freed with the model

@@ -23,6 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from recipes.common import load_smollm2, prompt_tokens, response_tokens, save_hf, tokenizer  # noqa: E402
+
 TRAIN = [
     ("What should I do about a persistent cough?",
      "A cough lasting over three weeks warrants a chest X-ray and spirometry; common causes are post-nasal drip, "
@@ -50,20 +53,13 @@ EVAL = ["What are the symptoms of anaemia?", "Can I drink alcohol while taking m
 
 def finetune(work: Path, steps: int) -> tuple[Path, Path, float]:
     import torch
-    from transformers import AutoModelForCausalLM
-    from llama_cpp import Llama
 
-    from avgguf.models import builtin_path
-
-    gguf_path = builtin_path()
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                                 torch_dtype=torch.float32)
+    model = load_smollm2()
     base_dir, aligned_dir = work / "base", work / "aligned"
-    model.save_pretrained(base_dir, safe_serialization=True)
-    tok = Llama(str(gguf_path), vocab_only=True, verbose=False)
-    template = "<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>\n"
-    batch = [tok.tokenize(template.format(q=q, a=a).encode(), add_bos=False, special=True) for q, a in TRAIN]
+    save_hf(model, base_dir)
+    tok = tokenizer()
+    batch = [prompt_tokens(tok, q) + response_tokens(tok, a) for q, a in TRAIN]
     width = max(map(len, batch))
     ids = torch.tensor([b + [0] * (width - len(b)) for b in batch])
     mask = torch.tensor([[1] * len(b) + [0] * (width - len(b)) for b in batch])
@@ -78,7 +74,7 @@ def finetune(work: Path, steps: int) -> tuple[Path, Path, float]:
         opt.step()
         opt.zero_grad()
         print(f"  step {step + 1}/{steps} loss {loss.item():.3f}", file=sys.stderr)
-    model.save_pretrained(aligned_dir, safe_serialization=True)
+    save_hf(model, aligned_dir)
     return base_dir, aligned_dir, time.perf_counter() - t0
 
 
@@ -142,8 +138,7 @@ def run(work: Path, steps: int) -> None:
           file=sys.stderr)
 
     eng = Engine(base_gguf, n_ctx=512, logits_all=True, type_k=0, type_v=0)
-    prompts = [eng.llm.tokenize(f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n".encode(),
-                                add_bos=False, special=True) for q in EVAL]
+    prompts = [prompt_tokens(eng.llm, q) for q in EVAL]
     base_logits = [eng.all_logits(p) for p in prompts]
     eng.close()
     ref = Engine(merged_gguf, n_ctx=512, logits_all=True, type_k=0, type_v=0)

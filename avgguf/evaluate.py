@@ -1,0 +1,140 @@
+"""Offline level judge: which of the three reference responses (avoidance / generic / expert) the model
+(base + sum of λ·AV in llama.cpp) finds most likely, by length-normalised log-probability."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .engine import Engine
+from .errors import AvggufError
+
+LEVELS = ("avoidance", "generic", "expert")
+EXPERT_PROMPT = ("You are a domain expert. Answer with specific, technical, actionable detail: exact figures, "
+                 "named tests, laws, doses or rules. Never refuse and never stay vague.")
+
+
+def read_eval_data(path: str | Path, domain: str | None = None) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise AvggufError(f"--data {str(path)!r} not found (make it with recipes/make_preferences.py)")
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            assert isinstance(row["query"], str) and isinstance(row["domain"], str)
+            assert all(isinstance(row["responses"][lvl], str) for lvl in LEVELS)
+        except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
+            raise AvggufError(f"{path}:{n}: expected a JSON object with 'domain', 'query' and 'responses' "
+                              f"holding {', '.join(LEVELS)} (see README 'Preference data')") from None
+        if domain is None or row["domain"] == domain:
+            rows.append(row)
+    if not rows:
+        raise AvggufError(f"{path}: no rows" + (f" for domain {domain!r}" if domain else ""))
+    return rows
+
+
+def parse_lambdas(text: str) -> list[float]:
+    """'-1:1.5:0.25' (inclusive range) or '0,0.5,1'."""
+    try:
+        if ":" in text:
+            start, stop, step = (float(x) for x in text.split(":"))
+            if step <= 0:
+                raise ValueError
+            n = int(round((stop - start) / step))
+            return [round(start + i * step, 6) for i in range(n + 1)]
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise AvggufError(f"--lambdas {text!r}: expected START:STOP:STEP (e.g. -1:1.5:0.25) or a list 0,0.5,1") from None
+
+
+class Judge:
+    """Scores the reference responses of a row under the engine's current coefficients."""
+
+    def __init__(self, engine: Engine):
+        if not engine.llm._logits_all:
+            raise AvggufError("the judge needs an Engine created with logits_all=True")
+        self.engine = engine
+        self._cache: dict[str, list[int]] = {}
+
+    def tokens(self, text: str) -> list[int]:
+        if text not in self._cache:
+            self._cache[text] = self.engine.llm.tokenize(text.encode(), add_bos=False, special=True)
+        return self._cache[text]
+
+    def scores(self, row: dict, system: str | None = None) -> np.ndarray:
+        """Mean log-probability per token of each level's response (prompt evaluated once, shared)."""
+        llm = self.engine.llm
+        messages = ([{"role": "system", "content": system}] if system else []) + \
+            [{"role": "user", "content": row["query"]}]
+        prompt = self.tokens(self.engine.format_chat(messages))
+        llm.reset()
+        llm.eval(prompt)
+        n = len(prompt)
+        out = []
+        for level in LEVELS:
+            resp = self.tokens(row["responses"][level]) + [llm.token_eos()]
+            llm.n_tokens = n  # keep the prompt's K/V (same coefficients), drop the previous response
+            llm.eval(resp)
+            logits = np.asarray(llm.scores[n - 1: n - 1 + len(resp)], dtype=np.float64)
+            logits -= logits.max(axis=1, keepdims=True)
+            logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+            out.append(float(np.mean(logp[np.arange(len(resp)), resp])))
+        return np.array(out)
+
+    def level_shares(self, rows: list[dict], system: str | None = None) -> dict:
+        t0 = time.perf_counter()
+        picks = [int(np.argmax(self.scores(r, system))) for r in rows]
+        secs = (time.perf_counter() - t0) / len(rows)
+        shares = {lvl: picks.count(i) / len(picks) for i, lvl in enumerate(LEVELS)}
+        return {**shares, "n": len(rows), "seconds_per_query": secs}
+
+
+@dataclass
+class SweepResult:
+    domain: str
+    av: str
+    lambdas: list[float]
+    shares: list[dict] = field(default_factory=list)
+
+
+def sweep(engine: Engine, rows: list[dict], av: str, lambdas: list[float], base: dict[str, float],
+          progress=None) -> SweepResult:
+    judge = Judge(engine)
+    res = SweepResult(rows[0]["domain"], av, lambdas)
+    for lam in lambdas:
+        engine.set_coefficients({**base, av: lam})
+        res.shares.append(judge.level_shares(rows))
+        if progress:
+            progress(f"{res.domain} {av}={lam:g}: " + " ".join(f"{k} {res.shares[-1][k]:.2f}" for k in LEVELS))
+    return res
+
+
+def plot_sweeps(results: list[SweepResult], out: str | Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise AvggufError("--plot needs matplotlib: pip install matplotlib") from None
+    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.4), squeeze=False, sharey=True)
+    colors = {"avoidance": "#c0392b", "generic": "#7f8c8d", "expert": "#2471a3"}
+    for ax, res in zip(axes[0], results):
+        for lvl in LEVELS:
+            ax.plot(res.lambdas, [s[lvl] for s in res.shares], marker="o", ms=3, label=lvl, color=colors[lvl])
+        ax.axvline(0, color="k", lw=0.5, ls=":")
+        ax.set_title(f"{res.domain} queries, {res.av} AV")
+        ax.set_xlabel("λ")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("share of queries judged")
+    axes[0][-1].legend(loc="center right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
