@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 
-from . import cli_chat
+from . import cli_chat, cli_eval
 from .errors import AvggufError
 
 log = logging.getLogger("avgguf")
@@ -123,11 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_convert_parser(sub)
     add_inspect_parser(sub)
     cli_chat.add_parsers(sub)
+    cli_eval.add_parser(sub)
     return parser
 
 
 COMMANDS = {"convert": run_convert, "inspect": run_inspect, "run": cli_chat.run_run, "chat": cli_chat.run_chat,
-            "profiles": cli_chat.run_profiles, "demo": cli_chat.run_demo}
+            "profiles": cli_chat.run_profiles, "demo": cli_chat.run_demo,
+            "eval": cli_eval.run_eval, "serve": cli_chat.run_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,6 +36,12 @@ def add_parsers(sub) -> None:
     add_generation_args(p)
     p = sub.add_parser("profiles", help="list a modelfile's AVs and profiles")
     p.add_argument("modelfile")
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server over modelfiles")
+    p.add_argument("modelfiles", nargs="+", metavar="MODELFILE")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--api-key", help="require Authorization: Bearer KEY")
+    p.add_argument("--n-gpu-layers", type=int, help="layers to offload to the GPU (-1 = all)")
     p = sub.add_parser("demo", help="the embedded default model with the shipped demo AVs, no arguments needed")
     add_generation_args(p)
 
@@ -177,6 +183,14 @@ def _fit(rt: Runtime, history: list[dict], max_tokens: int | None) -> list[dict]
     while len(msgs) > 1 and sum(rt.count_tokens(m["content"]) + 8 for m in rt.with_system(msgs)) > budget:
         msgs = msgs[2:] if len(msgs) > 2 else msgs[1:]
     return msgs
+
+
+def run_serve(args) -> int:
+    from .server import serve
+
+    serve([load_modelfile(p) for p in args.modelfiles], args.host, args.port, args.api_key,
+          verbose=args.verbose, n_gpu_layers=args.n_gpu_layers)
+    return 0
 
 
 def run_demo(args) -> int:

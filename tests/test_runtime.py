@@ -23,19 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def kit(tmp_path_factory):
-    """A tiny llama base with two AVs (medical, legal) and a modelfile naming them."""
-    root = tmp_path_factory.mktemp("runtime")
-    p = make_pair(root / "med", Spec("llama"), delta_seed=1, include_norms=False)
-    q = make_pair(root / "leg", Spec("llama"), delta_seed=2, include_norms=False)
-    for pair, name in ((p, "medical"), (q, "legal")):
-        assert main(["convert", "--base", str(pair.base_hf), "--aligned", str(pair.aligned_hf),
-                     "--out", str(root / f"{name}.gguf"), "--rank", "4096", "--dtype", "f32"]) == 0
-    mf = {"base": "med/base.gguf", "avs": {"medical": "medical.gguf", "legal": {"path": "legal.gguf"}},
-          "profiles": {"expert-medical": {"medical": 1.0, "legal": 0.0}, "mixed": {"medical": 0.5, "legal": -1.0}},
-          "defaults": {"max_tokens": 12, "temperature": 0.0, "seed": 0, "n_ctx": 128}}
-    (root / "tiny.yaml").write_text(yaml.safe_dump(mf, sort_keys=False))
-    return root, p, q
+def kit(tiny_kit):
+    return tiny_kit
 
 
 def merged_logits(p, q, a: float, b: float) -> np.ndarray:

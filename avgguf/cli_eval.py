@@ -1,0 +1,120 @@
+"""`avgguf eval`: the level judge over a λ sweep, cross-domain effects, profile mixes, prompting baseline."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from . import adapter_format as fmt
+from .engine import Engine
+from .errors import AvggufError
+from .evaluate import EXPERT_PROMPT, LEVELS, Judge, parse_lambdas, plot_sweeps, read_eval_data, sweep
+from .modelfile import load_modelfile
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="judge avoidance/generic/expert shares as the AV coefficients move")
+    p.add_argument("modelfile")
+    p.add_argument("--data", required=True, help="preference JSONL (see README 'Preference data')")
+    p.add_argument("--domain", help="only this domain's queries")
+    p.add_argument("--lambdas", default="-1:1.5:0.25", help="START:STOP:STEP or a list (default -1:1.5:0.25)")
+    p.add_argument("--limit", type=int, help="at most this many queries per domain")
+    p.add_argument("--cross", action="store_true", help="also: each AV and each profile on every domain")
+    p.add_argument("--prompting", action="store_true", help="also: a system prompt asking for expert answers, "
+                   "without AVs, side by side with the AV at λ=1 (share and time per query)")
+    p.add_argument("--plot", help="write the λ sweep as a PNG")
+    p.add_argument("--json", action="store_true", help="print all results as JSON")
+
+
+def _av_for_domain(mf, domain: str) -> str | None:
+    if domain in mf.av_paths:
+        return domain
+    for name, path in mf.av_paths.items():
+        if fmt.read_adapter(path).meta.get(fmt.KEY_DOMAIN) == domain:
+            return name
+    return None
+
+
+def run_eval(args) -> int:
+    mf = load_modelfile(args.modelfile)
+    rows = read_eval_data(args.data, args.domain)
+    by_domain: dict[str, list[dict]] = {}
+    for r in rows:
+        by_domain.setdefault(r["domain"], []).append(r)
+    if args.limit:
+        by_domain = {d: rs[: args.limit] for d, rs in by_domain.items()}
+    lambdas = parse_lambdas(args.lambdas)
+    for lam in lambdas:
+        if abs(lam) > 2.0:
+            raise AvggufError(f"--lambdas: {lam} is outside [-2, 2]")
+    log = (lambda msg: print(msg, file=sys.stderr)) if not args.json else None
+    eng = Engine(mf.base_path, n_ctx=1024, logits_all=True, verbose=args.verbose)
+    out: dict = {"modelfile": str(mf.path), "data": args.data, "sweeps": [], "cross": [], "prompting": []}
+    try:
+        for name, path in mf.av_paths.items():
+            eng.load_adapter(name, path)
+        zero = {name: 0.0 for name in mf.av_paths}
+        sweeps = []
+        for domain, drows in by_domain.items():
+            av = _av_for_domain(mf, domain)
+            if av is None:
+                if log:
+                    log(f"no AV for domain {domain!r} in {mf.path.name}; skipped in the sweep")
+                continue
+            sweeps.append(sweep(eng, drows, av, lambdas, zero, progress=log))
+        out["sweeps"] = [s.__dict__ for s in sweeps]
+        judge = Judge(eng)
+        if args.cross:
+            settings = [("base", zero)] + [(f"{n}=1", {**zero, n: 1.0}) for n in mf.av_paths]
+            settings += [(f"profile {p}", mf.coefficients(p)) for p in mf.spec.profiles]
+            for label, coefs in settings:
+                eng.set_coefficients(coefs)
+                row = {"setting": label, "coefficients": coefs}
+                for domain, drows in by_domain.items():
+                    row[domain] = judge.level_shares(drows)
+                out["cross"].append(row)
+                if log:
+                    log(f"cross {label}: " + " ".join(f"{d} expert {row[d]['expert']:.2f}" for d in by_domain))
+        if args.prompting:
+            for domain, drows in by_domain.items():
+                av = _av_for_domain(mf, domain)
+                eng.set_coefficients(zero)
+                plain = judge.level_shares(drows)
+                prompted = judge.level_shares(drows, system=EXPERT_PROMPT)
+                entry = {"domain": domain, "base": plain, "prompting": prompted}
+                if av:
+                    eng.set_coefficients({**zero, av: 1.0})
+                    entry["av"] = judge.level_shares(drows)
+                out["prompting"].append(entry)
+    finally:
+        eng.close()
+    if args.plot and sweeps:
+        plot_sweeps(sweeps, args.plot)
+    if args.json:
+        print(json.dumps(out, indent=1))
+    else:
+        print(render(out, list(by_domain)))
+    return 0
+
+
+def render(out: dict, domains: list[str]) -> str:
+    lines = []
+    for s in out["sweeps"]:
+        lines += [f"\n{s['domain']} queries (n={s['shares'][0]['n']}), {s['av']} AV:",
+                  "| λ | avoidance | generic | expert |", "|---|---|---|---|"]
+        for lam, sh in zip(s["lambdas"], s["shares"]):
+            lines.append(f"| {lam:g} | " + " | ".join(f"{sh[lvl]:.2f}" for lvl in LEVELS) + " |")
+    if out["cross"]:
+        lines += ["\nexpert share (avoidance share) per domain:",
+                  "| setting | " + " | ".join(domains) + " |", "|---" * (len(domains) + 1) + "|"]
+        for row in out["cross"]:
+            lines.append(f"| {row['setting']} | " + " | ".join(
+                f"{row[d]['expert']:.2f} ({row[d]['avoidance']:.2f})" for d in domains) + " |")
+    if out["prompting"]:
+        lines += ["\nprompting baseline vs AV (expert share, ms per query):",
+                  "| domain | base | system prompt | AV λ=1 |", "|---|---|---|---|"]
+        for e in out["prompting"]:
+            cells = [e["base"], e["prompting"]] + ([e["av"]] if "av" in e else [])
+            lines.append(f"| {e['domain']} | " + " | ".join(
+                f"{c['expert']:.2f}, {1000 * c['seconds_per_query']:.0f} ms" for c in cells) + " |")
+    return "\n".join(lines).strip()
