@@ -186,6 +186,7 @@ class AdapterWriter:
             self.writer.write_kv_data_to_file()
             self.writer.write_tensors_to_file()
             self.writer.close()
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
             os.replace(tmp, self.out_path)
         except BaseException:
             self.writer.close()
@@ -196,6 +197,12 @@ class AdapterWriter:
         if self.writer.temp_file is not None:
             self.writer.temp_file.close()
         self.writer.close()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _array_type(values) -> VType:

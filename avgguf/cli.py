@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from . import cli_chat, cli_eval
@@ -142,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     except AvggufError as exc:
         print(f"avgguf {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `avgguf inspect x.gguf | head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as exc:  # unreadable/unwritable files named by the user
         print(f"avgguf {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -17,8 +17,9 @@ def add_parser(sub) -> None:
     p.add_argument("modelfile")
     p.add_argument("--data", required=True, help="preference JSONL (see README 'Preference data')")
     p.add_argument("--domain", help="only this domain's queries")
-    p.add_argument("--lambdas", default="-1:1.5:0.25", help="START:STOP:STEP or a list (default -1:1.5:0.25)")
-    p.add_argument("--limit", type=int, help="at most this many queries per domain")
+    p.add_argument("--lambdas", default="-1:1.5:0.25", help="START:STOP:STEP or a list (default -1:1.5:0.25); "
+                   "write --lambdas=-1:1:0.5 when it starts with a minus sign")
+    p.add_argument("--limit", type=int, help="at most this many queries per domain (evenly spaced)")
     p.add_argument("--cross", action="store_true", help="also: each AV and each profile on every domain")
     p.add_argument("--prompting", action="store_true", help="also: a system prompt asking for expert answers, "
                    "without AVs, side by side with the AV at λ=1 (share and time per query)")
@@ -41,8 +42,8 @@ def run_eval(args) -> int:
     by_domain: dict[str, list[dict]] = {}
     for r in rows:
         by_domain.setdefault(r["domain"], []).append(r)
-    if args.limit:
-        by_domain = {d: rs[: args.limit] for d, rs in by_domain.items()}
+    if args.limit:  # an evenly spaced subset, so every held-out topic stays represented
+        by_domain = {d: rs[:: max(1, -(-len(rs) // args.limit))][: args.limit] for d, rs in by_domain.items()}
     lambdas = parse_lambdas(args.lambdas)
     for lam in lambdas:
         if abs(lam) > 2.0:
