@@ -59,29 +59,28 @@ class Runtime:
             return [{"role": "system", "content": system}, *messages]
         return messages
 
-    def _prepare(self, coefficients: dict[str, float], reuse_prefix: bool) -> None:
-        """Apply the coefficients (a change resets the KV cache). Without prefix reuse every request is
-        evaluated from position 0, so its output does not depend on what ran before (same seed, same text)."""
+    def _prepare(self, req: GenerationRequest, coefficients: dict[str, float], reuse_prefix: bool) -> dict:
+        """Apply the coefficients (a change resets the KV cache) and return the sampling arguments. Without
+        prefix reuse every request is evaluated from position 0, so its output does not depend on what ran
+        before (same seed, same text)."""
         self.set_coefficients(coefficients)
         if not reuse_prefix:
             self.engine.llm.reset()
+        kw = self._sampling(req)
+        if kw["seed"] is None:
+            kw.pop("seed")
+        return kw
 
     def chat(self, req: GenerationRequest, coefficients: dict[str, float], stream: bool = False,
              reuse_prefix: bool = True):
         """OpenAI-shaped chat completion (dict) or stream of chunks, under exactly these coefficients."""
-        self._prepare(coefficients, reuse_prefix)
-        kw = self._sampling(req)
-        if kw["seed"] is None:
-            kw.pop("seed")
+        kw = self._prepare(req, coefficients, reuse_prefix)
         return self.engine.llm.create_chat_completion(messages=self.with_system(req.messages or []),
                                                       stream=stream, **kw)
 
     def complete(self, req: GenerationRequest, coefficients: dict[str, float], stream: bool = False,
                  reuse_prefix: bool = True):
-        self._prepare(coefficients, reuse_prefix)
-        kw = self._sampling(req)
-        if kw["seed"] is None:
-            kw.pop("seed")
+        kw = self._prepare(req, coefficients, reuse_prefix)
         return self.engine.llm.create_completion(prompt=req.prompt or "", stream=stream, **kw)
 
     def stream_chat_text(self, req: GenerationRequest, coefficients: dict[str, float],
