@@ -101,7 +101,7 @@ def main() -> None:
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"| model | layers | checkpoint (GB, bf16, each) | options | time (s) | peak RSS (MB) | adapter (MB) |")
+    print("| model | layers | checkpoint (GB, bf16, each) | options | time (s) | peak RSS (MB) | adapter (MB) |")
     print("|---|---|---|---|---|---|---|")
     for name, n_layer, gb, conv, wall, rss, mb in rows:
         print(f"| {name} | {n_layer} | {gb:.2f} | `{conv}` | {wall:.1f} | {rss:.0f} | {mb:.1f} |")

@@ -11,8 +11,8 @@ from safetensors.torch import save_file as save_torch
 
 from avgguf import adapter_format as fmt
 from avgguf.cli import main
-from conftest import TOKENS, assert_logits_close, logits, make_pair
-from synthetic import Delta, Spec, representable, to_gguf_tensors, write_gguf, write_hf
+from conftest import assert_logits_close, logits, make_pair
+from synthetic import Delta, Spec, representable, to_gguf_tensors, write_gguf
 
 
 def convert(*args: str) -> None:
