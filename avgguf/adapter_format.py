@@ -67,7 +67,7 @@ def lora_names(base_name: str) -> tuple[str, str]:
 
 def unapplicable_reason(base_name: str, ndim: int, tied_embeddings: bool) -> str | None:
     """Why llama.cpp cannot apply a delta on this base tensor through a LoRA, or None if it can."""
-    if base_name.endswith("_norm.weight") or "_norm" in base_name:
+    if "_norm" in base_name:
         return "norm (llama.cpp never applies norm deltas)"
     if base_name.endswith(".bias"):
         return "bias (llama.cpp LoRA reaches matmuls only)"

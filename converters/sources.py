@@ -47,9 +47,6 @@ class TensorSource:
     def tied_embeddings(self) -> bool:
         return "output.weight" not in self.names()
 
-    def describe(self) -> str:
-        return f"{self.path} ({self.arch.gguf_name}, {self.n_layer} layers, n_embd {self.n_embd})"
-
 
 def open_source(path: str | Path, role: str) -> TensorSource:
     """role names the CLI argument (e.g. '--base') for error messages."""
@@ -145,9 +142,6 @@ class HFCheckpoint(TensorSource):
 
     def load_unmapped(self, name: str) -> np.ndarray:
         return _read_safetensor(self._unmapped[name], name)
-
-    def hf_name(self, name: str) -> str:
-        return self._where[name][1]
 
 
 def _read_safetensor(path: Path, name: str) -> np.ndarray:
