@@ -31,6 +31,7 @@ LORA_A = ".lora_a"
 LORA_B = ".lora_b"
 TOKEN_EMBD = "token_embd.weight"
 OUTPUT = "output.weight"
+NORM_SUFFIX = "_norm.weight"  # llama.cpp loads tensors named so in an adapter and skips them
 
 # avgguf's own metadata keys.
 KEY_VERSION = "avgguf.version"
@@ -56,9 +57,22 @@ KEY_S_NAME = "avgguf.skipped.name"
 KEY_S_ENERGY = "avgguf.skipped.energy"
 KEY_S_REASON = "avgguf.skipped.reason"
 
-DTYPES = {"f32": QType.F32, "f16": QType.F16, "q8_0": QType.Q8_0}
-# llama.cpp can run these adapter tensor types on every backend.
-SAFE_TYPES = {QType.F32, QType.F16, QType.Q8_0}
+KEY_SIZE_BUDGET = "avgguf.size.budget_bytes"
+KEY_FIT = "avgguf.fit.method"
+KEY_FIT_SETTINGS = "avgguf.fit.settings"
+KEY_FIT_CALIBRATION = "avgguf.fit.calibration"
+KEY_FIT_TOKENS = "avgguf.fit.calibration_tokens"
+KEY_FIT_KL_BEFORE = "avgguf.fit.kl_before"
+KEY_FIT_KL_AFTER = "avgguf.fit.kl_after"
+KEY_FIT_KL_BASE = "avgguf.fit.kl_base"
+KEY_FIT_SECONDS = "avgguf.fit.seconds"
+KEY_T_TYPES = "avgguf.tensors.types"
+
+# Factor storage types llama.cpp multiplies on its CPU backend (and CUDA/Metal). Quantized types need a
+# row length that is a multiple of their block size (32); for lora_b the row length is the rank.
+DTYPES = {"f32": QType.F32, "f16": QType.F16, "q8_0": QType.Q8_0, "q5_1": QType.Q5_1, "q5_0": QType.Q5_0,
+          "q4_1": QType.Q4_1, "q4_0": QType.Q4_0}
+QUANTIZED = {QType.Q8_0, QType.Q5_1, QType.Q5_0, QType.Q4_1, QType.Q4_0}
 
 
 def lora_names(base_name: str) -> tuple[str, str]:
@@ -105,12 +119,25 @@ def expected_pair_shapes(base_name: str, base_shape: tuple[int, ...], rank: int)
     return (rank, cols), (rows, rank)
 
 
+def fits_type(qtype: QType, row_length: int) -> bool:
+    """Can a tensor with rows of this length be stored as qtype (block-size rule)?"""
+    return qtype not in QUANTIZED or row_length % gguf.GGML_QUANT_SIZES[qtype][0] == 0
+
+
 def storage_type(requested: str, arr: np.ndarray) -> QType:
-    """The GGML type a factor is stored in; q8_0 needs rows of a multiple of 32, else f16."""
+    """The GGML type a factor is stored in; a quantized type needs rows of a multiple of 32, else f16."""
     qtype = DTYPES[requested]
-    if qtype == QType.Q8_0 and arr.shape[-1] % 32 != 0:
-        return QType.F16
-    return qtype
+    return qtype if fits_type(qtype, arr.shape[-1]) else QType.F16
+
+
+def stored_bytes(qtype: QType, shape: tuple[int, ...]) -> int:
+    """Bytes of tensor data in the file, before GGUF's alignment padding."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    return int(np.prod(shape)) // block * size
+
+
+def type_name(qtype: QType) -> str:
+    return next(k for k, v in DTYPES.items() if v == qtype)
 
 
 def encode(arr: np.ndarray, qtype: QType) -> np.ndarray:
@@ -149,14 +176,16 @@ class AdapterWriter:
         self.writer.add_name(name)
         self.n_pairs = 0
 
-    def add_pair(self, base_name: str, lora_a: np.ndarray, lora_b: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
-        """Store a pair; returns the factors as llama.cpp will see them (after quantization)."""
+    def add_pair(self, base_name: str, lora_a: np.ndarray, lora_b: np.ndarray, dtype: str,
+                 dtype_b: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Store a pair (lora_b in dtype_b when given); returns the factors as llama.cpp will see them
+        (after quantization)."""
         seen = []
-        for suffix, arr in ((LORA_A, lora_a), (LORA_B, lora_b)):
-            qtype = storage_type(dtype, arr)
+        for suffix, arr, requested in ((LORA_A, lora_a, dtype), (LORA_B, lora_b, dtype_b or dtype)):
+            qtype = storage_type(requested, arr)
             raw = encode(arr, qtype)
             # quantized data is uint8 in byte shape; gguf derives the element shape from it
-            self.writer.add_tensor(base_name + suffix, raw, raw_dtype=qtype if qtype == QType.Q8_0 else None)
+            self.writer.add_tensor(base_name + suffix, raw, raw_dtype=qtype if qtype in QUANTIZED else None)
             seen.append(decode(raw, qtype).reshape(arr.shape))
         self.n_pairs += 1
         return seen[0], seen[1]
@@ -177,7 +206,8 @@ class AdapterWriter:
         else:
             raise TypeError(f"unsupported metadata type for {key}: {type(value).__name__}")
 
-    def commit(self) -> None:
+    def commit(self, max_size: int | None = None) -> None:
+        """Write the file and rename it into place; with max_size, refuse (and leave nothing) if larger."""
         parent = self.out_path.parent if str(self.out_path.parent) else Path(".")
         fd, tmp = tempfile.mkstemp(dir=parent, prefix=".avgguf-", suffix=".gguf.partial")
         os.close(fd)
@@ -186,6 +216,11 @@ class AdapterWriter:
             self.writer.write_kv_data_to_file()
             self.writer.write_tensors_to_file()
             self.writer.close()
+            size = os.path.getsize(tmp)
+            if max_size is not None and size > max_size:
+                raise AdapterError(f"{self.out_path}: the adapter came out at {size} bytes, over the "
+                                   f"{max_size}-byte budget (metadata larger than planned); lower --max-size "
+                                   f"by {size - max_size} bytes")
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
             os.replace(tmp, self.out_path)
         except BaseException:
@@ -236,6 +271,7 @@ class AdapterInfo:
     name: str | None
     pairs: dict[str, PairInfo]
     meta: dict[str, Any] = field(default_factory=dict)  # avgguf.* and other non-standard keys
+    ignored: dict[str, tuple[int, ...]] = field(default_factory=dict)  # tensors llama.cpp loads but skips
 
 
 def _numpy_shape(t) -> tuple[int, ...]:
@@ -282,13 +318,18 @@ def read_adapter(path: str | os.PathLike) -> AdapterInfo:
 
     tensors = {t.name: t for t in reader.tensors}
     pairs: dict[str, PairInfo] = {}
+    ignored: dict[str, tuple[int, ...]] = {}
     for tname, t in tensors.items():
         if tname.endswith(LORA_A):
             base = tname[: -len(LORA_A)]
         elif tname.endswith(LORA_B):
             base = tname[: -len(LORA_B)]
+        elif tname.endswith(NORM_SUFFIX):
+            ignored[tname] = _numpy_shape(t)  # e.g. mergekit -> convert_lora_to_gguf.py norms
+            continue
         else:
-            raise AdapterError(f"{path}: tensor {tname!r} ends neither in .lora_a nor .lora_b")
+            raise AdapterError(f"{path}: tensor {tname!r} ends neither in .lora_a nor .lora_b "
+                               f"(nor {NORM_SUFFIX}, which llama.cpp skips); llama.cpp would refuse this file")
         if base in pairs:
             continue
         a, b = tensors.get(base + LORA_A), tensors.get(base + LORA_B)
@@ -309,7 +350,7 @@ def read_adapter(path: str | os.PathLike) -> AdapterInfo:
     for key, f in reader.fields.items():
         if key.startswith("avgguf."):
             meta[key] = f.contents()
-    return AdapterInfo(path, arch, float(alpha), name, pairs, meta)
+    return AdapterInfo(path, arch, float(alpha), name, pairs, meta, ignored)
 
 
 @dataclass

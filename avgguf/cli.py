@@ -50,10 +50,28 @@ def add_convert_parser(sub) -> None:
                       "its own ranks); a rank >= a tensor's smaller dimension keeps it exact")
     rank.add_argument("--energy", type=_fraction, help="per tensor, the smallest rank keeping this fraction of the "
                       "delta's Frobenius energy")
-    p.add_argument("--max-rank", type=_positive_int, help="cap for --energy")
-    p.add_argument("--dtype", default="f16", choices=["f16", "f32", "q8_0"], help="factor storage type (default f16)")
+    p.add_argument("--max-rank", type=_positive_int, help="cap for --energy and --max-size (default 128 there)")
+    p.add_argument("--max-size", metavar="SIZE", help="byte budget for the whole file, e.g. 10MB (KB/MB/GB, "
+                   "KiB/MiB/GiB): rank and factor type per tensor are chosen for the most fidelity per byte")
+    p.add_argument("--dtype", choices=["f32", "f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"],
+                   help="factor storage type (default f16; with --max-size, the only type used instead of a mix of "
+                        "f32/f16/q8_0/q5_0/q4_0). Quantized types need rank % 32 == 0 for lora_b, else it stays f16")
+    fit = p.add_argument_group("fitting (pair conversions)")
+    fit.add_argument("--fit", default="svd", choices=["svd", "distill"],
+                     help="svd: best low-rank approximation of the weight delta (default); distill: start there, then "
+                          "train all factors together so base + AV reproduces the aligned model's outputs "
+                          "(needs transformers: pip install 'avgguf[train]')")
+    fit.add_argument("--calibration", metavar="FILE.jsonl", help="calibration prompts/text for --fit distill "
+                     "(default: the built-in set; rows {\"prompt\"}, {\"prompt\",\"chosen\",\"rejected\"}, "
+                     "{\"messages\"}, {\"text\"}, {\"tokens\"}; see README)")
+    fit.add_argument("--tokenizer", metavar="DIR_OR_GGUF", help="tokenizer for --fit distill (default: the one "
+                     "beside --aligned or --base)")
+    fit.add_argument("--fit-steps", type=_positive_int, default=200, help="distillation steps (default 200)")
+    fit.add_argument("--fit-samples", type=int, default=1, help="answers sampled from the aligned model per "
+                     "calibration prompt (default 1; 0 = only the given text)")
     p.add_argument("--svd", default="auto", choices=["auto", "full", "randomized"],
-                   help="SVD algorithm (auto: randomized where the rank is small against the matrix)")
+                   help="SVD algorithm (auto: exact Gram eigensolver up to 2048 wide, randomized with 2r columns and "
+                        "10 power iterations above)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where torch runs the SVD")
     p.add_argument("--json", action="store_true", help="print the conversion report as JSON")
 
@@ -68,15 +86,19 @@ def run_convert(args) -> int:
 
     import torch
 
-    from converters.convert import convert_pair
     from converters.lowrank import RankPolicy
     from converters.peft import convert_peft
     from converters.sources import open_source
 
-    if args.max_rank and args.energy is None:
-        raise AvggufError("--max-rank only applies with --energy; for a uniform rank use --rank")
+    if args.max_rank and args.energy is None and args.max_size is None:
+        raise AvggufError("--max-rank only applies with --energy or --max-size; for a uniform rank use --rank")
+    if args.max_size is not None and (args.rank or args.energy):
+        raise AvggufError("--max-size chooses the rank of each tensor itself; drop --rank/--energy "
+                          "(use --max-rank to cap it)")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise AvggufError("--device cuda: torch sees no CUDA GPU (torch.cuda.is_available() is False); use --device cpu")
+    if args.peft and (args.fit != "svd" or args.max_size):
+        raise AvggufError("--fit distill and --max-size work on --aligned pairs; for a PEFT adapter use --rank/--energy")
     name = args.name or Path(args.out).stem
     base = open_source(args.base, "--base")
     progress = sys.stderr.isatty()
@@ -85,22 +107,59 @@ def run_convert(args) -> int:
         if args.rank or args.energy:
             policy = RankPolicy(rank=args.rank, energy=args.energy, max_rank=args.max_rank, svd=args.svd)
         report = convert_peft(args.peft, base, args.out, name=name, domain=args.domain, policy=policy,
-                              dtype=args.dtype, device=args.device, progress=progress)
+                              dtype=args.dtype or "f16", device=args.device, progress=progress)
     else:
-        aligned = open_source(args.aligned, "--aligned")
-        policy = RankPolicy(rank=args.rank or (None if args.energy else 16), energy=args.energy,
-                            max_rank=args.max_rank, svd=args.svd)
-        report = convert_pair(base, aligned, args.out, name=name, domain=args.domain, policy=policy,
-                              dtype=args.dtype, device=args.device, progress=progress)
+        report = _convert_pair(args, base, name, progress)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
         ranks = [r.rank for r in report.records]
+        types = ", ".join(sorted({r.types for r in report.records}))
         print(f"wrote {args.out}: {len(report.records)} tensor pairs, rank {min(ranks)}..{max(ranks)}, "
-              f"{args.dtype}")
+              f"{types}, {Path(args.out).stat().st_size / 1e6:.2f} MB")
+        if report.fit:
+            print(f"distilled: KL(aligned || base+AV) {report.fit['kl_before']:.4f} (SVD) -> "
+                  f"{report.fit['kl_after']:.4f} on held-out calibration text (base alone: "
+                  f"{report.fit['kl_base']:.4f}), {report.fit['seconds']:.0f} s")
         print(f"AV energy kept: {report.kept_fraction:.2%}   not applicable in llama.cpp: "
               f"{report.unapplied_fraction:.2%} ({len(report.skipped)} tensors: norms/biases/tied embeddings)")
     return 0
+
+
+def _convert_pair(args, base, name: str, progress: bool):
+    from converters.budget import BUDGET_CAP_RANK, TYPES, parse_size
+    from converters.convert import convert_pair
+    from converters.lowrank import RankPolicy
+    from converters.sources import open_source
+
+    aligned = open_source(args.aligned, "--aligned")
+    max_size = parse_size(args.max_size) if args.max_size is not None else None
+    if max_size is not None:
+        policy = RankPolicy(rank=args.max_rank or BUDGET_CAP_RANK, svd=args.svd)
+    else:
+        policy = RankPolicy(rank=args.rank or (None if args.energy else 16), energy=args.energy,
+                            max_rank=args.max_rank, svd=args.svd)
+    fit = None
+    if args.fit == "distill":
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            raise AvggufError("--fit distill needs transformers: pip install 'avgguf[train]'") from None
+        from converters.calibration import read_calibration
+        from converters.distill import DistillSettings
+
+        read_calibration(args.calibration)  # fail before any work on a bad file
+
+        if args.fit_samples < 0:
+            raise AvggufError(f"--fit-samples must be 0 or more, got {args.fit_samples}")
+        fit = DistillSettings(steps=args.fit_steps, samples=args.fit_samples, device=args.device,
+                              calibration=args.calibration, tokenizer=args.tokenizer)
+    elif args.calibration or args.tokenizer:
+        raise AvggufError("--calibration/--tokenizer only apply with --fit distill")
+    types = (args.dtype,) if args.dtype else (TYPES if max_size is not None else ("f16",))
+    return convert_pair(base, aligned, args.out, name=name, domain=args.domain, policy=policy,
+                        dtype=args.dtype or "f16", device=args.device, progress=progress, max_size=max_size,
+                        types=types, fit=fit)
 
 
 def add_inspect_parser(sub) -> None:

@@ -21,11 +21,15 @@ def describe(path: str) -> dict:
     tensors = []
     for name, p in info.pairs.items():
         row = {"name": name, "rank": p.rank, "lora_a": list(p.a_shape), "lora_b": list(p.b_shape),
-               "types": f"{p.a_type}/{p.b_type}"}
+               "types": f"{p.a_type.lower()}/{p.b_type.lower()}"}
         row.update(per_tensor.get(name, {}))
         tensors.append(row)
     skipped = [{"name": n, "energy": _at(meta.get(fmt.KEY_S_ENERGY), i), "reason": _at(meta.get(fmt.KEY_S_REASON), i)}
                for i, n in enumerate(meta.get(fmt.KEY_S_NAME) or [])]
+    # tensors in the file that llama.cpp loads and then skips (e.g. norms written by convert_lora_to_gguf.py)
+    skipped += [{"name": n, "energy": None, "shape": list(shape),
+                 "reason": "in the file but not applied: llama.cpp skips *_norm.weight tensors in adapters"}
+                for n, shape in info.ignored.items()]
     ranks = [p.rank for p in info.pairs.values()]
     return {
         "file": str(info.path),
@@ -74,5 +78,6 @@ def render_table(d: dict) -> str:
         lines.append("")
         lines.append("not applied by llama.cpp (reported, not dropped silently):")
         for s in d["skipped"]:
-            lines.append(f"  {s['name']:<{width}}  energy {s['energy']:.4g}  {s['reason']}")
+            energy = "" if s["energy"] is None else f"energy {s['energy']:.4g}  "
+            lines.append(f"  {s['name']:<{width}}  {energy}{s['reason']}")
     return "\n".join(lines)

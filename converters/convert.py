@@ -27,6 +27,7 @@ class TensorRecord:
     kept: float        # energy fraction in the kept singular values
     rel_error: float   # ||delta - written pair|| / ||delta|| after dtype rounding
     method: str
+    types: str = ""    # lora_a/lora_b storage types
 
 
 @dataclass
@@ -42,6 +43,7 @@ class ConversionReport:
     records: list[TensorRecord] = field(default_factory=list)
     skipped: list[SkipRecord] = field(default_factory=list)
     zero_tensors: int = 0
+    fit: dict = field(default_factory=dict)  # kl_base / kl_before / kl_after / seconds of --fit distill
 
     @property
     def total_energy(self) -> float:
@@ -61,7 +63,8 @@ class ConversionReport:
     def to_dict(self) -> dict:
         return {"out": self.out, "total_energy": self.total_energy, "kept_fraction": self.kept_fraction,
                 "unapplied_fraction": self.unapplied_fraction, "zero_tensors": self.zero_tensors,
-                "tensors": [asdict(r) for r in self.records], "skipped": [asdict(s) for s in self.skipped]}
+                "fit": self.fit, "tensors": [asdict(r) for r in self.records],
+                "skipped": [asdict(s) for s in self.skipped]}
 
 
 class AdapterBuild:
@@ -74,20 +77,24 @@ class AdapterBuild:
         self.dtype = dtype
         self.report = ConversionReport(str(out))
 
-    def add(self, name: str, delta_shape: tuple[int, ...], f: Factors, delta: np.ndarray | None = None) -> None:
+    def add(self, name: str, delta_shape: tuple[int, ...], f: Factors, delta: np.ndarray | None = None,
+            types: tuple[str, str] | None = None) -> None:
+        type_a, type_b = types or (self.dtype, self.dtype)
         lora_a, lora_b = fmt.pair_from_factors(name, f.left, f.right)
-        a_seen, b_seen = self.writer.add_pair(name, lora_a, lora_b, self.dtype)
+        a_seen, b_seen = self.writer.add_pair(name, lora_a, lora_b, type_a, type_b)
         applied = fmt.delta_from_pair(name, a_seen, b_seen)
         if delta is None:  # low-rank source: compare with the factors we were given
             delta = f.left @ f.right
         err = float(np.linalg.norm(delta - applied) / max(np.linalg.norm(delta), 1e-30))
-        self.report.records.append(TensorRecord(name, tuple(delta_shape), f.rank, f.energy, f.kept, err, f.method))
+        stored = "/".join(fmt.type_name(fmt.storage_type(t, arr)) for t, arr in ((type_a, lora_a), (type_b, lora_b)))
+        self.report.records.append(TensorRecord(name, tuple(delta_shape), f.rank, f.energy, f.kept, err, f.method,
+                                                stored))
 
     def skip(self, name: str, energy: float, reason: str) -> None:
         log.info("not applied by llama.cpp: %s (%s), %.3g of delta energy", name, reason, energy)
         self.report.skipped.append(SkipRecord(name, energy, reason))
 
-    def commit(self, meta: dict) -> ConversionReport:
+    def commit(self, meta: dict, max_size: int | None = None) -> ConversionReport:
         rep = self.report
         if not rep.records:
             self.writer.abort()
@@ -107,10 +114,11 @@ class AdapterBuild:
         w.add_metadata(fmt.KEY_T_ENERGY, [float(r.energy) for r in rep.records])
         w.add_metadata(fmt.KEY_T_KEPT, [float(r.kept) for r in rep.records])
         w.add_metadata(fmt.KEY_T_ERROR, [float(r.rel_error) for r in rep.records])
+        w.add_metadata(fmt.KEY_T_TYPES, [r.types for r in rep.records])
         w.add_metadata(fmt.KEY_S_NAME, [s.name for s in rep.skipped])
         w.add_metadata(fmt.KEY_S_ENERGY, [float(s.energy) for s in rep.skipped])
         w.add_metadata(fmt.KEY_S_REASON, [s.reason for s in rep.skipped])
-        w.commit()
+        w.commit(max_size)
         return rep
 
 
@@ -134,44 +142,108 @@ def check_compatible(base: TensorSource, aligned: TensorSource) -> None:
                                   f"{aligned.shape(name)} in {aligned.path}")
 
 
+@dataclass
+class Planned:
+    """One tensor's factors and storage types, chosen before anything is written."""
+    shape: tuple[int, ...]
+    factors: Factors
+    types: tuple[str, str]
+
+
+def _deltas(base: TensorSource, aligned: TensorSource, build: AdapterBuild, progress: bool, desc: str):
+    """(name, delta) for every tensor llama.cpp can apply; zero and unapplicable deltas are booked."""
+    tied = base.tied_embeddings
+    for tname in tqdm(base.names(), desc=desc, unit="tensor", disable=not progress, leave=False):
+        delta = aligned.load(tname)
+        delta -= base.load(tname)
+        if not np.all(np.isfinite(delta)):
+            raise ConversionError(f"tensor {tname!r}: the delta has NaN/Inf values "
+                                  f"({base.path} vs {aligned.path}); check both checkpoints")
+        energy = float(np.sum(np.square(delta, dtype=np.float64)))
+        if energy == 0.0:
+            build.report.zero_tensors += 1
+            continue
+        reason = fmt.unapplicable_reason(tname, delta.ndim, tied)
+        if reason:
+            build.skip(tname, energy, reason)
+            continue
+        yield tname, delta
+
+
+def _plan(base: TensorSource, aligned: TensorSource, build: AdapterBuild, policy: RankPolicy, device: str,
+          progress: bool, max_size: int | None, types: tuple[str, ...]) -> dict[str, Planned]:
+    """Pass 1: factor every delta up to the policy's cap; then, under --max-size, choose rank and
+    types per tensor (converters.budget)."""
+    from . import budget
+
+    plans: dict[str, Planned] = {}
+    options: dict[str, list] = {}
+    for tname, delta in _deltas(base, aligned, build, progress, "factoring"):
+        f = factorize(delta, policy, device)
+        plans[tname] = Planned(delta.shape, f, (types[0], types[0]))
+        if max_size is not None:
+            a, b = fmt.pair_from_factors(tname, f.left, f.right)
+            options[tname] = budget.candidates(tname, delta.shape, a, b, f.spectrum[: f.rank], f.energy, types)
+        del delta
+    if max_size is None or not plans:
+        return plans
+    overhead = budget.FILE_OVERHEAD + sum(24 + len(s.name) + len(s.reason) for s in build.report.skipped)
+    chosen = budget.allocate(options, max_size, overhead)
+    return {n: Planned(p.shape, p.factors.truncated(chosen[n].rank), (chosen[n].type_a, chosen[n].type_b))
+            for n, p in plans.items()}
+
+
+def _write_planned(base: TensorSource, aligned: TensorSource, build: AdapterBuild, plans: dict[str, Planned]) -> None:
+    """Pass 2: write each planned pair; the delta is re-read to book the error against the real AV."""
+    for tname, p in plans.items():
+        delta = aligned.load(tname) - base.load(tname)
+        build.add(tname, p.shape, p.factors, delta, p.types)
+
+
 def convert_pair(base: TensorSource, aligned: TensorSource, out: str | Path, *, name: str,
                  domain: str | None = None, policy: RankPolicy = RankPolicy(rank=16),
-                 dtype: str = "f16", device: str = "cpu", progress: bool = False) -> ConversionReport:
-    """Write the AV aligned - base as a GGUF LoRA adapter at `out`."""
+                 dtype: str = "f16", device: str = "cpu", progress: bool = False,
+                 max_size: int | None = None, types: tuple[str, ...] | None = None,
+                 fit=None) -> ConversionReport:
+    """Write the AV aligned - base as a GGUF LoRA adapter at `out`.
+
+    max_size: byte budget for the whole file (per-tensor rank and factor types chosen to fit; `types`
+    are the factor types it may use). fit: a converters.distill.DistillSettings to train the factors
+    toward the aligned model's outputs before writing."""
     check_compatible(base, aligned)
     for src in (base, aligned):
         if src.quantized:
             log.warning("%s is quantized: its quantization noise enters the alignment vector", src.path)
-    tied = base.tied_embeddings
     build = AdapterBuild(out, base.arch.gguf_name, name, dtype)
     try:
-        names = base.names()
-        for tname in tqdm(names, desc="converting", unit="tensor", disable=not progress, leave=False):
-            delta = aligned.load(tname)
-            delta -= base.load(tname)
-            if not np.all(np.isfinite(delta)):
-                raise ConversionError(f"tensor {tname!r}: the delta has NaN/Inf values "
-                                      f"({base.path} vs {aligned.path}); check both checkpoints")
-            energy = float(np.sum(np.square(delta, dtype=np.float64)))
-            if energy == 0.0:
-                build.report.zero_tensors += 1
-                continue
-            reason = fmt.unapplicable_reason(tname, delta.ndim, tied)
-            if reason:
-                build.skip(tname, energy, reason)
-                continue
-            build.add(tname, delta.shape, factorize(delta, policy, device), delta)
-            del delta
+        meta = {fmt.KEY_NAME: name, fmt.KEY_DOMAIN: domain or name, fmt.KEY_SOURCE_KIND: "pair",
+                fmt.KEY_SOURCE_BASE: str(base.path), fmt.KEY_SOURCE_ALIGNED: str(aligned.path),
+                fmt.KEY_RANK_POLICY: policy.describe(), fmt.KEY_SVD: policy.svd,
+                fmt.KEY_BASE_N_LAYER: base.n_layer, fmt.KEY_BASE_N_EMBD: base.n_embd}
+        if max_size is None and fit is None:
+            for tname, delta in _deltas(base, aligned, build, progress, "converting"):
+                build.add(tname, delta.shape, factorize(delta, policy, device), delta)
+                del delta
+        else:
+            plans = _plan(base, aligned, build, policy, device, progress, max_size, types or (dtype,))
+            if max_size is not None:
+                meta[fmt.KEY_SIZE_BUDGET] = int(max_size)
+                meta[fmt.KEY_RANK_POLICY] = f"max_size={max_size},max_rank={policy.rank}"
+            if fit is not None and plans:
+                from .distill import distill
+
+                fitted, fit_meta = distill(base, aligned, {n: p.factors for n, p in plans.items()}, fit, progress)
+                plans = {n: Planned(p.shape, fitted[n], p.types) for n, p in plans.items()}
+                meta.update(fit_meta)
+                build.report.fit = {"kl_base": fit_meta[fmt.KEY_FIT_KL_BASE], "kl_before": fit_meta[fmt.KEY_FIT_KL_BEFORE],
+                                    "kl_after": fit_meta[fmt.KEY_FIT_KL_AFTER], "seconds": fit_meta[fmt.KEY_FIT_SECONDS]}
+            _write_planned(base, aligned, build, plans)
         for hf_name in sorted(set(base.unmapped) & set(aligned.unmapped)):
             energy = float(np.sum(np.square(aligned.load_unmapped(hf_name) - base.load_unmapped(hf_name),
                                             dtype=np.float64)))
             if energy > 0:
                 build.skip(hf_name, energy, "no llama.cpp tensor for it")
-        meta = {fmt.KEY_NAME: name, fmt.KEY_DOMAIN: domain or name, fmt.KEY_SOURCE_KIND: "pair",
-                fmt.KEY_SOURCE_BASE: str(base.path), fmt.KEY_SOURCE_ALIGNED: str(aligned.path),
-                fmt.KEY_RANK_POLICY: policy.describe(), fmt.KEY_SVD: policy.svd,
-                fmt.KEY_BASE_N_LAYER: base.n_layer, fmt.KEY_BASE_N_EMBD: base.n_embd}
-        return build.commit(meta)
+        return build.commit(meta, max_size)
     except BaseException:
         build.writer.abort()
         raise

@@ -12,7 +12,7 @@ import numpy as np
 import gguf
 
 from avgguf.errors import ConversionError
-from .arches import ArchSpec, permute_rows, spec_for_gguf, spec_for_hf
+from .arches import ArchSpec, permute_rows, spec_for_gguf, spec_for_hf_config
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +72,7 @@ class HFCheckpoint(TensorSource):
             self.config = json.loads(cfg_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ConversionError(f"{role} {str(cfg_path)!r} is not valid JSON ({exc})") from None
-        archs = self.config.get("architectures") or [None]
-        self.arch = spec_for_hf(archs[0], f"{role} {str(cfg_path)!r}")
+        self.arch = spec_for_hf_config(self.config, f"{role} {str(cfg_path)!r}")
         try:
             self.n_layer = int(self.config["num_hidden_layers"])
             self.n_embd = int(self.config["hidden_size"])

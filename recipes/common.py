@@ -44,6 +44,16 @@ def response_tokens(tok, text: str) -> list[int]:
     return encode(tok, text) + [tok.token_eos()]
 
 
+def save_hf_tokenizer(path: Path) -> None:
+    """The GGUF's tokenizer and chat template as HF tokenizer files (for `avgguf convert --fit distill`)."""
+    from transformers import AutoTokenizer
+
+    from avgguf.models import builtin_path
+
+    src = builtin_path()
+    AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name).save_pretrained(str(path))
+
+
 def save_hf(model, path: Path) -> None:
     """Save as a plain HF checkpoint (transformers refuses save_pretrained on a GGUF-loaded model)."""
     from safetensors.torch import save_file

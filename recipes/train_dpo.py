@@ -8,8 +8,10 @@
 
 Pairs per training query: expert > generic and expert > avoidance. Loss: DPO (Rafailov et al.) with
 beta 0.1 against the initial model, whose log-probabilities are computed once per pair, when first used. Token
-embeddings are frozen: SmolLM2 ties them to the output layer, and llama.cpp cannot apply a LoRA to a
-tied embedding, so training them would put part of the AV out of the adapter's reach.
+embeddings are frozen by default: SmolLM2 ties them to the output layer, and llama.cpp cannot apply a LoRA to a
+tied embedding, so training them would put part of the AV out of the adapter's reach. `--all-tensors` trains
+every tensor (embeddings and norms too), as a user's full-parameter DPO run does; `--fit distill` then
+compensates what a LoRA cannot carry. The tokenizer (with its chat template) is saved beside each checkpoint.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from recipes.common import load_smollm2, prompt_tokens, read_jsonl, response_tokens, save_hf, tokenizer  # noqa: E402
+from recipes.common import (load_smollm2, prompt_tokens, read_jsonl, response_tokens, save_hf,  # noqa: E402
+                            save_hf_tokenizer, tokenizer)
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "preferences"
 
@@ -57,7 +60,8 @@ def batch_logps(model, seqs: list[tuple[list[int], list[int]]]) -> torch.Tensor:
     return (logp * target[:, 1:]).sum(-1)
 
 
-def train(domain: str, out: Path, steps: int, batch: int, lr: float, beta: float, seed: int) -> dict:
+def train(domain: str, out: Path, steps: int, batch: int, lr: float, beta: float, seed: int,
+          all_tensors: bool = False) -> dict:
     torch.manual_seed(seed)
     rng = random.Random(seed)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -69,7 +73,8 @@ def train(domain: str, out: Path, steps: int, batch: int, lr: float, beta: float
     pairs = build_pairs(rows, tok)
     model = load_smollm2()
     save_hf(model, out / "base")
-    model.get_input_embeddings().weight.requires_grad_(False)
+    if not all_tensors:
+        model.get_input_embeddings().weight.requires_grad_(False)
 
     t0 = time.perf_counter()
     reference = copy.deepcopy(model).eval()  # the initial policy, frozen
@@ -107,6 +112,8 @@ def train(domain: str, out: Path, steps: int, batch: int, lr: float, beta: float
               f"margin {float(margin.mean()):.3f}", file=sys.stderr, flush=True)
     model.eval()
     save_hf(model, out / "aligned")
+    for sub in ("base", "aligned"):
+        save_hf_tokenizer(out / sub)
     summary = {"domain": domain, "pairs": len(pairs), "steps": steps, "batch": batch, "lr": lr, "beta": beta,
                "reference_seconds": round(ref_s, 1), "train_seconds": round(time.perf_counter() - t0 - ref_s, 1),
                "final": log[-1], "log": log}
@@ -123,8 +130,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--all-tensors", action="store_true", help="train every tensor (embeddings and norms too)")
     args = ap.parse_args()
-    s = train(args.domain, args.out, args.steps, args.batch, args.lr, args.beta, args.seed)
+    s = train(args.domain, args.out, args.steps, args.batch, args.lr, args.beta, args.seed, args.all_tensors)
     print(f"{args.domain}: {s['pairs']} pairs, {s['steps']} steps in {s['train_seconds']} s "
           f"(+{s['reference_seconds']} s reference), final loss {s['final']['loss']:.4f}, "
           f"reward accuracy {s['final']['reward_acc']:.2f}")
