@@ -56,6 +56,8 @@ def main() -> None:
     ap.add_argument("--runs", type=Path, required=True, help="directory with <domain>/base and <domain>/aligned")
     ap.add_argument("--domains", nargs="+", default=["medical"])
     ap.add_argument("--limit", type=int, default=16)
+    ap.add_argument("--shipped-only", action="store_true",
+                    help="score only the shipped modelfiles/avs/<domain>.gguf (no conversions)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="avgguf-demo-fid-"))
     print("| domain | adapter | size (MB) | AV energy kept | margin kept | KL(merged ‖ adapter) | expert share |")
@@ -73,7 +75,14 @@ def main() -> None:
             return float(np.mean([kl(m, d) for m, d in zip(d_merged, dists)]))
 
         print(f"| {domain} | base (λ=0) | - | - | 0% | {kl_to_merged(d_base):.3f} | {e_base:.2f} |", flush=True)
-        for conv in SETTINGS:
+        shipped = Path(__file__).resolve().parent.parent / "modelfiles" / "avs" / f"{domain}.gguf"
+        from avgguf import adapter_format as fmt
+
+        kept = fmt.read_adapter(shipped).meta[fmt.KEY_ENERGY_KEPT]
+        m, e, d = measure(base_gguf, shipped, rows)
+        print(f"| {domain} | shipped `modelfiles/avs/{domain}.gguf` | {shipped.stat().st_size / 1e6:.1f} | {kept:.1%} | "
+              f"{(m - m_base) / (m_merged - m_base):.0%} | {kl_to_merged(d):.4f} | {e:.2f} |", flush=True)
+        for conv in ([] if args.shipped_only else SETTINGS):
             out = work / "av.gguf"
             t0 = time.perf_counter()
             subprocess.run([sys.executable, "-m", "avgguf.cli", "convert", "--base", str(base_dir), "--aligned",

@@ -33,9 +33,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 DATA = ROOT / "data" / "preferences" / "eval.jsonl"
-RSS_WRAPPER = ("import resource, sys\nfrom avgguf.cli import main\nrc = main(sys.argv[1:])\n"
-               "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
-               "sys.exit(rc)")
+# runs a command as a child and reports its peak RSS (the largest child's, in KB)
+RSS_WRAPPER = ("import resource, subprocess, sys\np = subprocess.run(sys.argv[1:])\n"
+               "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)\n"
+               "sys.exit(p.returncode)")
 SPEED_PROMPT = "<|im_start|>user\nWhat should I do about a persistent cough?<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -105,11 +106,10 @@ def speed_ratio(adapter: Path, repeats: int) -> float:
     return statistics.median(rates[1.0]) / statistics.median(rates[0.0])
 
 
-def run_convert(args: list[str]) -> tuple[float, float]:
-    """Runs `avgguf convert` in its own process: (seconds, peak RSS in MB)."""
+def timed(cmd: list[str]) -> tuple[float, float]:
+    """Runs a command in its own process: (seconds, peak RSS in MB)."""
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", RSS_WRAPPER, "convert", *args], capture_output=True, text=True,
-                          cwd=ROOT)
+    proc = subprocess.run([sys.executable, "-c", RSS_WRAPPER, *cmd], capture_output=True, text=True, cwd=ROOT)
     secs = time.perf_counter() - t0
     if proc.returncode:
         raise SystemExit(proc.stderr[-3000:])
@@ -117,36 +117,34 @@ def run_convert(args: list[str]) -> tuple[float, float]:
     return secs, rss / 1024
 
 
+def run_convert(args: list[str]) -> tuple[float, float]:
+    return timed([sys.executable, "-m", "avgguf.cli", "convert", *args])
+
+
 def mergekit_adapter(pair: Path, rank: int, out: Path, bin_dir: Path, convert_lora: Path) -> tuple[float, float]:
-    """mergekit-extract-lora -> llama.cpp convert_lora_to_gguf.py (the community pipeline): seconds, peak RSS."""
+    """mergekit-extract-lora -> llama.cpp convert_lora_to_gguf.py (the community pipeline): seconds, peak RSS.
+    `-e embed_tokens -e lm_head`: without them llama.cpp refuses (or crashes on) the tied-embedding result."""
     work = out.parent / f"mk-r{rank}"
-    t0 = time.perf_counter()
-    cmd = ["/usr/bin/time", "-f", "MAXRSS_KB %M", str(bin_dir / "mergekit-extract-lora"), "--model",
-           str(pair / "aligned"), "--base-model", str(pair / "base"), "--out-path", str(work),
-           "--max-rank", str(rank), "-e", "embed_tokens", "-e", "lm_head"]
-    p1 = subprocess.run(cmd, capture_output=True, text=True)
-    cmd = ["/usr/bin/time", "-f", "MAXRSS_KB %M", str(bin_dir / "python"), str(convert_lora), str(work),
-           "--base", str(pair / "base"), "--outtype", "f16", "--outfile", str(out)]
-    p2 = subprocess.run(cmd, capture_output=True, text=True)
-    for p in (p1, p2):
-        if p.returncode:
-            raise SystemExit(p.stderr[-3000:])
-    rss = max(int(line.split()[1]) for p in (p1, p2) for line in p.stderr.splitlines()
-              if line.startswith("MAXRSS_KB"))
-    return time.perf_counter() - t0, rss / 1024
+    s1, r1 = timed([str(bin_dir / "mergekit-extract-lora"), "--model", str(pair / "aligned"), "--base-model",
+                    str(pair / "base"), "--out-path", str(work), "--max-rank", str(rank),
+                    "-e", "embed_tokens", "-e", "lm_head"])
+    s2, r2 = timed([str(bin_dir / "python"), str(convert_lora), str(work), "--base", str(pair / "base"),
+                    "--outtype", "f16", "--outfile", str(out)])
+    return s1 + s2, max(r1, r2)
 
 
 RANK_FOR_BUDGET = {"2.5MB": 4, "5MB": 8, "10MB": 16, "20MB": 32}  # largest uniform f16 rank within the budget
 
 
-def settings(budgets: list[str], steps: int, distill: bool) -> list[tuple[str, str, list[str]]]:
-    fit = ["--fit", "distill", "--fit-steps", str(steps)]
+def settings(budgets: list[str], distill_budgets: list[str], steps: int,
+             calibration: str | None) -> list[tuple[str, str, list[str]]]:
+    fit = ["--fit", "distill", "--fit-steps", str(steps)] + (["--calibration", calibration] if calibration else [])
     out = []
     for b in budgets:
         r = str(RANK_FOR_BUDGET[b])
         out.append((b, f"SVD, rank {r} f16", ["--rank", r]))
         out.append((b, "mixed precision", ["--max-size", b]))
-        if distill:
+        if b in distill_budgets:
             out.append((b, f"distill, rank {r} f16", ["--rank", r, *fit]))
             out.append((b, "mixed precision + distill", ["--max-size", b, *fit]))
     return out
@@ -158,8 +156,10 @@ def main() -> None:
     ap.add_argument("--domain", default="medical")
     ap.add_argument("--limit", type=int, default=16, help="eval queries (evenly spaced)")
     ap.add_argument("--budgets", nargs="+", default=list(RANK_FOR_BUDGET), choices=list(RANK_FOR_BUDGET))
+    ap.add_argument("--distill-budgets", nargs="*", default=list(RANK_FOR_BUDGET), choices=list(RANK_FOR_BUDGET),
+                    help="budgets that also get the two --fit distill rows (each costs minutes)")
     ap.add_argument("--fit-steps", type=int, default=200)
-    ap.add_argument("--no-distill", action="store_true")
+    ap.add_argument("--calibration", help="--calibration for the distill rows (default: the built-in set)")
     ap.add_argument("--speed-repeats", type=int, default=3)
     ap.add_argument("--full-rank", action="store_true", help="also score a full-rank f32 adapter (633 MB)")
     ap.add_argument("--mergekit-bin", type=Path, help="bin/ of a venv with mergekit (torch 2.13.0)")
@@ -193,7 +193,8 @@ def main() -> None:
 
     results = []
     common = ["--base", str(args.pair / "base"), "--aligned", str(args.pair / "aligned")]
-    for budget, label, conv in settings(args.budgets, args.fit_steps, not args.no_distill):
+    for budget, label, conv in settings(args.budgets, args.distill_budgets, args.fit_steps,
+                                           args.calibration):
         out = work / "av.gguf"
         secs, rss = run_convert([*common, "--out", str(out), *conv])
         results.append(score(f"`{' '.join(conv)}` ({label})", budget, out, secs, rss))
