@@ -14,10 +14,10 @@ import torch
 from avgguf import adapter_format as fmt
 from avgguf.cli import main
 from avgguf.inspect_adapter import describe
-from conftest import TOKENS, assert_logits_close, logits, make_pair
+from conftest import assert_logits_close, logits, make_pair
 from converters.budget import parse_size
 from converters.lowrank import RankPolicy, factorize
-from synthetic import Spec, representable, to_gguf_tensors, write_gguf
+from synthetic import Spec, to_gguf_tensors, write_gguf
 
 
 def convert(*args) -> int:
