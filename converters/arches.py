@@ -66,6 +66,17 @@ def spec_for_gguf(arch: str, where: str) -> ArchSpec:
     return spec
 
 
+def qk_heads(spec: ArchSpec, gguf_name: str, n_head: int, n_head_kv: int) -> tuple[int, int] | None:
+    """(n_head, n_head_kv) for permute_rows if llama.cpp's converter permutes this tensor's rows, else None."""
+    if not spec.permute_qk or not gguf_name.startswith("blk."):
+        return None
+    if ".attn_q." in gguf_name:
+        return n_head, n_head
+    if ".attn_k." in gguf_name:
+        return n_head, n_head_kv
+    return None
+
+
 def permute_rows(w: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.ndarray:
     """llama.cpp LlamaModel.permute: HF (rotate-half) row order -> GGUF (interleaved) row order.
 

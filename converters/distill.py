@@ -31,7 +31,7 @@ import gguf
 
 from avgguf import adapter_format as fmt
 from avgguf.errors import ConversionError
-from .arches import permute_rows, unpermute_rows
+from .arches import permute_rows, qk_heads, unpermute_rows
 from .calibration import Row, read_calibration
 from .lowrank import Factors
 from .sources import GGUFModel, TensorSource
@@ -246,13 +246,7 @@ class Student:
         return hook
 
     def _heads(self, name: str) -> tuple[int, int] | None:
-        if not self.src.arch.permute_qk or not name.startswith("blk."):
-            return None
-        if ".attn_q." in name:
-            return self.src.n_head, self.src.n_head
-        if ".attn_k." in name:
-            return self.src.n_head, self.src.n_head_kv
-        return None
+        return qk_heads(self.src.arch, name, self.src.n_head, self.src.n_head_kv)
 
     def _to_hf(self, name: str, left: np.ndarray) -> np.ndarray:
         heads = self._heads(name)

@@ -12,7 +12,7 @@ import gguf
 
 from avgguf import adapter_format as fmt
 from avgguf.errors import ConversionError
-from .arches import permute_rows
+from .arches import permute_rows, qk_heads
 from .convert import AdapterBuild, ConversionReport
 from .lowrank import RankPolicy, factorize_product
 from .sources import TensorSource
@@ -111,10 +111,9 @@ def convert_peft(peft_dir: str | Path, base: TensorSource, out: str | Path, *, n
                 raise ConversionError(f"--peft: module {module!r}: the LoRA gives a delta of shape {shape} but base "
                                       f"tensor {gguf_name!r} is {tuple(base.shape(gguf_name))}; the adapter was "
                                       f"trained on another model")
-            if base.arch.permute_qk and ".attn_q." in gguf_name:
-                left = permute_rows(left, base.n_head, base.n_head)
-            elif base.arch.permute_qk and ".attn_k." in gguf_name:
-                left = permute_rows(left, base.n_head, base.n_head_kv)
+            heads = qk_heads(base.arch, gguf_name, base.n_head, base.n_head_kv)
+            if heads:
+                left = permute_rows(left, *heads)
             if not (np.all(np.isfinite(left)) and np.all(np.isfinite(right))):
                 raise ConversionError(f"--peft: module {module!r} has NaN/Inf values")
             reason = fmt.unapplicable_reason(gguf_name, 2, tied)

@@ -12,7 +12,7 @@ import numpy as np
 import gguf
 
 from avgguf.errors import ConversionError
-from .arches import ArchSpec, permute_rows, spec_for_gguf, spec_for_hf_config
+from .arches import ArchSpec, permute_rows, qk_heads, spec_for_gguf, spec_for_hf_config
 
 log = logging.getLogger(__name__)
 
@@ -132,12 +132,8 @@ class HFCheckpoint(TensorSource):
     def load(self, name: str) -> np.ndarray:
         f, hf_name, _ = self._where[name]
         t = _read_safetensor(f, hf_name)
-        if self.arch.permute_qk:
-            if name.startswith("blk.") and ".attn_q." in name:
-                t = permute_rows(t, self.n_head, self.n_head)
-            elif name.startswith("blk.") and ".attn_k." in name:
-                t = permute_rows(t, self.n_head, self.n_head_kv)
-        return t
+        heads = qk_heads(self.arch, name, self.n_head, self.n_head_kv)
+        return permute_rows(t, *heads) if heads else t
 
     def load_unmapped(self, name: str) -> np.ndarray:
         return _read_safetensor(self._unmapped[name], name)
