@@ -366,6 +366,19 @@ class BaseModelInfo:
         return OUTPUT not in self.shapes
 
 
+GGUF_MAGIC = b"GGUF"
+
+
+def gguf_kind(path: str | os.PathLike) -> str | None:
+    """'adapter' or 'model' for a GGUF file, None for anything else (e.g. a YAML modelfile)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            return None
+    gtype = _open(path, "GGUF file").get_field(gguf.Keys.General.TYPE)
+    return "adapter" if gtype is not None and gtype.contents() == gguf.GGUFType.ADAPTER else "model"
+
+
 def read_base_model(path: str | os.PathLike) -> BaseModelInfo:
     path = Path(path)
     reader = _open(path, "base model")

@@ -8,34 +8,20 @@ import logging
 import os
 import sys
 
-from . import cli_chat, cli_eval
+from . import cli_args, cli_chat, cli_eval
+from .cli_args import fraction as _fraction
+from .cli_args import positive_int as _positive_int
 from .errors import AvggufError
 
 log = logging.getLogger("avgguf")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+TORCH_HINT = ("pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu && "
+              "pip install -e '.[convert]' (or a CUDA build of torch, then the same)")
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value}")
-    return value
-
-
-def add_convert_parser(sub) -> None:
-    p = sub.add_parser("convert", help="turn an alignment vector (aligned - base, or a PEFT LoRA) into a GGUF LoRA",
+def add_convert_parser(sub, parent) -> None:
+    p = sub.add_parser("convert", parents=[parent], help="turn an alignment vector (aligned - base, or a PEFT LoRA) into a GGUF LoRA",
                        description="Write aligned - base (or a PEFT LoRA) as a GGUF LoRA adapter for llama.cpp.")
     p.add_argument("--base", required=True, help="base model: HF checkpoint directory or .gguf file")
     src = p.add_mutually_exclusive_group(required=True)
@@ -76,19 +62,30 @@ def add_convert_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the conversion report as JSON")
 
 
-def run_convert(args) -> int:
-    try:
-        import torch  # noqa: F401
-        import safetensors  # noqa: F401
-    except ImportError:
-        raise AvggufError("conversion needs torch and safetensors: pip install 'avgguf[convert]'") from None
+def _check_inputs(args) -> None:
+    """Paths the user named, checked before anything heavy is imported."""
     from pathlib import Path
 
-    import torch
+    for flag, value in (("--base", args.base), ("--aligned", args.aligned), ("--peft", args.peft)):
+        if value is not None and not Path(value).exists():
+            raise AvggufError(f"{flag} {value!r} not found (a Hugging Face checkpoint directory or a .gguf file)")
+    out_dir = Path(args.out).resolve().parent
+    if not out_dir.is_dir():
+        raise AvggufError(f"--out {args.out!r}: directory {str(out_dir)!r} does not exist")
 
-    from converters.lowrank import RankPolicy
-    from converters.peft import convert_peft
-    from converters.sources import open_source
+
+def run_convert(args) -> int:
+    _check_inputs(args)
+    try:
+        import safetensors  # noqa: F401
+        import torch
+    except ImportError as exc:
+        raise AvggufError(f"conversion needs torch and safetensors ({exc.name} is missing): {TORCH_HINT}") from None
+    from pathlib import Path
+
+    from avgguf.converters.lowrank import RankPolicy
+    from avgguf.converters.peft import convert_peft
+    from avgguf.converters.sources import open_source
 
     if args.max_rank and args.energy is None and args.max_size is None:
         raise AvggufError("--max-rank only applies with --energy or --max-size; for a uniform rank use --rank")
@@ -127,10 +124,10 @@ def run_convert(args) -> int:
 
 
 def _convert_pair(args, base, name: str, progress: bool):
-    from converters.budget import BUDGET_CAP_RANK, TYPES, parse_size
-    from converters.convert import convert_pair
-    from converters.lowrank import RankPolicy
-    from converters.sources import open_source
+    from avgguf.converters.budget import BUDGET_CAP_RANK, TYPES, parse_size
+    from avgguf.converters.convert import convert_pair
+    from avgguf.converters.lowrank import RankPolicy
+    from avgguf.converters.sources import open_source
 
     aligned = open_source(args.aligned, "--aligned")
     max_size = parse_size(args.max_size) if args.max_size is not None else None
@@ -145,8 +142,8 @@ def _convert_pair(args, base, name: str, progress: bool):
             import transformers  # noqa: F401
         except ImportError:
             raise AvggufError("--fit distill needs transformers: pip install 'avgguf[train]'") from None
-        from converters.calibration import read_calibration
-        from converters.distill import DistillSettings
+        from avgguf.converters.calibration import read_calibration
+        from avgguf.converters.distill import DistillSettings
 
         read_calibration(args.calibration)  # fail before any work on a bad file
 
@@ -162,8 +159,8 @@ def _convert_pair(args, base, name: str, progress: bool):
                         types=types, fit=fit)
 
 
-def add_inspect_parser(sub) -> None:
-    p = sub.add_parser("inspect", help="show what a GGUF LoRA adapter holds (any tool's)")
+def add_inspect_parser(sub, parent) -> None:
+    p = sub.add_parser("inspect", parents=[parent], help="show what a GGUF LoRA adapter holds (any tool's)")
     p.add_argument("adapter", help="adapter .gguf file")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -180,10 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="avgguf", description="Alignment vectors as live knobs on llama.cpp.")
     parser.add_argument("--verbose", "-v", action="store_true", help="show debug logs and llama.cpp's output")
     sub = parser.add_subparsers(dest="command", required=True)
-    add_convert_parser(sub)
-    add_inspect_parser(sub)
-    cli_chat.add_parsers(sub)
-    cli_eval.add_parser(sub)
+    parent = cli_args.common_parent()
+    add_convert_parser(sub, parent)
+    add_inspect_parser(sub, parent)
+    cli_chat.add_parsers(sub, parent)
+    cli_eval.add_parser(sub, parent)
     return parser
 
 
@@ -194,7 +192,7 @@ COMMANDS = {"convert": run_convert, "inspect": run_inspect, "run": cli_chat.run_
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(cli_args.join_negative_values(sys.argv[1:] if argv is None else list(argv)))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s: %(message)s")
     try:

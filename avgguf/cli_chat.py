@@ -1,4 +1,4 @@
-"""CLI commands that generate text: run, chat, profiles, demo."""
+"""CLI commands that generate text: run, chat, profiles, serve, demo."""
 
 from __future__ import annotations
 
@@ -6,56 +6,60 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+from . import adapter_format as fmt
+from . import cli_args
+from .chat_repl import HELP, ChatState, chat_loop
+from .coefficients import describe, parse_assignments
 from .errors import AvggufError
-from .modelfile import Modelfile, load_modelfile, parse_assignments, parse_target
+from .modelfile import BUILTIN_PREFIX, Modelfile, load_modelfile, open_target
+from .models import builtin_names, builtin_path
 from .runtime import GenerationRequest, Runtime
 
 DEMO_PROMPTS = ["I have had a headache and a fever for three days. What should I do?"]
-CHAT_HELP = "commands: /set NAME=VALUE [NAME=VALUE ...], /profile NAME, /show, /reset, /quit"
 
 
-def add_generation_args(p) -> None:
-    p.add_argument("--max-tokens", type=int, help="tokens to generate (default: the modelfile's)")
-    p.add_argument("--seed", type=int, help="sampling seed, for reproducible output")
-    p.add_argument("--temperature", type=float, help="sampling temperature (0 = greedy)")
-    p.add_argument("--n-gpu-layers", type=int, help="layers to offload to the GPU (-1 = all; needs a CUDA build "
-                   "of llama-cpp-python)")
-    p.add_argument("--n-ctx", type=int, help="context length (default: the modelfile's)")
-
-
-def add_parsers(sub) -> None:
-    p = sub.add_parser("run", help="generate one answer under a profile and/or explicit coefficients")
-    p.add_argument("target", metavar="MODELFILE[:PROFILE]")
+def add_parsers(sub, parent) -> None:
+    p = sub.add_parser("run", parents=[parent], help="generate one answer under a profile and/or coefficients",
+                       description="Generate one answer. MODEL is a modelfile[:PROFILE], a base .gguf "
+                                   "(adapters with --lora PATH=SCALE) or builtin:NAME.")
+    cli_args.add_model_args(p)
     p.add_argument("prompt")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="NAME=VALUE",
-                   help="coefficient override, repeatable (e.g. --set medical=0.8)")
-    add_generation_args(p)
-    p = sub.add_parser("chat", help="interactive chat with live knobs")
-    p.add_argument("target", metavar="MODELFILE[:PROFILE]")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="NAME=VALUE")
-    add_generation_args(p)
-    p = sub.add_parser("profiles", help="list a modelfile's AVs and profiles")
-    p.add_argument("modelfile")
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server over modelfiles")
-    p.add_argument("modelfiles", nargs="+", metavar="MODELFILE")
+    cli_args.add_set_arg(p)
+    cli_args.add_generation_args(p)
+    p = sub.add_parser("chat", parents=[parent], help="interactive chat with live knobs")
+    cli_args.add_model_args(p)
+    cli_args.add_set_arg(p)
+    cli_args.add_generation_args(p)
+    p = sub.add_parser("profiles", parents=[parent], help="list a model's AVs and profiles, or the built-in bases")
+    p.add_argument("target", nargs="?", metavar="MODELFILE|BASE.gguf")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[=SCALE]")
+    p.add_argument("--builtins", action="store_true", help="list the built-in base models (builtin:NAME)")
+    p = sub.add_parser("serve", parents=[parent], help="OpenAI-compatible HTTP server over modelfiles or a GGUF")
+    cli_args.add_model_args(p, many=True)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=cli_args.port, default=8080, help="TCP port (default 8080)")
     p.add_argument("--api-key", help="require Authorization: Bearer KEY")
-    p.add_argument("--n-gpu-layers", type=int, help="layers to offload to the GPU (-1 = all)")
-    p = sub.add_parser("demo", help="the embedded default model with the shipped demo AVs, no arguments needed")
-    add_generation_args(p)
+    p = sub.add_parser("demo", parents=[parent], help="the embedded default model with the shipped demo AVs")
+    cli_args.add_generation_args(p)
+    p.add_argument("--n-gpu-layers", type=cli_args.gpu_layers, help="layers to offload to the GPU (-1 = all)")
+    p.add_argument("--n-ctx", type=cli_args.context_length)
+    p.add_argument("--threads", type=cli_args.non_negative_int, help="CPU threads (default adaptive)")
+    p.add_argument("--stats", action="store_true", help="print token counts and speeds to stderr")
 
 
 def shipped_modelfile(name: str) -> Path:
-    return Path(str(resources.files("modelfiles").joinpath(name)))
+    return Path(str(resources.files("avgguf.modelfiles").joinpath(name)))
 
 
-def _open(args, target: str) -> tuple[Modelfile, str | None, Runtime]:
-    path, profile = parse_target(target)
-    mf = load_modelfile(path)
-    mf.coefficients(profile)  # validates the profile name before the model loads
-    rt = Runtime(mf, n_gpu_layers=args.n_gpu_layers, n_ctx=args.n_ctx, verbose=args.verbose)
-    return mf, profile, rt
+def _runtime(args, mf: Modelfile) -> Runtime:
+    return Runtime(mf, n_gpu_layers=args.n_gpu_layers, n_ctx=args.n_ctx, threads=args.threads,
+                   verbose=args.verbose)
+
+
+def _open(args) -> tuple[Modelfile, str | None, dict[str, float]]:
+    """The model and the coefficients the command starts with; every check before the model loads."""
+    mf, profile = open_target(args.target, cli_args.loras(args))
+    return mf, profile, mf.coefficients(profile, parse_assignments(args.sets), source="--set")
 
 
 def _request(args, messages: list[dict]) -> GenerationRequest:
@@ -63,37 +67,36 @@ def _request(args, messages: list[dict]) -> GenerationRequest:
                              temperature=args.temperature)
 
 
-def _stream(rt: Runtime, req: GenerationRequest, coefs: dict[str, float], out=sys.stdout) -> str:
+def _stream(rt: Runtime, req: GenerationRequest, coefs: dict[str, float], stats: bool, out=sys.stdout) -> str:
     pieces = []
-    try:
-        for piece in rt.stream_chat_text(req, coefs):
-            pieces.append(piece)
-            out.write(piece)
-            out.flush()
-    except ValueError as exc:  # llama-cpp-python: prompt longer than the context, etc.
-        raise AvggufError(str(exc)) from None
+    for piece in rt.stream_chat_text(req, coefs):
+        pieces.append(piece)
+        out.write(piece)
+        out.flush()
     out.write("\n")
+    if stats:
+        print(rt.stats(), file=sys.stderr)
     return "".join(pieces)
 
 
-def _describe(coefs: dict[str, float]) -> str:
-    return " ".join(f"{k}={v:g}" for k, v in coefs.items()) or "(no AVs)"
-
-
 def run_run(args) -> int:
-    mf, profile, rt = _open(args, args.target)
+    mf, _, coefs = _open(args)
+    rt = _runtime(args, mf)
     try:
-        coefs = mf.coefficients(profile, parse_assignments(args.sets))
-        _stream(rt, _request(args, [{"role": "user", "content": args.prompt}]), coefs)
+        _stream(rt, _request(args, [{"role": "user", "content": args.prompt}]), coefs, args.stats)
     finally:
         rt.close()
     return 0
 
 
 def run_profiles(args) -> int:
-    from . import adapter_format as fmt
-
-    mf = load_modelfile(args.modelfile)
+    if args.builtins:
+        for name in builtin_names():
+            print(f"{BUILTIN_PREFIX}{name}  {builtin_path(name)}")
+        return 0
+    if args.target is None:
+        raise AvggufError("give a modelfile or base .gguf (or --builtins to list the built-in bases)")
+    mf, _ = open_target(args.target, args.lora)
     print(f"{mf.path}: base {mf.spec.base} ({mf.base_path})")
     if mf.spec.description:
         print(f"  {mf.spec.description}")
@@ -109,87 +112,32 @@ def run_profiles(args) -> int:
     print("profiles:" + ("" if mf.spec.profiles else " (none)"))
     for name in mf.spec.profiles:
         mark = " (default)" if name == mf.spec.default_profile else ""
-        print(f"  {name:<20} {_describe(mf.coefficients(name))}{mark}")
+        print(f"  {name:<20} {describe(mf.coefficients(name))}{mark}")
     return 0
 
 
 def run_chat(args, stdin=None) -> int:
-    stdin = stdin or sys.stdin
-    mf, profile, rt = _open(args, args.target)
+    mf, profile, coefs = _open(args)
+    rt = _runtime(args, mf)
     try:
-        coefs = mf.coefficients(profile, parse_assignments(args.sets))
-        print(f"avgguf chat: {mf.name}" + (f":{profile}" if profile else "") + f"  [{_describe(coefs)}]")
-        print(CHAT_HELP)
-        history: list[dict] = []
-        while True:
-            print("> ", end="", flush=True)
-            line = stdin.readline()
-            if not line:
-                print()
-                break
-            line = line.strip()
-            if not line:
-                continue
-            if line.startswith("/"):
-                try:
-                    done, coefs, history = _chat_command(line, mf, coefs, history)
-                except AvggufError as exc:
-                    print(f"error: {exc}")
-                    continue
-                if done:
-                    break
-                continue
-            history.append({"role": "user", "content": line})
-            try:
-                reply = _stream(rt, _request(args, _fit(rt, history, args.max_tokens)), coefs)
-            except AvggufError as exc:
-                history.pop()
-                print(f"error: {exc}")
-                continue
-            history.append({"role": "assistant", "content": reply})
+        state = ChatState(mf, profile, coefs)
+        print(f"avgguf chat: {mf.name}  profile {state.profile_label}  [{describe(coefs)}]")
+        print(HELP.splitlines()[0].rstrip(":") + ": /help lists them; Ctrl-C stops an answer, Ctrl-D leaves")
+        chat_loop(rt, state, lambda messages: _request(args, messages), args.stats, stdin or sys.stdin)
     finally:
         rt.close()
     return 0
 
 
-def _chat_command(line: str, mf: Modelfile, coefs: dict[str, float], history: list[dict]):
-    cmd, _, rest = line.partition(" ")
-    if cmd in ("/quit", "/exit", "/q"):
-        return True, coefs, history
-    if cmd == "/set":
-        if not rest.strip():
-            raise AvggufError("usage: /set NAME=VALUE [NAME=VALUE ...]")
-        new = mf.coefficients(None, {**coefs, **parse_assignments(rest.split())})
-        print(f"[{_describe(new)}]")
-        return False, new, history
-    if cmd == "/profile":
-        new = mf.coefficients(rest.strip() or None)
-        print(f"[{rest.strip()}: {_describe(new)}]")
-        return False, new, history
-    if cmd == "/show":
-        print(f"[{_describe(coefs)}]  profiles: {', '.join(mf.spec.profiles) or 'none'}; "
-              f"{len(history) // 2} turns in history")
-        return False, coefs, history
-    if cmd == "/reset":
-        print("[conversation cleared]")
-        return False, coefs, []
-    raise AvggufError(f"unknown command {cmd!r}; {CHAT_HELP}")
-
-
-def _fit(rt: Runtime, history: list[dict], max_tokens: int | None) -> list[dict]:
-    """Drop the oldest turns until the prompt leaves room for the answer."""
-    budget = rt.n_ctx - (max_tokens or rt.modelfile.spec.defaults.max_tokens)
-    msgs = list(history)
-    while len(msgs) > 1 and sum(rt.count_tokens(m["content"]) + 8 for m in rt.with_system(msgs)) > budget:
-        msgs = msgs[2:] if len(msgs) > 2 else msgs[1:]
-    return msgs
-
-
 def run_serve(args) -> int:
     from .server import serve
 
-    serve([load_modelfile(p) for p in args.modelfiles], args.host, args.port, args.api_key,
-          verbose=args.verbose, n_gpu_layers=args.n_gpu_layers)
+    loras = cli_args.loras(args)
+    if loras and len(args.targets) != 1:
+        raise AvggufError("--lora applies to one base GGUF; give a single BASE.gguf (or list adapters in modelfiles)")
+    models = [open_target(t, loras)[0] for t in args.targets]
+    serve(models, args.host, args.port, args.api_key, verbose=args.verbose, n_gpu_layers=args.n_gpu_layers,
+          n_ctx=args.n_ctx, threads=args.threads, stats=args.stats)
     return 0
 
 
@@ -197,7 +145,7 @@ def run_demo(args) -> int:
     demo = shipped_modelfile("demo.yaml")
     path = demo if demo.is_file() else shipped_modelfile("smollm2.yaml")
     mf = load_modelfile(path)
-    rt = Runtime(mf, n_gpu_layers=args.n_gpu_layers, n_ctx=args.n_ctx, verbose=args.verbose)
+    rt = _runtime(args, mf)
     try:
         settings = [(name, mf.coefficients(name)) for name in mf.spec.profiles] or [("base", mf.coefficients())]
         if mf.av_paths:
@@ -206,12 +154,12 @@ def run_demo(args) -> int:
         for prompt in DEMO_PROMPTS:
             print(f"\nuser: {prompt}")
             for label, coefs in settings:
-                print(f"\n--- {label} [{_describe(coefs)}]")
+                print(f"\n--- {label} [{describe(coefs)}]")
                 req = GenerationRequest(messages=[{"role": "user", "content": prompt}],
                                         max_tokens=args.max_tokens or 80,
                                         seed=0 if args.seed is None else args.seed,
                                         temperature=0.0 if args.temperature is None else args.temperature)
-                _stream(rt, req, coefs)
+                _stream(rt, req, coefs, args.stats)
     finally:
         rt.close()
     return 0

@@ -6,20 +6,33 @@ import json
 import sys
 
 from . import adapter_format as fmt
+from .cli_args import non_negative_int, positive_int
+from .coefficients import check_value
 from .engine import Engine
-from .errors import AvggufError
-from .evaluate import EXPERT_PROMPT, LEVELS, Judge, parse_lambdas, plot_sweeps, read_eval_data, sweep
-from .modelfile import load_modelfile
+from .evaluate import (
+    EXPERT_PROMPT,
+    LEVELS,
+    Judge,
+    parse_lambdas,
+    plot_sweeps,
+    read_eval_data,
+    sweep,
+)
+from .modelfile import open_target
+from .threads import ThreadPolicy
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser("eval", help="judge avoidance/generic/expert shares as the AV coefficients move")
-    p.add_argument("modelfile")
+def add_parser(sub, parent) -> None:
+    p = sub.add_parser("eval", parents=[parent], help="judge avoidance/generic/expert shares as the AV "
+                       "coefficients move")
+    p.add_argument("modelfile", metavar="MODELFILE|BASE.gguf")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[=SCALE]",
+                   help="with a base GGUF: an adapter to evaluate as an AV (repeatable)")
+    p.add_argument("--threads", type=non_negative_int, help="CPU threads (default adaptive)")
     p.add_argument("--data", required=True, help="preference JSONL (see README 'Preference data')")
     p.add_argument("--domain", help="only this domain's queries")
-    p.add_argument("--lambdas", default="-1:1.5:0.25", help="START:STOP:STEP or a list (default -1:1.5:0.25); "
-                   "write --lambdas=-1:1:0.5 when it starts with a minus sign")
-    p.add_argument("--limit", type=int, help="at most this many queries per domain (evenly spaced)")
+    p.add_argument("--lambdas", default="-1:1.5:0.25", help="START:STOP:STEP or a list (default -1:1.5:0.25)")
+    p.add_argument("--limit", type=positive_int, help="at most this many queries per domain (evenly spaced)")
     p.add_argument("--cross", action="store_true", help="also: each AV and each profile on every domain")
     p.add_argument("--prompting", action="store_true", help="also: a system prompt asking for expert answers, "
                    "without AVs, side by side with the AV at λ=1 (share and time per query)")
@@ -37,19 +50,17 @@ def _av_for_domain(mf, domain: str) -> str | None:
 
 
 def run_eval(args) -> int:
-    mf = load_modelfile(args.modelfile)
+    mf, _ = open_target(args.modelfile, args.lora)
     rows = read_eval_data(args.data, args.domain)
     by_domain: dict[str, list[dict]] = {}
     for r in rows:
         by_domain.setdefault(r["domain"], []).append(r)
     if args.limit:  # an evenly spaced subset, so every held-out topic stays represented
         by_domain = {d: rs[:: max(1, -(-len(rs) // args.limit))][: args.limit] for d, rs in by_domain.items()}
-    lambdas = parse_lambdas(args.lambdas)
-    for lam in lambdas:
-        if abs(lam) > 2.0:
-            raise AvggufError(f"--lambdas: {lam} is outside [-2, 2]")
+    lambdas = [check_value("λ", lam, "--lambdas") for lam in parse_lambdas(args.lambdas)]
     log = (lambda msg: print(msg, file=sys.stderr)) if not args.json else None
-    eng = Engine(mf.base_path, n_ctx=1024, logits_all=True, verbose=args.verbose)
+    eng = Engine(mf.base_path, n_ctx=1024, logits_all=True, verbose=args.verbose,
+                 threads=ThreadPolicy.from_settings(args.threads, mf.spec.defaults.n_threads))
     out: dict = {"modelfile": str(mf.path), "data": args.data, "sweeps": [], "cross": [], "prompting": []}
     try:
         for name, path in mf.av_paths.items():

@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import math
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 
 from . import adapter_format as fmt
+from .coefficients import Resolver, check_value
 from .errors import AdapterError, AvggufError
+from .threads import ThreadPolicy
 
 log = logging.getLogger(__name__)
 
@@ -42,30 +43,92 @@ class LoadedAdapter:
     handle: object  # llama_adapter_lora_p, owned by the model
 
 
+@dataclass
+class Perf:
+    """llama.cpp's own counters since the last reset: prompt tokens evaluated, generated tokens evaluated."""
+
+    prompt_tokens: int
+    prompt_ms: float
+    gen_tokens: int
+    gen_ms: float
+
+    def line(self, gen_tokens: int | None = None) -> str:
+        """stats: prompt_tokens=N prompt_tps=X gen_tokens=N gen_tps=Y (gen_tokens: the answer's length)."""
+        prompt_tps = 1000 * self.prompt_tokens / self.prompt_ms if self.prompt_ms > 0 else 0.0
+        gen_tps = 1000 * self.gen_tokens / self.gen_ms if self.gen_ms > 0 else 0.0
+        shown = self.gen_tokens if gen_tokens is None else gen_tokens
+        return (f"stats: prompt_tokens={self.prompt_tokens} prompt_tps={prompt_tps:.1f} "
+                f"gen_tokens={shown} gen_tps={gen_tps:.1f}")
+
+
 class Engine:
     """A llama.cpp model plus named adapters whose scales can change between requests.
 
     Any change of the coefficient set resets the KV cache, so no output mixes K/V computed under
-    different coefficients; setting the same coefficients again is free.
+    different coefficients; setting the same coefficients again is free. Callers use only this surface
+    (tokens, logits, scoring, generation, perf); llama-cpp-python stays inside.
     """
 
-    def __init__(self, model_path: str | os.PathLike, *, n_ctx: int = 2048, n_threads: int | None = None,
+    def __init__(self, model_path: str | os.PathLike, *, n_ctx: int = 2048, threads: ThreadPolicy | int | None = None,
                  n_gpu_layers: int = 0, seed: int = 0, logits_all: bool = False, verbose: bool = False,
                  **llama_kwargs):
         from llama_cpp import Llama
 
         self.model_path = Path(model_path)
         self.base = fmt.read_base_model(self.model_path)
+        self.threads = threads if isinstance(threads, ThreadPolicy) else ThreadPolicy.from_settings(threads)
+        n = self.threads.threads()
         try:
-            self.llm = Llama(model_path=str(self.model_path), n_ctx=n_ctx, n_threads=n_threads,
-                             n_gpu_layers=n_gpu_layers, seed=seed, logits_all=logits_all, verbose=verbose,
-                             **llama_kwargs)
+            self._llm = Llama(model_path=str(self.model_path), n_ctx=n_ctx, n_threads=n, n_threads_batch=n,
+                              n_gpu_layers=n_gpu_layers, seed=seed, logits_all=logits_all, verbose=verbose,
+                              **llama_kwargs)
         except (ValueError, RuntimeError) as exc:
             raise AvggufError(f"llama.cpp could not load base model {str(self.model_path)!r} ({exc})") from None
+        self._n_threads = n
+        self._n_ctx = n_ctx
+        self._logits_all = logits_all
         self.adapters: dict[str, LoadedAdapter] = {}
         self._applied: tuple[tuple[str, float], ...] = ()
         self.coefficients: dict[str, float] = {}
         self._formatter = None
+
+    # -- model facts and text ---------------------------------------------------------------
+
+    @property
+    def n_ctx(self) -> int:
+        # llama.cpp pads a small context (to 256), llama-cpp-python's token buffer keeps the size asked for
+        return min(self._llm.n_ctx(), self._n_ctx)
+
+    @property
+    def n_vocab(self) -> int:
+        return self._llm.n_vocab()
+
+    @property
+    def eos(self) -> int:
+        return self._llm.token_eos()
+
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        """Tokens of `text` without BOS (chat templates write their own special tokens)."""
+        return self._llm.tokenize(text.encode(), add_bos=False, special=special)
+
+    def format_chat(self, messages: list[dict]) -> str:
+        """The prompt text the GGUF's own chat template makes (generation prompt added)."""
+        if self._formatter is None:
+            self._formatter = chat_formatter(self._llm, str(self.model_path))
+        return self._formatter(messages)
+
+    # -- threads ----------------------------------------------------------------------------
+
+    def adapt_threads(self) -> int:
+        """Re-apply the thread policy (cheap: a /proc/stat read); takes effect at the next decode."""
+        import llama_cpp
+
+        n = self.threads.threads()
+        if n != self._n_threads:
+            llama_cpp.llama_set_n_threads(self._llm.ctx, n, n)
+            log.debug("threads %d -> %d", self._n_threads, n)
+            self._n_threads = n
+        return n
 
     # -- adapters ---------------------------------------------------------------------------
 
@@ -77,7 +140,7 @@ class Engine:
         path = Path(path)
         info = fmt.read_adapter(path)
         fmt.check_against_base(info, self.base)
-        handle = llama_cpp.llama_adapter_lora_init(self.llm.model, str(path).encode())
+        handle = llama_cpp.llama_adapter_lora_init(self._llm.model, str(path).encode())
         if not handle:
             raise AdapterError(f"llama.cpp refused adapter {str(path)!r} (see --verbose for its log)")
         loaded = LoadedAdapter(name, path, info, handle)
@@ -87,12 +150,8 @@ class Engine:
 
     def set_coefficients(self, coefficients: Mapping[str, float]) -> bool:
         """Replace the whole coefficient set (unnamed adapters go to 0). Returns True if it changed."""
-        for name, value in coefficients.items():
-            if name not in self.adapters:
-                raise AvggufError(f"unknown alignment vector {name!r}; loaded: {sorted(self.adapters) or 'none'}")
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-                raise AvggufError(f"coefficient for {name!r} must be a finite number, got {value!r}")
-        wanted = {name: float(coefficients.get(name, 0.0)) for name in self.adapters}
+        Resolver(tuple(self.adapters), where="the engine").check_names(coefficients, "coefficients")
+        wanted = {name: check_value(name, coefficients.get(name, 0.0)) for name in self.adapters}
         key = tuple((n, v) for n, v in sorted(wanted.items()) if v != 0.0)
         self.coefficients = wanted
         if key == self._applied:
@@ -106,37 +165,76 @@ class Engine:
         n = len(key)
         handles = (llama_cpp.llama_adapter_lora_p_ctypes * max(n, 1))(*[self.adapters[k].handle for k, _ in key])
         scales = (ctypes.c_float * max(n, 1))(*[v for _, v in key])
-        rc = llama_cpp.llama_set_adapters_lora(self.llm.ctx, handles if n else None, n, scales if n else None)
+        rc = llama_cpp.llama_set_adapters_lora(self._llm.ctx, handles if n else None, n, scales if n else None)
         if rc != 0:
             raise AvggufError(f"llama.cpp could not apply adapters {dict(key)} (code {rc})")
         self._applied = key
-        self.llm.reset()  # K/V computed under the old coefficients must never be reused
+        self._llm.reset()  # K/V computed under the old coefficients must never be reused
 
     # -- evaluation -------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget the KV cache: the next evaluation starts at position 0."""
+        self._llm.reset()
 
     def next_logits(self, tokens: Sequence[int]) -> np.ndarray:
         """Logits for the token after `tokens` (fresh evaluation from position 0)."""
         import llama_cpp
 
-        self.llm.reset()
-        self.llm.eval(list(tokens))
-        ptr = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
-        return np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),)).copy()
+        self._llm.reset()
+        self._llm.eval(list(tokens))
+        ptr = llama_cpp.llama_get_logits_ith(self._llm.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
     def all_logits(self, tokens: Sequence[int]) -> np.ndarray:
         """Logits at every position (needs logits_all=True)."""
-        if not self.llm._logits_all:
-            raise AvggufError("all_logits needs an Engine created with logits_all=True")
-        self.llm.reset()
-        self.llm.eval(list(tokens))
-        return np.array(self.llm.scores[: len(tokens)], dtype=np.float32)
+        self._need_all_logits("all_logits")
+        self._llm.reset()
+        self._llm.eval(list(tokens))
+        return np.array(self._llm.scores[: len(tokens)], dtype=np.float32)
 
-    def format_chat(self, messages: list[dict]) -> str:
-        """The prompt text the GGUF's own chat template makes (generation prompt added)."""
-        if self._formatter is None:
-            self._formatter = chat_formatter(self.llm, str(self.model_path))
-        return self._formatter(messages)
+    def score_continuations(self, prompt: Sequence[int], continuations: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """Log-probability of every token of each continuation after `prompt`. The prompt is evaluated once
+        and its K/V shared (same coefficients); each continuation replaces the previous one."""
+        self._need_all_logits("score_continuations")
+        llm = self._llm
+        llm.reset()
+        llm.eval(list(prompt))
+        n = len(prompt)
+        out = []
+        for cont in continuations:
+            llm.n_tokens = n  # keep the prompt's K/V, drop the previous continuation
+            llm.eval(list(cont))
+            logits = np.asarray(llm.scores[n - 1: n - 1 + len(cont)], dtype=np.float64)
+            logits -= logits.max(axis=1, keepdims=True)
+            logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+            out.append(logp[np.arange(len(cont)), list(cont)])
+        return out
+
+    def _need_all_logits(self, what: str) -> None:
+        if not self._logits_all:
+            raise AvggufError(f"{what} needs an Engine created with logits_all=True")
+
+    # -- generation -------------------------------------------------------------------------
+
+    def chat_completion(self, messages: list[dict], stream: bool = False, **sampling):
+        """OpenAI-shaped chat completion (dict, or iterator of chunks), llama-cpp-python's sampler."""
+        return self._llm.create_chat_completion(messages=messages, stream=stream, **sampling)
+
+    def completion(self, prompt: str, stream: bool = False, **sampling):
+        return self._llm.create_completion(prompt=prompt, stream=stream, **sampling)
+
+    def perf_reset(self) -> None:
+        import llama_cpp
+
+        llama_cpp.llama_perf_context_reset(self._llm.ctx)
+
+    def perf(self) -> Perf:
+        import llama_cpp
+
+        d = llama_cpp.llama_perf_context(self._llm.ctx)
+        return Perf(d.n_p_eval, d.t_p_eval_ms, d.n_eval, d.t_eval_ms)
 
     def close(self) -> None:
         self.adapters.clear()  # adapters are freed with the model
-        self.llm.close()
+        self._llm.close()

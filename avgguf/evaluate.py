@@ -58,35 +58,21 @@ class Judge:
     """Scores the reference responses of a row under the engine's current coefficients."""
 
     def __init__(self, engine: Engine):
-        if not engine.llm._logits_all:
-            raise AvggufError("the judge needs an Engine created with logits_all=True")
         self.engine = engine
         self._cache: dict[str, list[int]] = {}
 
     def tokens(self, text: str) -> list[int]:
         if text not in self._cache:
-            self._cache[text] = self.engine.llm.tokenize(text.encode(), add_bos=False, special=True)
+            self._cache[text] = self.engine.tokenize(text)
         return self._cache[text]
 
     def scores(self, row: dict, system: str | None = None) -> np.ndarray:
         """Mean log-probability per token of each level's response (prompt evaluated once, shared)."""
-        llm = self.engine.llm
         messages = ([{"role": "system", "content": system}] if system else []) + \
             [{"role": "user", "content": row["query"]}]
         prompt = self.tokens(self.engine.format_chat(messages))
-        llm.reset()
-        llm.eval(prompt)
-        n = len(prompt)
-        out = []
-        for level in LEVELS:
-            resp = self.tokens(row["responses"][level]) + [llm.token_eos()]
-            llm.n_tokens = n  # keep the prompt's K/V (same coefficients), drop the previous response
-            llm.eval(resp)
-            logits = np.asarray(llm.scores[n - 1: n - 1 + len(resp)], dtype=np.float64)
-            logits -= logits.max(axis=1, keepdims=True)
-            logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-            out.append(float(np.mean(logp[np.arange(len(resp)), resp])))
-        return np.array(out)
+        responses = [self.tokens(row["responses"][level]) + [self.engine.eos] for level in LEVELS]
+        return np.array([float(np.mean(lp)) for lp in self.engine.score_continuations(prompt, responses)])
 
     def level_shares(self, rows: list[dict], system: str | None = None) -> dict:
         t0 = time.perf_counter()

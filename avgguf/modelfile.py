@@ -3,7 +3,7 @@ generation defaults. Validated at the edge with precise messages (file, key, exp
 
 from __future__ import annotations
 
-import math
+import difflib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,12 +12,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from . import adapter_format as fmt
+from .coefficients import CoefficientError, Resolver, check_value
 from .errors import AvggufError
 from .models import builtin_names, builtin_path
 
-# Coefficients outside this range push SmolLM2-class models into degenerate text; larger models may
-# tolerate more, but a typo like 80 instead of 0.8 should fail loudly.
-COEF_MIN, COEF_MAX = -2.0, 2.0
 BUILTIN_PREFIX = "builtin:"
 
 
@@ -63,16 +61,6 @@ class ModelfileSpec(Strict):
         return v
 
 
-def check_coefficient(name: str, value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ModelfileError(f"{where}: coefficient {name!r} must be a number in [{COEF_MIN}, {COEF_MAX}], "
-                             f"found {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or not COEF_MIN <= value <= COEF_MAX:
-        raise ModelfileError(f"{where}: coefficient {name!r} = {value} is outside [{COEF_MIN}, {COEF_MAX}]")
-    return value
-
-
 @dataclass
 class Modelfile:
     path: Path
@@ -88,21 +76,28 @@ class Modelfile:
     def profiles(self) -> dict[str, dict[str, float]]:
         return dict(self.spec.profiles)
 
-    def coefficients(self, profile: str | None = None, overrides: dict[str, float] | None = None) -> dict[str, float]:
+    @property
+    def resolver(self) -> Resolver:
+        """The coefficient rules for this modelfile's AVs and profiles (see avgguf.coefficients)."""
+        return Resolver(tuple(self.av_paths), dict(self.spec.profiles), self.spec.default_profile,
+                        where=str(self.path))
+
+    def coefficients(self, profile: str | None = None, overrides: dict[str, float] | None = None,
+                     source: str = "override") -> dict[str, float]:
         """All AVs at 0, then the profile (or default_profile), then per-call overrides; validated."""
-        coefs = {name: 0.0 for name in self.av_paths}
-        profile = profile or self.spec.default_profile
-        if profile is not None:
-            if profile not in self.spec.profiles:
-                raise ModelfileError(f"{self.path}: no profile {profile!r}; profiles: "
-                                     f"{sorted(self.spec.profiles) or 'none'}")
-            coefs.update(self.spec.profiles[profile])
-        for name, value in (overrides or {}).items():
-            if name not in self.av_paths:
-                raise ModelfileError(f"unknown alignment vector {name!r}; {self.path.name} has "
-                                     f"{sorted(self.av_paths) or 'none'}")
-            coefs[name] = check_coefficient(name, value, "override")
-        return coefs
+        return self.resolver.resolve(profile, overrides=overrides, source=source)
+
+
+def _section(loc: tuple) -> tuple[str, type[BaseModel] | None]:
+    """The key path of the mapping that holds `loc`'s last key, and the model that defines its keys."""
+    parent = loc[:-1]
+    if not parent:
+        return "top-level", ModelfileSpec
+    if parent == ("defaults",):
+        return "defaults", Defaults
+    if len(parent) == 2 and parent[0] == "avs":
+        return f"avs.{parent[1]}", AVSpec
+    return ".".join(str(x) for x in parent), None
 
 
 def _format_validation(path: Path, exc: ValidationError) -> str:
@@ -110,13 +105,16 @@ def _format_validation(path: Path, exc: ValidationError) -> str:
     for e in exc.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
-            parts.append(f"unknown key {loc!r}")
+            where, model = _section(e["loc"])
+            allowed = list(model.model_fields) if model else []
+            close = difflib.get_close_matches(str(e["loc"][-1]), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            parts.append(f"unknown key {loc!r}{hint}; allowed {where} keys: {', '.join(allowed)}")
         elif e["type"] == "missing":
             parts.append(f"missing key {loc!r}")
         else:
             parts.append(f"{loc}: {e['msg']} (found {e.get('input')!r})")
-    keys = "base, description, system, avs, profiles, default_profile, defaults"
-    return f"{path}: " + "; ".join(parts) + f". Allowed top-level keys: {keys}"
+    return f"{path}: " + "; ".join(parts)
 
 
 def resolve_base(base: str, where: Path) -> Path:
@@ -137,8 +135,16 @@ def load_modelfile(path: str | Path, check_adapters: bool = True) -> Modelfile:
     path = Path(path)
     if not path.is_file():
         raise ModelfileError(f"modelfile {str(path)!r} not found")
+    kind = fmt.gguf_kind(path)
+    if kind is not None:
+        raise ModelfileError(f"{path} is a GGUF {kind}, not a YAML modelfile; " + (
+            f"run a base GGUF directly: avgguf run {path} \"PROMPT\" [--lora AV.gguf[=SCALE] ...]" if kind == "model"
+            else f"an adapter needs a base: avgguf run BASE.gguf \"PROMPT\" --lora {path}[=SCALE]"))
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ModelfileError(f"{path} is not a text file; expected a YAML modelfile (see modelfiles/demo.yaml) "
+                             f"or a .gguf base model") from None
     except yaml.YAMLError as exc:
         raise ModelfileError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
@@ -153,7 +159,10 @@ def load_modelfile(path: str | Path, check_adapters: bool = True) -> Modelfile:
             if name not in spec.avs:
                 raise ModelfileError(f"{path}: profiles.{profile}: unknown alignment vector {name!r}; "
                                      f"avs: {sorted(spec.avs) or 'none'}")
-            check_coefficient(name, value, f"{path}: profiles.{profile}")
+            try:
+                check_value(name, value, f"{path}: profiles.{profile}")
+            except CoefficientError as exc:
+                raise ModelfileError(str(exc)) from None
     if spec.default_profile is not None and spec.default_profile not in spec.profiles:
         raise ModelfileError(f"{path}: default_profile {spec.default_profile!r} is not among profiles "
                              f"{sorted(spec.profiles)}")
@@ -183,15 +192,71 @@ def parse_target(target: str) -> tuple[str, str | None]:
     return target, None
 
 
-def parse_assignments(items: list[str]) -> dict[str, float]:
-    """['medical=0.8', 'legal=-0.5'] -> {'medical': 0.8, 'legal': -0.5}."""
-    out = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip():
-            raise ModelfileError(f"expected NAME=VALUE (e.g. medical=0.8), found {item!r}")
+LORA_PROFILE = "lora"  # the profile a bare GGUF's --lora scales become (its default, like llama-server's scales)
+
+
+def parse_lora(item: str) -> tuple[Path, float]:
+    """'med.gguf=0.8' -> (Path('med.gguf'), 0.8); 'med.gguf' -> scale 1.0, as llama.cpp's --lora."""
+    path, sep, scale = item.rpartition("=")
+    if sep and not Path(item).is_file():
         try:
-            out[name.strip()] = float(value)
+            return Path(path), check_value(Path(path).stem, float(scale), f"--lora {item}")
         except ValueError:
-            raise ModelfileError(f"{name.strip()}: expected a number, found {value.strip()!r}") from None
-    return out
+            raise ModelfileError(f"--lora {item!r}: expected PATH[=SCALE] with a number after '=', "
+                                 f"found {scale!r}") from None
+    return Path(item), 1.0
+
+
+def _av_name(info: fmt.AdapterInfo, taken: set[str]) -> str:
+    raw = str(info.meta.get(fmt.KEY_NAME) or info.path.stem)
+    name = "".join(c if c.isalnum() or c in "-_." else "-" for c in raw) or "av"
+    candidate, n = name, 2
+    while candidate in taken:
+        candidate, n = f"{name}-{n}", n + 1
+    return candidate
+
+
+def modelfile_from_gguf(base: Path, loras: list[tuple[Path, float]]) -> Modelfile:
+    """A base GGUF plus adapters given on the command line, as an in-memory modelfile: AV names from each
+    adapter's avgguf.av.name (else its file stem), the given scales as its default profile 'lora'."""
+    base_path = base.resolve()
+    base_info = fmt.read_base_model(base_path)
+    av_paths: dict[str, Path] = {}
+    scales: dict[str, float] = {}
+    for path, scale in loras:
+        if not path.is_file():
+            raise ModelfileError(f"--lora {str(path)!r} not found")
+        info = fmt.read_adapter(path)
+        fmt.check_against_base(info, base_info)
+        name = _av_name(info, set(av_paths))
+        av_paths[name], scales[name] = path.resolve(), scale
+    spec = ModelfileSpec(base=str(base_path), avs={n: AVSpec(path=str(p)) for n, p in av_paths.items()},
+                         profiles={LORA_PROFILE: scales} if loras else {},
+                         default_profile=LORA_PROFILE if loras else None)
+    return Modelfile(base_path, spec, base_path, av_paths)
+
+
+def open_target(target: str, loras: list[str] | None = None) -> tuple[Modelfile, str | None]:
+    """What the CLI accepts where a model is expected: MODELFILE[:PROFILE], BASE.gguf or builtin:NAME (then
+    adapters come from --lora PATH[=SCALE]). Returns the modelfile and the profile named, if any."""
+    loras = loras or []
+    if target.startswith(BUILTIN_PREFIX):
+        return modelfile_from_gguf(resolve_base(target, Path("command line")), [parse_lora(x) for x in loras]), None
+    path, profile = parse_target(target)
+    if not Path(path).is_file():
+        raise ModelfileError(f"{path!r} not found; expected a YAML modelfile, a base .gguf or "
+                             f"{BUILTIN_PREFIX}{builtin_names()[0]} (`avgguf profiles --builtins` lists them)")
+    kind = fmt.gguf_kind(path)
+    if kind == "adapter":
+        raise ModelfileError(f"{path} is a LoRA adapter, not a base model; give the base and the adapter: "
+                             f"BASE.gguf --lora {path}[=SCALE]")
+    if kind == "model":
+        if profile:
+            raise ModelfileError(f"{target!r}: a bare GGUF has no profiles; set coefficients with --lora/--set")
+        return modelfile_from_gguf(Path(path), [parse_lora(x) for x in loras]), None
+    if loras:
+        raise ModelfileError(f"--lora applies to a bare base GGUF; {path} is a modelfile: list the adapter "
+                             f"under its avs: instead")
+    mf = load_modelfile(path)
+    mf.coefficients(profile)  # an unknown profile fails before any model loads
+    return mf, profile

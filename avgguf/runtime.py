@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from .engine import Engine
+from .errors import AvggufError
 from .modelfile import Modelfile
+from .threads import ThreadPolicy
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +27,16 @@ class GenerationRequest:
     stop: list[str] | None = None
 
 
+ADAPT_EVERY = 16  # streamed tokens between thread-policy checks
+
+
 class Runtime:
     def __init__(self, modelfile: Modelfile, *, n_gpu_layers: int | None = None, n_ctx: int | None = None,
-                 n_threads: int | None = None, verbose: bool = False):
+                 threads: int | None = None, verbose: bool = False):
         d = modelfile.spec.defaults
         self.modelfile = modelfile
-        self.engine = Engine(modelfile.base_path, n_ctx=n_ctx or d.n_ctx, n_threads=n_threads or d.n_threads,
+        self.engine = Engine(modelfile.base_path, n_ctx=n_ctx or d.n_ctx,
+                             threads=ThreadPolicy.from_settings(threads, d.n_threads),
                              n_gpu_layers=d.n_gpu_layers if n_gpu_layers is None else n_gpu_layers,
                              seed=d.seed if d.seed is not None else 0, verbose=verbose)
         for name, path in modelfile.av_paths.items():
@@ -38,7 +44,7 @@ class Runtime:
 
     @property
     def n_ctx(self) -> int:
-        return self.engine.llm.n_ctx()
+        return self.engine.n_ctx
 
     def set_coefficients(self, coefficients: dict[str, float]) -> bool:
         return self.engine.set_coefficients(coefficients)
@@ -65,7 +71,9 @@ class Runtime:
         before (same seed, same text)."""
         self.set_coefficients(coefficients)
         if not reuse_prefix:
-            self.engine.llm.reset()
+            self.engine.reset()
+        self.engine.adapt_threads()
+        self.engine.perf_reset()
         kw = self._sampling(req)
         if kw["seed"] is None:
             kw.pop("seed")
@@ -74,24 +82,39 @@ class Runtime:
     def chat(self, req: GenerationRequest, coefficients: dict[str, float], stream: bool = False,
              reuse_prefix: bool = True):
         """OpenAI-shaped chat completion (dict) or stream of chunks, under exactly these coefficients."""
+        messages = self.with_system(req.messages or [])
+        self.check_fits(self.count_tokens(self.engine.format_chat(messages)))
         kw = self._prepare(req, coefficients, reuse_prefix)
-        return self.engine.llm.create_chat_completion(messages=self.with_system(req.messages or []),
-                                                      stream=stream, **kw)
+        return self.engine.chat_completion(messages, stream=stream, **kw)
 
     def complete(self, req: GenerationRequest, coefficients: dict[str, float], stream: bool = False,
                  reuse_prefix: bool = True):
+        self.check_fits(self.count_tokens(req.prompt or "") + 1)
         kw = self._prepare(req, coefficients, reuse_prefix)
-        return self.engine.llm.create_completion(prompt=req.prompt or "", stream=stream, **kw)
+        return self.engine.completion(req.prompt or "", stream=stream, **kw)
 
     def stream_chat_text(self, req: GenerationRequest, coefficients: dict[str, float],
                          reuse_prefix: bool = True) -> Iterator[str]:
-        for chunk in self.chat(req, coefficients, stream=True, reuse_prefix=reuse_prefix):
+        """The answer's text pieces as they come; the thread policy is re-checked every few tokens."""
+        for i, chunk in enumerate(self.chat(req, coefficients, stream=True, reuse_prefix=reuse_prefix)):
+            if i and i % ADAPT_EVERY == 0:
+                self.engine.adapt_threads()
             piece = chunk["choices"][0]["delta"].get("content")
             if piece:
                 yield piece
 
+    def check_fits(self, prompt_tokens: int) -> None:
+        """A clear error when the prompt leaves no room for even one generated token."""
+        if prompt_tokens >= self.n_ctx:
+            raise AvggufError(f"the prompt is {prompt_tokens} tokens but the context holds {self.n_ctx} "
+                              f"(--n-ctx / defaults.n_ctx); raise the context length or shorten the prompt")
+
+    def stats(self, gen_tokens: int | None = None) -> str:
+        """The `--stats` line for the last request (llama.cpp's own timers)."""
+        return self.engine.perf().line(gen_tokens)
+
     def count_tokens(self, text: str) -> int:
-        return len(self.engine.llm.tokenize(text.encode(), add_bos=False, special=True))
+        return len(self.engine.tokenize(text))
 
     def close(self) -> None:
         self.engine.close()

@@ -46,8 +46,8 @@ def f32_gguf(hf_dir: Path, out: Path) -> Path:
     import gguf
 
     from avgguf.models import builtin_path
-    from converters.gguf_copy import copy_gguf
-    from converters.sources import HFCheckpoint
+    from gguf_copy import copy_gguf
+    from avgguf.converters.sources import HFCheckpoint
 
     hf = HFCheckpoint(hf_dir, "bench")
     names = [t.name for t in gguf.GGUFReader(builtin_path()).tensors]

@@ -15,8 +15,8 @@ from avgguf import adapter_format as fmt
 from avgguf.cli import main
 from avgguf.inspect_adapter import describe
 from conftest import assert_logits_close, logits, make_pair
-from converters.budget import parse_size
-from converters.lowrank import RankPolicy, factorize
+from avgguf.converters.budget import parse_size
+from avgguf.converters.lowrank import RankPolicy, factorize
 from synthetic import Spec, to_gguf_tensors, write_gguf
 
 

@@ -169,7 +169,7 @@ def test_real_smollm2_round_trip(tmp_path):
     import gguf
 
     from avgguf.models import builtin_path
-    from converters.gguf_copy import copy_gguf
+    from gguf_copy import copy_gguf
 
     src = builtin_path()
     reader = gguf.GGUFReader(src)

@@ -38,7 +38,7 @@ def test_judge_matches_direct_log_probabilities(tiny_kit):
             for row in ROWS:
                 got = judge.scores(row)
                 prompt = judge.tokens(eng.format_chat([{"role": "user", "content": row["query"]}]))
-                want = [direct_score(eng, prompt, judge.tokens(row["responses"][lvl]) + [eng.llm.token_eos()])
+                want = [direct_score(eng, prompt, judge.tokens(row["responses"][lvl]) + [eng.eos])
                         for lvl in LEVELS]
                 np.testing.assert_allclose(got, want, atol=1e-4)
     finally:

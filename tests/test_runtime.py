@@ -54,13 +54,9 @@ def test_live_coefficients_follow_merged_reference(kit):
         eng.close()
 
 
-def generate(engine: Engine, prompt: list[int], n: int = 10) -> list[int]:
-    out = []
-    for tok in engine.llm.generate(prompt, temp=0.0):  # llama-cpp-python reuses the longest cached prefix
-        out.append(tok)
-        if len(out) == n:
-            break
-    return out
+def generate(engine: Engine, prompt: list[int], n: int = 10) -> str:
+    # llama-cpp-python reuses the longest cached prefix of the prompt
+    return engine.completion(prompt, max_tokens=n, temperature=0.0)["choices"][0]["text"]
 
 
 def test_no_stale_kv_after_a_change(kit):
@@ -84,23 +80,39 @@ def test_no_stale_kv_after_a_change(kit):
         assert generate(eng, prompt) == want_tokens  # would reuse that prefix without the reset
         assert before != want_tokens
 
-        # the trap itself, to show the check above can fail: change the scale behind the engine's back and
-        # reuse the cached prefix as Llama.generate does; the last token's logits then mix both sets
         eng.set_coefficients({"medical": 0.0})
-        eng.llm.eval(prompt)
-        h = eng.adapters["medical"].handle
-        llama_cpp.llama_set_adapters_lora(eng.llm.ctx, (llama_cpp.llama_adapter_lora_p_ctypes * 1)(h), 1,
-                                          (ctypes.c_float * 1)(1.0))
-        eng.llm.n_tokens = len(prompt) - 1
-        eng.llm.eval(prompt[-1:])
-        stale = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(eng.llm.ctx, -1),
-                                      shape=(eng.llm.n_vocab(),)).copy()
-        assert np.abs(stale - want_logits).max() > 1e-2
+        eng.reset()
         eng.set_coefficients({"medical": 1.0})      # through the engine: reset, so no mixing
-        eng.llm.eval(prompt)
         np.testing.assert_allclose(eng.next_logits(prompt), want_logits, atol=1e-5)
     finally:
         eng.close()
+
+
+def test_the_stale_kv_trap_is_real(kit):
+    """What the engine's reset prevents, shown on a raw llama-cpp-python model: change the adapter scale behind
+    its back and reuse the cached prefix as Llama.generate does; the last token's logits then mix both sets."""
+    import llama_cpp
+
+    root, p, _ = kit
+    prompt = TOKENS[:6]
+    fresh = Engine(p.base_gguf, n_ctx=64, type_k=F32, type_v=F32)
+    fresh.load_adapter("medical", root / "medical.gguf")
+    fresh.set_coefficients({"medical": 1.0})
+    want_logits = fresh.next_logits(prompt)
+    fresh.close()
+
+    llm = llama_cpp.Llama(model_path=str(p.base_gguf), n_ctx=64, type_k=F32, type_v=F32, verbose=False)
+    try:
+        h = llama_cpp.llama_adapter_lora_init(llm.model, str(root / "medical.gguf").encode())
+        llm.eval(prompt)  # K/V under scale 0
+        llama_cpp.llama_set_adapters_lora(llm.ctx, (llama_cpp.llama_adapter_lora_p_ctypes * 1)(h), 1,
+                                          (ctypes.c_float * 1)(1.0))
+        llm.n_tokens = len(prompt) - 1
+        llm.eval(prompt[-1:])
+        stale = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy()
+        assert np.abs(stale - want_logits).max() > 1e-2
+    finally:
+        llm.close()
 
 
 def test_runtime_generation_is_reproducible(kit):
@@ -135,7 +147,7 @@ BAD_MODELFILES = [
     # non-numeric coefficient
     ("non-numeric", {**GOOD, "profiles": {"x": {"medical": "high"}}}, "profiles.x.medical"),
     # coefficient outside [-2, 2]
-    ("out-of-range", {**GOOD, "profiles": {"x": {"medical": 8}}}, "outside [-2.0, 2.0]"),
+    ("out-of-range", {**GOOD, "profiles": {"x": {"medical": 8}}}, "outside [-2, 2]"),
     # base file missing
     ("missing-base", {**GOOD, "base": "nope.gguf"}, "base 'nope.gguf' not found"),
     # AV file missing
@@ -204,10 +216,10 @@ def test_cli_run_profiles_and_errors(kit):
     r = avgguf("profiles", mf)
     assert r.returncode == 0 and "expert-medical" in r.stdout and "medical=0.5 legal=-1" in r.stdout
     for args, words in [((mf + ":nope", "hi"), "no profile 'nope'"),
-                        ((mf, "hi", "--set", "medical=9"), "outside [-2.0, 2.0]"),
+                        ((mf, "hi", "--set", "medical=9"), "outside [-2, 2]"),
                         ((mf, "hi", "--set", "cardio=1"), "unknown alignment vector 'cardio'"),
                         ((mf, "hi", "--set", "medical"), "expected NAME=VALUE"),
-                        (("missing.yaml", "hi"), "modelfile 'missing.yaml' not found")]:
+                        (("missing.yaml", "hi"), "'missing.yaml' not found; expected a YAML modelfile")]:
         r = avgguf("run", *args)
         assert r.returncode == 2, (args, r.stdout)
         assert words in r.stderr and "Traceback" not in r.stderr, r.stderr
@@ -226,7 +238,7 @@ def test_chat_repl_driven_like_a_user(kit):
         child.sendline("/set legal=abc")
         child.expect("error: legal: expected a number, found 'abc'")
         child.sendline("/set cardio=1")
-        child.expect("error: unknown alignment vector 'cardio'")
+        child.expect("error: /set: unknown alignment vector 'cardio'")
         child.sendline("/set legal=-0.5")
         child.expect(r"\[medical=1 legal=-0.5\]")
         child.sendline("hello there")
@@ -234,7 +246,7 @@ def test_chat_repl_driven_like_a_user(kit):
         child.sendline("/profile mixed")
         child.expect(r"\[mixed: medical=0.5 legal=-1\]")
         child.sendline("/show")
-        child.expect("1 turns in history")
+        child.expect(r"profile: mixed\r\ncoefficients: medical=0.5 legal=-1\r\nsystem: \(none\)\r\nturns: 1")
         child.sendline("/reset")
         child.expect("conversation cleared")
         child.sendline("/quit")

@@ -124,7 +124,7 @@ BAD = [
      None, 400, "role"),
     ("coefficient out of range", "POST", "/v1/chat/completions",
      {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "avgguf": {"coefficients": {"medical": 9}}},
-     None, 400, "outside [-2.0, 2.0]"),
+     None, 400, "outside [-2, 2]"),
     ("unknown AV", "POST", "/v1/chat/completions",
      {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "avgguf": {"coefficients": {"tax": 1}}},
      None, 400, "unknown alignment vector 'tax'"),
