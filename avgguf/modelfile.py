@@ -35,7 +35,7 @@ class Defaults(Strict):
     repeat_penalty: float = Field(1.1, ge=0.0)
     seed: int | None = None
     n_ctx: int = Field(2048, ge=64)
-    n_threads: int | None = Field(None, ge=1)
+    n_threads: int | None = Field(None, ge=0)  # None or 0: adaptive (avgguf.threads)
     n_gpu_layers: int = Field(0, ge=-1)
 
 

@@ -32,6 +32,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # gguf_copy: the merged-weights GGUF writer the tests use
 DATA = ROOT / "data" / "preferences" / "eval.jsonl"
 # runs a command as a child and reports its peak RSS (the largest child's, in KB)
 RSS_WRAPPER = ("import resource, subprocess, sys\np = subprocess.run(sys.argv[1:])\n"
@@ -92,15 +93,15 @@ def speed_ratio(adapter: Path, repeats: int) -> float:
     from avgguf.engine import Engine
     from avgguf.models import builtin_path
 
-    eng = Engine(builtin_path(), n_ctx=512, n_threads=2)
+    eng = Engine(builtin_path(), n_ctx=512, threads=2)
     eng.load_adapter("av", adapter)
     rates = {0.0: [], 1.0: []}
     for _ in range(repeats):
         for scale in (0.0, 1.0):
             eng.set_coefficients({"av": scale})
-            eng.llm.reset()
+            eng.reset()
             t0 = time.perf_counter()
-            out = eng.llm.create_completion(SPEED_PROMPT, max_tokens=64, temperature=0.0)
+            out = eng.completion(SPEED_PROMPT, max_tokens=64, temperature=0.0)
             rates[scale].append(out["usage"]["completion_tokens"] / (time.perf_counter() - t0))
     eng.close()
     return statistics.median(rates[1.0]) / statistics.median(rates[0.0])
