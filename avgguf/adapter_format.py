@@ -190,6 +190,14 @@ class AdapterWriter:
         self.n_pairs += 1
         return seen[0], seen[1]
 
+    def add_raw_pair(self, base_name: str, raw_a: np.ndarray, type_a: QType, raw_b: np.ndarray,
+                     type_b: QType) -> None:
+        """Store a pair exactly as given (float rows, or uint8 rows of quantized blocks)."""
+        for suffix, raw, qtype in ((LORA_A, raw_a, type_a), (LORA_B, raw_b, type_b)):
+            self.writer.add_tensor(base_name + suffix, np.ascontiguousarray(raw),
+                                   raw_dtype=qtype if qtype in QUANTIZED else None)
+        self.n_pairs += 1
+
     def add_metadata(self, key: str, value: Any) -> None:
         w = self.writer
         if isinstance(value, bool):

@@ -113,6 +113,8 @@ def run_profiles(args) -> int:
     for name in mf.spec.profiles:
         mark = " (default)" if name == mf.spec.default_profile else ""
         print(f"  {name:<20} {describe(mf.coefficients(name))}{mark}")
+    for name, path in mf.baked_paths.items():
+        print(f"  {name:<20} baked: {path.name} (full speed, no live knobs)")
     return 0
 
 

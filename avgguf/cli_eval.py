@@ -59,7 +59,7 @@ def run_eval(args) -> int:
         by_domain = {d: rs[:: max(1, -(-len(rs) // args.limit))][: args.limit] for d, rs in by_domain.items()}
     lambdas = [check_value("λ", lam, "--lambdas") for lam in parse_lambdas(args.lambdas)]
     log = (lambda msg: print(msg, file=sys.stderr)) if not args.json else None
-    eng = Engine(mf.base_path, n_ctx=1024, logits_all=True, verbose=args.verbose,
+    eng = Engine(mf.base_path, n_ctx=1024, logits_all=True, verbose=args.verbose, fuse="sync",
                  threads=ThreadPolicy.from_settings(args.threads, mf.spec.defaults.n_threads))
     out: dict = {"modelfile": str(mf.path), "data": args.data, "sweeps": [], "cross": [], "prompting": []}
     try:

@@ -17,9 +17,11 @@ import numpy as np
 from . import adapter_format as fmt
 from .coefficients import Resolver, check_value
 from .errors import AdapterError, AvggufError
+from .fusion import FusedAdapters
 from .threads import ThreadPolicy
 
 log = logging.getLogger(__name__)
+FUSE_MODES = ("async", "sync", "off")
 
 
 def chat_formatter(llm, where: str = "model"):
@@ -71,7 +73,7 @@ class Engine:
 
     def __init__(self, model_path: str | os.PathLike, *, n_ctx: int = 2048, threads: ThreadPolicy | int | None = None,
                  n_gpu_layers: int = 0, seed: int = 0, logits_all: bool = False, verbose: bool = False,
-                 **llama_kwargs):
+                 fuse: str = "async", **llama_kwargs):
         from llama_cpp import Llama
 
         self.model_path = Path(model_path)
@@ -89,8 +91,13 @@ class Engine:
         self._logits_all = logits_all
         self.adapters: dict[str, LoadedAdapter] = {}
         self._applied: tuple[tuple[str, float], ...] = ()
+        self._applied_fused = None  # the fused adapter in use, if any
         self.coefficients: dict[str, float] = {}
         self._formatter = None
+        if fuse not in FUSE_MODES:
+            raise AvggufError(f"fuse must be one of {FUSE_MODES}, got {fuse!r}")
+        self.fuse = fuse
+        self._fusion: FusedAdapters | None = None
 
     # -- model facts and text ---------------------------------------------------------------
 
@@ -149,26 +156,61 @@ class Engine:
         return loaded
 
     def set_coefficients(self, coefficients: Mapping[str, float]) -> bool:
-        """Replace the whole coefficient set (unnamed adapters go to 0). Returns True if it changed."""
+        """Replace the whole coefficient set (unnamed adapters go to 0). Returns True if what llama.cpp
+        computes with changed (then the KV cache was reset).
+
+        Two or more active AVs run as one fused adapter (avgguf.fusion) once it is built: with fuse="async"
+        the separate adapters serve at once and the fused one replaces them at a later call with the same
+        set (a request boundary); "sync" builds it before returning; "off" never fuses."""
         Resolver(tuple(self.adapters), where="the engine").check_names(coefficients, "coefficients")
         wanted = {name: check_value(name, coefficients.get(name, 0.0)) for name in self.adapters}
         key = tuple((n, v) for n, v in sorted(wanted.items()) if v != 0.0)
         self.coefficients = wanted
-        if key == self._applied:
+        if key == self._applied and (self._applied_fused is not None or not self._fusable(key)):
             return False
-        self._apply(key)
+        fused = self._fused_for(key)
+        if key == self._applied and fused is None:
+            return False
+        self._apply(key, fused)
         return True
 
-    def _apply(self, key: tuple[tuple[str, float], ...]) -> None:
+    @property
+    def fused(self) -> bool:
+        """Whether the active set runs as one fused adapter right now."""
+        return self._applied_fused is not None
+
+    def wait_fused(self, timeout: float | None = None) -> None:
+        """Block until a background fusion finishes (benchmarks, tests)."""
+        if self._fusion is not None:
+            self._fusion.wait(timeout)
+
+    def _fusable(self, key) -> bool:
+        return self.fuse != "off" and len(key) >= 2
+
+    def _fused_for(self, key):
+        if not self._fusable(key):
+            return None
+        if self._fusion is None:
+            self._fusion = FusedAdapters(self._llm.model, self.base.arch,
+                                         {n: a.path for n, a in self.adapters.items()})
+        handle = self._fusion.ready(key, self._applied_fused)
+        if handle is None and self.fuse == "sync":
+            return self._fusion.build_now(key, self._applied_fused)
+        if handle is None:
+            self._fusion.request(key)
+        return handle
+
+    def _apply(self, key: tuple[tuple[str, float], ...], fused=None) -> None:
         import llama_cpp
 
-        n = len(key)
-        handles = (llama_cpp.llama_adapter_lora_p_ctypes * max(n, 1))(*[self.adapters[k].handle for k, _ in key])
-        scales = (ctypes.c_float * max(n, 1))(*[v for _, v in key])
+        pairs = [(fused, 1.0)] if fused is not None else [(self.adapters[k].handle, v) for k, v in key]
+        n = len(pairs)
+        handles = (llama_cpp.llama_adapter_lora_p_ctypes * max(n, 1))(*[h for h, _ in pairs])
+        scales = (ctypes.c_float * max(n, 1))(*[v for _, v in pairs])
         rc = llama_cpp.llama_set_adapters_lora(self._llm.ctx, handles if n else None, n, scales if n else None)
         if rc != 0:
             raise AvggufError(f"llama.cpp could not apply adapters {dict(key)} (code {rc})")
-        self._applied = key
+        self._applied, self._applied_fused = key, fused
         self._llm.reset()  # K/V computed under the old coefficients must never be reused
 
     # -- evaluation -------------------------------------------------------------------------
@@ -236,5 +278,7 @@ class Engine:
         return Perf(d.n_p_eval, d.t_p_eval_ms, d.n_eval, d.t_eval_ms)
 
     def close(self) -> None:
+        if self._fusion is not None:
+            self._fusion.close()
         self.adapters.clear()  # adapters are freed with the model
         self._llm.close()

@@ -4,7 +4,7 @@ generation defaults. Validated at the edge with precise messages (file, key, exp
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ class ModelfileSpec(Strict):
     system: str | None = None
     avs: dict[str, AVSpec] = {}
     profiles: dict[str, dict[str, float]] = {}
+    baked: dict[str, str] = {}  # profile name -> a baked GGUF (`avgguf bake --format gguf`): full speed, no knobs
     default_profile: str | None = None
     defaults: Defaults = Defaults()
 
@@ -67,6 +68,14 @@ class Modelfile:
     spec: ModelfileSpec
     base_path: Path
     av_paths: dict[str, Path]
+    baked_paths: dict[str, Path] = field(default_factory=dict)
+
+    def baked(self, profile: str) -> "Modelfile":
+        """A baked profile as a modelfile of its own: the baked GGUF, no AVs, this one's system and defaults."""
+        path = self.baked_paths[profile]
+        spec = ModelfileSpec(base=str(path), description=f"{self.name}:{profile} (baked)", system=self.spec.system,
+                             defaults=self.spec.defaults)
+        return Modelfile(self.path, spec, path, {})
 
     @property
     def name(self) -> str:
@@ -173,7 +182,7 @@ def load_modelfile(path: str | Path, check_adapters: bool = True) -> Modelfile:
         if not p.is_file():
             raise ModelfileError(f"{path}: avs.{name}: adapter {av.path!r} not found (looked at {p})")
         av_paths[name] = p
-    mf = Modelfile(path, spec, base_path, av_paths)
+    mf = Modelfile(path, spec, base_path, av_paths, _baked_paths(path, spec))
     if check_adapters and av_paths:
         base = fmt.read_base_model(base_path)
         for name, p in av_paths.items():
@@ -182,6 +191,22 @@ def load_modelfile(path: str | Path, check_adapters: bool = True) -> Modelfile:
             except AvggufError as exc:
                 raise ModelfileError(f"{path}: avs.{name}: {exc}") from None
     return mf
+
+
+def _baked_paths(path: Path, spec: ModelfileSpec) -> dict[str, Path]:
+    out = {}
+    for name, rel in spec.baked.items():
+        if name in spec.profiles:
+            raise ModelfileError(f"{path}: baked.{name}: a profile of that name exists too; rename one")
+        p = (path.parent / rel).resolve()
+        if not p.is_file():
+            raise ModelfileError(f"{path}: baked.{name}: {rel!r} not found (looked at {p}); make it with "
+                                 f"avgguf bake {path.name}:PROFILE --format gguf --out {rel}")
+        if fmt.gguf_kind(p) != "model":
+            raise ModelfileError(f"{path}: baked.{name}: {rel!r} is not a GGUF model (a baked profile is a whole "
+                                 f"model: avgguf bake --format gguf)")
+        out[name] = p
+    return out
 
 
 def parse_target(target: str) -> tuple[str, str | None]:
@@ -258,5 +283,7 @@ def open_target(target: str, loras: list[str] | None = None) -> tuple[Modelfile,
         raise ModelfileError(f"--lora applies to a bare base GGUF; {path} is a modelfile: list the adapter "
                              f"under its avs: instead")
     mf = load_modelfile(path)
+    if profile in mf.baked_paths:
+        return mf.baked(profile), None
     mf.coefficients(profile)  # an unknown profile fails before any model loads
     return mf, profile

@@ -52,9 +52,13 @@ class Served:
 
 
 class Registry:
+    """Model ids -> what serves them. `runtimes` keys are modelfile names, or NAME:PROFILE for baked profiles
+    (a GGUF of their own, served without knobs)."""
+
     def __init__(self, runtimes: dict[str, tuple[Modelfile, Runtime]], api_key: str | None = None,
                  stats: bool = False):
-        self.models = {name: Served(mf, rt) for name, (mf, rt) in runtimes.items()}
+        self.models = {name: Served(mf, rt) for name, (mf, rt) in runtimes.items() if ":" not in name}
+        self.baked = {name: Served(mf, rt) for name, (mf, rt) in runtimes.items() if ":" in name}
         self.api_key = api_key
         self.stats = stats
 
@@ -63,9 +67,11 @@ class Registry:
         for name, s in self.models.items():
             out.append(name)
             out += [f"{name}:{p}" for p in s.modelfile.spec.profiles]
-        return out
+        return out + list(self.baked)
 
     def resolve(self, model_id: str) -> tuple[Served, str | None]:
+        if model_id in self.baked:
+            return self.baked[model_id], None
         name, _, profile = model_id.partition(":")
         served = self.models.get(name)
         if served is None or (profile and profile not in served.modelfile.spec.profiles):
@@ -308,7 +314,10 @@ def serve(modelfiles: list[Modelfile], host: str, port: int, api_key: str | None
                               f"model ids come from file names, rename one")
         names[mf.name] = mf
     sock = bind(host, port)
-    runtimes = {name: (mf, Runtime(mf, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, threads=threads, verbose=verbose))
+    for mf in list(names.values()):
+        names.update({f"{mf.name}:{profile}": mf.baked(profile) for profile in mf.baked_paths})
+    runtimes = {name: (mf, Runtime(mf, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, threads=threads, verbose=verbose,
+                                      fuse="sync"))
                 for name, mf in names.items()}
     registry = Registry(runtimes, api_key, stats)
     app = create_app(registry)

@@ -10,7 +10,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from synthetic import Delta, Spec, hf_weights, random_delta, to_gguf_tensors, write_gguf, write_hf  # noqa: E402
+from synthetic import (Delta, Spec, hf_weights, random_delta, representable, to_gguf_tensors,  # noqa: E402
+                       write_gguf, write_hf)
 
 F32 = 0  # GGML_TYPE_F32
 TOKENS = [1, 270, 280, 290, 65, 100, 200, 150, 33, 299]
@@ -101,3 +102,11 @@ def tiny_kit(tmp_path_factory):
           "defaults": {"max_tokens": 12, "temperature": 0.0, "seed": 0, "n_ctx": 128}}
     (root / "tiny.yaml").write_text(yaml.safe_dump(mf, sort_keys=False))
     return root, p, q
+
+
+def merged_logits(p, q, a: float, b: float) -> np.ndarray:
+    d = Delta({k: a * v + b * q.delta.tensors[k] for k, v in representable(p.spec, p.delta).tensors.items()})
+    path = p.root / f"merged_{a}_{b}.gguf"
+    if not path.exists():
+        write_gguf(path, p.spec, to_gguf_tensors(p.spec, d.applied_to(p.weights)))
+    return logits(path)

@@ -162,6 +162,7 @@ def test_chat_ctrl_c_stops_the_answer_and_keeps_the_chat(tmp_path):
         child.sendline('"""')
         child.sendline("Write a long essay about the history of Rome,")
         child.sendline('from its founding to the fall of the empire."""')
+        child.expect(r'empire\."""\r\n')          # our own input echoed; the answer follows
         child.expect(r"\S+ \S+ \S+ \S+ \S+")    # the answer is streaming (it runs for hundreds of tokens)
         child.sendintr()                       # Ctrl-C mid-answer
         child.expect(r"\[stopped\]")

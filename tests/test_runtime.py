@@ -16,7 +16,7 @@ from avgguf.cli import main
 from avgguf.engine import Engine
 from avgguf.modelfile import ModelfileError, load_modelfile
 from avgguf.runtime import GenerationRequest, Runtime
-from conftest import F32, TOKENS, assert_logits_close, logits, make_pair
+from conftest import F32, TOKENS, assert_logits_close, logits, make_pair, merged_logits
 from synthetic import Delta, Spec, representable, to_gguf_tensors, write_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,14 +25,6 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def kit(tiny_kit):
     return tiny_kit
-
-
-def merged_logits(p, q, a: float, b: float) -> np.ndarray:
-    d = Delta({k: a * v + b * q.delta.tensors[k] for k, v in representable(p.spec, p.delta).tensors.items()})
-    path = p.root / f"merged_{a}_{b}.gguf"
-    if not path.exists():
-        write_gguf(path, p.spec, to_gguf_tensors(p.spec, d.applied_to(p.weights)))
-    return logits(path)
 
 
 def test_live_coefficients_follow_merged_reference(kit):

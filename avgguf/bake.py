@@ -1,0 +1,331 @@
+"""`avgguf bake`: one profile as files that need no live knobs.
+
+- gguf:    one complete model, base + Σ c·ΔW, streamed one tensor at a time into a float32 intermediate and
+           quantized by llama.cpp's own quantizer (llama_model_quantize) to the base's type or --type.
+- adapter: one fused GGUF LoRA at scale 1 (avgguf.fusion), optionally re-compressed to --rank.
+- ollama:  a directory with an Ollama Modelfile (FROM base, ADAPTER fused adapter, SYSTEM, PARAMETERs).
+- peft:    a PEFT LoRA directory (avgguf.export_peft).
+Every output records the profile and coefficients it was baked from. Outputs appear atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as QType
+
+from . import adapter_format as fmt
+from .errors import AvggufError
+from .fusion import write_fused
+from .modelfile import Modelfile
+
+FORMATS = ("gguf", "adapter", "ollama", "peft")
+KEY_PROFILE = "avgguf.baked.profile"
+KEY_COEFS = "avgguf.baked.coefficients"
+KEY_NAMES = "avgguf.baked.names"
+# --type for `--format gguf` -> llama.cpp's LLAMA_FTYPE_* name
+GGUF_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
+              "q6_k": "MOSTLY_Q6_K", "q5_k_m": "MOSTLY_Q5_K_M", "q5_k_s": "MOSTLY_Q5_K_S", "q5_1": "MOSTLY_Q5_1",
+              "q5_0": "MOSTLY_Q5_0", "q4_k_m": "MOSTLY_Q4_K_M", "q4_k_s": "MOSTLY_Q4_K_S", "q4_1": "MOSTLY_Q4_1",
+              "q4_0": "MOSTLY_Q4_0", "q3_k_m": "MOSTLY_Q3_K_M", "q2_k": "MOSTLY_Q2_K"}
+
+
+@dataclass
+class Bake:
+    modelfile: Modelfile
+    profile: str | None
+    coefficients: dict[str, float]
+
+    @property
+    def active(self) -> list[tuple[str, Path, float]]:
+        return [(n, self.modelfile.av_paths[n], c) for n, c in self.coefficients.items() if c != 0.0]
+
+    @property
+    def label(self) -> str:
+        return self.profile or "custom"
+
+    def metadata(self) -> dict:
+        return {KEY_PROFILE: self.label, KEY_NAMES: list(self.coefficients),
+                KEY_COEFS: [float(v) for v in self.coefficients.values()]}
+
+
+# --- shared helpers ----------------------------------------------------------------------------------------
+
+def _check_out(out: Path, directory: bool) -> None:
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise AvggufError(f"--out {str(out)!r}: directory {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise AvggufError(f"--out {str(out)!r}: directory {str(parent)!r} is not writable")
+    if directory and out.exists() and not out.is_dir():
+        raise AvggufError(f"--out {str(out)!r} exists and is not a directory")
+    if not directory and out.is_dir():
+        raise AvggufError(f"--out {str(out)!r} is a directory; give a file name")
+
+
+def _publish_dir(tmp: Path, out: Path) -> None:
+    """Replace `out` by the finished directory `tmp` (a rename; the old one is removed after)."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def fused_adapter(bake: Bake, out: Path, rank: int | None = None) -> Path:
+    """The profile as one adapter at scale 1 (exact concatenation; --rank: re-compressed by SVD)."""
+    if not bake.active:
+        raise AvggufError(f"profile {bake.label!r} has every coefficient at 0: nothing to bake into an adapter "
+                          f"(the base model alone is the result)")
+    arch = fmt.read_base_model(bake.modelfile.base_path).arch
+    if rank is None:
+        write_fused(bake.active, out, arch, extra=bake.metadata())
+        return out
+    with tempfile.TemporaryDirectory(dir=out.resolve().parent, prefix=".avgguf-bake-") as tmp:
+        exact = write_fused(bake.active, Path(tmp) / "exact.gguf", arch)
+        recompress(exact, out, arch, rank, bake.metadata())
+    return out
+
+
+def recompress(src: Path, out: Path, arch: str, rank: int, extra: dict) -> None:
+    """Each pair's B @ A truncated to `rank` by an exact SVD of the product (QR of both factors first)."""
+    info = fmt.read_adapter(src)
+    tensors = {t.name: t for t in gguf.GGUFReader(src).tensors}
+    writer = fmt.AdapterWriter(out, arch, f"{info.name} rank {rank}")
+    try:
+        for base in info.pairs:
+            a, b = (_floats(tensors[base + s]) for s in (fmt.LORA_A, fmt.LORA_B))
+            delta_left, delta_right = (a, b.T) if base == fmt.TOKEN_EMBD else (b, a)  # delta = left @ right
+            left, right = _truncated_product(delta_left, delta_right, rank)
+            la, lb = fmt.pair_from_factors(base, left, right)
+            writer.add_pair(base, la, lb, "f16")
+        for key, value in extra.items():
+            writer.add_metadata(key, value)
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _floats(t) -> np.ndarray:
+    shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+    return fmt.decode(np.asarray(t.data), t.tensor_type).reshape(shape).astype(np.float64)
+
+
+def _truncated_product(left: np.ndarray, right: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    ql, rl = np.linalg.qr(left)
+    qr_, rr = np.linalg.qr(right.T)
+    u, s, vt = np.linalg.svd(rl @ rr.T)
+    k = min(rank, len(s))
+    root = np.sqrt(s[:k])
+    return (ql @ u[:, :k]) * root, (root[:, None] * vt[:k]) @ qr_.T
+
+
+# --- gguf ---------------------------------------------------------------------------------------------------
+
+def _ftype(type_: str) -> int:
+    import llama_cpp
+
+    return getattr(llama_cpp, f"LLAMA_FTYPE_{GGUF_TYPES[type_]}")
+
+
+# Re-quantizing a base that is already below 8 bits after adding a small delta snaps most weights back
+# onto the old grid: SmolLM2 Q4_1 + the demo profile baked to Q4_1 kept 0.10 of the profile's effect, to
+# Q8_0 0.98 (bench/bake_speed.py). So the default keeps 8-bit-or-better bases' type and otherwise uses q8_0.
+KEEPS_EFFECT = ("ALL_F32", "MOSTLY_F16", "MOSTLY_BF16", "MOSTLY_Q8_0")
+
+
+def default_ftype(reader: gguf.GGUFReader) -> int:
+    import llama_cpp
+
+    field = reader.get_field(gguf.Keys.General.FILE_TYPE)
+    keeps = {getattr(llama_cpp, f"LLAMA_FTYPE_{name}") for name in KEEPS_EFFECT}
+    if field is not None and int(field.contents()) in keeps:
+        return int(field.contents())
+    return llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+
+
+def _merged(reader_tensors: dict, name: str, sources: list[tuple[fmt.AdapterInfo, dict, float]]) -> np.ndarray:
+    t = reader_tensors[name]
+    w = fmt.decode(np.asarray(t.data), t.tensor_type).reshape(tuple(int(x) for x in reversed(t.shape.tolist())))
+    w = w.astype(np.float32)
+    for info, tensors, c in sources:
+        if name in info.pairs:
+            a, b = _floats(tensors[name + fmt.LORA_A]), _floats(tensors[name + fmt.LORA_B])
+            scale = c * (info.alpha / info.pairs[name].rank if info.alpha else 1.0)
+            w += (scale * fmt.delta_from_pair(name, a, b)).astype(np.float32)
+    return w
+
+
+def write_merged_f32(bake: Bake, out: Path, progress: bool = False) -> Path:
+    """base + Σ c·ΔW as a GGUF: merged tensors in float32, all others exactly as stored; streamed."""
+    from tqdm import tqdm
+
+    reader = gguf.GGUFReader(bake.modelfile.base_path)
+    arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
+    sources = []
+    for _, path, c in bake.active:
+        info = fmt.read_adapter(path)
+        sources.append((info, {t.name: t for t in gguf.GGUFReader(path).tensors}, c))
+    touched = {name for info, _, _ in sources for name in info.pairs}
+    tensors = {t.name: t for t in reader.tensors}
+    writer = gguf.GGUFWriter(None, arch)
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF.") or key == gguf.Keys.General.ARCHITECTURE:
+            continue
+        sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, f.contents(), f.types[0], sub_type=sub)
+    for key, value in bake.metadata().items():
+        _add_meta(writer, key, value)
+    for t in reader.tensors:
+        if t.name in touched:
+            shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+            writer.add_tensor_info(t.name, shape, np.dtype(np.float32), int(np.prod(shape)) * 4)
+        else:
+            writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, raw_dtype=t.tensor_type)
+    writer.write_header_to_file(out)
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in tqdm(reader.tensors, desc="merge", unit="tensor", disable=not progress):
+        writer.write_tensor_data(_merged(tensors, t.name, sources) if t.name in touched else np.asarray(t.data))
+    writer.close()
+    return out
+
+
+def _add_meta(writer: gguf.GGUFWriter, key: str, value) -> None:
+    if isinstance(value, str):
+        writer.add_string(key, value)
+    elif value and isinstance(value[0], str):
+        writer.add_array(key, value)
+    else:
+        writer.add_key_value(key, [float(v) for v in value], gguf.GGUFValueType.ARRAY,
+                             sub_type=gguf.GGUFValueType.FLOAT32)
+
+
+def baked_gguf(bake: Bake, out: Path, type_: str | None = None, progress: bool = False) -> dict:
+    """The whole model with the profile merged in, quantized by llama.cpp to `type_` (default: see
+    default_ftype); tensors the profile does not touch keep their stored type where that type is chosen."""
+    import llama_cpp
+
+    base_reader = gguf.GGUFReader(bake.modelfile.base_path)
+    ftype = _ftype(type_) if type_ else default_ftype(base_reader)
+    parent = out.resolve().parent
+    with tempfile.TemporaryDirectory(dir=parent, prefix=".avgguf-bake-") as tmp:
+        merged = write_merged_f32(bake, Path(tmp) / "merged-f32.gguf", progress)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = ftype
+        params.nthread = os.cpu_count() or 1
+        params.allow_requantize = True
+        touched = {name for _, path, _ in bake.active for name in fmt.read_adapter(path).pairs}
+        types = {t.name: t.tensor_type for t in base_reader.tensors}
+        if type_ is None:  # embeddings the profile does not touch keep the base's own types
+            if fmt.TOKEN_EMBD in types and fmt.TOKEN_EMBD not in touched:
+                params.token_embedding_type = int(types[fmt.TOKEN_EMBD])
+            if fmt.OUTPUT in types and fmt.OUTPUT not in touched:
+                params.output_tensor_type = int(types[fmt.OUTPUT])
+        partial = Path(tmp) / "out.gguf"
+        rc = llama_cpp.llama_model_quantize(str(merged).encode(), str(partial).encode(), params)
+        if rc != 0:
+            raise AvggufError(f"llama.cpp's quantizer failed on the merged model (code {rc}); try another --type")
+        os.chmod(partial, 0o644)
+        os.replace(partial, out)
+    return {"format": "gguf", "type": type_ or _type_name(ftype), "bytes": out.stat().st_size}
+
+
+def _type_name(ftype: int) -> str:
+    import llama_cpp
+
+    return next((k for k, v in GGUF_TYPES.items() if getattr(llama_cpp, f"LLAMA_FTYPE_{v}") == ftype), str(ftype))
+
+
+# --- ollama -------------------------------------------------------------------------------------------------
+
+OLLAMA_PARAMETERS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+                     "repeat_penalty": "repeat_penalty", "seed": "seed", "n_ctx": "num_ctx",
+                     "max_tokens": "num_predict"}
+
+
+def ollama_modelfile(bake: Bake, base_name: str, adapter_name: str | None) -> str:
+    mf = bake.modelfile
+    coefs = " ".join(f"{k}={v:g}" for k, v in bake.coefficients.items())
+    lines = [f"# avgguf bake of {mf.name}:{bake.label} ({coefs}); Ollama applies the adapter at scale 1",
+             f"FROM ./{base_name}"]
+    if adapter_name:
+        lines.append(f"ADAPTER ./{adapter_name}")
+    if mf.spec.system:
+        lines.append(f'SYSTEM """{mf.spec.system}"""')
+    defaults = mf.spec.defaults.model_dump()
+    for ours, theirs in OLLAMA_PARAMETERS.items():
+        if defaults.get(ours) is not None:
+            lines.append(f"PARAMETER {theirs} {defaults[ours]}")
+    return "\n".join(lines) + "\n"
+
+
+def ollama_dir(bake: Bake, out: Path) -> dict:
+    parent = out.resolve().parent
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}-"))
+    try:
+        base = bake.modelfile.base_path
+        try:
+            os.link(base, tmp / base.name)  # no copy where the file system allows
+        except OSError:
+            shutil.copy2(base, tmp / base.name)
+        adapter = "adapter.gguf" if bake.active else None
+        if adapter:
+            fused_adapter(bake, tmp / adapter)
+        (tmp / "Modelfile").write_text(ollama_modelfile(bake, base.name, adapter))
+        (tmp / "avgguf.json").write_text(json.dumps(bake.metadata(), indent=1) + "\n")
+        os.chmod(tmp, 0o755)
+        _publish_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"format": "ollama", "files": sorted(p.name for p in out.iterdir())}
+
+
+# --- entry point --------------------------------------------------------------------------------------------
+
+def bake(mf: Modelfile, profile: str | None, coefficients: dict[str, float], out: str | Path, format_: str,
+         type_: str | None = None, rank: int | None = None, progress: bool = False) -> dict:
+    out = Path(out)
+    if format_ not in FORMATS:
+        raise AvggufError(f"--format {format_!r}: choose one of {', '.join(FORMATS)}")
+    if type_ is not None and format_ != "gguf":
+        raise AvggufError("--type applies to --format gguf (adapters keep their factor types; see --rank)")
+    if rank is not None and format_ != "adapter":
+        raise AvggufError("--rank applies to --format adapter")
+    _check_out(out, directory=format_ in ("ollama", "peft"))
+    job = Bake(mf, profile, coefficients)
+    if format_ == "gguf":
+        report = baked_gguf(job, out, type_, progress)
+    elif format_ == "adapter":
+        fused_adapter(job, out, rank)
+        report = {"format": "adapter", "bytes": out.stat().st_size, "rank": rank or "exact"}
+    elif format_ == "ollama":
+        report = ollama_dir(job, out)
+    else:
+        from .export_peft import peft_dir
+
+        report = peft_dir(job, out)
+    return {**report, "out": str(out), "profile": job.label, "coefficients": coefficients}
+
+
+def check_type(type_: str | None) -> None:
+    if type_ is not None and type_ not in GGUF_TYPES:
+        raise AvggufError(f"--type {type_!r}: choose one of {', '.join(GGUF_TYPES)}")
+
+
+def describe_types() -> str:
+    return ", ".join(GGUF_TYPES)
+
+
+__all__ = ["FORMATS", "GGUF_TYPES", "Bake", "QType", "bake"]

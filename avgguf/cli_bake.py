@@ -1,0 +1,43 @@
+"""`avgguf bake`: a profile as one GGUF, one adapter, an Ollama model directory or a PEFT LoRA."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from . import cli_args
+from .bake import FORMATS, GGUF_TYPES, bake, check_type
+from .coefficients import describe, parse_assignments
+from .modelfile import open_target
+
+
+def add_parser(sub, parent) -> None:
+    p = sub.add_parser("bake", parents=[parent], help="write a profile as a GGUF, adapter, Ollama dir or PEFT LoRA",
+                       description="Bake a profile (its coefficients, with --set on top) into files that need no "
+                                   "live knobs: stock llama.cpp, LM Studio, Ollama, transformers+peft, vLLM.")
+    p.add_argument("target", metavar="MODELFILE[:PROFILE]|BASE.gguf")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[=SCALE]",
+                   help="with a base GGUF: an adapter as an AV (repeatable)")
+    cli_args.add_set_arg(p)
+    p.add_argument("--out", required=True, help="output file (gguf, adapter) or directory (ollama, peft)")
+    p.add_argument("--format", required=True, choices=FORMATS,
+                   help="gguf: one merged model; adapter: one fused LoRA at scale 1; ollama: Modelfile + files; "
+                        "peft: adapter_config.json + adapter_model.safetensors")
+    p.add_argument("--type", choices=sorted(GGUF_TYPES), metavar="TYPE",
+                   help=f"--format gguf: quantization ({', '.join(GGUF_TYPES)}; default: the base's own)")
+    p.add_argument("--rank", type=cli_args.positive_int, help="--format adapter: re-compress to this rank by SVD "
+                   "(default: exact concatenation)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def run_bake(args) -> int:
+    check_type(args.type)
+    mf, profile = open_target(args.target, args.lora)
+    coefs = mf.coefficients(profile, parse_assignments(args.sets), source="--set")
+    report = bake(mf, profile, coefs, args.out, args.format, args.type, args.rank, progress=sys.stderr.isatty())
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        size = f", {report['bytes'] / 1e6:.2f} MB" if "bytes" in report else ""
+        print(f"wrote {args.out} ({args.format}{size}) from {mf.name}:{report['profile']} [{describe(coefs)}]")
+    return 0
