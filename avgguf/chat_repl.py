@@ -15,6 +15,7 @@ from typing import TextIO
 from .coefficients import describe, parse_assignments
 from .errors import AvggufError
 from .modelfile import Modelfile
+from .pad import check_mode
 from .runtime import GenerationRequest, Runtime
 
 HELP = """commands:
@@ -22,6 +23,7 @@ HELP = """commands:
   /profile NAME                      switch to a profile (/profile alone: the default)
   /show                              profile, coefficients, system prompt, turns
   /system TEXT                       set the system prompt (/system alone: back to the modelfile's)
+  /decode weights|pad|pad-full       AVs in the weights, or decoding-time alignment (PAD) with the same knobs
   /reset                             clear the conversation (coefficients stay)
   /help                              this list
   /quit                              leave (or Ctrl-D)
@@ -51,6 +53,7 @@ class ChatState:
     coefficients: dict[str, float]
     system: str | None = None  # None: the modelfile's system prompt
     history: list[dict] = field(default_factory=list)
+    decode: str = "weights"
 
     @property
     def profile_label(self) -> str:
@@ -62,7 +65,7 @@ class ChatState:
     def show(self) -> str:
         system = self.system if self.system is not None else (self.modelfile.spec.system or "(none)")
         return (f"profile: {self.profile_label}\ncoefficients: {describe(self.coefficients)}\n"
-                f"system: {system}\nturns: {len(self.history) // 2}")
+                f"decode: {self.decode}\nsystem: {system}\nturns: {len(self.history) // 2}")
 
 
 def command(line: str, state: ChatState) -> bool:
@@ -82,6 +85,9 @@ def command(line: str, state: ChatState) -> bool:
         state.coefficients = mf.coefficients(rest or None)
         state.profile = rest or None
         print(f"[{state.profile_label}: {describe(state.coefficients)}]")
+    elif cmd == "/decode":
+        state.decode = check_mode(rest or "weights", "/decode")
+        print(f"[decode: {state.decode}]")
     elif cmd == "/show":
         print(state.show())
     elif cmd == "/system":
@@ -169,7 +175,7 @@ def answer(rt: Runtime, state: ChatState, make_request: Callable[[list[dict]], G
     req = make_request(fit_history(rt, head + state.history, None))
     pieces: list[str] = []
     with stop_on_ctrl_c() as stop:
-        for piece in rt.stream_chat_text(req, state.coefficients):
+        for piece in rt.stream_chat_text(req, state.coefficients, decode=state.decode):
             pieces.append(piece)
             out.write(piece)
             out.flush()
@@ -178,7 +184,7 @@ def answer(rt: Runtime, state: ChatState, make_request: Callable[[list[dict]], G
     out.write("\n[stopped]\n" if stop.is_set() else "\n")
     state.history.append({"role": "assistant", "content": "".join(pieces)})
     if stats:
-        print(rt.stats(), file=sys.stderr)
+        print(rt.stats(decode=state.decode), file=sys.stderr)
 
 
 def chat_loop(rt: Runtime, state: ChatState, make_request, stats: bool, stdin: TextIO) -> None:

@@ -75,6 +75,13 @@ def add_generation_args(p) -> None:
     p.add_argument("--temperature", type=temperature, help="sampling temperature in [0, 5] (0 = greedy)")
 
 
+def add_decode_arg(p) -> None:
+    p.add_argument("--decode", choices=["weights", "pad", "pad-full"], default=None,
+                   help="weights: AVs added to the weights (default); pad: decoding-time alignment, the base's top-10 "
+                        "tokens re-scored by each AV's reward weighted by its coefficient; pad-full: the same over the "
+                        "whole vocabulary (default: the profile's `decode`, else weights)")
+
+
 def add_set_arg(p) -> None:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="NAME=VALUE",
                    help="coefficient override, repeatable; several in one: --set \"medical=0.8 legal=0.2\"")

@@ -25,10 +25,12 @@ def add_parsers(sub, parent) -> None:
     cli_args.add_model_args(p)
     p.add_argument("prompt")
     cli_args.add_set_arg(p)
+    cli_args.add_decode_arg(p)
     cli_args.add_generation_args(p)
     p = sub.add_parser("chat", parents=[parent], help="interactive chat with live knobs")
     cli_args.add_model_args(p)
     cli_args.add_set_arg(p)
+    cli_args.add_decode_arg(p)
     cli_args.add_generation_args(p)
     p = sub.add_parser("profiles", parents=[parent], help="list a model's AVs and profiles, or the built-in bases")
     p.add_argument("target", nargs="?", metavar="MODELFILE|BASE.gguf")
@@ -67,23 +69,25 @@ def _request(args, messages: list[dict]) -> GenerationRequest:
                              temperature=args.temperature)
 
 
-def _stream(rt: Runtime, req: GenerationRequest, coefs: dict[str, float], stats: bool, out=sys.stdout) -> str:
+def _stream(rt: Runtime, req: GenerationRequest, coefs: dict[str, float], stats: bool, out=sys.stdout,
+            decode: str = "weights") -> str:
     pieces = []
-    for piece in rt.stream_chat_text(req, coefs):
+    for piece in rt.stream_chat_text(req, coefs, decode=decode):
         pieces.append(piece)
         out.write(piece)
         out.flush()
     out.write("\n")
     if stats:
-        print(rt.stats(), file=sys.stderr)
+        print(rt.stats(decode=decode), file=sys.stderr)
     return "".join(pieces)
 
 
 def run_run(args) -> int:
-    mf, _, coefs = _open(args)
+    mf, profile, coefs = _open(args)
     rt = _runtime(args, mf)
     try:
-        _stream(rt, _request(args, [{"role": "user", "content": args.prompt}]), coefs, args.stats)
+        _stream(rt, _request(args, [{"role": "user", "content": args.prompt}]), coefs, args.stats,
+                decode=args.decode or mf.decode_mode(profile))
     finally:
         rt.close()
     return 0
@@ -122,8 +126,8 @@ def run_chat(args, stdin=None) -> int:
     mf, profile, coefs = _open(args)
     rt = _runtime(args, mf)
     try:
-        state = ChatState(mf, profile, coefs)
-        print(f"avgguf chat: {mf.name}  profile {state.profile_label}  [{describe(coefs)}]")
+        state = ChatState(mf, profile, coefs, decode=args.decode or mf.decode_mode(profile))
+        print(f"avgguf chat: {mf.name}  profile {state.profile_label}  [{describe(coefs)}]  decode {state.decode}")
         print(HELP.splitlines()[0].rstrip(":") + ": /help lists them; Ctrl-C stops an answer, Ctrl-D leaves")
         chat_loop(rt, state, lambda messages: _request(args, messages), args.stats, stdin or sys.stdin)
     finally:

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 from . import adapter_format as fmt
 from .cli_args import non_negative_int, positive_int
 from .coefficients import check_value
+from .errors import AvggufError
 from .engine import Engine
 from .evaluate import (
     EXPERT_PROMPT,
     LEVELS,
     Judge,
+    pad_sweep,
     parse_lambdas,
     plot_sweeps,
     read_eval_data,
@@ -36,6 +39,14 @@ def add_parser(sub, parent) -> None:
     p.add_argument("--cross", action="store_true", help="also: each AV and each profile on every domain")
     p.add_argument("--prompting", action="store_true", help="also: a system prompt asking for expert answers, "
                    "without AVs, side by side with the AV at λ=1 (share and time per query)")
+    p.add_argument("--decode", default="weights", choices=["weights", "pad", "pad-full"],
+                   help="weights: λ·AV in the weights (default); pad / pad-full: λ is the AV's PAD reward weight "
+                        "(the references are scored under the decoding distribution)")
+    p.add_argument("--generate", type=positive_int, metavar="N", help="also generate answers to N queries per "
+                   "domain and setting and judge their level with a classifier trained on --judge-data")
+    p.add_argument("--judge-data", help="training rows for the generated-answer classifier (default: train.jsonl "
+                   "beside --data)")
+    p.add_argument("--max-tokens", type=positive_int, default=96, help="tokens per generated answer (default 96)")
     p.add_argument("--plot", help="write the λ sweep as a PNG")
     p.add_argument("--json", action="store_true", help="print all results as JSON")
 
@@ -61,7 +72,8 @@ def run_eval(args) -> int:
     log = (lambda msg: print(msg, file=sys.stderr)) if not args.json else None
     eng = Engine(mf.base_path, n_ctx=1024, logits_all=True, verbose=args.verbose, fuse="sync",
                  threads=ThreadPolicy.from_settings(args.threads, mf.spec.defaults.n_threads))
-    out: dict = {"modelfile": str(mf.path), "data": args.data, "sweeps": [], "cross": [], "prompting": []}
+    out: dict = {"modelfile": str(mf.path), "data": args.data, "decode": args.decode, "sweeps": [], "cross": [],
+                 "prompting": []}
     try:
         for name, path in mf.av_paths.items():
             eng.load_adapter(name, path)
@@ -73,7 +85,10 @@ def run_eval(args) -> int:
                 if log:
                     log(f"no AV for domain {domain!r} in {mf.path.name}; skipped in the sweep")
                 continue
-            sweeps.append(sweep(eng, drows, av, lambdas, zero, progress=log))
+            if args.decode == "weights":
+                sweeps.append(sweep(eng, drows, av, lambdas, zero, progress=log))
+            else:
+                sweeps.append(pad_sweep(eng, drows, av, lambdas, zero, args.decode, progress=log))
         out["sweeps"] = [s.__dict__ for s in sweeps]
         judge = Judge(eng)
         if args.cross:
@@ -100,6 +115,8 @@ def run_eval(args) -> int:
                 out["prompting"].append(entry)
     finally:
         eng.close()
+    if args.generate:
+        out.update(generated_shares(mf, by_domain, lambdas, args, log))
     if args.plot and sweeps:
         plot_sweeps(sweeps, args.plot)
     if args.json:
@@ -109,6 +126,46 @@ def run_eval(args) -> int:
     return 0
 
 
+def generated_shares(mf, by_domain: dict[str, list[dict]], lambdas: list[float], args, log) -> dict:
+    """Answers generated per domain and λ (greedy), their levels by the classifier, its held-out accuracy."""
+    from pathlib import Path
+
+    from .levels import LevelClassifier
+    from .runtime import GenerationRequest, Runtime
+
+    judge_data = args.judge_data or str(Path(args.data).with_name("train.jsonl"))
+    if not Path(judge_data).is_file():
+        raise AvggufError(f"--generate needs classifier training rows: --judge-data {judge_data!r} not found")
+    clf = LevelClassifier.train(read_eval_data(judge_data))
+    held_out = [r for rs in by_domain.values() for r in rs]
+    result = {"classifier": {"trained_on": clf.trained_on, "accuracy_on_references": clf.accuracy(held_out)},
+              "generated": []}
+    zero = {name: 0.0 for name in mf.av_paths}
+    rt = Runtime(mf, n_ctx=1024, threads=args.threads, fuse="sync")
+    try:
+        for domain, drows in by_domain.items():
+            av = _av_for_domain(mf, domain)
+            if av is None:
+                continue
+            entry = {"domain": domain, "av": av, "lambdas": lambdas, "shares": []}
+            for lam in lambdas:
+                answers, t0 = [], time.perf_counter()
+                for row in drows[: args.generate]:
+                    req = GenerationRequest(messages=[{"role": "user", "content": row["query"]}],
+                                            max_tokens=args.max_tokens, temperature=0.0, seed=0)
+                    answers.append("".join(rt.stream_chat_text(req, {**zero, av: lam}, decode=args.decode)))
+                shares = clf.shares(answers)
+                shares["seconds_per_answer"] = (time.perf_counter() - t0) / max(len(answers), 1)
+                entry["shares"].append(shares)
+                if log:
+                    log(f"generated {domain} {args.decode} {av}={lam:g}: " +
+                        " ".join(f"{k} {shares[k]:.2f}" for k in LEVELS))
+            result["generated"].append(entry)
+    finally:
+        rt.close()
+    return result
+
+
 def render(out: dict, domains: list[str]) -> str:
     lines = []
     for s in out["sweeps"]:
@@ -116,6 +173,15 @@ def render(out: dict, domains: list[str]) -> str:
                   "| λ | avoidance | generic | expert |", "|---|---|---|---|"]
         for lam, sh in zip(s["lambdas"], s["shares"]):
             lines.append(f"| {lam:g} | " + " | ".join(f"{sh[lvl]:.2f}" for lvl in LEVELS) + " |")
+    if out.get("generated"):
+        acc = out["classifier"]["accuracy_on_references"]
+        lines.append(f"\ngenerated answers judged by the level classifier (accuracy on held-out references {acc:.2f}):")
+        for g in out["generated"]:
+            lines += [f"\n{g['domain']} queries (n={g['shares'][0]['n']}), {g['av']} AV, {out['decode']}:",
+                      "| λ | avoidance | generic | expert | s/answer |", "|---|---|---|---|---|"]
+            for lam, sh in zip(g["lambdas"], g["shares"]):
+                lines.append(f"| {lam:g} | " + " | ".join(f"{sh[lvl]:.2f}" for lvl in LEVELS) +
+                             f" | {sh['seconds_per_answer']:.1f} |")
     if out["cross"]:
         lines += ["\nexpert share (avoidance share) per domain:",
                   "| setting | " + " | ".join(domains) + " |", "|---" * (len(domains) + 1) + "|"]

@@ -17,6 +17,7 @@ import numpy as np
 from . import adapter_format as fmt
 from .coefficients import Resolver, check_value
 from .errors import AdapterError, AvggufError
+from .contexts import SideContext
 from .fusion import FusedAdapters
 from .threads import ThreadPolicy
 
@@ -117,6 +118,24 @@ class Engine:
     def tokenize(self, text: str, special: bool = True) -> list[int]:
         """Tokens of `text` without BOS (chat templates write their own special tokens)."""
         return self._llm.tokenize(text.encode(), add_bos=False, special=special)
+
+    def detokenize(self, tokens: Sequence[int]) -> bytes:
+        return self._llm.detokenize(list(tokens))
+
+    def is_end(self, token: int) -> bool:
+        """End of generation (EOS, EOT and the like, as the GGUF's vocabulary marks them)."""
+        import llama_cpp
+
+        return bool(llama_cpp.llama_vocab_is_eog(self._llm._model.vocab, token))  # noqa: SLF001 (our own Llama)
+
+    def side_context(self, scales: Mapping[str, float]) -> SideContext:
+        """Another context on this model (weights shared) with these adapters at these scales, own KV cache."""
+        import llama_cpp
+
+        adapters = [(self.adapters[n].handle, float(v)) for n, v in scales.items() if v != 0.0]
+        params = llama_cpp.llama_context_params.from_buffer_copy(self._llm.context_params)
+        params.n_threads = params.n_threads_batch = self._n_threads
+        return SideContext(self._llm.model, params, self.n_vocab, self.n_ctx, adapters)
 
     def format_chat(self, messages: list[dict]) -> str:
         """The prompt text the GGUF's own chat template makes (generation prompt added)."""
@@ -252,6 +271,17 @@ class Engine:
             logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
             out.append(logp[np.arange(len(cont)), list(cont)])
         return out
+
+    def logprob_rows(self, prompt: Sequence[int], continuation: Sequence[int]) -> np.ndarray:
+        """Log-softmax rows predicting each token of `continuation` after `prompt` (len(continuation) x vocab),
+        under the current coefficients."""
+        self._need_all_logits("logprob_rows")
+        tokens = list(prompt) + list(continuation)
+        self._llm.reset()
+        self._llm.eval(tokens)
+        rows = np.asarray(self._llm.scores[len(prompt) - 1: len(tokens) - 1], dtype=np.float64)
+        rows -= rows.max(axis=1, keepdims=True)
+        return rows - np.log(np.exp(rows).sum(axis=1, keepdims=True))
 
     def _need_all_logits(self, what: str) -> None:
         if not self._logits_all:

@@ -102,6 +102,39 @@ def sweep(engine: Engine, rows: list[dict], av: str, lambdas: list[float], base:
     return res
 
 
+def pad_sweep(engine: Engine, rows: list[dict], av: str, lambdas: list[float], base: dict[str, float], mode: str,
+              progress=None) -> SweepResult:
+    """The level judge under decoding-time alignment: each reference scored by its mean log-probability
+    under the PAD distribution with weight λ on `av` (avgguf.pad.token_logps). The base's and the AV's
+    log-prob rows do not depend on λ: computed once per response, then every λ is cheap."""
+    from .pad import token_logps
+
+    judge = Judge(engine)
+    res = SweepResult(rows[0]["domain"], av, lambdas)
+    picks = {lam: [] for lam in lambdas}
+    t0 = time.perf_counter()
+    for row in rows:
+        prompt = judge.tokens(engine.format_chat([{"role": "user", "content": row["query"]}]))
+        per_level = []
+        for level in LEVELS:
+            resp = judge.tokens(row["responses"][level]) + [engine.eos]
+            engine.set_coefficients(base)
+            base_rows = engine.logprob_rows(prompt, resp)
+            engine.set_coefficients({**base, av: 1.0})
+            av_rows = engine.logprob_rows(prompt, resp)
+            per_level.append((base_rows, av_rows, resp))
+        for lam in lambdas:
+            means = [float(np.mean(token_logps(b, [a], [lam], r, mode))) for b, a, r in per_level]
+            picks[lam].append(int(np.argmax(means)))
+    secs = (time.perf_counter() - t0) / len(rows)
+    for lam in lambdas:
+        res.shares.append({**{lvl: picks[lam].count(i) / len(rows) for i, lvl in enumerate(LEVELS)},
+                           "n": len(rows), "seconds_per_query": secs})
+        if progress:
+            progress(f"{res.domain} {mode} {av}={lam:g}: " + " ".join(f"{k} {res.shares[-1][k]:.2f}" for k in LEVELS))
+    return res
+
+
 def plot_sweeps(results: list[SweepResult], out: str | Path) -> None:
     try:
         import matplotlib

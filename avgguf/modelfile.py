@@ -6,10 +6,10 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import adapter_format as fmt
 from .coefficients import CoefficientError, Resolver, check_value
@@ -53,6 +53,21 @@ class ModelfileSpec(Strict):
     baked: dict[str, str] = {}  # profile name -> a baked GGUF (`avgguf bake --format gguf`): full speed, no knobs
     default_profile: str | None = None
     defaults: Defaults = Defaults()
+    profile_decode: dict[str, Literal["weights", "pad", "pad-full"]] = {}  # from each profile's `decode:` key
+
+    @model_validator(mode="before")
+    @classmethod
+    def _decode_keys(cls, raw: Any):
+        """`profiles: {p: {medical: 1, decode: pad}}`: the decoding mode is not a coefficient."""
+        if isinstance(raw, dict) and isinstance(raw.get("profiles"), dict):
+            profiles, decode = {}, {}
+            for name, coefs in raw["profiles"].items():
+                if isinstance(coefs, dict) and "decode" in coefs:
+                    coefs = dict(coefs)
+                    decode[name] = coefs.pop("decode")
+                profiles[name] = coefs
+            raw = {**raw, "profiles": profiles, "profile_decode": {**raw.get("profile_decode", {}), **decode}}
+        return raw
 
     @field_validator("avs", mode="before")
     @classmethod
@@ -84,6 +99,10 @@ class Modelfile:
     @property
     def profiles(self) -> dict[str, dict[str, float]]:
         return dict(self.spec.profiles)
+
+    def decode_mode(self, profile: str | None = None) -> str:
+        """The profile's `decode:` (weights, pad, pad-full); weights when it names none."""
+        return self.spec.profile_decode.get(profile or self.spec.default_profile or "", "weights")
 
     @property
     def resolver(self) -> Resolver:

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .engine import Engine
+from .engine import Engine, Perf
 from .errors import AvggufError
 from .modelfile import Modelfile
 from .threads import ThreadPolicy
@@ -94,8 +94,12 @@ class Runtime:
         return self.engine.completion(req.prompt or "", stream=stream, **kw)
 
     def stream_chat_text(self, req: GenerationRequest, coefficients: dict[str, float],
-                         reuse_prefix: bool = True) -> Iterator[str]:
-        """The answer's text pieces as they come; the thread policy is re-checked every few tokens."""
+                         reuse_prefix: bool = True, decode: str = "weights") -> Iterator[str]:
+        """The answer's text pieces as they come; the thread policy is re-checked every few tokens.
+        decode: weights (AVs in the weights, the default) or pad / pad-full (coefficients = PAD weights)."""
+        if decode != "weights":
+            yield from (piece for piece, _ in self.pad_pieces(req, coefficients, decode) if piece)
+            return
         for i, chunk in enumerate(self.chat(req, coefficients, stream=True, reuse_prefix=reuse_prefix)):
             if i and i % ADAPT_EVERY == 0:
                 self.engine.adapt_threads()
@@ -103,14 +107,78 @@ class Runtime:
             if piece:
                 yield piece
 
+    # -- decoding-time alignment (PAD) --------------------------------------------------------------
+
+    def pad_pieces(self, req: GenerationRequest, weights: dict[str, float], mode: str) -> Iterator[tuple[str, str | None]]:
+        """(text piece, finish reason or None) under PAD: `weights` are the per-AV reward weights."""
+        import time
+
+        from .pad import PadDecoder, PadSettings
+
+        kw = self._sampling(req)
+        prompt = self.engine.tokenize(self.engine.format_chat(self.with_system(req.messages or [])))
+        self.check_fits(len(prompt))
+        decoder = PadDecoder(self.engine, PadSettings(mode, weights))
+        t0, first, tokens, text = time.perf_counter(), None, [], ""
+        finish = "length"
+        try:
+            for tok in decoder.tokens(prompt, kw["max_tokens"], kw["temperature"], kw["top_p"], kw["seed"]):
+                if self.engine.is_end(tok):
+                    finish = "stop"
+                    break
+                first = first or time.perf_counter()
+                tokens.append(tok)
+                full = self.engine.detokenize(tokens).decode("utf-8", errors="ignore")
+                cut = min((full.find(s) for s in (kw["stop"] or []) if s in full), default=-1)
+                if cut >= 0:
+                    yield full[len(text):cut], None
+                    finish = "stop"
+                    break
+                if len(full) > len(text):
+                    yield full[len(text):], None
+                    text = full
+        finally:
+            decoder.close()
+            end = time.perf_counter()
+            self._pad_perf = (len(prompt), (first or end) - t0, len(tokens), end - (first or end))
+        yield "", finish
+
+    def chat_pad(self, req: GenerationRequest, weights: dict[str, float], mode: str, stream: bool = False):
+        """OpenAI-shaped chat completion (dict or chunk iterator) generated under PAD."""
+        import time
+        import uuid
+
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": ""}
+
+        def chunks():
+            for piece, finish in self.pad_pieces(req, weights, mode):
+                delta = {"content": piece} if piece else {}
+                yield {**head, "object": "chat.completion.chunk",
+                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+        if stream:
+            return chunks()
+        parts, finish = [], None
+        for piece, finish_ in self.pad_pieces(req, weights, mode):
+            parts.append(piece)
+            finish = finish_ or finish
+        n_prompt, _, n_gen, _ = self._pad_perf
+        return {**head, "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
+                             "finish_reason": finish}],
+                "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen}}
+
     def check_fits(self, prompt_tokens: int) -> None:
         """A clear error when the prompt leaves no room for even one generated token."""
         if prompt_tokens >= self.n_ctx:
             raise AvggufError(f"the prompt is {prompt_tokens} tokens but the context holds {self.n_ctx} "
                               f"(--n-ctx / defaults.n_ctx); raise the context length or shorten the prompt")
 
-    def stats(self, gen_tokens: int | None = None) -> str:
-        """The `--stats` line for the last request (llama.cpp's own timers)."""
+    def stats(self, gen_tokens: int | None = None, decode: str = "weights") -> str:
+        """The `--stats` line for the last request (llama.cpp's own timers; PAD: wall clock)."""
+        if decode != "weights" and getattr(self, "_pad_perf", None):
+            n_prompt, prompt_s, n_gen, gen_s = self._pad_perf
+            return Perf(n_prompt, 1000 * prompt_s, max(n_gen - 1, 0), 1000 * gen_s).line(n_gen)
         return self.engine.perf().line(gen_tokens)
 
     def count_tokens(self, text: str) -> int:

@@ -101,6 +101,13 @@ def coefficients_for(served: Served, profile: str | None, body: Common) -> dict[
         raise APIError(400, str(exc), param=exc.param) from None
 
 
+def decode_for(served: Served, profile: str | None, body: Common) -> str:
+    """The request's `avgguf.decode`, else its profile's `decode:`, else weights."""
+    if body.avgguf is not None and body.avgguf.decode is not None:
+        return body.avgguf.decode
+    return served.modelfile.decode_mode(profile)
+
+
 def _request(body: Common, served: Served, prompt_tokens: int) -> GenerationRequest:
     max_tokens = body.max_completion_tokens or body.max_tokens
     n_ctx = served.runtime.n_ctx
@@ -145,6 +152,10 @@ async def chat_completions(request: Request, registry: RegistryDep):
                                for m in body.messages])
     req = _request(body, served, rt.count_tokens(rt.engine.format_chat(messages)))
     req.messages = messages
+    decode = decode_for(served, profile, body)
+    if decode != "weights":
+        return await generate(served, body, lambda stream: rt.chat_pad(req, coefs, decode, stream=stream),
+                              registry.stats)
     return await generate(served, body, lambda stream: rt.chat(req, coefs, stream=stream, reuse_prefix=False),
                           registry.stats)
 
@@ -154,6 +165,8 @@ async def completions(request: Request, registry: RegistryDep):
     body = await parse_body(request, CompletionBody)
     served, profile = registry.resolve(body.model)
     coefs = coefficients_for(served, profile, body)
+    if decode_for(served, profile, body) != "weights":
+        raise APIError(400, "decode pad/pad-full is served on /v1/chat/completions only", param="avgguf.decode")
     rt = served.runtime
     req = _request(body, served, rt.count_tokens(body.prompt) + 1)
     req.prompt = body.prompt

@@ -59,6 +59,7 @@ class LoraScale(BaseModel):
 class AvggufOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     coefficients: dict[str, float] = {}
+    decode: Literal["weights", "pad", "pad-full"] | None = None  # pad: coefficients are PAD reward weights
 
 
 class Message(BaseModel):
