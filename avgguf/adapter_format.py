@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import gguf
+import numpy as np
 from gguf import GGMLQuantizationType as QType
 from gguf import GGUFValueType as VType
 

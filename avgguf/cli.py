@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from . import cli_args, cli_bake, cli_chat, cli_eval
+from . import cli_args, cli_bake, cli_chat, cli_eval, cli_tune
 from .cli_args import fraction as _fraction
 from .cli_args import positive_int as _positive_int
 from .errors import AvggufError
@@ -183,13 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
     cli_chat.add_parsers(sub, parent)
     cli_eval.add_parser(sub, parent)
     cli_bake.add_parser(sub, parent)
+    cli_tune.add_parser(sub, parent)
     return parser
 
 
 COMMANDS = {"convert": run_convert, "inspect": run_inspect, "run": cli_chat.run_run, "chat": cli_chat.run_chat,
             "profiles": cli_chat.run_profiles, "demo": cli_chat.run_demo,
             "eval": cli_eval.run_eval, "serve": cli_chat.run_serve,
-            "bake": cli_bake.run_bake}
+            "bake": cli_bake.run_bake, "desktop": cli_chat.run_desktop,
+            "tune": cli_tune.run_tune}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,6 +41,13 @@ def add_parsers(sub, parent) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=cli_args.port, default=8080, help="TCP port (default 8080)")
     p.add_argument("--api-key", help="require Authorization: Bearer KEY")
+    p.add_argument("--allow-write", action="store_true", help="let the chat page save profiles into the modelfile")
+    p = sub.add_parser("desktop", parents=[parent], help="the local web chat with a slider per AV, in your browser")
+    cli_args.add_model_args(p, many=True)
+    p.add_argument("--port", type=cli_args.port, help="TCP port on 127.0.0.1 (default: a free one)")
+    p.add_argument("--api-key", help="require Authorization: Bearer KEY (the page asks for it)")
+    p.add_argument("--allow-write", action="store_true", help="let the page save profiles into the modelfile")
+    p.add_argument("--no-browser", action="store_true", help="print the address instead of opening a browser")
     p = sub.add_parser("demo", parents=[parent], help="the embedded default model with the shipped demo AVs")
     cli_args.add_generation_args(p)
     p.add_argument("--n-gpu-layers", type=cli_args.gpu_layers, help="layers to offload to the GPU (-1 = all)")
@@ -143,7 +150,26 @@ def run_serve(args) -> int:
         raise AvggufError("--lora applies to one base GGUF; give a single BASE.gguf (or list adapters in modelfiles)")
     models = [open_target(t, loras)[0] for t in args.targets]
     serve(models, args.host, args.port, args.api_key, verbose=args.verbose, n_gpu_layers=args.n_gpu_layers,
-          n_ctx=args.n_ctx, threads=args.threads, stats=args.stats)
+          n_ctx=args.n_ctx, threads=args.threads, stats=args.stats, allow_write=args.allow_write)
+    return 0
+
+
+def run_desktop(args) -> int:
+    """`avgguf serve` on 127.0.0.1 (a free port unless --port) that opens the chat page in the browser."""
+    import webbrowser
+
+    args.host = "127.0.0.1"
+    args.port = args.port or 0
+    opener = None if args.no_browser else (lambda url: webbrowser.open(url))
+    from .server import serve
+
+    loras = cli_args.loras(args)
+    if loras and len(args.targets) != 1:
+        raise AvggufError("--lora applies to one base GGUF; give a single BASE.gguf")
+    models = [open_target(t, loras)[0] for t in args.targets]
+    print("avgguf desktop: Ctrl-C stops the server", flush=True)
+    serve(models, args.host, args.port, args.api_key, verbose=args.verbose, n_gpu_layers=args.n_gpu_layers,
+          n_ctx=args.n_ctx, threads=args.threads, stats=args.stats, allow_write=args.allow_write, on_ready=opener)
     return 0
 
 

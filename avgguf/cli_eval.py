@@ -9,8 +9,8 @@ import time
 from . import adapter_format as fmt
 from .cli_args import non_negative_int, positive_int
 from .coefficients import check_value
-from .errors import AvggufError
 from .engine import Engine
+from .errors import AvggufError
 from .evaluate import (
     EXPERT_PROMPT,
     LEVELS,

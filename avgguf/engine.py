@@ -16,8 +16,8 @@ import numpy as np
 
 from . import adapter_format as fmt
 from .coefficients import Resolver, check_value
-from .errors import AdapterError, AvggufError
 from .contexts import SideContext
+from .errors import AdapterError, AvggufError
 from .fusion import FusedAdapters
 from .threads import ThreadPolicy
 
@@ -126,7 +126,7 @@ class Engine:
         """End of generation (EOS, EOT and the like, as the GGUF's vocabulary marks them)."""
         import llama_cpp
 
-        return bool(llama_cpp.llama_vocab_is_eog(self._llm._model.vocab, token))  # noqa: SLF001 (our own Llama)
+        return bool(llama_cpp.llama_vocab_is_eog(self._llm._model.vocab, token))
 
     def side_context(self, scales: Mapping[str, float]) -> SideContext:
         """Another context on this model (weights shared) with these adapters at these scales, own KV cache."""

@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from . import adapter_format as fmt
 from .coefficients import CoefficientError, Resolver, check_value
@@ -85,7 +92,7 @@ class Modelfile:
     av_paths: dict[str, Path]
     baked_paths: dict[str, Path] = field(default_factory=dict)
 
-    def baked(self, profile: str) -> "Modelfile":
+    def baked(self, profile: str) -> Modelfile:
         """A baked profile as a modelfile of its own: the baked GGUF, no AVs, this one's system and defaults."""
         path = self.baked_paths[profile]
         spec = ModelfileSpec(base=str(path), description=f"{self.name}:{profile} (baked)", system=self.spec.system,
@@ -306,3 +313,75 @@ def open_target(target: str, loras: list[str] | None = None) -> tuple[Modelfile,
         return mf.baked(profile), None
     mf.coefficients(profile)  # an unknown profile fails before any model loads
     return mf, profile
+
+
+PROFILE_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+
+
+def _flow(coefs: dict[str, float], decode: str | None) -> str:
+    items = [f"{k}: {v:g}" for k, v in coefs.items()] + ([f"decode: {decode}"] if decode and decode != "weights" else [])
+    return "{" + ", ".join(items) + "}"
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip())
+
+
+def with_profile(text: str, name: str, coefs: dict[str, float], decode: str | None = None) -> str:
+    """The modelfile's text with profile `name` added or replaced; every other line (comments too) kept."""
+    import re
+
+    lines = text.splitlines()
+    head = next((i for i, ln in enumerate(lines) if re.match(r"^profiles\s*:", ln)), None)
+    if head is None:
+        return "\n".join([*lines, "profiles:", f"  {name}: {_flow(coefs, decode)}"]) + "\n"
+    if not re.match(r"^profiles\s*:\s*(#.*)?$", lines[head]):  # flow style, e.g. `profiles: {}`
+        lines[head] = "profiles:"
+        if yaml.safe_load(text).get("profiles"):
+            raise ModelfileError("profiles are written in YAML flow style ({...}); write them one per line "
+                                 "under `profiles:` so a new one can be added without losing your formatting")
+    end, existing, indent = head + 1, None, None
+    while end < len(lines) and (not lines[end].strip() or _indent(lines[end]) > 0):
+        if lines[end].strip() and not lines[end].lstrip().startswith("#"):
+            indent = indent if indent is not None else _indent(lines[end])
+            if _indent(lines[end]) == indent and re.match(rf"^\s*{re.escape(name)}\s*:", lines[end]):
+                existing = end
+        end += 1
+    while end > head + 1 and not lines[end - 1].strip():
+        end -= 1  # keep blank lines after the block where they were
+    entry = " " * (indent or 2) + f"{name}: {_flow(coefs, decode)}"
+    if existing is None:
+        lines.insert(end, entry)
+    else:
+        stop = existing + 1
+        while stop < end and (not lines[stop].strip() or _indent(lines[stop]) > (indent or 2)):
+            stop += 1
+        lines[existing:stop] = [entry]
+    return "\n".join(lines) + "\n"
+
+
+def save_profile(mf: Modelfile, name: str, coefs: dict[str, float], decode: str | None = None) -> Modelfile:
+    """Write profile `name` into the modelfile atomically (validated first; comments kept); the reloaded file."""
+    import os
+    import re
+    import tempfile
+
+    if not re.fullmatch(PROFILE_NAME, name):
+        raise ModelfileError(f"profile name {name!r}: use letters, digits, '-', '_' or '.' (at most 64)")
+    if mf.path.suffix.lower() == ".gguf" or not mf.path.is_file():
+        raise ModelfileError("this model is a bare GGUF: there is no modelfile to save a profile into")
+    if name in mf.baked_paths:
+        raise ModelfileError(f"{name!r} is a baked profile in {mf.path}; choose another name")
+    checked = mf.resolver.resolve(None, overrides=coefs, source="profile")
+    text = with_profile(mf.path.read_text(encoding="utf-8"), name, checked, decode)
+    fd, tmp = tempfile.mkstemp(dir=mf.path.parent, prefix=f".{mf.path.stem}-", suffix=".yaml")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        load_modelfile(tmp)  # the new text must be a valid modelfile before it replaces the old one
+        os.chmod(tmp, mf.path.stat().st_mode & 0o777)
+        os.replace(tmp, mf.path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return load_modelfile(mf.path)

@@ -37,6 +37,7 @@ from .server_schemas import (
     parse_body,
     validation_message,
 )
+from .server_web import web
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +57,12 @@ class Registry:
     (a GGUF of their own, served without knobs)."""
 
     def __init__(self, runtimes: dict[str, tuple[Modelfile, Runtime]], api_key: str | None = None,
-                 stats: bool = False):
+                 stats: bool = False, allow_write: bool = False):
         self.models = {name: Served(mf, rt) for name, (mf, rt) in runtimes.items() if ":" not in name}
         self.baked = {name: Served(mf, rt) for name, (mf, rt) in runtimes.items() if ":" in name}
         self.api_key = api_key
         self.stats = stats
+        self.allow_write = allow_write  # POST /avgguf/profiles may write modelfiles
 
     def ids(self) -> list[str]:
         out = []
@@ -262,7 +264,8 @@ async def stream_events(served: Served, body: Common, run, stats: bool):
 
 async def _guard(request: Request, call_next):
     api_key = request.app.state.registry.api_key
-    if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
+    public = request.method == "GET" and (request.url.path == "/" or request.url.path.startswith("/static/"))
+    if api_key is not None and not public and request.headers.get("authorization") != f"Bearer {api_key}":
         return error_response(401, "missing or wrong API key (Authorization: Bearer KEY)",
                               code="invalid_api_key", type_="authentication_error")
     length = request.headers.get("content-length")
@@ -293,6 +296,7 @@ def create_app(registry: Registry) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _bad_body)
     app.add_exception_handler(Exception, _internal)
     app.include_router(router)
+    app.include_router(web)
     return app
 
 
@@ -317,7 +321,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 def serve(modelfiles: list[Modelfile], host: str, port: int, api_key: str | None, verbose: bool = False,
           n_gpu_layers: int | None = None, n_ctx: int | None = None, threads: int | None = None,
-          stats: bool = False) -> None:
+          stats: bool = False, allow_write: bool = False, on_ready=None) -> None:
     import uvicorn
 
     names: dict[str, Modelfile] = {}
@@ -332,8 +336,13 @@ def serve(modelfiles: list[Modelfile], host: str, port: int, api_key: str | None
     runtimes = {name: (mf, Runtime(mf, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, threads=threads, verbose=verbose,
                                       fuse="sync"))
                 for name, mf in names.items()}
-    registry = Registry(runtimes, api_key, stats)
+    registry = Registry(runtimes, api_key, stats, allow_write)
     app = create_app(registry)
-    print(f"avgguf serve: http://{host}:{port}/v1  models: {', '.join(registry.ids())}", flush=True)
+    port = sock.getsockname()[1]
+    print(f"avgguf serve: http://{host}:{port}/v1  chat page: http://{host}:{port}/  models: "
+          f"{', '.join(registry.ids())}", flush=True)
     config = uvicorn.Config(app, log_level="info" if verbose else "warning")
-    uvicorn.Server(config).run(sockets=[sock])
+    server = uvicorn.Server(config)
+    if on_ready is not None:
+        app.add_event_handler("startup", lambda: on_ready(f"http://{host}:{port}/"))
+    server.run(sockets=[sock])

@@ -14,7 +14,14 @@ import pytest
 from avgguf.engine import Engine
 from avgguf.evaluate import read_eval_data
 from avgguf.modelfile import load_modelfile
-from avgguf.pad import PadDecoder, PadSettings, candidates, log_softmax, scores, token_logps
+from avgguf.pad import (
+    PadDecoder,
+    PadSettings,
+    candidates,
+    log_softmax,
+    scores,
+    token_logps,
+)
 from avgguf.runtime import GenerationRequest, Runtime
 
 ROOT = Path(__file__).resolve().parent.parent

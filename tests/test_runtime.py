@@ -238,7 +238,8 @@ def test_chat_repl_driven_like_a_user(kit):
         child.sendline("/profile mixed")
         child.expect(r"\[mixed: medical=0.5 legal=-1\]")
         child.sendline("/show")
-        child.expect(r"profile: mixed\r\ncoefficients: medical=0.5 legal=-1\r\nsystem: \(none\)\r\nturns: 1")
+        child.expect(r"profile: mixed\r\ncoefficients: medical=0.5 legal=-1\r\ndecode: weights\r\nsystem: \(none\)\r\n"
+                     r"turns: 1")
         child.sendline("/reset")
         child.expect("conversation cleared")
         child.sendline("/quit")
