@@ -23,6 +23,9 @@ class GenerationRequest:
     top_p: float | None = None
     top_k: int | None = None
     repeat_penalty: float | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     seed: int | None = None
     stop: list[str] | None = None
 
@@ -52,12 +55,16 @@ class Runtime:
     def _sampling(self, req: GenerationRequest) -> dict:
         d = self.modelfile.spec.defaults
         seed = req.seed if req.seed is not None else d.seed
-        return dict(max_tokens=req.max_tokens or d.max_tokens,
-                    temperature=d.temperature if req.temperature is None else req.temperature,
-                    top_p=d.top_p if req.top_p is None else req.top_p,
-                    top_k=d.top_k if req.top_k is None else req.top_k,
-                    repeat_penalty=d.repeat_penalty if req.repeat_penalty is None else req.repeat_penalty,
-                    seed=seed, stop=req.stop)
+        out = {"max_tokens": req.max_tokens or d.max_tokens,
+               "temperature": d.temperature if req.temperature is None else req.temperature,
+               "top_p": d.top_p if req.top_p is None else req.top_p,
+               "top_k": d.top_k if req.top_k is None else req.top_k,
+               "repeat_penalty": d.repeat_penalty if req.repeat_penalty is None else req.repeat_penalty,
+               "seed": seed, "stop": req.stop}
+        for name in ("min_p", "presence_penalty", "frequency_penalty"):  # llama-cpp-python's defaults otherwise
+            if getattr(req, name) is not None:
+                out[name] = getattr(req, name)
+        return out
 
     def with_system(self, messages: list[dict]) -> list[dict]:
         system = self.modelfile.spec.system
@@ -116,6 +123,7 @@ class Runtime:
         from .pad import PadDecoder, PadSettings
 
         kw = self._sampling(req)
+        kw.setdefault("stop", None)
         prompt = self.engine.tokenize(self.engine.format_chat(self.with_system(req.messages or [])))
         self.check_fits(len(prompt))
         decoder = PadDecoder(self.engine, PadSettings(mode, weights))
@@ -167,6 +175,14 @@ class Runtime:
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
                              "finish_reason": finish}],
                 "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen}}
+
+    def generated_tokens(self, finish_reason: str | None, decode: str = "weights") -> int:
+        """Tokens the last request generated, from llama.cpp's counters: every generated token but the last
+        is decoded again; when the answer ended on an end token that one was decoded too (and not counted)."""
+        if decode != "weights":
+            return self._pad_perf[2]
+        n_eval = self.engine.perf().gen_tokens
+        return n_eval + (1 if finish_reason == "length" else 0)
 
     def check_fits(self, prompt_tokens: int) -> None:
         """A clear error when the prompt leaves no room for even one generated token."""

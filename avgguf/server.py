@@ -21,6 +21,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .coefficients import CoefficientError
 from .errors import AvggufError
@@ -35,6 +36,7 @@ from .server_schemas import (
     LoraScale,
     error_response,
     parse_body,
+    unsupported,
     validation_message,
 )
 from .server_web import web
@@ -121,8 +123,13 @@ def _request(body: Common, served: Served, prompt_tokens: int) -> GenerationRequ
         if max_tokens < 1:
             raise APIError(400, f"the prompt ({prompt_tokens} tokens) fills the context length {n_ctx}",
                            param="messages", code="context_length_exceeded")
+    problem = unsupported(body)
+    if problem:
+        raise APIError(400, problem, param=problem.split(":")[0], code="unsupported_parameter")
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
     return GenerationRequest(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                             top_k=body.top_k, min_p=body.min_p, repeat_penalty=body.repeat_penalty,
+                             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                              seed=body.seed, stop=stop)
 
 
@@ -139,6 +146,12 @@ async def list_models(registry: RegistryDep):
                                        for i in registry.ids()]}
 
 
+@router.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, registry: RegistryDep):
+    registry.resolve(model_id)  # 404 in OpenAI's shape when unknown
+    return {"id": model_id, "object": "model", "created": int(time.time()), "owned_by": "avgguf"}
+
+
 @router.get("/health")
 async def health():
     return {"status": "ok"}
@@ -152,14 +165,15 @@ async def chat_completions(request: Request, registry: RegistryDep):
     rt = served.runtime
     messages = rt.with_system([{"role": "user" if m.role == "developer" else m.role, "content": m.text()}
                                for m in body.messages])
-    req = _request(body, served, rt.count_tokens(rt.engine.format_chat(messages)))
+    n_prompt = rt.count_tokens(rt.engine.format_chat(messages))
+    req = _request(body, served, n_prompt)
     req.messages = messages
     decode = decode_for(served, profile, body)
     if decode != "weights":
-        return await generate(served, body, lambda stream: rt.chat_pad(req, coefs, decode, stream=stream),
-                              registry.stats)
-    return await generate(served, body, lambda stream: rt.chat(req, coefs, stream=stream, reuse_prefix=False),
-                          registry.stats)
+        run = lambda stream: rt.chat_pad(req, coefs, decode, stream=stream)
+    else:
+        run = lambda stream: rt.chat(req, coefs, stream=stream, reuse_prefix=False)
+    return await generate(Job(served, body, run, coefs, n_prompt, registry.stats, decode))
 
 
 @router.post("/v1/completions")
@@ -170,10 +184,11 @@ async def completions(request: Request, registry: RegistryDep):
     if decode_for(served, profile, body) != "weights":
         raise APIError(400, "decode pad/pad-full is served on /v1/chat/completions only", param="avgguf.decode")
     rt = served.runtime
-    req = _request(body, served, rt.count_tokens(body.prompt) + 1)
+    n_prompt = rt.count_tokens(body.prompt) + 1
+    req = _request(body, served, n_prompt)
     req.prompt = body.prompt
-    return await generate(served, body, lambda stream: rt.complete(req, coefs, stream=stream, reuse_prefix=False),
-                          registry.stats)
+    return await generate(Job(served, body, lambda stream: rt.complete(req, coefs, stream=stream, reuse_prefix=False),
+                              coefs, n_prompt, registry.stats))
 
 
 @router.get("/lora-adapters")
@@ -197,45 +212,70 @@ async def lora_set(request: Request, registry: RegistryDep, model: str | None = 
 
 # --- generation ------------------------------------------------------------------------------------------
 
-async def generate(served: Served, body: Common, run, stats: bool):
-    if not body.stream:
-        async with served.lock:
+@dataclass
+class Job:
+    """One generation request as the routes hand it to `generate`."""
+
+    served: Served
+    body: Common
+    run: object  # stream: bool -> result dict or chunk iterator
+    coefficients: dict[str, float]
+    prompt_tokens: int
+    stats: bool
+    decode: str = "weights"
+    t0: float = field(default_factory=time.perf_counter)
+
+    def log(self, completion_tokens: int, status: str = "ok") -> None:
+        """One access-log line per request (stderr): model, coefficients, tokens, milliseconds."""
+        coefs = ",".join(f"{k}={v:g}" for k, v in self.coefficients.items()) or "-"
+        print(f"access: {self.body.model} coefficients={coefs} prompt_tokens={self.prompt_tokens} "
+              f"completion_tokens={completion_tokens} ms={1000 * (time.perf_counter() - self.t0):.0f} "
+              f"stream={self.body.stream} {status}", file=sys.stderr, flush=True)
+        if self.stats:
+            print(self.served.runtime.stats(completion_tokens), file=sys.stderr, flush=True)
+
+
+async def generate(job: Job):
+    if not job.body.stream:
+        async with job.served.lock:
             try:
-                result = await asyncio.to_thread(run, False)
+                result = await asyncio.to_thread(job.run, False)
             except (ValueError, AvggufError) as exc:
+                job.log(0, "error")
                 raise APIError(400, str(exc)) from None
-            if stats:
-                print(served.runtime.stats(result["usage"]["completion_tokens"]), file=sys.stderr, flush=True)
-        result["model"] = body.model
+        job.log(result["usage"]["completion_tokens"])
+        result["model"] = job.body.model
         return result
-    await served.lock.acquire()
-    return StreamingResponse(stream_events(served, body, run, stats), media_type="text/event-stream")
+    return StreamingResponse(stream_events(job), media_type="text/event-stream")
 
 
-async def stream_events(served: Served, body: Common, run, stats: bool):
-    """SSE from a worker thread. A client that goes away sets `cancel`; the worker stops at the next
-    token and releases the model lock itself, so the next request never waits on a dead stream."""
+async def stream_events(job: Job):
+    """SSE from a worker thread. The model lock is taken here, when the stream starts (a client gone before
+    that never holds it); a client that goes away sets `cancel`, and the worker stops at the next token and
+    releases the lock itself, so the next request never waits on a dead stream."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     cancel = threading.Event()
-    include_usage = bool((body.stream_options or {}).get("include_usage"))
+    include_usage = bool((job.body.stream_options or {}).get("include_usage"))
+    await job.served.lock.acquire()
 
     def worker():
-        n = 0
+        finish = None
         try:
-            for chunk in run(True):
+            for chunk in job.run(True):
                 if cancel.is_set():
                     break
-                n += 1
-                chunk["model"] = body.model
+                finish = (chunk.get("choices") or [{}])[0].get("finish_reason") or finish
+                chunk["model"] = job.body.model
                 loop.call_soon_threadsafe(queue.put_nowait, ("chunk", chunk))
-            if stats:
-                print(served.runtime.stats(), file=sys.stderr, flush=True)
+            n = job.served.runtime.generated_tokens(finish, job.decode)
+            job.log(n, "cancelled" if cancel.is_set() else "ok")
             loop.call_soon_threadsafe(queue.put_nowait, ("done", n))
         except Exception as exc:  # noqa: BLE001 (reported in-stream: headers are already sent)
+            job.log(0, "error")
             loop.call_soon_threadsafe(queue.put_nowait, ("error", str(exc)))
         finally:
-            loop.call_soon_threadsafe(served.lock.release)
+            loop.call_soon_threadsafe(job.served.lock.release)
 
     thread = threading.Thread(target=worker, daemon=True)
     thread.start()
@@ -251,9 +291,11 @@ async def stream_events(served: Served, body: Common, run, stats: bool):
                 break
             else:
                 if include_usage and last is not None:
-                    usage = {"object": last.get("object"), "id": last.get("id"), "created": last.get("created"),
-                             "model": body.model, "choices": [], "usage": {"completion_tokens": item}}
-                    yield f"data: {json.dumps(usage)}\n\n"
+                    usage = {"prompt_tokens": job.prompt_tokens, "completion_tokens": item,
+                             "total_tokens": job.prompt_tokens + item}
+                    tail = {"object": last.get("object"), "id": last.get("id"), "created": last.get("created"),
+                            "model": job.body.model, "choices": [], "usage": usage}
+                    yield f"data: {json.dumps(tail)}\n\n"
                 yield "data: [DONE]\n\n"
                 break
     finally:
@@ -283,6 +325,13 @@ async def _bad_body(_, exc: RequestValidationError):
     return error_response(400, message, param=param)
 
 
+async def _http_error(_, exc: StarletteHTTPException):
+    if exc.status_code == 404:
+        return error_response(404, "no such route; see GET /v1/models, POST /v1/chat/completions, "
+                              "POST /v1/completions, GET|POST /lora-adapters, GET /", code="not_found")
+    return error_response(exc.status_code, str(exc.detail), code="method_not_allowed" if exc.status_code == 405 else None)
+
+
 async def _internal(_, exc: Exception):
     log.exception("internal error")
     return error_response(500, f"internal error: {type(exc).__name__}: {exc}", type_="server_error")
@@ -294,6 +343,7 @@ def create_app(registry: Registry) -> FastAPI:
     app.middleware("http")(_guard)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _bad_body)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _internal)
     app.include_router(router)
     app.include_router(web)

@@ -80,12 +80,35 @@ class Common(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=5.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repeat_penalty: float | None = Field(None, ge=0.0, le=10.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logprobs: bool | int | None = None   # answered with a clear 400: see NOT_SUPPORTED
+    top_logprobs: int | None = None
+    n_probs: int | None = None           # llama-server's spelling
+    n: int | None = Field(None, ge=1)
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     lora: list[LoraScale] | None = None
     avgguf: AvggufOptions | None = None
+
+
+NOT_SUPPORTED = {"logprobs": "logprobs", "top_logprobs": "logprobs", "n_probs": "token probabilities"}
+
+
+def unsupported(body: Common) -> str | None:
+    """The first field a request sets that this server does not implement (answered with a 400, never ignored)."""
+    for name, what in NOT_SUPPORTED.items():
+        value = getattr(body, name)
+        if value not in (None, False, 0):
+            return f"{name}: {what} are not supported by avgguf serve (llama.cpp would need every logit kept)"
+    if body.n not in (None, 1):
+        return "n: one choice per request is supported (send n requests)"
+    return None
 
 
 class ChatBody(Common):
