@@ -47,6 +47,8 @@ def add_parser(sub, parent) -> None:
     p.add_argument("--judge-data", help="training rows for the generated-answer classifier (default: train.jsonl "
                    "beside --data)")
     p.add_argument("--max-tokens", type=positive_int, default=96, help="tokens per generated answer (default 96)")
+    p.add_argument("--transfer", metavar="OTHER.gguf", help="also apply the same AVs to another fine-tune of the "
+                   "same base and show their effect there next to their effect on the base")
     p.add_argument("--plot", help="write the λ sweep as a PNG")
     p.add_argument("--json", action="store_true", help="print all results as JSON")
 
@@ -115,6 +117,8 @@ def run_eval(args) -> int:
                 out["prompting"].append(entry)
     finally:
         eng.close()
+    if args.transfer:
+        out["transfer"] = transfer_sweeps(mf, args.transfer, by_domain, lambdas, args, log)
     if args.generate:
         out.update(generated_shares(mf, by_domain, lambdas, args, log))
     if args.plot and sweeps:
@@ -124,6 +128,39 @@ def run_eval(args) -> int:
     else:
         print(render(out, list(by_domain)))
     return 0
+
+
+def transfer_sweeps(mf, other: str, by_domain: dict[str, list[dict]], lambdas: list[float], args, log) -> dict:
+    """The modelfile's AVs on another fine-tune of its base: same sweeps, same judge."""
+    from pathlib import Path
+
+    from . import adapter_format as fmt
+
+    path = Path(other)
+    if fmt.gguf_kind(path) != "model":
+        raise AvggufError(f"--transfer {other!r}: expected a GGUF model (another fine-tune of the base)")
+    info = fmt.read_base_model(path)
+    for name, av in mf.av_paths.items():
+        try:
+            fmt.check_against_base(fmt.read_adapter(av), info)
+        except AvggufError as exc:
+            raise AvggufError(f"--transfer: AV {name!r} does not fit {other}: {exc}") from None
+    eng = Engine(path, n_ctx=1024, logits_all=True, fuse="sync", verbose=args.verbose,
+                 threads=ThreadPolicy.from_settings(args.threads, mf.spec.defaults.n_threads))
+    zero = {name: 0.0 for name in mf.av_paths}
+    try:
+        for name, av in mf.av_paths.items():
+            eng.load_adapter(name, av)
+        sweeps = []
+        for domain, drows in by_domain.items():
+            av = _av_for_domain(mf, domain)
+            if av is not None:
+                run = sweep if args.decode == "weights" else (
+                    lambda e, r, a, lam, z, progress: pad_sweep(e, r, a, lam, z, args.decode, progress))
+                sweeps.append(run(eng, drows, av, lambdas, zero, progress=log).__dict__)
+    finally:
+        eng.close()
+    return {"model": str(path), "sweeps": sweeps}
 
 
 def generated_shares(mf, by_domain: dict[str, list[dict]], lambdas: list[float], args, log) -> dict:
@@ -173,6 +210,14 @@ def render(out: dict, domains: list[str]) -> str:
                   "| λ | avoidance | generic | expert |", "|---|---|---|---|"]
         for lam, sh in zip(s["lambdas"], s["shares"]):
             lines.append(f"| {lam:g} | " + " | ".join(f"{sh[lvl]:.2f}" for lvl in LEVELS) + " |")
+    if out.get("transfer"):
+        lines.append(f"\nthe same AVs on {out['transfer']['model']} (expert share: base model -> other fine-tune):")
+        for s, t in zip(out["sweeps"], out["transfer"]["sweeps"]):
+            header = "| λ | expert (base) | expert (other) | avoidance (base) | avoidance (other) |"
+            lines += [f"\n{s['domain']} queries, {s['av']} AV:", header, "|---|---|---|---|---|"]
+            for lam, a, b in zip(s["lambdas"], s["shares"], t["shares"]):
+                lines.append(f"| {lam:g} | {a['expert']:.2f} | {b['expert']:.2f} | {a['avoidance']:.2f} | "
+                             f"{b['avoidance']:.2f} |")
     if out.get("generated"):
         acc = out["classifier"]["accuracy_on_references"]
         lines.append(f"\ngenerated answers judged by the level classifier (accuracy on held-out references {acc:.2f}):")

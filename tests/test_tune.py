@@ -88,3 +88,27 @@ def test_impossible_budget(tiny_kit, tmp_path):
     r = tune(str(root / "tiny.yaml"), "--data", str(eval_rows(tiny_kit, tmp_path)), "--target", "medical=expert",
              "--budget", "2")
     assert r.returncode == 2 and "at least 3 evaluations" in r.stderr
+
+
+def test_transfer_to_another_fine_tune(tiny_kit, tmp_path):
+    from conftest import make_pair
+    from synthetic import Spec, to_gguf_tensors, write_gguf
+
+    root, p, q = tiny_kit
+    other = tmp_path / "other-fine-tune.gguf"
+    write_gguf(other, q.spec, to_gguf_tensors(q.spec, q.delta.applied_to(q.weights, 0.5)))
+    data = eval_rows(tiny_kit, tmp_path)
+    r = subprocess.run([sys.executable, "-m", "avgguf.cli", "eval", str(root / "tiny.yaml"), "--data", str(data),
+                        "--lambdas", "0,1", "--transfer", str(other), "--json"], capture_output=True, text=True,
+                       check=False)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["transfer"]["model"] == str(other)
+    assert [s["lambdas"] for s in out["transfer"]["sweeps"]] == [[0.0, 1.0], [0.0, 1.0]]
+    text = subprocess.run([sys.executable, "-m", "avgguf.cli", "eval", str(root / "tiny.yaml"), "--data", str(data),
+                           "--lambdas", "0,1", "--transfer", str(other)], capture_output=True, text=True, check=False)
+    assert "expert (other)" in text.stdout
+    wider = make_pair(tmp_path / "wide", Spec("llama", n_embd=96, n_head=4, n_head_kv=2))
+    r = subprocess.run([sys.executable, "-m", "avgguf.cli", "eval", str(root / "tiny.yaml"), "--data", str(data),
+                        "--transfer", str(wider.base_gguf)], capture_output=True, text=True, check=False)
+    assert r.returncode == 2 and "does not fit" in r.stderr and "Traceback" not in r.stderr, r.stderr
