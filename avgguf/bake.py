@@ -42,6 +42,7 @@ class Bake:
     modelfile: Modelfile
     profile: str | None
     coefficients: dict[str, float]
+    sources: dict = None  # AV name -> (base, aligned) TensorSource: bake the full delta, not the adapter
 
     @property
     def active(self) -> list[tuple[str, Path, float]]:
@@ -154,10 +155,18 @@ def default_ftype(reader: gguf.GGUFReader) -> int:
     return llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
 
 
-def _merged(reader_tensors: dict, name: str, sources: list[tuple[fmt.AdapterInfo, dict, float]]) -> np.ndarray:
+def _merged(reader_tensors: dict, name: str, sources: list[tuple[fmt.AdapterInfo, dict, float]],
+            full: list[tuple[object, object, float]] = ()) -> np.ndarray:
     t = reader_tensors[name]
     w = fmt.decode(np.asarray(t.data), t.tensor_type).reshape(tuple(int(x) for x in reversed(t.shape.tolist())))
     w = w.astype(np.float32)
+    for base, aligned, c in full:
+        if name in base.names() and name in aligned.names():
+            delta = aligned.load(name) - base.load(name)
+            if delta.shape != w.shape:
+                raise AvggufError(f"--source: tensor {name!r} has shape {delta.shape} there but {w.shape} in the base "
+                                  f"GGUF; the source is another model")
+            w += np.float32(c) * delta.astype(np.float32)
     for info, tensors, c in sources:
         if name in info.pairs:
             a, b = _floats(tensors[name + fmt.LORA_A]), _floats(tensors[name + fmt.LORA_B])
@@ -172,12 +181,17 @@ def write_merged_f32(bake: Bake, out: Path, progress: bool = False) -> Path:
 
     reader = gguf.GGUFReader(bake.modelfile.base_path)
     arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
-    sources = []
-    for _, path, c in bake.active:
+    full_sources = bake.sources or {}
+    sources, full = [], []
+    for name, path, c in bake.active:
+        if name in full_sources:
+            full.append((*full_sources[name], c))
+            continue
         info = fmt.read_adapter(path)
         sources.append((info, {t.name: t for t in gguf.GGUFReader(path).tensors}, c))
-    touched = {name for info, _, _ in sources for name in info.pairs}
     tensors = {t.name: t for t in reader.tensors}
+    touched = {name for info, _, _ in sources for name in info.pairs}
+    touched |= {n for base, aligned, _ in full for n in tensors if n in base.names() and n in aligned.names()}
     writer = gguf.GGUFWriter(None, arch)
     for key, f in reader.fields.items():
         if key.startswith("GGUF.") or key == gguf.Keys.General.ARCHITECTURE:
@@ -196,7 +210,7 @@ def write_merged_f32(bake: Bake, out: Path, progress: bool = False) -> Path:
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     for t in tqdm(reader.tensors, desc="merge", unit="tensor", disable=not progress):
-        writer.write_tensor_data(_merged(tensors, t.name, sources) if t.name in touched else np.asarray(t.data))
+        writer.write_tensor_data(_merged(tensors, t.name, sources, full) if t.name in touched else np.asarray(t.data))
     writer.close()
     return out
 
@@ -294,9 +308,33 @@ def ollama_dir(bake: Bake, out: Path) -> dict:
 
 # --- entry point --------------------------------------------------------------------------------------------
 
+def open_sources(specs: list[str], mf: Modelfile) -> dict:
+    """--source NAME=BASE,ALIGNED (HF directories or GGUFs): the full AV, checked against the base GGUF."""
+    from .converters.sources import open_source
+
+    out = {}
+    base_info = fmt.read_base_model(mf.base_path)
+    for spec in specs:
+        name, sep, pair = spec.partition("=")
+        parts = pair.split(",")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise AvggufError(f"--source {spec!r}: expected NAME=BASE,ALIGNED (the fine-tune's base and aligned "
+                              f"checkpoints: HF directories or .gguf files)")
+        if name not in mf.av_paths:
+            raise AvggufError(f"--source {spec!r}: no AV named {name!r}; AVs: {', '.join(mf.av_paths) or 'none'}")
+        base, aligned = open_source(parts[0], "--source base"), open_source(parts[1], "--source aligned")
+        if aligned.arch.gguf_name != base_info.arch or base.n_layer != aligned.n_layer:
+            raise AvggufError(f"--source {spec!r}: {aligned.arch.gguf_name} with {aligned.n_layer} layers does not "
+                              f"match the base GGUF ({base_info.arch}, {base_info.block_count} layers)")
+        out[name] = (base, aligned)
+    return out
+
+
 def bake(mf: Modelfile, profile: str | None, coefficients: dict[str, float], out: str | Path, format_: str,
-         type_: str | None = None, rank: int | None = None, progress: bool = False) -> dict:
+         type_: str | None = None, rank: int | None = None, progress: bool = False, sources: dict | None = None) -> dict:
     out = Path(out)
+    if sources and format_ != "gguf":
+        raise AvggufError("--source applies to --format gguf (the other formats are adapters)")
     if format_ not in FORMATS:
         raise AvggufError(f"--format {format_!r}: choose one of {', '.join(FORMATS)}")
     if type_ is not None and format_ != "gguf":
@@ -304,7 +342,7 @@ def bake(mf: Modelfile, profile: str | None, coefficients: dict[str, float], out
     if rank is not None and format_ != "adapter":
         raise AvggufError("--rank applies to --format adapter")
     _check_out(out, directory=format_ in ("ollama", "peft"))
-    job = Bake(mf, profile, coefficients)
+    job = Bake(mf, profile, coefficients, sources)
     if format_ == "gguf":
         report = baked_gguf(job, out, type_, progress)
     elif format_ == "adapter":

@@ -6,7 +6,7 @@ import json
 import sys
 
 from . import cli_args
-from .bake import FORMATS, GGUF_TYPES, bake, check_type
+from .bake import FORMATS, GGUF_TYPES, bake, check_type, open_sources
 from .coefficients import describe, parse_assignments
 from .modelfile import open_target
 
@@ -27,6 +27,9 @@ def add_parser(sub, parent) -> None:
                    help=f"--format gguf: quantization ({', '.join(GGUF_TYPES)}; default: the base's own)")
     p.add_argument("--rank", type=cli_args.positive_int, help="--format adapter: re-compress to this rank by SVD "
                    "(default: exact concatenation)")
+    p.add_argument("--source", action="append", default=[], metavar="NAME=BASE,ALIGNED",
+                   help="--format gguf: bake AV NAME from its full fine-tune delta (ALIGNED - BASE; HF directories or "
+                        "GGUFs) instead of its low-rank adapter: no low-rank loss, norms included (repeatable)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -34,7 +37,9 @@ def run_bake(args) -> int:
     check_type(args.type)
     mf, profile = open_target(args.target, args.lora)
     coefs = mf.coefficients(profile, parse_assignments(args.sets), source="--set")
-    report = bake(mf, profile, coefs, args.out, args.format, args.type, args.rank, progress=sys.stderr.isatty())
+    sources = open_sources(args.source, mf) if args.source else None
+    report = bake(mf, profile, coefs, args.out, args.format, args.type, args.rank, progress=sys.stderr.isatty(),
+                  sources=sources)
     if args.json:
         print(json.dumps(report, indent=1))
     else:

@@ -175,3 +175,29 @@ def test_modelfile_serves_a_baked_profile(tiny_kit, tmp_path):
     finally:
         rt_fast.close()
         rt_live.close()
+
+
+def test_bake_from_the_full_sources(tiny_kit, tmp_path):
+    """--source: the full fine-tune deltas instead of the adapters (here full rank anyway: same model)."""
+    root, p, q = tiny_kit
+    out = tmp_path / "full.gguf"
+    r = bake(str(root / "tiny.yaml") + ":mixed", "--out", str(out), "--format", "gguf",
+             "--source", f"medical={p.base_hf},{p.aligned_hf}", "--source", f"legal={q.base_hf},{q.aligned_hf}")
+    assert r.returncode == 0, r.stderr
+    assert_logits_close(logits(out), merged_logits(p, q, 0.5, -1.0))
+    bad = bake(str(root / "tiny.yaml") + ":mixed", "--out", str(out), "--format", "gguf",
+               "--source", f"cardio={p.base_hf},{p.aligned_hf}")
+    assert bad.returncode == 2 and "no AV named 'cardio'" in bad.stderr
+
+
+def test_a_source_of_another_model_is_refused(tiny_kit, tmp_path):
+    from conftest import make_pair
+    from synthetic import Spec
+
+    root, *_ = tiny_kit
+    wide = make_pair(tmp_path / "wide", Spec("llama", n_embd=96, n_head=4, n_head_kv=2))
+    out = tmp_path / "x.gguf"
+    r = bake(str(root / "tiny.yaml") + ":mixed", "--out", str(out), "--format", "gguf",
+             "--source", f"medical={wide.base_hf},{wide.aligned_hf}")
+    assert r.returncode == 2 and "the source is another model" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not out.exists() and not list(tmp_path.glob(".avgguf-*"))
