@@ -47,7 +47,7 @@ class SideContext:
         import llama_cpp
 
         ptr = llama_cpp.llama_get_logits_ith(self._ctx, -1)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float64)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()  # float32, owned
 
     def reset(self) -> None:
         import llama_cpp

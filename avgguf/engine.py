@@ -179,8 +179,9 @@ class Engine:
         computes with changed (then the KV cache was reset).
 
         Two or more active AVs run as one fused adapter (avgguf.fusion) once it is built: with fuse="async"
-        the separate adapters serve at once and the fused one replaces them at a later call with the same
-        set (a request boundary); "sync" builds it before returning; "off" never fuses."""
+        the separate adapters serve at once, `settle()` (called when an answer is done) builds the fused one
+        in the background, and it replaces them at a later call with the same set (a request boundary);
+        "sync" builds it before returning; "off" never fuses."""
         Resolver(tuple(self.adapters), where="the engine").check_names(coefficients, "coefficients")
         wanted = {name: check_value(name, coefficients.get(name, 0.0)) for name in self.adapters}
         key = tuple((n, v) for n, v in sorted(wanted.items()) if v != 0.0)
@@ -215,9 +216,15 @@ class Engine:
         handle = self._fusion.ready(key, self._applied_fused)
         if handle is None and self.fuse == "sync":
             return self._fusion.build_now(key, self._applied_fused)
-        if handle is None:
-            self._fusion.request(key)
         return handle
+
+    def settle(self) -> None:
+        """The knobs have settled (an answer under them is done): build their fused adapter in the background,
+        so a knob change never waits for it (measured: building at the change itself pushed the next first
+        token from ~55 to ~145 ms)."""
+        if self.fuse == "async" and self._fusable(self._applied) and self._applied_fused is None:
+            self._fused_for(self._applied)  # creates the cache on first use
+            self._fusion.request(self._applied)
 
     def _apply(self, key: tuple[tuple[str, float], ...], fused=None) -> None:
         import llama_cpp

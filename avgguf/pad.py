@@ -29,6 +29,11 @@ def check_mode(mode: str, where: str = "--decode") -> str:
     return mode
 
 
+def _logsumexp(x: np.ndarray) -> float:
+    m = float(x.max())
+    return m + float(np.log(np.exp(x - m, dtype=np.float32).sum(dtype=np.float64)))
+
+
 def log_softmax(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     m = x.max(axis=-1, keepdims=True)
@@ -94,15 +99,26 @@ class PadDecoder:
             ctx.eval(prompt)
         weights = [w for _, w in self.active]
         for _ in range(max_tokens):
-            base = log_softmax(self.contexts[0].logits())
-            cand = candidates(base, self.settings.mode, self.settings.k)
-            policies = [log_softmax(ctx.logits()) for ctx in self.contexts[1:]]
-            tok = pick(cand, scores(base, policies, weights, cand), temperature, top_p, rng)
+            pos, base, policies, cand = self._step_logps()
+            tok = int(cand[pick(pos, scores(base, policies, weights, pos), temperature, top_p, rng)])
             if tok in stop_ids:
                 return
             yield tok
             for ctx in self.contexts:
                 ctx.eval([tok])
+
+    def _step_logps(self) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """Candidate ids and the log-probs the rule needs, indexed by candidate position: one float32 pass over
+        each context's logits for its normaliser, the rest only on the candidates (the whole vocabulary for
+        pad-full)."""
+        base_logits = self.contexts[0].logits()
+        cand = candidates(base_logits, self.settings.mode, self.settings.k)
+        base = base_logits[cand] - _logsumexp(base_logits)
+        policies = []
+        for ctx in self.contexts[1:]:
+            logits = ctx.logits()
+            policies.append(logits[cand] - _logsumexp(logits))
+        return np.arange(len(cand)), base.astype(np.float64), policies, cand
 
     def close(self) -> None:
         for ctx in self.contexts:

@@ -107,17 +107,21 @@ class Runtime:
         if decode != "weights":
             yield from (piece for piece, _ in self.pad_pieces(req, coefficients, decode) if piece)
             return
-        for i, chunk in enumerate(self.chat(req, coefficients, stream=True, reuse_prefix=reuse_prefix)):
-            if i and i % ADAPT_EVERY == 0:
-                self.engine.adapt_threads()
-            piece = chunk["choices"][0]["delta"].get("content")
-            if piece:
-                yield piece
+        try:
+            for i, chunk in enumerate(self.chat(req, coefficients, stream=True, reuse_prefix=reuse_prefix)):
+                if i and i % ADAPT_EVERY == 0:
+                    self.engine.adapt_threads()
+                piece = chunk["choices"][0]["delta"].get("content")
+                if piece:
+                    yield piece
+        finally:
+            self.engine.settle()
 
     # -- decoding-time alignment (PAD) --------------------------------------------------------------
 
     def pad_pieces(self, req: GenerationRequest, weights: dict[str, float], mode: str) -> Iterator[tuple[str, str | None]]:
         """(text piece, finish reason or None) under PAD: `weights` are the per-AV reward weights."""
+        import codecs
         import time
 
         from .pad import PadDecoder, PadSettings
@@ -129,6 +133,7 @@ class Runtime:
         decoder = PadDecoder(self.engine, PadSettings(mode, weights))
         t0, first, tokens, text = time.perf_counter(), None, [], ""
         finish = "length"
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="ignore")  # pieces may split a character
         try:
             for tok in decoder.tokens(prompt, kw["max_tokens"], kw["temperature"], kw["top_p"], kw["seed"]):
                 if self.engine.is_end(tok):
@@ -136,14 +141,15 @@ class Runtime:
                     break
                 first = first or time.perf_counter()
                 tokens.append(tok)
-                full = self.engine.detokenize(tokens).decode("utf-8", errors="ignore")
+                piece = utf8.decode(self.engine.detokenize([tok]))
+                full = text + piece
                 cut = min((full.find(s) for s in (kw["stop"] or []) if s in full), default=-1)
                 if cut >= 0:
                     yield full[len(text):cut], None
                     finish = "stop"
                     break
-                if len(full) > len(text):
-                    yield full[len(text):], None
+                if piece:
+                    yield piece, None
                     text = full
         finally:
             decoder.close()

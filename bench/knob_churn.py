@@ -2,8 +2,9 @@
 
     python bench/knob_churn.py [--changes 1000] [--fuse async|sync]
 
-Three demo AVs on the embedded SmolLM2; every change sets new coefficients, generates 4 tokens, and sets the
-same coefficients again (the request boundary where a finished fused adapter replaces the separate ones).
+Three demo AVs on the embedded SmolLM2; every change sets new coefficients, generates 4 tokens, marks the
+answer done (`settle`: the fused adapter is built in the background from then on) and sets the same
+coefficients again (the request boundary where a finished fused adapter replaces the separate ones).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def main() -> None:
         for _ in eng.completion(PROMPT, max_tokens=4, temperature=0.0, stream=True):
             first_token.append(1000 * (time.perf_counter() - t0))
             break
+        eng.settle()  # the answer is done (what the runtime does after each answer)
         eng.set_coefficients(coefs)  # a later request with the same set: the fused adapter, when built
         fused += eng.fused
         if i + 1 in (1, 10, 100, args.changes // 2, args.changes):

@@ -44,6 +44,7 @@ def test_async_fusion_swaps_in_at_the_next_call(tiny_kit):
         assert eng.set_coefficients({"medical": 0.5, "legal": -1.0})
         assert not eng.fused                      # separate adapters serve at once
         before = eng.all_logits(TOKENS)
+        eng.settle()                              # the answer is done: build in the background now
         eng.wait_fused(timeout=60)
         assert eng.set_coefficients({"medical": 0.5, "legal": -1.0})  # same set: the fused one comes in
         assert eng.fused
