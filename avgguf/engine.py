@@ -216,6 +216,8 @@ class Engine:
         handle = self._fusion.ready(key, self._applied_fused)
         if handle is None and self.fuse == "sync":
             return self._fusion.build_now(key, self._applied_fused)
+        if handle is None and key != self._applied:
+            self._fusion.cancel()  # the knobs moved on: drop a build for the previous set
         return handle
 
     def settle(self) -> None:

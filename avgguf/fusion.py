@@ -91,8 +91,12 @@ def _coefficient(reader_alpha: float, rank: int, c: float) -> float:
     return c * (reader_alpha / rank if reader_alpha else 1.0)
 
 
+class Cancelled(Exception):
+    """A background build whose coefficient set is no longer wanted."""
+
+
 def write_fused(sources: list[tuple[str, Path, float]], out: Path, arch: str, extra: dict | None = None,
-                float_type: QType | None = None) -> Path:
+                float_type: QType | None = None, stop=None) -> Path:
     """Write the adapter equal to Σ c·adapter for (name, path, c) sources (c != 0), atomically; `extra`:
     more metadata (key -> value); `float_type` (F32/F16): every factor in that type instead of natively."""
     readers = [(name, gguf.GGUFReader(path), c) for name, path, c in sources]
@@ -101,6 +105,8 @@ def write_fused(sources: list[tuple[str, Path, float]], out: Path, arch: str, ex
     writer = fmt.AdapterWriter(out, arch, "fused:" + "+".join(name for name, _, _ in sources))
     try:
         for base in bases:
+            if stop is not None and stop():
+                raise Cancelled
             a_parts, b_parts, coefs = [], [], []
             for (_, reader, c), info in zip(readers, infos):
                 if base not in info.pairs:
@@ -169,10 +175,20 @@ class FusedAdapters:
     def _sources(self, key: Key) -> list[tuple[str, Path, float]]:
         return [(name, self._paths[name], value) for name, value in key]
 
-    def _build(self, key: Key) -> None:
+    def _build(self, key: Key, background: bool = False) -> None:
         path = fused_path(self._dir, key)
+        if background:  # never compete with decoding: the builder thread runs at the lowest CPU priority
+            try:
+                import threading
+
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+            except (AttributeError, OSError):
+                pass
         try:
-            write_fused(self._sources(key), path, self._arch)
+            write_fused(self._sources(key), path, self._arch,
+                        stop=(lambda: self._wanted != key) if background else None)
+        except Cancelled:
+            return
         except Exception as exc:  # noqa: BLE001 (kept for the caller; the separate adapters stay in use)
             self.error = exc
             return
@@ -186,7 +202,7 @@ class FusedAdapters:
                 if key is None or key in self._built or key in self._loaded:
                     self._worker = None
                     return
-            self._build(key)
+            self._build(key, background=True)
             with self._lock:
                 if self._wanted == key:
                     self._wanted = None
@@ -202,6 +218,11 @@ class FusedAdapters:
             if self._worker is None:
                 self._worker = threading.Thread(target=self._work, daemon=True, name="avgguf-fuse")
                 self._worker.start()
+
+    def cancel(self) -> None:
+        """The knobs moved: a build in progress for another set stops at its next tensor."""
+        with self._lock:
+            self._wanted = None
 
     def wait(self, timeout: float | None = None) -> None:
         worker = self._worker

@@ -33,14 +33,15 @@ def targets(mix: str) -> list[tuple[str, str]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--limit", type=int, default=6)
+    ap.add_argument("--limit", type=int, default=4)
+    ap.add_argument("--mixes", type=int, default=3, help="how many of the three target mixes to run")
     ap.add_argument("--grid", type=float, default=1.0)
-    ap.add_argument("--budget", type=int, default=60)
+    ap.add_argument("--budget", type=int, default=40)
     args = ap.parse_args()
     print(f"Demo AVs, {args.limit} held-out queries per domain, level judge; grid step {args.grid:g} over [-2, 2]^3:\n")
     print("| target mix | search | evaluations | seconds | target shares (per domain) | mean | coefficients |")
     print("|---|---|---|---|---|---|---|")
-    for mix in MIXES:
+    for mix in MIXES[: args.mixes]:
         common = ("--target", mix, "--limit", str(args.limit))
         results = {"grid": run(*common, "--grid", str(args.grid)), "avgguf tune": run(*common, "--budget", str(args.budget))}
         for label, r in results.items():
