@@ -42,6 +42,10 @@ def add_parsers(sub, parent) -> None:
     p.add_argument("--port", type=cli_args.port, default=8080, help="TCP port (default 8080)")
     p.add_argument("--api-key", help="require Authorization: Bearer KEY")
     p.add_argument("--allow-write", action="store_true", help="let the chat page save profiles into the modelfile")
+    p.add_argument("--parallel", type=cli_args.positive_int, default=1, help="requests served at once per model: "
+                   "that many llama.cpp contexts (weights shared), the cores split between them (default 1)")
+    p.add_argument("--max-queue", type=cli_args.positive_int, help="answer 503 when this many requests already "
+                   "wait for a model (default: no limit)")
     p = sub.add_parser("desktop", parents=[parent], help="the local web chat with a slider per AV, in your browser")
     cli_args.add_model_args(p, many=True)
     p.add_argument("--port", type=cli_args.port, help="TCP port on 127.0.0.1 (default: a free one)")
@@ -150,7 +154,8 @@ def run_serve(args) -> int:
         raise AvggufError("--lora applies to one base GGUF; give a single BASE.gguf (or list adapters in modelfiles)")
     models = [open_target(t, loras)[0] for t in args.targets]
     serve(models, args.host, args.port, args.api_key, verbose=args.verbose, n_gpu_layers=args.n_gpu_layers,
-          n_ctx=args.n_ctx, threads=args.threads, stats=args.stats, allow_write=args.allow_write)
+          n_ctx=args.n_ctx, threads=args.threads, stats=args.stats, allow_write=args.allow_write,
+          parallel=args.parallel, max_queue=args.max_queue)
     return 0
 
 

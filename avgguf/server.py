@@ -48,20 +48,46 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Served:
+    """One model id's runtimes: `slots` contexts (each its own llama.cpp context and KV cache, the GGUF's
+    pages shared through mmap), handed to one request at a time from a pool."""
+
     modelfile: Modelfile
-    runtime: Runtime
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    runtime: Runtime  # the first slot; also tokenizes and formats prompts for the routes
     global_scales: dict[str, float] | None = None  # set by POST /lora-adapters
+    slots: list[Runtime] = field(default_factory=list)
+    max_queue: int | None = None
+    waiting: int = 0
+
+    def __post_init__(self):
+        self.slots = self.slots or [self.runtime]
+        self.pool: asyncio.Queue = asyncio.Queue()
+        for rt in self.slots:
+            self.pool.put_nowait(rt)
+
+    async def acquire(self) -> Runtime:
+        """A free runtime; 503 in OpenAI's shape when --max-queue requests already wait."""
+        if self.pool.empty() and self.max_queue is not None and self.waiting >= self.max_queue:
+            raise APIError(503, f"server busy: {self.waiting} requests queued (--max-queue {self.max_queue}); "
+                           f"retry later", code="server_busy", type_="server_error")
+        self.waiting += 1
+        try:
+            return await self.pool.get()
+        finally:
+            self.waiting -= 1
 
 
 class Registry:
     """Model ids -> what serves them. `runtimes` keys are modelfile names, or NAME:PROFILE for baked profiles
     (a GGUF of their own, served without knobs)."""
 
-    def __init__(self, runtimes: dict[str, tuple[Modelfile, Runtime]], api_key: str | None = None,
-                 stats: bool = False, allow_write: bool = False):
-        self.models = {name: Served(mf, rt) for name, (mf, rt) in runtimes.items() if ":" not in name}
-        self.baked = {name: Served(mf, rt) for name, (mf, rt) in runtimes.items() if ":" in name}
+    def __init__(self, runtimes: dict[str, tuple[Modelfile, Runtime | list[Runtime]]], api_key: str | None = None,
+                 stats: bool = False, allow_write: bool = False, max_queue: int | None = None):
+        def served(mf, rts) -> Served:
+            rts = rts if isinstance(rts, list) else [rts]
+            return Served(mf, rts[0], slots=rts, max_queue=max_queue)
+
+        self.models = {name: served(mf, rt) for name, (mf, rt) in runtimes.items() if ":" not in name}
+        self.baked = {name: served(mf, rt) for name, (mf, rt) in runtimes.items() if ":" in name}
         self.api_key = api_key
         self.stats = stats
         self.allow_write = allow_write  # POST /avgguf/profiles may write modelfiles
@@ -170,9 +196,9 @@ async def chat_completions(request: Request, registry: RegistryDep):
     req.messages = messages
     decode = decode_for(served, profile, body)
     if decode != "weights":
-        run = lambda stream: rt.chat_pad(req, coefs, decode, stream=stream)
+        run = lambda slot, stream: slot.chat_pad(req, coefs, decode, stream=stream)
     else:
-        run = lambda stream: rt.chat(req, coefs, stream=stream, reuse_prefix=False)
+        run = lambda slot, stream: slot.chat(req, coefs, stream=stream, reuse_prefix=False)
     return await generate(Job(served, body, run, coefs, n_prompt, registry.stats, decode))
 
 
@@ -187,7 +213,8 @@ async def completions(request: Request, registry: RegistryDep):
     n_prompt = rt.count_tokens(body.prompt) + 1
     req = _request(body, served, n_prompt)
     req.prompt = body.prompt
-    return await generate(Job(served, body, lambda stream: rt.complete(req, coefs, stream=stream, reuse_prefix=False),
+    return await generate(Job(served, body, lambda slot, stream: slot.complete(req, coefs, stream=stream,
+                                                                              reuse_prefix=False),
                               coefs, n_prompt, registry.stats))
 
 
@@ -218,64 +245,66 @@ class Job:
 
     served: Served
     body: Common
-    run: object  # stream: bool -> result dict or chunk iterator
+    run: object  # (runtime, stream: bool) -> result dict or chunk iterator
     coefficients: dict[str, float]
     prompt_tokens: int
     stats: bool
     decode: str = "weights"
     t0: float = field(default_factory=time.perf_counter)
 
-    def log(self, completion_tokens: int, status: str = "ok") -> None:
+    def log(self, completion_tokens: int, status: str = "ok", slot: Runtime | None = None) -> None:
         """One access-log line per request (stderr): model, coefficients, tokens, milliseconds."""
         coefs = ",".join(f"{k}={v:g}" for k, v in self.coefficients.items()) or "-"
         print(f"access: {self.body.model} coefficients={coefs} prompt_tokens={self.prompt_tokens} "
               f"completion_tokens={completion_tokens} ms={1000 * (time.perf_counter() - self.t0):.0f} "
               f"stream={self.body.stream} {status}", file=sys.stderr, flush=True)
         if self.stats:
-            print(self.served.runtime.stats(completion_tokens), file=sys.stderr, flush=True)
+            print((slot or self.served.runtime).stats(completion_tokens), file=sys.stderr, flush=True)
 
 
 async def generate(job: Job):
     if not job.body.stream:
-        async with job.served.lock:
-            try:
-                result = await asyncio.to_thread(job.run, False)
-            except (ValueError, AvggufError) as exc:
-                job.log(0, "error")
-                raise APIError(400, str(exc)) from None
-        job.log(result["usage"]["completion_tokens"])
+        slot = await job.served.acquire()
+        try:
+            result = await asyncio.to_thread(job.run, slot, False)
+        except (ValueError, AvggufError) as exc:
+            job.log(0, "error", slot)
+            raise APIError(400, str(exc)) from None
+        finally:
+            job.served.pool.put_nowait(slot)
+        job.log(result["usage"]["completion_tokens"], slot=slot)
         result["model"] = job.body.model
         return result
     return StreamingResponse(stream_events(job), media_type="text/event-stream")
 
 
 async def stream_events(job: Job):
-    """SSE from a worker thread. The model lock is taken here, when the stream starts (a client gone before
-    that never holds it); a client that goes away sets `cancel`, and the worker stops at the next token and
-    releases the lock itself, so the next request never waits on a dead stream."""
+    """SSE from a worker thread. A runtime slot is taken here, when the stream starts (a client gone before
+    that never holds one); a client that goes away sets `cancel`, and the worker stops at the next token and
+    returns the slot itself, so the next request never waits on a dead stream."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     cancel = threading.Event()
     include_usage = bool((job.body.stream_options or {}).get("include_usage"))
-    await job.served.lock.acquire()
+    slot = await job.served.acquire()
 
     def worker():
         finish = None
         try:
-            for chunk in job.run(True):
+            for chunk in job.run(slot, True):
                 if cancel.is_set():
                     break
                 finish = (chunk.get("choices") or [{}])[0].get("finish_reason") or finish
                 chunk["model"] = job.body.model
                 loop.call_soon_threadsafe(queue.put_nowait, ("chunk", chunk))
-            n = job.served.runtime.generated_tokens(finish, job.decode)
-            job.log(n, "cancelled" if cancel.is_set() else "ok")
+            n = slot.generated_tokens(finish, job.decode)
+            job.log(n, "cancelled" if cancel.is_set() else "ok", slot)
             loop.call_soon_threadsafe(queue.put_nowait, ("done", n))
         except Exception as exc:  # noqa: BLE001 (reported in-stream: headers are already sent)
-            job.log(0, "error")
+            job.log(0, "error", slot)
             loop.call_soon_threadsafe(queue.put_nowait, ("error", str(exc)))
         finally:
-            loop.call_soon_threadsafe(job.served.lock.release)
+            loop.call_soon_threadsafe(job.served.pool.put_nowait, slot)
 
     thread = threading.Thread(target=worker, daemon=True)
     thread.start()
@@ -371,7 +400,8 @@ def bind(host: str, port: int) -> socket.socket:
 
 def serve(modelfiles: list[Modelfile], host: str, port: int, api_key: str | None, verbose: bool = False,
           n_gpu_layers: int | None = None, n_ctx: int | None = None, threads: int | None = None,
-          stats: bool = False, allow_write: bool = False, on_ready=None) -> None:
+          stats: bool = False, allow_write: bool = False, on_ready=None, parallel: int = 1,
+          max_queue: int | None = None) -> None:
     import uvicorn
 
     names: dict[str, Modelfile] = {}
@@ -383,10 +413,17 @@ def serve(modelfiles: list[Modelfile], host: str, port: int, api_key: str | None
     sock = bind(host, port)
     for mf in list(names.values()):
         names.update({f"{mf.name}:{profile}": mf.baked(profile) for profile in mf.baked_paths})
-    runtimes = {name: (mf, Runtime(mf, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, threads=threads, verbose=verbose,
-                                      fuse="sync"))
-                for name, mf in names.items()}
-    registry = Registry(runtimes, api_key, stats, allow_write)
+    if parallel > 1 and threads is None:  # the cores split between the slots (each decodes on its own)
+        from .threads import available_cores
+
+        threads = max(1, available_cores() // parallel)
+
+    def slots(mf: Modelfile) -> list[Runtime]:
+        return [Runtime(mf, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, threads=threads, verbose=verbose, fuse="sync")
+                for _ in range(parallel)]
+
+    runtimes = {name: (mf, slots(mf)) for name, mf in names.items()}
+    registry = Registry(runtimes, api_key, stats, allow_write, max_queue)
     app = create_app(registry)
     port = sock.getsockname()[1]
     print(f"avgguf serve: http://{host}:{port}/v1  chat page: http://{host}:{port}/  models: "

@@ -76,3 +76,66 @@ def test_one_access_log_line_per_request(client, capfd):
     assert len(lines) == 2, lines
     assert "tiny:mixed coefficients=medical=0.5,legal=-1" in lines[0] and "completion_tokens=" in lines[0]
     assert "ms=" in lines[1] and "stream=True" in lines[1]
+
+
+def test_parallel_slots_answer_as_solo_and_the_queue_is_bounded(tiny_kit):
+    import asyncio
+    import subprocess
+    import sys
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from avgguf.server import Served
+    from avgguf.server_schemas import APIError
+
+    root, *_ = tiny_kit
+    with __import__("socket").socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "avgguf.cli", "serve", str(root / "tiny.yaml"), "--port", str(port),
+                             "--parallel", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    try:
+        for _ in range(300):
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+
+        def ask(i: int) -> str:
+            body = {"model": ["tiny", "tiny:mixed", "tiny:expert-medical"][i % 3], "max_tokens": 12, "temperature": 0,
+                    "messages": [{"role": "user", "content": f"question {i}"}]}
+            return httpx.post(url, json=body, timeout=120).json()["choices"][0]["message"]["content"]
+
+        solo = [ask(i) for i in range(8)]
+        with ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(ask, range(8)))
+        assert together == solo  # no answer depends on another request or on which slot served it
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+    mf = load_modelfile(root / "tiny.yaml")
+    rt = Runtime(mf)
+
+    async def queue():
+        served = Served(mf, rt, max_queue=1)
+        first = await served.acquire()           # the only slot
+        waiting = asyncio.create_task(served.acquire())
+        await asyncio.sleep(0.01)                # one request waits: the queue is full
+        try:
+            await served.acquire()
+        except APIError as exc:
+            assert exc.status == 503 and "--max-queue 1" in exc.message
+        else:
+            raise AssertionError("a third request must be refused")
+        served.pool.put_nowait(first)
+        assert await waiting is rt
+
+    try:
+        asyncio.run(queue())
+    finally:
+        rt.close()
