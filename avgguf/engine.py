@@ -128,13 +128,14 @@ class Engine:
 
         return bool(llama_cpp.llama_vocab_is_eog(self._llm._model.vocab, token))
 
-    def side_context(self, scales: Mapping[str, float]) -> SideContext:
-        """Another context on this model (weights shared) with these adapters at these scales, own KV cache."""
+    def side_context(self, scales: Mapping[str, float], threads: int | None = None) -> SideContext:
+        """Another context on this model (weights shared) with these adapters at these scales, own KV cache;
+        `threads`: its CPU threads (default: the engine's current count)."""
         import llama_cpp
 
         adapters = [(self.adapters[n].handle, float(v)) for n, v in scales.items() if v != 0.0]
         params = llama_cpp.llama_context_params.from_buffer_copy(self._llm.context_params)
-        params.n_threads = params.n_threads_batch = self._n_threads
+        params.n_threads = params.n_threads_batch = threads or self._n_threads
         return SideContext(self._llm.model, params, self.n_vocab, self.n_ctx, adapters)
 
     def format_chat(self, messages: list[dict]) -> str:
@@ -144,6 +145,10 @@ class Engine:
         return self._formatter(messages)
 
     # -- threads ----------------------------------------------------------------------------
+
+    @property
+    def n_threads(self) -> int:
+        return self._n_threads
 
     def adapt_threads(self) -> int:
         """Re-apply the thread policy (cheap: a /proc/stat read); takes effect at the next decode."""
