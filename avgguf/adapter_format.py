@@ -282,8 +282,14 @@ class AdapterInfo:
     ignored: dict[str, tuple[int, ...]] = field(default_factory=dict)  # tensors llama.cpp loads but skips
 
 
-def _numpy_shape(t) -> tuple[int, ...]:
+def numpy_shape(t) -> tuple[int, ...]:
+    """A GGUFReader tensor's shape in numpy order (GGUF stores it reversed)."""
     return tuple(int(x) for x in reversed(t.shape.tolist()))
+
+
+def tensor_floats(t, dtype=np.float32) -> np.ndarray:
+    """A GGUFReader tensor as a float array of its numpy shape, dequantized where stored quantized."""
+    return decode(np.asarray(t.data), t.tensor_type).reshape(numpy_shape(t)).astype(dtype)
 
 
 def _open(path: Path, what: str) -> gguf.GGUFReader:
@@ -333,7 +339,7 @@ def read_adapter(path: str | os.PathLike) -> AdapterInfo:
         elif tname.endswith(LORA_B):
             base = tname[: -len(LORA_B)]
         elif tname.endswith(NORM_SUFFIX):
-            ignored[tname] = _numpy_shape(t)  # e.g. mergekit -> convert_lora_to_gguf.py norms
+            ignored[tname] = numpy_shape(t)  # e.g. mergekit -> convert_lora_to_gguf.py norms
             continue
         else:
             raise AdapterError(f"{path}: tensor {tname!r} ends neither in .lora_a nor .lora_b "
@@ -344,7 +350,7 @@ def read_adapter(path: str | os.PathLike) -> AdapterInfo:
         if a is None or b is None:
             missing = base + (LORA_A if a is None else LORA_B)
             raise AdapterError(f"{path}: tensor {missing!r} is missing; lora_a and lora_b come in pairs")
-        a_shape, b_shape = _numpy_shape(a), _numpy_shape(b)
+        a_shape, b_shape = numpy_shape(a), numpy_shape(b)
         if len(a_shape) != 2 or len(b_shape) != 2:
             raise AdapterError(f"{path}: {base}: only 2-D LoRA pairs are supported, found "
                                f"lora_a {a_shape}, lora_b {b_shape}")
@@ -396,7 +402,7 @@ def read_base_model(path: str | os.PathLike) -> BaseModelInfo:
         raise AdapterError(f"{path} is an adapter, not a base model")
     n_layer = reader.get_field(gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch))
     n_embd = reader.get_field(gguf.Keys.LLM.EMBEDDING_LENGTH.format(arch=arch))
-    shapes = {t.name: _numpy_shape(t) for t in reader.tensors}
+    shapes = {t.name: numpy_shape(t) for t in reader.tensors}
     return BaseModelInfo(path, arch, shapes,
                          int(n_layer.contents()) if n_layer else None,
                          int(n_embd.contents()) if n_embd else None)

@@ -104,7 +104,7 @@ def recompress(src: Path, out: Path, arch: str, rank: int, extra: dict) -> None:
     writer = fmt.AdapterWriter(out, arch, f"{info.name} rank {rank}")
     try:
         for base in info.pairs:
-            a, b = (_floats(tensors[base + s]) for s in (fmt.LORA_A, fmt.LORA_B))
+            a, b = (fmt.tensor_floats(tensors[base + s], np.float64) for s in (fmt.LORA_A, fmt.LORA_B))
             delta_left, delta_right = (a, b.T) if base == fmt.TOKEN_EMBD else (b, a)  # delta = left @ right
             left, right = _truncated_product(delta_left, delta_right, rank)
             la, lb = fmt.pair_from_factors(base, left, right)
@@ -115,11 +115,6 @@ def recompress(src: Path, out: Path, arch: str, rank: int, extra: dict) -> None:
     except BaseException:
         writer.abort()
         raise
-
-
-def _floats(t) -> np.ndarray:
-    shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-    return fmt.decode(np.asarray(t.data), t.tensor_type).reshape(shape).astype(np.float64)
 
 
 def _truncated_product(left: np.ndarray, right: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
@@ -157,9 +152,7 @@ def default_ftype(reader: gguf.GGUFReader) -> int:
 
 def _merged(reader_tensors: dict, name: str, sources: list[tuple[fmt.AdapterInfo, dict, float]],
             full: list[tuple[object, object, float]] = ()) -> np.ndarray:
-    t = reader_tensors[name]
-    w = fmt.decode(np.asarray(t.data), t.tensor_type).reshape(tuple(int(x) for x in reversed(t.shape.tolist())))
-    w = w.astype(np.float32)
+    w = fmt.tensor_floats(reader_tensors[name])
     for base, aligned, c in full:
         if name in base.names() and name in aligned.names():
             delta = aligned.load(name) - base.load(name)
@@ -169,7 +162,7 @@ def _merged(reader_tensors: dict, name: str, sources: list[tuple[fmt.AdapterInfo
             w += np.float32(c) * delta.astype(np.float32)
     for info, tensors, c in sources:
         if name in info.pairs:
-            a, b = _floats(tensors[name + fmt.LORA_A]), _floats(tensors[name + fmt.LORA_B])
+            a, b = (fmt.tensor_floats(tensors[name + suffix], np.float64) for suffix in (fmt.LORA_A, fmt.LORA_B))
             scale = c * (info.alpha / info.pairs[name].rank if info.alpha else 1.0)
             w += (scale * fmt.delta_from_pair(name, a, b)).astype(np.float32)
     return w
@@ -202,7 +195,7 @@ def write_merged_f32(bake: Bake, out: Path, progress: bool = False) -> Path:
         _add_meta(writer, key, value)
     for t in reader.tensors:
         if t.name in touched:
-            shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+            shape = fmt.numpy_shape(t)
             writer.add_tensor_info(t.name, shape, np.dtype(np.float32), int(np.prod(shape)) * 4)
         else:
             writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, raw_dtype=t.tensor_type)

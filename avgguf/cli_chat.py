@@ -52,6 +52,7 @@ def add_parsers(sub, parent) -> None:
     p.add_argument("--api-key", help="require Authorization: Bearer KEY (the page asks for it)")
     p.add_argument("--allow-write", action="store_true", help="let the page save profiles into the modelfile")
     p.add_argument("--no-browser", action="store_true", help="print the address instead of opening a browser")
+    p.set_defaults(parallel=1, max_queue=None)  # one person at the page
     p = sub.add_parser("demo", parents=[parent], help="the embedded default model with the shipped demo AVs")
     cli_args.add_generation_args(p)
     p.add_argument("--n-gpu-layers", type=cli_args.gpu_layers, help="layers to offload to the GPU (-1 = all)")
@@ -146,7 +147,7 @@ def run_chat(args, stdin=None) -> int:
     return 0
 
 
-def run_serve(args) -> int:
+def _serve(args, on_ready=None) -> int:
     from .server import serve
 
     loras = cli_args.loras(args)
@@ -155,27 +156,21 @@ def run_serve(args) -> int:
     models = [open_target(t, loras)[0] for t in args.targets]
     serve(models, args.host, args.port, args.api_key, verbose=args.verbose, n_gpu_layers=args.n_gpu_layers,
           n_ctx=args.n_ctx, threads=args.threads, stats=args.stats, allow_write=args.allow_write,
-          parallel=args.parallel, max_queue=args.max_queue)
+          parallel=args.parallel, max_queue=args.max_queue, on_ready=on_ready)
     return 0
+
+
+def run_serve(args) -> int:
+    return _serve(args)
 
 
 def run_desktop(args) -> int:
     """`avgguf serve` on 127.0.0.1 (a free port unless --port) that opens the chat page in the browser."""
     import webbrowser
 
-    args.host = "127.0.0.1"
-    args.port = args.port or 0
-    opener = None if args.no_browser else (lambda url: webbrowser.open(url))
-    from .server import serve
-
-    loras = cli_args.loras(args)
-    if loras and len(args.targets) != 1:
-        raise AvggufError("--lora applies to one base GGUF; give a single BASE.gguf")
-    models = [open_target(t, loras)[0] for t in args.targets]
+    args.host, args.port = "127.0.0.1", args.port or 0
     print("avgguf desktop: Ctrl-C stops the server", flush=True)
-    serve(models, args.host, args.port, args.api_key, verbose=args.verbose, n_gpu_layers=args.n_gpu_layers,
-          n_ctx=args.n_ctx, threads=args.threads, stats=args.stats, allow_write=args.allow_write, on_ready=opener)
-    return 0
+    return _serve(args, on_ready=None if args.no_browser else webbrowser.open)
 
 
 def run_demo(args) -> int:

@@ -280,10 +280,7 @@ class Engine:
         for cont in continuations:
             llm.n_tokens = n  # keep the prompt's K/V, drop the previous continuation
             llm.eval(list(cont))
-            logits = np.asarray(llm.scores[n - 1: n - 1 + len(cont)], dtype=np.float64)
-            logits -= logits.max(axis=1, keepdims=True)
-            logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-            out.append(logp[np.arange(len(cont)), list(cont)])
+            out.append(self._rows(n, len(cont))[np.arange(len(cont)), list(cont)])
         return out
 
     def logprob_rows(self, prompt: Sequence[int], continuation: Sequence[int]) -> np.ndarray:
@@ -293,7 +290,11 @@ class Engine:
         tokens = list(prompt) + list(continuation)
         self._llm.reset()
         self._llm.eval(tokens)
-        rows = np.asarray(self._llm.scores[len(prompt) - 1: len(tokens) - 1], dtype=np.float64)
+        return self._rows(len(prompt), len(continuation))
+
+    def _rows(self, start: int, count: int) -> np.ndarray:
+        """Log-softmax rows predicting tokens start..start+count-1 of what was just evaluated."""
+        rows = np.asarray(self._llm.scores[start - 1: start - 1 + count], dtype=np.float64)
         rows -= rows.max(axis=1, keepdims=True)
         return rows - np.log(np.exp(rows).sum(axis=1, keepdims=True))
 

@@ -43,11 +43,6 @@ def _heads(base: Path) -> tuple[str, int, int]:
     return arch, n_head, int(kv.contents()) if kv else n_head
 
 
-def _floats(t) -> np.ndarray:
-    shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-    return fmt.decode(np.asarray(t.data), t.tensor_type).reshape(shape).astype(np.float32)
-
-
 def _padded(x: np.ndarray, rank: int, axis: int) -> np.ndarray:
     pad = [(0, 0), (0, 0)]
     pad[axis] = (0, rank - x.shape[axis])
@@ -63,7 +58,7 @@ def peft_tensors(fused: Path, arch: str, n_head: int, n_head_kv: int) -> tuple[d
     rank = max(p.rank for p in info.pairs.values())
     out, modules = {}, []
     for base, _ in sorted(info.pairs.items()):
-        a, b = _floats(tensors[base + fmt.LORA_A]), _floats(tensors[base + fmt.LORA_B])
+        a, b = fmt.tensor_floats(tensors[base + fmt.LORA_A]), fmt.tensor_floats(tensors[base + fmt.LORA_B])
         module = hf_module(base)
         prefix = f"base_model.model.{module}"
         if base == fmt.TOKEN_EMBD:  # delta (vocab, embd) = lora_a @ lora_b.T; PEFT: (B @ A).T

@@ -39,7 +39,7 @@ class Factor:
 
 
 def _factor(t) -> Factor:
-    return Factor(np.asarray(t.data), t.tensor_type, tuple(int(x) for x in reversed(t.shape.tolist())))
+    return Factor(np.asarray(t.data), t.tensor_type, fmt.numpy_shape(t))
 
 
 def scaled_blocks(raw: np.ndarray, qtype: QType, c: float) -> np.ndarray:

@@ -44,6 +44,7 @@ class Runtime:
                              seed=d.seed if d.seed is not None else 0, verbose=verbose, fuse=fuse)
         for name, path in modelfile.av_paths.items():
             self.engine.load_adapter(name, path)
+        self._pad_perf: tuple[int, float, int, float] | None = None  # the last PAD request's counts and times
 
     @property
     def n_ctx(self) -> int:
@@ -198,7 +199,7 @@ class Runtime:
 
     def stats(self, gen_tokens: int | None = None, decode: str = "weights") -> str:
         """The `--stats` line for the last request (llama.cpp's own timers; PAD: wall clock)."""
-        if decode != "weights" and getattr(self, "_pad_perf", None):
+        if decode != "weights" and self._pad_perf:
             n_prompt, prompt_s, n_gen, gen_s = self._pad_perf
             return Perf(n_prompt, 1000 * prompt_s, max(n_gen - 1, 0), 1000 * gen_s).line(n_gen)
         return self.engine.perf().line(gen_tokens)
