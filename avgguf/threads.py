@@ -3,8 +3,8 @@ other processes leave free, re-checked before every request and during generatio
 
 Why not a wait policy: llama-cpp-python's llama.cpp uses OpenMP, whose threads busy-wait at every barrier.
 When another process holds a core, a 2-thread decode waits for its descheduled partner at each of the
-hundreds of barriers per token and speed collapses (SmolLM2 on 2 cores with two busy processes: 45 tok/s
-instead of 180; with a short GOMP_SPINCOUNT, 5). OMP_WAIT_POLICY=passive holds up under load but costs 4x
+hundreds of barriers per token and speed collapses (SmolLM2 on 2 cores with two busy processes: 48 tok/s
+instead of 158). OMP_WAIT_POLICY=passive holds up under load but costs 4x
 on an idle machine (bench/runtime_speed.py --under-load has the table). One thread has no barriers at all,
 so: as many threads as cores are free, never fewer than one. OMP_* variables the user sets still apply.
 
