@@ -42,8 +42,8 @@ def add_parsers(sub, parent) -> None:
     p.add_argument("--port", type=cli_args.port, default=8080, help="TCP port (default 8080)")
     p.add_argument("--api-key", help="require Authorization: Bearer KEY")
     p.add_argument("--allow-write", action="store_true", help="let the chat page save profiles into the modelfile")
-    p.add_argument("--parallel", type=cli_args.positive_int, default=1, help="requests served at once per model: "
-                   "that many llama.cpp contexts (weights shared), the cores split between them (default 1)")
+    p.add_argument("--parallel", type=cli_args.positive_int, default=4, help="requests decoded together per model "
+                   "(continuous batching in one llama.cpp context; KV cache for N x n_ctx tokens; default 4)")
     p.add_argument("--max-queue", type=cli_args.positive_int, help="answer 503 when this many requests already "
                    "wait for a model (default: no limit)")
     p = sub.add_parser("desktop", parents=[parent], help="the local web chat with a slider per AV, in your browser")
@@ -52,7 +52,7 @@ def add_parsers(sub, parent) -> None:
     p.add_argument("--api-key", help="require Authorization: Bearer KEY (the page asks for it)")
     p.add_argument("--allow-write", action="store_true", help="let the page save profiles into the modelfile")
     p.add_argument("--no-browser", action="store_true", help="print the address instead of opening a browser")
-    p.set_defaults(parallel=1, max_queue=None)  # one person at the page
+    p.set_defaults(parallel=2, max_queue=None)  # one person at the page (compare: two answers at once)
     p = sub.add_parser("demo", parents=[parent], help="the embedded default model with the shipped demo AVs")
     cli_args.add_generation_args(p)
     p.add_argument("--n-gpu-layers", type=cli_args.gpu_layers, help="layers to offload to the GPU (-1 = all)")

@@ -61,3 +61,79 @@ class SideContext:
         if self._ctx:
             llama_cpp.llama_free(self._ctx)
             self._ctx = None
+
+
+class BatchContext:
+    """A llama_context decoding several sequences per step (continuous batching): one KV cache of
+    `n_seq` x `n_ctx_seq` cells shared by all sequences (kv_unified), each token tagged with its sequence, so
+    attention never crosses sequences. The adapter set is the context's and may change between steps: K/V
+    already stored for a sequence stays the one computed under that sequence's own set."""
+
+    def __init__(self, model, params, n_vocab: int, n_seq: int, n_ctx_seq: int):
+        import llama_cpp
+
+        params.n_seq_max = n_seq
+        params.n_ctx = n_seq * n_ctx_seq
+        params.kv_unified = True
+        self._ctx = llama_cpp.llama_init_from_model(model, params)
+        if not self._ctx:
+            raise AvggufError(f"llama.cpp could not create a context of {n_seq} x {n_ctx_seq} tokens "
+                              f"(out of memory? lower --parallel or --n-ctx)")
+        self.n_vocab, self.n_seq, self.capacity = n_vocab, n_seq, max(1, params.n_batch)
+        self._batch = llama_cpp.llama_batch_init(self.capacity, 0, 1)
+        self._keep: tuple = ()
+
+    def set_adapters(self, pairs: Sequence[tuple[object, float]]) -> None:
+        """The adapter set for the next decode steps ((handle, scale) pairs)."""
+        import llama_cpp
+
+        n = len(pairs)
+        handles = (llama_cpp.llama_adapter_lora_p_ctypes * max(n, 1))(*[h for h, _ in pairs])
+        scales = (ctypes.c_float * max(n, 1))(*[s for _, s in pairs])
+        if llama_cpp.llama_set_adapters_lora(self._ctx, handles if n else None, n, scales if n else None) != 0:
+            raise AvggufError("llama.cpp could not set the adapters of the batch context")
+        self._keep = (handles, scales)  # alive while the context uses them
+
+    def decode(self, tokens: Sequence[tuple[int, int, int, bool]]) -> None:
+        """One step: (token, position, sequence, wants logits) for at most `capacity` tokens."""
+        import llama_cpp
+
+        b = self._batch
+        for i, (tok, pos, seq, logits) in enumerate(tokens):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, logits
+            b.seq_id[i][0] = seq
+        b.n_tokens = len(tokens)
+        rc = llama_cpp.llama_decode(self._ctx, b)
+        if rc != 0:
+            raise AvggufError(f"llama_decode failed for a batch of {len(tokens)} tokens (code {rc})")
+
+    @property
+    def ctx(self):
+        """The llama_context pointer, for llama.cpp's samplers."""
+        return self._ctx
+
+    def logits(self, index: int) -> np.ndarray:
+        """Logits of the batch entry `index` of the last step (a view, valid until the next step)."""
+        import llama_cpp
+
+        ptr = llama_cpp.llama_get_logits_ith(self._ctx, index)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def forget(self, seq: int, keep: int = 0) -> None:
+        """Drop a sequence's K/V from position `keep` on."""
+        import llama_cpp
+
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx), seq, keep, -1)
+
+    def set_threads(self, n: int) -> None:
+        import llama_cpp
+
+        llama_cpp.llama_set_n_threads(self._ctx, n, n)
+
+    def close(self) -> None:
+        import llama_cpp
+
+        if self._ctx:
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import adapter_format as fmt
 from .coefficients import Resolver, check_value
-from .contexts import SideContext
+from .contexts import BatchContext, SideContext
 from .errors import AdapterError, AvggufError
 from .fusion import FusedAdapters
 from .threads import ThreadPolicy
@@ -138,6 +138,24 @@ class Engine:
         params.n_threads = params.n_threads_batch = threads or self._n_threads
         return SideContext(self._llm.model, params, self.n_vocab, self.n_ctx, adapters)
 
+    def batch_context(self, n_seq: int, n_ctx_seq: int | None = None) -> BatchContext:
+        """A context on this model decoding `n_seq` sequences together, each up to `n_ctx_seq` tokens (default:
+        this engine's context length), at the engine's current thread count."""
+        import llama_cpp
+
+        params = llama_cpp.llama_context_params.from_buffer_copy(self._llm.context_params)
+        params.n_threads = params.n_threads_batch = self._n_threads
+        return BatchContext(self._llm.model, params, self.n_vocab, n_seq, n_ctx_seq or self.n_ctx)
+
+    def fusion_cache(self, capacity: int = 4) -> FusedAdapters:
+        """A cache of fused adapters of this model's AVs of its own (for a context other than the engine's)."""
+        return FusedAdapters(self._llm.model, self.base.arch, {n: a.path for n, a in self.adapters.items()},
+                             capacity=capacity)
+
+    def prompt_tokens(self, text: str) -> list[int]:
+        """Tokens of a prompt as llama.cpp evaluates it: BOS added where the GGUF's vocabulary asks for it."""
+        return self._llm.tokenize(text.encode(), add_bos=True, special=True)
+
     def format_chat(self, messages: list[dict]) -> str:
         """The prompt text the GGUF's own chat template makes (generation prompt added)."""
         if self._formatter is None:
@@ -187,10 +205,8 @@ class Engine:
         the separate adapters serve at once, `settle()` (called when an answer is done) builds the fused one
         in the background, and it replaces them at a later call with the same set (a request boundary);
         "sync" builds it before returning; "off" never fuses."""
-        Resolver(tuple(self.adapters), where="the engine").check_names(coefficients, "coefficients")
-        wanted = {name: check_value(name, coefficients.get(name, 0.0)) for name in self.adapters}
-        key = tuple((n, v) for n, v in sorted(wanted.items()) if v != 0.0)
-        self.coefficients = wanted
+        key = self.coefficient_key(coefficients)
+        self.coefficients = {name: 0.0 for name in self.adapters} | dict(key)
         if key == self._applied and (self._applied_fused is not None or not self._fusable(key)):
             return False
         fused = self._fused_for(key)
@@ -198,6 +214,13 @@ class Engine:
             return False
         self._apply(key, fused)
         return True
+
+    def coefficient_key(self, coefficients: Mapping[str, float]) -> tuple[tuple[str, float], ...]:
+        """The active set as llama.cpp computes it: (name, value) of the non-zero AVs, sorted; names and
+        range checked."""
+        Resolver(tuple(self.adapters), where="the engine").check_names(coefficients, "coefficients")
+        wanted = {name: check_value(name, coefficients.get(name, 0.0)) for name in self.adapters}
+        return tuple((n, v) for n, v in sorted(wanted.items()) if v != 0.0)
 
     @property
     def fused(self) -> bool:
@@ -216,8 +239,7 @@ class Engine:
         if not self._fusable(key):
             return None
         if self._fusion is None:
-            self._fusion = FusedAdapters(self._llm.model, self.base.arch,
-                                         {n: a.path for n, a in self.adapters.items()})
+            self._fusion = self.fusion_cache()
         handle = self._fusion.ready(key, self._applied_fused)
         if handle is None and self.fuse == "sync":
             return self._fusion.build_now(key, self._applied_fused)

@@ -229,8 +229,9 @@ class FusedAdapters:
         if worker is not None:
             worker.join(timeout)
 
-    def ready(self, key: Key, applied: object | None = None):
-        """The loaded fused adapter for this set, loading a built file now; None if not built yet."""
+    def ready(self, key: Key, applied: object | None = None, keep: tuple = ()):
+        """The loaded fused adapter for this set, loading a built file now; None if not built yet. Eviction
+        spares `applied` and the handles in `keep` (adapters some context still uses)."""
         import llama_cpp
 
         if key in self._loaded:
@@ -245,15 +246,15 @@ class FusedAdapters:
         if not handle:
             raise AdapterError(f"llama.cpp refused the fused adapter {path.name}")
         self._loaded[key] = handle
-        self._evict(keep=(handle, applied))
+        self._evict(keep=(handle, applied, *keep))
         return handle
 
-    def build_now(self, key: Key, applied: object | None = None):
+    def build_now(self, key: Key, applied: object | None = None, keep: tuple = ()):
         self._build(key)
         if self.error is not None:
             error, self.error = self.error, None
             raise error
-        return self.ready(key, applied)
+        return self.ready(key, applied, keep)
 
     def _evict(self, keep: tuple) -> None:
         import llama_cpp

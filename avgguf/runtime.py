@@ -53,7 +53,7 @@ class Runtime:
     def set_coefficients(self, coefficients: dict[str, float]) -> bool:
         return self.engine.set_coefficients(coefficients)
 
-    def _sampling(self, req: GenerationRequest) -> dict:
+    def sampling(self, req: GenerationRequest) -> dict:
         d = self.modelfile.spec.defaults
         seed = req.seed if req.seed is not None else d.seed
         out = {"max_tokens": req.max_tokens or d.max_tokens,
@@ -82,7 +82,7 @@ class Runtime:
             self.engine.reset()
         self.engine.adapt_threads()
         self.engine.perf_reset()
-        kw = self._sampling(req)
+        kw = self.sampling(req)
         if kw["seed"] is None:
             kw.pop("seed")
         return kw
@@ -127,7 +127,7 @@ class Runtime:
 
         from .pad import PadDecoder, PadSettings
 
-        kw = self._sampling(req)
+        kw = self.sampling(req)
         kw.setdefault("stop", None)
         prompt = self.engine.tokenize(self.engine.format_chat(self.with_system(req.messages or [])))
         self.check_fits(len(prompt))

@@ -2,8 +2,9 @@
 
 Model ids: the modelfile's stem (`demo`) and `demo:PROFILE` for each profile. Coefficients for a request are
 resolved by avgguf.coefficients.Resolver (profile -> POST /lora-adapters scales -> llama-server's `lora` ->
-`"avgguf": {"coefficients": {...}}`). One base model per modelfile; requests to a modelfile run one at a time,
-each from position 0 of the KV cache, so no answer depends on another.
+`"avgguf": {"coefficients": {...}}`). One base model per modelfile; its requests decode together by continuous
+batching (avgguf.batching: one sequence each, one coefficient set per decode step), so no answer depends on
+another; PAD requests run one at a time on the model's runtime.
 """
 
 from __future__ import annotations
@@ -12,18 +13,19 @@ import asyncio
 import logging
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .batching import Batcher, Sampling
 from .coefficients import CoefficientError
 from .errors import AvggufError
 from .modelfile import Modelfile
 from .runtime import GenerationRequest, Runtime
-from .server_generate import Job, generate
+from .server_generate import BatchJob, Job, generate, generate_batched
 from .server_schemas import (
     MAX_BODY,
     APIError,
@@ -33,6 +35,7 @@ from .server_schemas import (
     LoraScale,
     error_response,
     parse_body,
+    top_logprobs,
     unsupported,
     validation_message,
 )
@@ -45,24 +48,23 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Served:
-    """One model id's runtimes: `slots` contexts (each its own llama.cpp context and KV cache, the GGUF's
-    pages shared through mmap), handed to one request at a time from a pool."""
+    """One model id: its runtime (prompt formatting, decoding-time alignment) and its batcher, which decodes
+    up to `parallel` requests together in one llama.cpp context (avgguf.batching)."""
 
     modelfile: Modelfile
-    runtime: Runtime  # the first slot; also tokenizes and formats prompts for the routes
+    runtime: Runtime
     global_scales: dict[str, float] | None = None  # set by POST /lora-adapters
-    slots: list[Runtime] = field(default_factory=list)
     max_queue: int | None = None
+    parallel: int = 4
     waiting: int = 0
 
     def __post_init__(self):
-        self.slots = self.slots or [self.runtime]
-        self.pool: asyncio.Queue = asyncio.Queue()
-        for rt in self.slots:
-            self.pool.put_nowait(rt)
+        self.pool: asyncio.Queue = asyncio.Queue()  # the runtime, for PAD requests (one at a time)
+        self.pool.put_nowait(self.runtime)
+        self.batcher = Batcher(self.runtime.engine, n_seq=self.parallel, max_queue=self.max_queue)
 
     async def acquire(self) -> Runtime:
-        """A free runtime; 503 in OpenAI's shape when --max-queue requests already wait."""
+        """The runtime for a PAD request; 503 in OpenAI's shape when --max-queue requests already wait."""
         if self.pool.empty() and self.max_queue is not None and self.waiting >= self.max_queue:
             raise APIError(503, f"server busy: {self.waiting} requests queued (--max-queue {self.max_queue}); "
                            f"retry later", code="server_busy", type_="server_error")
@@ -72,22 +74,28 @@ class Served:
         finally:
             self.waiting -= 1
 
+    def close(self) -> None:
+        self.batcher.close()
+
 
 class Registry:
     """Model ids -> what serves them. `runtimes` keys are modelfile names, or NAME:PROFILE for baked profiles
     (a GGUF of their own, served without knobs)."""
 
-    def __init__(self, runtimes: dict[str, tuple[Modelfile, Runtime | list[Runtime]]], api_key: str | None = None,
-                 stats: bool = False, allow_write: bool = False, max_queue: int | None = None):
-        def served(mf, rts) -> Served:
-            rts = rts if isinstance(rts, list) else [rts]
-            return Served(mf, rts[0], slots=rts, max_queue=max_queue)
+    def __init__(self, runtimes: dict[str, tuple[Modelfile, Runtime]], api_key: str | None = None,
+                 stats: bool = False, allow_write: bool = False, max_queue: int | None = None, parallel: int = 4):
+        def served(mf, rt) -> Served:
+            return Served(mf, rt, max_queue=max_queue, parallel=parallel)
 
         self.models = {name: served(mf, rt) for name, (mf, rt) in runtimes.items() if ":" not in name}
         self.baked = {name: served(mf, rt) for name, (mf, rt) in runtimes.items() if ":" in name}
         self.api_key = api_key
         self.stats = stats
         self.allow_write = allow_write  # POST /avgguf/profiles may write modelfiles
+
+    def close(self) -> None:
+        for served in [*self.models.values(), *self.baked.values()]:
+            served.close()
 
     def ids(self) -> list[str]:
         out = []
@@ -135,7 +143,14 @@ def decode_for(served: Served, profile: str | None, body: Common) -> str:
     return served.modelfile.decode_mode(profile)
 
 
-def _request(body: Common, served: Served, prompt_tokens: int) -> GenerationRequest:
+def _top_logprobs(body: Common, chat: bool) -> int | None:
+    try:
+        return top_logprobs(body, chat)
+    except ValueError as exc:
+        raise APIError(400, str(exc), param=str(exc).split(":")[0], code="invalid_value") from None
+
+
+def _request(body: Common, served: Served, prompt_tokens: int, logprobs_ok: bool = True) -> GenerationRequest:
     max_tokens = body.max_completion_tokens or body.max_tokens
     n_ctx = served.runtime.n_ctx
     if max_tokens is not None and prompt_tokens + max_tokens > n_ctx:
@@ -146,7 +161,7 @@ def _request(body: Common, served: Served, prompt_tokens: int) -> GenerationRequ
         if max_tokens < 1:
             raise APIError(400, f"the prompt ({prompt_tokens} tokens) fills the context length {n_ctx}",
                            param="messages", code="context_length_exceeded")
-    problem = unsupported(body)
+    problem = unsupported(body, logprobs_ok)
     if problem:
         raise APIError(400, problem, param=problem.split(":")[0], code="unsupported_parameter")
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
@@ -188,15 +203,15 @@ async def chat_completions(request: Request, registry: RegistryDep):
     rt = served.runtime
     messages = rt.with_system([{"role": "user" if m.role == "developer" else m.role, "content": m.text()}
                                for m in body.messages])
-    n_prompt = rt.count_tokens(rt.engine.format_chat(messages))
-    req = _request(body, served, n_prompt)
-    req.messages = messages
     decode = decode_for(served, profile, body)
     if decode != "weights":
+        n_prompt = rt.count_tokens(rt.engine.format_chat(messages))
+        req = _request(body, served, n_prompt, logprobs_ok=False)
+        req.messages = messages
         run = lambda slot, stream: slot.chat_pad(req, coefs, decode, stream=stream)
-    else:
-        run = lambda slot, stream: slot.chat(req, coefs, stream=stream, reuse_prefix=False)
-    return await generate(Job(served, body, run, coefs, n_prompt, registry.stats, decode))
+        return await generate(Job(served, body, run, coefs, n_prompt, registry.stats, decode))
+    tokens = rt.engine.tokenize(rt.engine.format_chat(messages))  # the template writes its own BOS
+    return await _batched(served, body, coefs, tokens, registry.stats, chat=True)
 
 
 @router.post("/v1/completions")
@@ -206,13 +221,21 @@ async def completions(request: Request, registry: RegistryDep):
     coefs = coefficients_for(served, profile, body)
     if decode_for(served, profile, body) != "weights":
         raise APIError(400, "decode pad/pad-full is served on /v1/chat/completions only", param="avgguf.decode")
-    rt = served.runtime
-    n_prompt = rt.count_tokens(body.prompt) + 1
-    req = _request(body, served, n_prompt)
-    req.prompt = body.prompt
-    return await generate(Job(served, body, lambda slot, stream: slot.complete(req, coefs, stream=stream,
-                                                                              reuse_prefix=False),
-                              coefs, n_prompt, registry.stats))
+    tokens = served.runtime.engine.prompt_tokens(body.prompt)
+    return await _batched(served, body, coefs, tokens, registry.stats, chat=False)
+
+
+async def _batched(served: Served, body: Common, coefs: dict[str, float], tokens: list[int], stats: bool,
+                   chat: bool):
+    req = _request(body, served, len(tokens))
+    kw = {k: v for k, v in served.runtime.sampling(req).items() if v is not None}
+    sampling = Sampling(**kw, logprobs=_top_logprobs(body, chat))
+    job = Job(served, body, None, coefs, len(tokens), stats)
+    try:
+        key = served.runtime.engine.coefficient_key(coefs)
+    except AvggufError as exc:
+        raise APIError(400, str(exc), param="avgguf.coefficients") from None
+    return await generate_batched(BatchJob(job, tokens, key, sampling, chat))
 
 
 @router.get("/lora-adapters")
@@ -303,7 +326,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 def serve(modelfiles: list[Modelfile], host: str, port: int, api_key: str | None, verbose: bool = False,
           n_gpu_layers: int | None = None, n_ctx: int | None = None, threads: int | None = None,
-          stats: bool = False, allow_write: bool = False, on_ready=None, parallel: int = 1,
+          stats: bool = False, allow_write: bool = False, on_ready=None, parallel: int = 4,
           max_queue: int | None = None) -> None:
     import uvicorn
 
@@ -316,17 +339,9 @@ def serve(modelfiles: list[Modelfile], host: str, port: int, api_key: str | None
     sock = bind(host, port)
     for mf in list(names.values()):
         names.update({f"{mf.name}:{profile}": mf.baked(profile) for profile in mf.baked_paths})
-    if parallel > 1 and threads is None:  # the cores split between the slots (each decodes on its own)
-        from .threads import available_cores
-
-        threads = max(1, available_cores() // parallel)
-
-    def slots(mf: Modelfile) -> list[Runtime]:
-        return [Runtime(mf, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, threads=threads, verbose=verbose, fuse="sync")
-                for _ in range(parallel)]
-
-    runtimes = {name: (mf, slots(mf)) for name, mf in names.items()}
-    registry = Registry(runtimes, api_key, stats, allow_write, max_queue)
+    runtimes = {name: (mf, Runtime(mf, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, threads=threads, verbose=verbose,
+                                   fuse="sync")) for name, mf in names.items()}
+    registry = Registry(runtimes, api_key, stats, allow_write, max_queue, parallel)
     app = create_app(registry)
     port = sock.getsockname()[1]
     print(f"avgguf serve: http://{host}:{port}/v1  chat page: http://{host}:{port}/  models: "
@@ -335,4 +350,7 @@ def serve(modelfiles: list[Modelfile], host: str, port: int, api_key: str | None
     server = uvicorn.Server(config)
     if on_ready is not None:
         app.add_event_handler("startup", lambda: on_ready(f"http://{host}:{port}/"))
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    finally:
+        registry.close()

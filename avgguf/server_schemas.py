@@ -85,9 +85,9 @@ class Common(BaseModel):
     repeat_penalty: float | None = Field(None, ge=0.0, le=10.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    logprobs: bool | int | None = None   # answered with a clear 400: see NOT_SUPPORTED
+    logprobs: bool | int | None = None   # chat: bool (+ top_logprobs); completions: how many alternatives
     top_logprobs: int | None = None
-    n_probs: int | None = None           # llama-server's spelling
+    n_probs: int | None = None           # llama-server's spelling: refused, pointing at logprobs
     n: int | None = Field(None, ge=1)
     seed: int | None = None
     stop: str | list[str] | None = None
@@ -97,18 +97,37 @@ class Common(BaseModel):
     avgguf: AvggufOptions | None = None
 
 
-NOT_SUPPORTED = {"logprobs": "logprobs", "top_logprobs": "logprobs", "n_probs": "token probabilities"}
+MAX_TOP_LOGPROBS = 20
 
 
-def unsupported(body: Common) -> str | None:
-    """The first field a request sets that this server does not implement (answered with a 400, never ignored)."""
-    for name, what in NOT_SUPPORTED.items():
-        value = getattr(body, name)
-        if value not in (None, False, 0):
-            return f"{name}: {what} are not supported by avgguf serve (llama.cpp would need every logit kept)"
+def unsupported(body: Common, logprobs_ok: bool = True) -> str | None:
+    """The first field a request sets that this server does not implement (answered with a 400, never ignored);
+    `logprobs_ok`: False where the decoding path has no log-probabilities to give (PAD)."""
+    if body.n_probs not in (None, 0):
+        return "n_probs: send OpenAI's logprobs (and top_logprobs) instead"
+    if not logprobs_ok:
+        for name in ("logprobs", "top_logprobs"):
+            if getattr(body, name) not in (None, False):
+                return f"{name}: log-probabilities are not available with decode pad/pad-full"
     if body.n not in (None, 1):
         return "n: one choice per request is supported (send n requests)"
     return None
+
+
+def top_logprobs(body: Common, chat: bool) -> int | None:
+    """How many alternatives to report per token (0: only the sampled one), None for no logprobs. Chat:
+    `logprobs: true` with `top_logprobs` 0-20; completions: `logprobs` 0-20 (OpenAI's legacy field)."""
+    if chat:
+        if body.top_logprobs is not None and body.logprobs is not True:
+            raise ValueError("top_logprobs: needs logprobs: true")
+        top = body.top_logprobs or 0 if body.logprobs is True else None
+        if body.logprobs not in (None, True, False):
+            raise ValueError("logprobs: true or false on /v1/chat/completions (top_logprobs gives the count)")
+    else:
+        top = None if body.logprobs in (None, False) else int(body.logprobs)
+    if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise ValueError(f"{'top_logprobs' if chat else 'logprobs'}: between 0 and {MAX_TOP_LOGPROBS}, got {top}")
+    return top
 
 
 class ChatBody(Common):

@@ -3,7 +3,7 @@ and latency percentiles with 1, 4 and 8 concurrent clients, one coefficient set 
 SmolLM2-135M with the three demo AVs. Every request names its adapter scales with llama-server's per-request
 `lora` field, which both servers accept.
 
-    python bench/server_load.py [--requests 24] [--max-tokens 32] [--parallel 1,2]
+    python bench/server_load.py [--requests 24] [--max-tokens 32] [--rounds 3] [--parallel 1,8]
         [--llama-server /path/to/llama-server]
 """
 
@@ -24,7 +24,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 QUESTIONS = ["What should I do about a cough?", "Can my landlord keep my deposit?", "How do index funds work?",
              "Is ibuprofen safe with lisinopril?"]
-SETS = [[1.0, 0.0, 0.0], [-1.0, 0.0, 1.0], [-1.0, -1.0, -1.0], [0.5, 0.5, 0.5]]  # demo profiles, AV order
+SETS = [[1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [-1.0, 0.0, 1.0], [0.5, 0.5, 0.5]]  # expert-all, expert-medical,
+# cautious-medical-expert-finance, gentle (AV order: medical, legal, financial)
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -50,36 +51,43 @@ def wait_up(url: str, proc: subprocess.Popen) -> None:
     raise SystemExit("server did not start")
 
 
-def load(url: str, requests: int, max_tokens: int) -> list[tuple]:
-    def one(i: int, alternate: bool) -> tuple[float, int]:
-        scales = SETS[i % len(SETS)] if alternate else SETS[0]
-        t0 = time.perf_counter()
-        r = httpx.post(url + "/v1/chat/completions", timeout=600, json={
-            "model": "demo", "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
-            "max_tokens": max_tokens, "temperature": 0.0, "lora": [{"id": k, "scale": v} for k, v in enumerate(scales)]})
-        r.raise_for_status()
-        return time.perf_counter() - t0, r.json()["usage"]["completion_tokens"]
+def ask(url: str, i: int, scales: list[float], max_tokens: int) -> tuple[float, int, str]:
+    t0 = time.perf_counter()
+    r = httpx.post(url + "/v1/chat/completions", timeout=600, json={
+        "model": "demo", "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+        "max_tokens": max_tokens, "temperature": 0.0, "lora": [{"id": k, "scale": v} for k, v in enumerate(scales)]})
+    r.raise_for_status()
+    body = r.json()
+    return time.perf_counter() - t0, body["usage"]["completion_tokens"], body["choices"][0]["message"]["content"]
 
-    one(0, False)  # warm-up
-    rows = []
-    for clients in (1, 4, 8):
-        for alternate in (False, True):
-            t0 = time.perf_counter()
-            with ThreadPoolExecutor(clients) as pool:
-                out = list(pool.map(lambda i: one(i, alternate), range(requests)))
-            wall = time.perf_counter() - t0
-            lat = [x for x, _ in out]
-            rows.append((clients, "4 alternating sets" if alternate else "one set", requests / wall,
-                         sum(n for _, n in out) / wall, statistics.median(lat), percentile(lat, 0.99)))
-            print(f"  {rows[-1]}", file=sys.stderr, flush=True)
-    return rows
+
+def scenario(url: str, clients: int, alternate: bool, requests: int, max_tokens: int) -> tuple:
+    def one(i: int):
+        return ask(url, i, SETS[i % len(SETS)] if alternate else SETS[0], max_tokens)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        out = list(pool.map(one, range(requests)))
+    wall = time.perf_counter() - t0
+    lat = [x for x, _, _ in out]
+    return requests / wall, sum(n for _, n, _ in out) / wall, statistics.median(lat), percentile(lat, 0.99)
+
+
+def agreement(url: str, max_tokens: int) -> int:
+    """Greedy answers of 16 concurrent requests (4 questions x 4 sets) equal to the same requests one by one."""
+    jobs = [(i, SETS[j]) for i in range(len(QUESTIONS)) for j in range(len(SETS))]
+    solo = [ask(url, i, s, max_tokens)[2] for i, s in jobs]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        together = list(pool.map(lambda job: ask(url, job[0], job[1], max_tokens)[2], jobs))
+    return sum(a == b for a, b in zip(solo, together))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=24, help="requests per scenario")
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--parallel", default="1,2", help="avgguf serve --parallel values to measure")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds; each scenario alternates the servers; medians")
+    ap.add_argument("--parallel", default="1,8", help="avgguf serve --parallel values to measure")
     ap.add_argument("--llama-server", help="a llama-server binary to measure side by side (--parallel 8)")
     args = ap.parse_args()
     from avgguf.models import builtin_path
@@ -91,22 +99,40 @@ def main() -> None:
         avs = ",".join(f"{ROOT / 'modelfiles' / 'avs' / n}.gguf:0" for n in ("medical", "legal", "financial"))
         servers.append(("llama-server --parallel 8", [args.llama_server, "-m", str(builtin_path()), "--lora-scaled", avs,
                                                       "--parallel", "8", "-t", str(os.cpu_count()), "-c", "8192"]))
-    table = []
-    for label, cmd in servers:
-        port = free_port()
-        proc = subprocess.Popen([*cmd, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_up(f"http://127.0.0.1:{port}", proc)
-            table += [(label, *row) for row in load(f"http://127.0.0.1:{port}", args.requests, args.max_tokens)]
-        finally:
+    procs, urls = [], {}
+    try:
+        for label, cmd in servers:  # all up at once (idle servers use no CPU); measured one at a time
+            port = free_port()
+            procs.append(subprocess.Popen([*cmd, "--port", str(port)], stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL))
+            urls[label] = f"http://127.0.0.1:{port}"
+            wait_up(urls[label], procs[-1])
+            ask(urls[label], 0, SETS[0], args.max_tokens)  # warm-up
+        cells = [(c, alt) for c in (1, 4, 8) for alt in (False, True)]
+        runs = {(label, cell): [] for label in urls for cell in cells}
+        for r in range(args.rounds):
+            for cell in cells:
+                for label, url in urls.items():
+                    runs[label, cell].append(scenario(url, *cell, args.requests, args.max_tokens))
+                    print(f"  round {r} {label} {cell}: {runs[label, cell][-1]}", file=sys.stderr, flush=True)
+        agree = {label: agreement(url, args.max_tokens) for label, url in urls.items()}
+    finally:
+        for proc in procs:
             proc.terminate()
             proc.wait(timeout=30)
-    print(f"SmolLM2-135M Q4_1 + the 3 demo AVs, {args.requests} greedy chat requests per row, max_tokens "
-          f"{args.max_tokens}, {os.cpu_count()} cores, servers one after another:\n")
+    print(f"SmolLM2-135M Q4_1 + the 3 demo AVs, {args.requests} greedy chat requests per cell, max_tokens "
+          f"{args.max_tokens}, {os.cpu_count()} cores; servers alternate within each cell, median of "
+          f"{args.rounds} rounds. One set: expert-all (all three AVs at 1); alternating: 4 profiles.\n")
     print("| server | clients | coefficient sets | requests/s | generated tok/s | p50 latency (s) | p99 latency (s) |")
     print("|---|---|---|---|---|---|---|")
-    for label, clients, mode, rps, tps, p50, p99 in table:
-        print(f"| {label} | {clients} | {mode} | {rps:.2f} | {tps:.1f} | {p50:.2f} | {p99:.2f} |")
+    for cell in cells:
+        for label in urls:
+            rps, tps, p50, p99 = (statistics.median(col) for col in zip(*runs[label, cell]))
+            mode = "4 alternating sets" if cell[1] else "one set"
+            print(f"| {label} | {cell[0]} | {mode} | {rps:.2f} | {tps:.1f} | {p50:.2f} | {p99:.2f} |")
+    print("\nGreedy answers of 16 concurrent requests (4 questions x 4 sets) equal to the same requests one by one:\n")
+    for label, n in agree.items():
+        print(f"- {label}: {n}/16")
 
 
 if __name__ == "__main__":

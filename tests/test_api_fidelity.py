@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -52,11 +53,48 @@ def test_sampling_fields_are_honoured_or_refused(client):
     assert client.post("/v1/chat/completions", json=sampled).json()["choices"][0]["message"]["content"] == greedy
     for field in ({"repeat_penalty": 1.3}, {"min_p": 0.1}, {"presence_penalty": 0.5}, {"frequency_penalty": 0.5}):
         assert client.post("/v1/chat/completions", json={**BODY, **field}).status_code == 200, field
-    for field, value in (("logprobs", True), ("top_logprobs", 3), ("n_probs", 5), ("n", 2)):
+    for field, value in (("top_logprobs", 3), ("n_probs", 5), ("n", 2)):
         r = client.post("/v1/chat/completions", json={**BODY, field: value})
         assert r.status_code == 400 and r.json()["error"]["param"] == field, r.json()
+    r = client.post("/v1/chat/completions", json={**BODY, "logprobs": True, "top_logprobs": 21})
+    assert r.status_code == 400 and "between 0 and 20" in r.json()["error"]["message"]
+    r = client.post("/v1/chat/completions", json={**BODY, "logprobs": True, "avgguf": {"decode": "pad"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
     r = client.post("/v1/chat/completions", json={**BODY, "top_k": -1})
     assert r.status_code == 400 and "top_k" in r.json()["error"]["message"]
+
+
+def test_logprobs_are_the_models_own(client, tiny_kit):
+    """logprobs in OpenAI's shape, equal to log-softmax of the logits llama.cpp computes for the same prompt and
+    coefficients in a separate engine (greedy without penalties: the sampled token is the most likely one)."""
+    root, *_ = tiny_kit
+    body = {**BODY, "repeat_penalty": 1.0, "logprobs": True, "top_logprobs": 3, "max_tokens": 5}
+    r = client.post("/v1/chat/completions", json=body).json()
+    entries = r["choices"][0]["logprobs"]["content"]
+    assert len(entries) == r["usage"]["completion_tokens"] == 5
+    mf = load_modelfile(root / "tiny.yaml")
+    from avgguf.engine import Engine
+
+    eng = Engine(mf.base_path, n_ctx=256, fuse="sync")
+    for name, path in mf.av_paths.items():
+        eng.load_adapter(name, path)
+    eng.set_coefficients(mf.resolver.resolve("mixed"))
+    rt = client.app.state.registry.models["tiny"].runtime
+    prompt = eng.tokenize(rt.engine.format_chat(rt.with_system(body["messages"])))
+    ids = []
+    for e in entries:
+        z = eng.next_logits(prompt + ids).astype(np.float64)
+        lp = z - z.max() - np.log(np.exp(z - z.max()).sum())
+        ids.append(int(np.argmax(lp)))
+        assert e["token"] == eng.detokenize([ids[-1]]).decode("utf-8", errors="replace")
+        assert abs(e["logprob"] - lp[ids[-1]]) < 1e-3
+        assert [t["token"] for t in e["top_logprobs"]][0] == e["token"] and len(e["top_logprobs"]) == 3
+        assert np.allclose([t["logprob"] for t in e["top_logprobs"]], np.sort(lp)[::-1][:3], atol=1e-3)
+    eng.close()
+    legacy = client.post("/v1/completions", json={"model": "tiny", "prompt": "hello", "max_tokens": 3,
+                                                  "temperature": 0, "logprobs": 2}).json()["choices"][0]["logprobs"]
+    assert len(legacy["tokens"]) == len(legacy["token_logprobs"]) == len(legacy["top_logprobs"]) == 3
+    assert all(len(t) <= 2 for t in legacy["top_logprobs"])
 
 
 def test_openai_errors_everywhere_and_model_lookup(client):
