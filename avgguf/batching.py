@@ -194,17 +194,25 @@ def token_logprobs(engine: Engine, logits: np.ndarray, token: int, top: int) -> 
 class Batcher:
     """The scheduler of one model: `n_seq` sequences at once, a bounded wait list, one thread."""
 
-    def __init__(self, engine: Engine, n_seq: int = 4, max_queue: int | None = None):
+    quantum = 4
+
+    def __init__(self, engine: Engine, n_seq: int = 4, max_queue: int | None = None, kv_unified: bool = False,
+                 share: int = 1):
+        """`share`: how many batchers split the engine's cores (each gets its thread count / share)."""
         self.engine = engine
         self.n_seq = n_seq
         self.max_queue = max_queue
-        self._ctx = engine.batch_context(n_seq)
+        self.share = share
+        self.keys: dict[Key, int] = {}  # requests per coefficient set, waiting or running
+        self._ctx = engine.batch_context(n_seq, unified=kv_unified)
+        self._ctx.set_threads(self._threads())
         self._fusion = engine.fusion_cache(capacity=max(4, n_seq))
         self._waiting: deque[BatchRequest] = deque()
         self._running: list[Sequence] = []
         self._cache: dict[int, tuple[Key, list[int]]] = {}  # free slot -> (its set, tokens its K/V holds)
         self._free = list(range(n_seq))
         self._turn = 0
+        self._held = 0  # steps the current set has had in a row
         self._key: Key | None = None      # the set the context's adapters are at
         self._attempt: Key | None = None  # the set of the step in progress
         self._handles: dict[Key, object] = {}
@@ -222,8 +230,28 @@ class Batcher:
             full = len(self._running) >= self.n_seq or self._waiting
             if full and self.max_queue is not None and len(self._waiting) >= self.max_queue:
                 raise BusyError(len(self._waiting), self.max_queue)
+            self.keys[req.key] = self.keys.get(req.key, 0) + 1
+            req.emit = self._counted(req.key, req.emit)
             self._waiting.append(req)
             self._wake.notify()
+
+    def _counted(self, key: Key, emit: Callable[[Event], None]) -> Callable[[Event], None]:
+        def wrapped(ev: Event) -> None:
+            if ev.kind != "piece":
+                with self._wake:
+                    self.keys[key] -= 1
+                    if not self.keys[key]:
+                        del self.keys[key]
+            emit(ev)
+        return wrapped
+
+    @property
+    def load(self) -> int:
+        """Requests waiting or running."""
+        return sum(self.keys.values())
+
+    def _threads(self) -> int:
+        return max(1, self.engine.adapt_threads() // self.share)
 
     @property
     def waiting(self) -> int:
@@ -249,7 +277,7 @@ class Batcher:
             try:
                 self._admit()
                 self._step()
-            except Exception as exc:  # the requests of this step hear it; the server lives on
+            except Exception as exc:  # noqa: BLE001 (the requests of this step hear it; the server lives on)
                 log.exception("batch step failed")
                 self._fail(exc)
         for seq in self._running:
@@ -269,7 +297,7 @@ class Batcher:
             self._ctx.forget(slot, kept)
             try:
                 self._running.append(Sequence(req, slot, kept, self.engine))
-            except Exception as exc:  # this request hears why; the others go on
+            except Exception as exc:  # noqa: BLE001 (this request hears why; the others go on)
                 req.emit(Event("error", text=str(exc)))
                 self._free.append(slot)
 
@@ -305,7 +333,7 @@ class Batcher:
             owners += [seq if want else None for *_, want in part]
         self._steps += 1
         if self._steps % ADAPT_EVERY == 0:
-            self._ctx.set_threads(self.engine.adapt_threads())
+            self._ctx.set_threads(self._threads())
         self._ctx.decode(entries)
         for index, seq in enumerate(owners):
             if seq is not None:
@@ -329,9 +357,14 @@ class Batcher:
             self._end(seq, "cancelled")
 
     def _next_key(self) -> Key:
-        """Coefficient sets take turns, one decode step each (fair between groups)."""
+        """Coefficient sets take turns, `quantum` decode steps each (fair between groups; a change of adapters
+        makes llama.cpp rebuild its compute graph, so a set keeps the context for a few steps)."""
         keys = sorted({s.req.key for s in self._running})
+        if self._key in keys and self._held < self.quantum:
+            self._held += 1
+            return self._key
         self._turn = (self._turn + 1) % len(keys)
+        self._held = 1
         return keys[self._turn]
 
     def _use(self, key: Key) -> None:

@@ -46,13 +46,19 @@ def add_parsers(sub, parent) -> None:
                    "(continuous batching in one llama.cpp context; KV cache for N x n_ctx tokens; default 4)")
     p.add_argument("--max-queue", type=cli_args.positive_int, help="answer 503 when this many requests already "
                    "wait for a model (default: no limit)")
+    p.add_argument("-kvu", "--kv-unified", action="store_true", help="one K/V buffer shared by the parallel "
+                   "requests (llama-server's flag): more throughput, but an answer's float rounding then depends "
+                   "on the others (greedy answers can differ from solo ones); default: a K/V stream per request")
+    p.add_argument("--contexts", type=cli_args.positive_int, default=1, help="llama.cpp contexts per model "
+                   "(weights shared), each batching its share of --parallel on its share of the cores; a "
+                   "coefficient set's requests go to one context (default 1)")
     p = sub.add_parser("desktop", parents=[parent], help="the local web chat with a slider per AV, in your browser")
     cli_args.add_model_args(p, many=True)
     p.add_argument("--port", type=cli_args.port, help="TCP port on 127.0.0.1 (default: a free one)")
     p.add_argument("--api-key", help="require Authorization: Bearer KEY (the page asks for it)")
     p.add_argument("--allow-write", action="store_true", help="let the page save profiles into the modelfile")
     p.add_argument("--no-browser", action="store_true", help="print the address instead of opening a browser")
-    p.set_defaults(parallel=2, max_queue=None)  # one person at the page (compare: two answers at once)
+    p.set_defaults(parallel=2, max_queue=None, kv_unified=False, contexts=1)  # one person; compare: 2 answers
     p = sub.add_parser("demo", parents=[parent], help="the embedded default model with the shipped demo AVs")
     cli_args.add_generation_args(p)
     p.add_argument("--n-gpu-layers", type=cli_args.gpu_layers, help="layers to offload to the GPU (-1 = all)")
@@ -156,7 +162,8 @@ def _serve(args, on_ready=None) -> int:
     models = [open_target(t, loras)[0] for t in args.targets]
     serve(models, args.host, args.port, args.api_key, verbose=args.verbose, n_gpu_layers=args.n_gpu_layers,
           n_ctx=args.n_ctx, threads=args.threads, stats=args.stats, allow_write=args.allow_write,
-          parallel=args.parallel, max_queue=args.max_queue, on_ready=on_ready)
+          parallel=args.parallel, max_queue=args.max_queue, kv_unified=args.kv_unified,
+          contexts=args.contexts, on_ready=on_ready)
     return 0
 
 

@@ -64,17 +64,24 @@ class SideContext:
 
 
 class BatchContext:
-    """A llama_context decoding several sequences per step (continuous batching): one KV cache of
-    `n_seq` x `n_ctx_seq` cells shared by all sequences (kv_unified), each token tagged with its sequence, so
-    attention never crosses sequences. The adapter set is the context's and may change between steps: K/V
-    already stored for a sequence stays the one computed under that sequence's own set."""
+    """A llama_context decoding several sequences per step (continuous batching), each token tagged with its
+    sequence so attention never crosses sequences. K/V: a stream of `n_ctx_seq` cells per sequence, so a
+    sequence's attention sums run over its own cells only and its answer does not depend on the others (nor
+    on batching: the same as the one-request context's); or (`unified`, llama-server's --kv-unified) one
+    buffer of n_seq x n_ctx_seq cells shared by all, with flash attention: faster here, but where a
+    sequence's cells lie changes float rounding (measured: greedy answers differ from solo ones).
+    The adapter set is the context's and may change between steps: K/V already stored for a sequence stays
+    the one computed under that sequence's own set."""
 
-    def __init__(self, model, params, n_vocab: int, n_seq: int, n_ctx_seq: int):
+    def __init__(self, model, params, n_vocab: int, n_seq: int, n_ctx_seq: int, unified: bool = False):
         import llama_cpp
 
         params.n_seq_max = n_seq
         params.n_ctx = n_seq * n_ctx_seq
-        params.kv_unified = True
+        params.n_outputs_max, params.n_outputs_max_per_seq = n_seq, 1  # one logits row per sequence and step
+        params.kv_unified = unified
+        if unified:  # throughput mode: llama-server's flash attention too (other rounding than `avgguf run`)
+            params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
         self._ctx = llama_cpp.llama_init_from_model(model, params)
         if not self._ctx:
             raise AvggufError(f"llama.cpp could not create a context of {n_seq} x {n_ctx_seq} tokens "

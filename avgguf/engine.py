@@ -138,14 +138,15 @@ class Engine:
         params.n_threads = params.n_threads_batch = threads or self._n_threads
         return SideContext(self._llm.model, params, self.n_vocab, self.n_ctx, adapters)
 
-    def batch_context(self, n_seq: int, n_ctx_seq: int | None = None) -> BatchContext:
+    def batch_context(self, n_seq: int, n_ctx_seq: int | None = None, unified: bool = False) -> BatchContext:
         """A context on this model decoding `n_seq` sequences together, each up to `n_ctx_seq` tokens (default:
-        this engine's context length), at the engine's current thread count."""
+        this engine's context length), at the engine's current thread count; `unified`: one K/V buffer shared
+        by the sequences (avgguf.contexts.BatchContext)."""
         import llama_cpp
 
         params = llama_cpp.llama_context_params.from_buffer_copy(self._llm.context_params)
         params.n_threads = params.n_threads_batch = self._n_threads
-        return BatchContext(self._llm.model, params, self.n_vocab, n_seq, n_ctx_seq or self.n_ctx)
+        return BatchContext(self._llm.model, params, self.n_vocab, n_seq, n_ctx_seq or self.n_ctx, unified)
 
     def fusion_cache(self, capacity: int = 4) -> FusedAdapters:
         """A cache of fused adapters of this model's AVs of its own (for a context other than the engine's)."""

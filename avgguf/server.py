@@ -48,20 +48,31 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Served:
-    """One model id: its runtime (prompt formatting, decoding-time alignment) and its batcher, which decodes
-    up to `parallel` requests together in one llama.cpp context (avgguf.batching)."""
+    """One model id: its runtime (prompt formatting, decoding-time alignment) and its batchers: `contexts`
+    llama.cpp contexts (weights shared), each decoding its share of `parallel` requests together on its share
+    of the cores (avgguf.batching)."""
 
     modelfile: Modelfile
     runtime: Runtime
     global_scales: dict[str, float] | None = None  # set by POST /lora-adapters
     max_queue: int | None = None
     parallel: int = 4
+    kv_unified: bool = False
+    contexts: int = 1
     waiting: int = 0
 
     def __post_init__(self):
         self.pool: asyncio.Queue = asyncio.Queue()  # the runtime, for PAD requests (one at a time)
         self.pool.put_nowait(self.runtime)
-        self.batcher = Batcher(self.runtime.engine, n_seq=self.parallel, max_queue=self.max_queue)
+        n = self.contexts
+        self.batchers = [Batcher(self.runtime.engine, n_seq=-(-self.parallel // n), max_queue=self.max_queue,
+                                 kv_unified=self.kv_unified, share=n) for _ in range(n)]
+
+    def batcher(self, key: tuple) -> Batcher:
+        """The context for a request: one already serving its coefficient set with a sequence free (they
+        decode together), else the least busy."""
+        serving = [b for b in self.batchers if key in b.keys and b.load < b.n_seq]
+        return min(serving or self.batchers, key=lambda b: b.load)
 
     async def acquire(self) -> Runtime:
         """The runtime for a PAD request; 503 in OpenAI's shape when --max-queue requests already wait."""
@@ -75,7 +86,8 @@ class Served:
             self.waiting -= 1
 
     def close(self) -> None:
-        self.batcher.close()
+        for batcher in self.batchers:
+            batcher.close()
 
 
 class Registry:
@@ -83,9 +95,10 @@ class Registry:
     (a GGUF of their own, served without knobs)."""
 
     def __init__(self, runtimes: dict[str, tuple[Modelfile, Runtime]], api_key: str | None = None,
-                 stats: bool = False, allow_write: bool = False, max_queue: int | None = None, parallel: int = 4):
+                 stats: bool = False, allow_write: bool = False, max_queue: int | None = None, parallel: int = 4,
+                 kv_unified: bool = False, contexts: int = 1):
         def served(mf, rt) -> Served:
-            return Served(mf, rt, max_queue=max_queue, parallel=parallel)
+            return Served(mf, rt, max_queue=max_queue, parallel=parallel, kv_unified=kv_unified, contexts=contexts)
 
         self.models = {name: served(mf, rt) for name, (mf, rt) in runtimes.items() if ":" not in name}
         self.baked = {name: served(mf, rt) for name, (mf, rt) in runtimes.items() if ":" in name}
@@ -327,7 +340,7 @@ def bind(host: str, port: int) -> socket.socket:
 def serve(modelfiles: list[Modelfile], host: str, port: int, api_key: str | None, verbose: bool = False,
           n_gpu_layers: int | None = None, n_ctx: int | None = None, threads: int | None = None,
           stats: bool = False, allow_write: bool = False, on_ready=None, parallel: int = 4,
-          max_queue: int | None = None) -> None:
+          max_queue: int | None = None, kv_unified: bool = False, contexts: int = 1) -> None:
     import uvicorn
 
     names: dict[str, Modelfile] = {}
@@ -341,7 +354,7 @@ def serve(modelfiles: list[Modelfile], host: str, port: int, api_key: str | None
         names.update({f"{mf.name}:{profile}": mf.baked(profile) for profile in mf.baked_paths})
     runtimes = {name: (mf, Runtime(mf, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, threads=threads, verbose=verbose,
                                    fuse="sync")) for name, mf in names.items()}
-    registry = Registry(runtimes, api_key, stats, allow_write, max_queue, parallel)
+    registry = Registry(runtimes, api_key, stats, allow_write, max_queue, parallel, kv_unified, contexts)
     app = create_app(registry)
     port = sock.getsockname()[1]
     print(f"avgguf serve: http://{host}:{port}/v1  chat page: http://{host}:{port}/  models: "

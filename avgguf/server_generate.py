@@ -179,7 +179,7 @@ def _submit(bj: BatchJob) -> tuple[BatchRequest, asyncio.Queue]:
     pipe = EventPipe(bj.job.body.stream)
     req = BatchRequest(bj.tokens, bj.key, bj.sampling, emit=pipe.emit)
     try:
-        bj.job.served.batcher.submit(req)
+        bj.job.served.batcher(bj.key).submit(req)
     except BusyError as exc:
         raise APIError(503, str(exc), code="server_busy", type_="server_error") from None
     return req, pipe.queue

@@ -1,10 +1,14 @@
 """Load on `avgguf serve` and on stock llama-server side by side (127.0.0.1 only): requests/s, generated tok/s
 and latency percentiles with 1, 4 and 8 concurrent clients, one coefficient set vs four alternating ones, on
 SmolLM2-135M with the three demo AVs. Every request names its adapter scales with llama-server's per-request
-`lora` field, which both servers accept.
+`lora` field, which both servers accept. Both use every core (`--threads N` / `-t N`): the load generator runs
+on the same machine, and avgguf's adaptive thread policy would otherwise yield cores to it.
 
     python bench/server_load.py [--requests 24] [--max-tokens 32] [--rounds 3] [--parallel 1,8]
         [--llama-server /path/to/llama-server]
+
+avgguf at each --parallel count and at the last one with --contexts 2 and/or --kv-unified; llama-server
+--parallel 8 with its default (a K/V stream per slot) and with --kv-unified.
 """
 
 from __future__ import annotations
@@ -92,13 +96,19 @@ def main() -> None:
     args = ap.parse_args()
     from avgguf.models import builtin_path
 
-    servers = [(f"avgguf serve --parallel {n}", [sys.executable, "-m", "avgguf.cli", "serve",
-                                                 str(ROOT / "modelfiles" / "demo.yaml"), "--parallel", n])
-               for n in args.parallel.split(",")]
+    avgguf = [sys.executable, "-m", "avgguf.cli", "serve", str(ROOT / "modelfiles" / "demo.yaml"),
+              "--threads", str(os.cpu_count())]
+    counts = args.parallel.split(",")
+    servers = [(f"avgguf serve --parallel {n}", [*avgguf, "--parallel", n]) for n in counts]
+    last = ["--parallel", counts[-1]]
+    servers += [(f"avgguf serve --parallel {counts[-1]} --contexts 2", [*avgguf, *last, "--contexts", "2"]),
+                (f"avgguf serve --parallel {counts[-1]} --kv-unified", [*avgguf, *last, "-kvu"]),
+                (f"avgguf serve --parallel {counts[-1]} --kv-unified --contexts 2", [*avgguf, *last, "-kvu", "--contexts", "2"])]
     if args.llama_server:
         avs = ",".join(f"{ROOT / 'modelfiles' / 'avs' / n}.gguf:0" for n in ("medical", "legal", "financial"))
-        servers.append(("llama-server --parallel 8", [args.llama_server, "-m", str(builtin_path()), "--lora-scaled", avs,
-                                                      "--parallel", "8", "-t", str(os.cpu_count()), "-c", "8192"]))
+        stock = [args.llama_server, "-m", str(builtin_path()), "--lora-scaled", avs, "--parallel", "8",
+                 "-t", str(os.cpu_count()), "-c", "8192"]
+        servers += [("llama-server --parallel 8", stock), ("llama-server --parallel 8 --kv-unified", [*stock, "-kvu"])]
     procs, urls = [], {}
     try:
         for label, cmd in servers:  # all up at once (idle servers use no CPU); measured one at a time

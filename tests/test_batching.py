@@ -139,3 +139,61 @@ def test_stop_string_cuts_the_answer(rt):
     finally:
         batcher.close()
     assert text == full[:full.find(stop)] and done.finish == "stop"
+
+
+def test_kv_unified_mode_serves_with_the_same_distribution(rt):
+    """--kv-unified (one shared K/V buffer, flash attention): concurrent requests complete, and the
+    log-probabilities are the exact mode's up to float rounding."""
+    lps = {}
+    for unified in (False, True):
+        batcher = Batcher(rt.engine, n_seq=4, kv_unified=unified)
+        try:
+            waits = [submit(batcher, rt, t, p, temperature=0, logprobs=2) for t, p in JOBS[:4]]
+            results = [w() for w in waits]
+            events: queue.Queue = queue.Queue()
+            tokens = rt.engine.tokenize(rt.engine.format_chat(rt.with_system([{"role": "user", "content": "hi"}])))
+            batcher.submit(BatchRequest(tokens, (), Sampling(max_tokens=1, temperature=0, logprobs=3), events.put))
+            lps[unified] = events.get(timeout=30).logprobs[0]["top_logprobs"]
+        finally:
+            batcher.close()
+        assert all(done.kind == "done" and done.tokens > 0 for _, done in results)
+    assert [t["token"] for t in lps[True]] == [t["token"] for t in lps[False]]
+    assert max(abs(a["logprob"] - b["logprob"]) for a, b in zip(lps[True], lps[False])) < 2e-2
+
+
+def test_two_contexts_route_a_set_together_and_answer_as_solo(tiny_kit):
+    """serve --contexts 2: a coefficient set's requests share a context while it has room; answers are the
+    solo ones whichever context served them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+
+    from avgguf.server import Registry, create_app
+
+    root, *_ = tiny_kit
+    mf = load_modelfile(root / "tiny.yaml")
+    runtime = Runtime(mf, fuse="sync")
+    registry = Registry({"tiny": (mf, runtime)}, parallel=4, contexts=2)
+    served = registry.models["tiny"]
+    try:
+        assert len(served.batchers) == 2 and all(b.n_seq == 2 for b in served.batchers)
+        client = TestClient(create_app(registry))
+
+        def ask(job):
+            body = {"model": f"tiny:{job[1]}" if job[1] else "tiny", "max_tokens": 10, "temperature": 0,
+                    "messages": [{"role": "user", "content": job[0]}]}
+            return client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+
+        solo = [ask(job) for job in JOBS]
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(ask, JOBS)) == solo
+        key = runtime.engine.coefficient_key(mf.resolver.resolve("mixed"))
+        first = served.batcher(key)
+        first.keys[key] = 1  # as if one request of the set ran there: the next one joins it
+        assert served.batcher(key) is first
+        first.keys[key] = first.n_seq  # that context is full: the set spills to the other one
+        assert served.batcher(key) is not first
+        del first.keys[key]
+    finally:
+        registry.close()
+        runtime.close()
