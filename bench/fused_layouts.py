@@ -16,6 +16,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+from fused_types import ROOT, gen_tps  # the same measurement as bench/fused_types.py
 from gguf import GGMLQuantizationType as QType
 
 from avgguf import adapter_format as fmt
@@ -23,8 +24,6 @@ from avgguf.engine import Engine
 from avgguf.fusion import write_fused
 from avgguf.modelfile import load_modelfile
 
-ROOT = Path(__file__).resolve().parent.parent
-PROMPT = "<|im_start|>user\nWhat should I do about a persistent cough?<|im_end|>\n<|im_start|>assistant\n"
 QKV = ("attn_q", "attn_k", "attn_v")
 
 
@@ -88,14 +87,6 @@ def rewrite_adapter(src: Path, dst: Path, qkv: bool = False, q8: bool = False) -
         writer.add_raw_pair(base, *pair)
     writer.commit()
     return dst
-
-
-def gen_tps(eng: Engine, tokens: int) -> float:
-    eng.reset()
-    eng.perf_reset()
-    eng.completion(PROMPT, max_tokens=tokens, temperature=0.0)
-    p = eng.perf()
-    return 1000 * p.gen_tokens / p.gen_ms
 
 
 def main() -> None:
