@@ -236,13 +236,22 @@ class Batcher:
             self._wake.notify()
 
     def _counted(self, key: Key, emit: Callable[[Event], None]) -> Callable[[Event], None]:
+        ended = False
+
         def wrapped(ev: Event) -> None:
+            nonlocal ended
             if ev.kind != "piece":
+                if ended:
+                    return  # one end per request
+                ended = True
                 with self._wake:
                     self.keys[key] -= 1
                     if not self.keys[key]:
                         del self.keys[key]
-            emit(ev)
+            try:
+                emit(ev)
+            except RuntimeError:  # the listener's event loop is gone (shutdown)
+                pass
         return wrapped
 
     @property
@@ -277,11 +286,13 @@ class Batcher:
             try:
                 self._admit()
                 self._step()
-            except Exception as exc:  # noqa: BLE001 (the requests of this step hear it; the server lives on)
+            except Exception as exc:
                 log.exception("batch step failed")
                 self._fail(exc)
         for seq in self._running:
             seq.finish("cancelled")
+        for req in self._waiting:
+            req.emit(Event("done", finish="cancelled"))
 
     def _admit(self) -> None:
         """Waiting requests take the free sequence slots (between steps)."""
@@ -294,7 +305,9 @@ class Batcher:
                 req.emit(Event("done", finish="cancelled"))
                 continue
             slot, kept = self._slot_for(req)
-            self._ctx.forget(slot, kept)
+            if not self._ctx.forget(slot, kept):  # a recurrent/hybrid model cannot cut a sequence: start afresh
+                self._ctx.forget(slot)
+                kept = 0
             try:
                 self._running.append(Sequence(req, slot, kept, self.engine))
             except Exception as exc:  # noqa: BLE001 (this request hears why; the others go on)

@@ -126,11 +126,12 @@ class BatchContext:
         ptr = llama_cpp.llama_get_logits_ith(self._ctx, index)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
 
-    def forget(self, seq: int, keep: int = 0) -> None:
-        """Drop a sequence's K/V from position `keep` on."""
+    def forget(self, seq: int, keep: int = 0) -> bool:
+        """Drop a sequence's K/V from position `keep` on; False where the memory cannot cut a sequence
+        (recurrent state), then only keep=0 works."""
         import llama_cpp
 
-        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx), seq, keep, -1)
+        return bool(llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx), seq, keep, -1))
 
     def set_threads(self, n: int) -> None:
         import llama_cpp

@@ -150,6 +150,7 @@ def _scratch_dir() -> Path:
 
 
 Key = tuple[tuple[str, float], ...]
+_LLAMA_ADAPTERS = __import__("threading").Lock()  # adapter init/free change the model's shared state
 
 
 class FusedAdapters:
@@ -241,7 +242,8 @@ class FusedAdapters:
             path = self._built.pop(key, None)
         if path is None:
             return None
-        handle = llama_cpp.llama_adapter_lora_init(self._model, str(path).encode())
+        with _LLAMA_ADAPTERS:
+            handle = llama_cpp.llama_adapter_lora_init(self._model, str(path).encode())
         path.unlink(missing_ok=True)  # llama.cpp has copied the data into its own buffers
         if not handle:
             raise AdapterError(f"llama.cpp refused the fused adapter {path.name}")
@@ -263,7 +265,8 @@ class FusedAdapters:
             victim = next((k for k, h in self._loaded.items() if h not in keep), None)
             if victim is None:
                 return
-            llama_cpp.llama_adapter_lora_free(self._loaded.pop(victim))
+            with _LLAMA_ADAPTERS:
+                llama_cpp.llama_adapter_lora_free(self._loaded.pop(victim))
         with self._lock:
             while len(self._built) > self.capacity:
                 old = next(iter(self._built))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import socket
 import time
 from dataclasses import dataclass
@@ -240,8 +241,12 @@ async def completions(request: Request, registry: RegistryDep):
 
 async def _batched(served: Served, body: Common, coefs: dict[str, float], tokens: list[int], stats: bool,
                    chat: bool):
+    if not tokens:
+        raise APIError(400, "the prompt is empty (and this model adds no BOS token): send some text",
+                       param="prompt", code="invalid_value")
     req = _request(body, served, len(tokens))
     kw = {k: v for k, v in served.runtime.sampling(req).items() if v is not None}
+    kw.setdefault("seed", random.getrandbits(32))  # no seed anywhere: a fresh draw per request
     sampling = Sampling(**kw, logprobs=_top_logprobs(body, chat))
     job = Job(served, body, None, coefs, len(tokens), stats)
     try:

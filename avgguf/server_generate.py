@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
 
 from .batching import BatchRequest, BusyError, Event, Sampling
 from .engine import Perf
@@ -192,7 +193,9 @@ def _stats(ev: Event) -> str:
 async def generate_batched(bj: BatchJob):
     req, queue = _submit(bj)
     if bj.job.body.stream:
-        return StreamingResponse(batched_events(bj, req, queue), media_type="text/event-stream")
+        # the background task runs when the response ends, even if the client left before the stream began
+        return StreamingResponse(batched_events(bj, req, queue), media_type="text/event-stream",
+                                 background=BackgroundTask(req.cancelled.set))
     parts, entries = [], []
     try:
         while (ev := await queue.get()).kind == "piece":

@@ -118,11 +118,11 @@ def top_logprobs(body: Common, chat: bool) -> int | None:
     """How many alternatives to report per token (0: only the sampled one), None for no logprobs. Chat:
     `logprobs: true` with `top_logprobs` 0-20; completions: `logprobs` 0-20 (OpenAI's legacy field)."""
     if chat:
+        if body.logprobs is not None and not isinstance(body.logprobs, bool):
+            raise ValueError("logprobs: true or false on /v1/chat/completions (top_logprobs gives the count)")
         if body.top_logprobs is not None and body.logprobs is not True:
             raise ValueError("top_logprobs: needs logprobs: true")
         top = body.top_logprobs or 0 if body.logprobs is True else None
-        if body.logprobs not in (None, True, False):
-            raise ValueError("logprobs: true or false on /v1/chat/completions (top_logprobs gives the count)")
     else:
         top = None if body.logprobs in (None, False) else int(body.logprobs)
     if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:

@@ -108,6 +108,13 @@ def test_the_wait_list_is_bounded_and_cancel_frees_the_sequence(rt):
         batcher.close()
 
 
+def test_closing_ends_every_request(rt):
+    batcher = Batcher(rt.engine, n_seq=1)
+    waits = [submit(batcher, rt, "long", None, max_tokens=500, temperature=0.9) for _ in range(3)]
+    batcher.close()
+    assert all(w(timeout=30)[1].kind == "done" for w in waits)  # running and waiting alike, none hangs
+
+
 def test_a_failing_request_does_not_take_the_others_down(rt):
     batcher = Batcher(rt.engine, n_seq=4)
     try:
