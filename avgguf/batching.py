@@ -197,15 +197,16 @@ class Batcher:
     quantum = 4
 
     def __init__(self, engine: Engine, n_seq: int = 4, max_queue: int | None = None, kv_unified: bool = False,
-                 share: int = 1):
-        """`share`: how many batchers split the engine's cores (each gets its thread count / share)."""
+                 peers: list[Batcher] | None = None):
+        """`peers`: the batchers (this one included) that share the engine's cores: each decodes on the
+        engine's thread count divided by how many of them have work."""
         self.engine = engine
         self.n_seq = n_seq
         self.max_queue = max_queue
-        self.share = share
+        self.peers = peers if peers is not None else [self]
+        self._n_threads = engine.n_threads  # what the context was created with
         self.keys: dict[Key, int] = {}  # requests per coefficient set, waiting or running
         self._ctx = engine.batch_context(n_seq, unified=kv_unified)
-        self._ctx.set_threads(self._threads())
         self._fusion = engine.fusion_cache(capacity=max(4, n_seq))
         self._waiting: deque[BatchRequest] = deque()
         self._running: list[Sequence] = []
@@ -260,7 +261,8 @@ class Batcher:
         return sum(self.keys.values())
 
     def _threads(self) -> int:
-        return max(1, self.engine.adapt_threads() // self.share)
+        busy = sum(1 for b in self.peers if b.load) or 1
+        return max(1, self.engine.adapt_threads() // busy)
 
     @property
     def waiting(self) -> int:
@@ -345,8 +347,11 @@ class Batcher:
             entries += part
             owners += [seq if want else None for *_, want in part]
         self._steps += 1
-        if self._steps % ADAPT_EVERY == 0:
-            self._ctx.set_threads(self._threads())
+        if self._steps % ADAPT_EVERY == 0 or len(self.peers) > 1:  # peers start and stop: check every step
+            n = self._threads()
+            if n != self._n_threads:
+                self._ctx.set_threads(n)
+                self._n_threads = n
         self._ctx.decode(entries)
         for index, seq in enumerate(owners):
             if seq is not None:

@@ -50,8 +50,9 @@ def add_parsers(sub, parent) -> None:
                    "requests (llama-server's flag): more throughput, but an answer's float rounding then depends "
                    "on the others (greedy answers can differ from solo ones); default: a K/V stream per request")
     p.add_argument("--contexts", type=cli_args.positive_int, default=1, help="llama.cpp contexts per model "
-                   "(weights shared), each batching its share of --parallel on its share of the cores; a "
-                   "coefficient set's requests go to one context (default 1)")
+                   "(weights shared), each batching its share of --parallel; a coefficient set's requests go "
+                   "to one context while it has room, the cores are split between the contexts with work "
+                   "(default 1)")
     p = sub.add_parser("desktop", parents=[parent], help="the local web chat with a slider per AV, in your browser")
     cli_args.add_model_args(p, many=True)
     p.add_argument("--port", type=cli_args.port, help="TCP port on 127.0.0.1 (default: a free one)")

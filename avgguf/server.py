@@ -50,8 +50,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class Served:
     """One model id: its runtime (prompt formatting, decoding-time alignment) and its batchers: `contexts`
-    llama.cpp contexts (weights shared), each decoding its share of `parallel` requests together on its share
-    of the cores (avgguf.batching)."""
+    llama.cpp contexts (weights shared), each decoding its share of `parallel` requests together, the cores
+    split between those with work (avgguf.batching)."""
 
     modelfile: Modelfile
     runtime: Runtime
@@ -66,8 +66,9 @@ class Served:
         self.pool: asyncio.Queue = asyncio.Queue()  # the runtime, for PAD requests (one at a time)
         self.pool.put_nowait(self.runtime)
         n = self.contexts
-        self.batchers = [Batcher(self.runtime.engine, n_seq=-(-self.parallel // n), max_queue=self.max_queue,
-                                 kv_unified=self.kv_unified, share=n) for _ in range(n)]
+        self.batchers: list[Batcher] = []  # peers: the cores are split between those with work
+        self.batchers += [Batcher(self.runtime.engine, n_seq=-(-self.parallel // n), max_queue=self.max_queue,
+                                  kv_unified=self.kv_unified, peers=self.batchers) for _ in range(n)]
 
     def batcher(self, key: tuple) -> Batcher:
         """The context for a request: one already serving its coefficient set with a sequence free (they

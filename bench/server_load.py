@@ -7,7 +7,8 @@ on the same machine, and avgguf's adaptive thread policy would otherwise yield c
     python bench/server_load.py [--requests 24] [--max-tokens 32] [--rounds 3] [--parallel 1,8]
         [--llama-server /path/to/llama-server]
 
-avgguf at each --parallel count and at the last one with --contexts 2 and/or --kv-unified; llama-server
+avgguf at each --parallel count on one context (the default), and at the last one on two contexts and
+with --kv-unified; llama-server
 --parallel 8 with its default (a K/V stream per slot) and with --kv-unified.
 """
 
@@ -99,10 +100,11 @@ def main() -> None:
     avgguf = [sys.executable, "-m", "avgguf.cli", "serve", str(ROOT / "modelfiles" / "demo.yaml"),
               "--threads", str(os.cpu_count())]
     counts = args.parallel.split(",")
-    servers = [(f"avgguf serve --parallel {n}", [*avgguf, "--parallel", n]) for n in counts]
     last = ["--parallel", counts[-1]]
+    servers = [(f"avgguf serve --parallel {n} --contexts 1", [*avgguf, "--parallel", n, "--contexts", "1"])
+               for n in counts]
     servers += [(f"avgguf serve --parallel {counts[-1]} --contexts 2", [*avgguf, *last, "--contexts", "2"]),
-                (f"avgguf serve --parallel {counts[-1]} --kv-unified", [*avgguf, *last, "-kvu"]),
+                (f"avgguf serve --parallel {counts[-1]} --kv-unified --contexts 1", [*avgguf, *last, "-kvu", "--contexts", "1"]),
                 (f"avgguf serve --parallel {counts[-1]} --kv-unified --contexts 2", [*avgguf, *last, "-kvu", "--contexts", "2"])]
     if args.llama_server:
         avs = ",".join(f"{ROOT / 'modelfiles' / 'avs' / n}.gguf:0" for n in ("medical", "legal", "financial"))
