@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .engine import Engine
+from .engine import Engine, log_softmax
 from .errors import AvggufError
 from .fusion import Key
 
@@ -178,9 +178,7 @@ class Sequence:
 
 def token_logprobs(engine: Engine, logits: np.ndarray, token: int, top: int) -> dict:
     """OpenAI's logprobs entry for one token: its log-probability under the model and the `top` most likely."""
-    z = logits.astype(np.float64)
-    z -= z.max()
-    lp = z - np.log(np.exp(z).sum())
+    lp = log_softmax(logits)
     best = np.argpartition(-lp, top)[:top] if top else np.array([], dtype=int)
     best = best[np.argsort(-lp[best])]
 

@@ -25,6 +25,13 @@ log = logging.getLogger(__name__)
 FUSE_MODES = ("async", "sync", "off")
 
 
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """Log-probabilities from logits along the last axis, in float64."""
+    x = np.asarray(x, dtype=np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
 def chat_formatter(llm, where: str = "model"):
     """messages -> prompt text, with the GGUF's tokenizer.chat_template (as llama-cpp-python applies it)."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -317,9 +324,7 @@ class Engine:
 
     def _rows(self, start: int, count: int) -> np.ndarray:
         """Log-softmax rows predicting tokens start..start+count-1 of what was just evaluated."""
-        rows = np.asarray(self._llm.scores[start - 1: start - 1 + count], dtype=np.float64)
-        rows -= rows.max(axis=1, keepdims=True)
-        return rows - np.log(np.exp(rows).sum(axis=1, keepdims=True))
+        return log_softmax(self._llm.scores[start - 1: start - 1 + count])
 
     def _need_all_logits(self, what: str) -> None:
         if not self._logits_all:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .engine import log_softmax
 from .errors import AvggufError
 
 MODES = ("weights", "pad", "pad-full")
@@ -32,12 +33,6 @@ def check_mode(mode: str, where: str = "--decode") -> str:
 def _logsumexp(x: np.ndarray) -> float:
     m = float(x.max())
     return m + float(np.log(np.exp(x - m, dtype=np.float32).sum(dtype=np.float64)))
-
-
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
 def candidates(base_logp: np.ndarray, mode: str, k: int = TOP_K, extra: int | None = None) -> np.ndarray:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-from fused_types import ROOT, gen_tps  # the same measurement as bench/fused_types.py
+from fused_types import ROOT, alternate  # the same measurement as bench/fused_types.py
 from gguf import GGMLQuantizationType as QType
 
 from avgguf import adapter_format as fmt
@@ -114,12 +114,7 @@ def main() -> None:
                 eng.load_adapter("x", adapter)
                 eng.set_coefficients({"x": 1.0})
             engines[label] = eng
-        runs = {k: [] for k in engines}
-        for _ in range(args.repeats):
-            for label, eng in engines.items():
-                runs[label].append(gen_tps(eng, args.tokens))
-        for eng in engines.values():
-            eng.close()
+        runs = alternate(engines, args.tokens, args.repeats)
     base = statistics.median(runs["base"])
     print(f"SmolLM2 Q4_1 and the demo AVs at 1, {args.threads} threads, {args.tokens} tokens greedy, median of "
           f"{args.repeats}, alternating:\n")

@@ -29,6 +29,17 @@ def gen_tps(eng: Engine, tokens: int) -> float:
     return 1000 * p.gen_tokens / p.gen_ms
 
 
+def alternate(engines: dict[str, Engine], tokens: int, repeats: int) -> dict[str, list[float]]:
+    """Generation tok/s of every engine, `repeats` rounds, the engines in turn within each round; closes them."""
+    runs = {k: [] for k in engines}
+    for _ in range(repeats):
+        for label, eng in engines.items():
+            runs[label].append(gen_tps(eng, tokens))
+    for eng in engines.values():
+        eng.close()
+    return runs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=96)
@@ -52,12 +63,7 @@ def main() -> None:
         separate.set_coefficients({n: 1.0 for n in mf.av_paths})
         engines["three separate adapters"] = separate
         engines["base"] = Engine(mf.base_path, n_ctx=512, threads=args.threads)
-        runs = {k: [] for k in engines}
-        for _ in range(args.repeats):
-            for label, eng in engines.items():
-                runs[label].append(gen_tps(eng, args.tokens))
-        for eng in engines.values():
-            eng.close()
+        runs = alternate(engines, args.tokens, args.repeats)
     base = statistics.median(runs["base"])
     print(f"Three demo AVs at 1 on SmolLM2 Q4_1, {args.threads} threads, {args.tokens} tokens greedy, median of "
           f"{args.repeats}, alternating:\n")
