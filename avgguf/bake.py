@@ -140,14 +140,18 @@ def _ftype(type_: str) -> int:
 KEEPS_EFFECT = ("ALL_F32", "MOSTLY_F16", "MOSTLY_BF16", "MOSTLY_Q8_0")
 
 
+def stored_ftype(reader: gguf.GGUFReader) -> int | None:
+    """The base's general.file_type (llama.cpp's LLAMA_FTYPE_*), if it records one."""
+    field = reader.get_field(gguf.Keys.General.FILE_TYPE)
+    return None if field is None else int(field.contents())
+
+
 def default_ftype(reader: gguf.GGUFReader) -> int:
     import llama_cpp
 
-    field = reader.get_field(gguf.Keys.General.FILE_TYPE)
+    stored = stored_ftype(reader)
     keeps = {getattr(llama_cpp, f"LLAMA_FTYPE_{name}") for name in KEEPS_EFFECT}
-    if field is not None and int(field.contents()) in keeps:
-        return int(field.contents())
-    return llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+    return stored if stored in keeps else llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
 
 
 def _merged(reader_tensors: dict, name: str, sources: list[tuple[fmt.AdapterInfo, dict, float]],
@@ -218,9 +222,11 @@ def _add_meta(writer: gguf.GGUFWriter, key: str, value) -> None:
                              sub_type=gguf.GGUFValueType.FLOAT32)
 
 
-def baked_gguf(bake: Bake, out: Path, type_: str | None = None, progress: bool = False) -> dict:
+def baked_gguf(bake: Bake, out: Path, type_: str | None = None, progress: bool = False,
+               threads: int | None = None) -> dict:
     """The whole model with the profile merged in, quantized by llama.cpp to `type_` (default: see
-    default_ftype); tensors the profile does not touch keep their stored type where that type is chosen."""
+    default_ftype) on `threads` threads (default: all cores); tensors the profile does not touch keep their
+    stored type where that type is chosen."""
     import llama_cpp
 
     base_reader = gguf.GGUFReader(bake.modelfile.base_path)
@@ -230,7 +236,7 @@ def baked_gguf(bake: Bake, out: Path, type_: str | None = None, progress: bool =
         merged = write_merged_f32(bake, Path(tmp) / "merged-f32.gguf", progress)
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = ftype
-        params.nthread = os.cpu_count() or 1
+        params.nthread = threads or os.cpu_count() or 1
         params.allow_requantize = True
         touched = {name for _, path, _ in bake.active for name in fmt.read_adapter(path).pairs}
         types = {t.name: t.tensor_type for t in base_reader.tensors}

@@ -74,7 +74,7 @@ def shipped_modelfile(name: str) -> Path:
 
 def _runtime(args, mf: Modelfile) -> Runtime:
     return Runtime(mf, n_gpu_layers=args.n_gpu_layers, n_ctx=args.n_ctx, threads=args.threads,
-                   verbose=args.verbose)
+                   verbose=args.verbose, merge=getattr(args, "merge", None))
 
 
 def _open(args) -> tuple[Modelfile, str | None, dict[str, float]]:
@@ -164,7 +164,7 @@ def _serve(args, on_ready=None) -> int:
     serve(models, args.host, args.port, args.api_key, verbose=args.verbose, n_gpu_layers=args.n_gpu_layers,
           n_ctx=args.n_ctx, threads=args.threads, stats=args.stats, allow_write=args.allow_write,
           parallel=args.parallel, max_queue=args.max_queue, kv_unified=args.kv_unified,
-          contexts=args.contexts, on_ready=on_ready)
+          contexts=args.contexts, merge=args.merge, on_ready=on_ready)
     return 0
 
 

@@ -178,7 +178,7 @@ def generated_shares(mf, by_domain: dict[str, list[dict]], lambdas: list[float],
     result = {"classifier": {"trained_on": clf.trained_on, "accuracy_on_references": clf.accuracy(held_out)},
               "generated": []}
     zero = {name: 0.0 for name in mf.av_paths}
-    rt = Runtime(mf, n_ctx=1024, threads=args.threads, fuse="sync")
+    rt = Runtime(mf, n_ctx=1024, threads=args.threads, fuse="sync", merge="off")
     try:
         for domain, drows in by_domain.items():
             av = _av_for_domain(mf, domain)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from . import adapter_format as fmt
+from . import hot
 from .coefficients import Resolver, check_value
 from .contexts import BatchContext, SideContext
 from .errors import AdapterError, AvggufError
@@ -81,19 +82,16 @@ class Engine:
 
     def __init__(self, model_path: str | os.PathLike, *, n_ctx: int = 2048, threads: ThreadPolicy | int | None = None,
                  n_gpu_layers: int = 0, seed: int = 0, logits_all: bool = False, verbose: bool = False,
-                 fuse: str = "async", **llama_kwargs):
-        from llama_cpp import Llama
-
+                 fuse: str = "async", merge: str = "off", **llama_kwargs):
+        """`merge`: run a set that stays in use on merged weights (avgguf.hot): auto | on | off."""
         self.model_path = Path(model_path)
         self.base = fmt.read_base_model(self.model_path)
         self.threads = threads if isinstance(threads, ThreadPolicy) else ThreadPolicy.from_settings(threads)
         n = self.threads.threads()
-        try:
-            self._llm = Llama(model_path=str(self.model_path), n_ctx=n_ctx, n_threads=n, n_threads_batch=n,
-                              n_gpu_layers=n_gpu_layers, seed=seed, logits_all=logits_all, verbose=verbose,
-                              **llama_kwargs)
-        except (ValueError, RuntimeError) as exc:
-            raise AvggufError(f"llama.cpp could not load base model {str(self.model_path)!r} ({exc})") from None
+        self._llama_kwargs = dict(n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, seed=seed, logits_all=logits_all,
+                                  verbose=verbose, **llama_kwargs)
+        self._model_llm = self._load(self.model_path, n, "base model")
+        self._llm = self._model_llm  # what evaluates now: the base (with adapters) or a merged set's model
         self._n_threads = n
         self._n_ctx = n_ctx
         self._logits_all = logits_all
@@ -106,6 +104,17 @@ class Engine:
             raise AvggufError(f"fuse must be one of {FUSE_MODES}, got {fuse!r}")
         self.fuse = fuse
         self._fusion: FusedAdapters | None = None
+        self._merge = hot.enabled(merge, self)
+        self._merged: hot.MergedSets | None = None
+        self._key: tuple[tuple[str, float], ...] = ()  # the set in effect, on whichever path
+
+    def _load(self, path: Path, n_threads: int, what: str):
+        from llama_cpp import Llama
+
+        try:
+            return Llama(model_path=str(path), n_threads=n_threads, n_threads_batch=n_threads, **self._llama_kwargs)
+        except (ValueError, RuntimeError) as exc:
+            raise AvggufError(f"llama.cpp could not load {what} {str(path)!r} ({exc})") from None
 
     # -- model facts and text ---------------------------------------------------------------
 
@@ -117,6 +126,20 @@ class Engine:
     @property
     def n_vocab(self) -> int:
         return self._llm.n_vocab()
+
+    @property
+    def n_gpu_layers(self) -> int:
+        return self._llama_kwargs["n_gpu_layers"]
+
+    def sibling(self, path: str | os.PathLike) -> Engine:
+        """An engine on another GGUF of this model's shape (a merged set) with this one's settings, no adapters."""
+        return Engine(path, threads=self.threads, fuse="off", **self._llama_kwargs)
+
+    @property
+    def n_params(self) -> int:
+        import llama_cpp
+
+        return int(llama_cpp.llama_model_n_params(self._model_llm.model))
 
     @property
     def eos(self) -> int:
@@ -133,7 +156,7 @@ class Engine:
         """End of generation (EOS, EOT and the like, as the GGUF's vocabulary marks them)."""
         import llama_cpp
 
-        return bool(llama_cpp.llama_vocab_is_eog(self._llm._model.vocab, token))
+        return bool(llama_cpp.llama_vocab_is_eog(self._model_llm._model.vocab, token))
 
     def side_context(self, scales: Mapping[str, float], threads: int | None = None) -> SideContext:
         """Another context on this model (weights shared) with these adapters at these scales, own KV cache;
@@ -141,9 +164,9 @@ class Engine:
         import llama_cpp
 
         adapters = [(self.adapters[n].handle, float(v)) for n, v in scales.items() if v != 0.0]
-        params = llama_cpp.llama_context_params.from_buffer_copy(self._llm.context_params)
+        params = llama_cpp.llama_context_params.from_buffer_copy(self._model_llm.context_params)
         params.n_threads = params.n_threads_batch = threads or self._n_threads
-        return SideContext(self._llm.model, params, self.n_vocab, self.n_ctx, adapters)
+        return SideContext(self._model_llm.model, params, self.n_vocab, self.n_ctx, adapters)
 
     def batch_context(self, n_seq: int, n_ctx_seq: int | None = None, unified: bool = False) -> BatchContext:
         """A context on this model decoding `n_seq` sequences together, each up to `n_ctx_seq` tokens (default:
@@ -151,13 +174,13 @@ class Engine:
         by the sequences (avgguf.contexts.BatchContext)."""
         import llama_cpp
 
-        params = llama_cpp.llama_context_params.from_buffer_copy(self._llm.context_params)
+        params = llama_cpp.llama_context_params.from_buffer_copy(self._model_llm.context_params)
         params.n_threads = params.n_threads_batch = self._n_threads
-        return BatchContext(self._llm.model, params, self.n_vocab, n_seq, n_ctx_seq or self.n_ctx, unified)
+        return BatchContext(self._model_llm.model, params, self.n_vocab, n_seq, n_ctx_seq or self.n_ctx, unified)
 
     def fusion_cache(self, capacity: int = 4) -> FusedAdapters:
         """A cache of fused adapters of this model's AVs of its own (for a context other than the engine's)."""
-        return FusedAdapters(self._llm.model, self.base.arch, {n: a.path for n, a in self.adapters.items()},
+        return FusedAdapters(self._model_llm.model, self.base.arch, {n: a.path for n, a in self.adapters.items()},
                              capacity=capacity)
 
     def prompt_tokens(self, text: str) -> list[int]:
@@ -167,7 +190,7 @@ class Engine:
     def format_chat(self, messages: list[dict]) -> str:
         """The prompt text the GGUF's own chat template makes (generation prompt added)."""
         if self._formatter is None:
-            self._formatter = chat_formatter(self._llm, str(self.model_path))
+            self._formatter = chat_formatter(self._model_llm, str(self.model_path))
         return self._formatter(messages)
 
     # -- threads ----------------------------------------------------------------------------
@@ -197,7 +220,7 @@ class Engine:
         path = Path(path)
         info = fmt.read_adapter(path)
         fmt.check_against_base(info, self.base)
-        handle = llama_cpp.llama_adapter_lora_init(self._llm.model, str(path).encode())
+        handle = llama_cpp.llama_adapter_lora_init(self._model_llm.model, str(path).encode())
         if not handle:
             raise AdapterError(f"llama.cpp refused adapter {str(path)!r} (see --verbose for its log)")
         loaded = LoadedAdapter(name, path, info, handle)
@@ -212,15 +235,31 @@ class Engine:
         Two or more active AVs run as one fused adapter (avgguf.fusion) once it is built: with fuse="async"
         the separate adapters serve at once, `settle()` (called when an answer is done) builds the fused one
         in the background, and it replaces them at a later call with the same set (a request boundary);
-        "sync" builds it before returning; "off" never fuses."""
+        "sync" builds it before returning; "off" never fuses. With merging on (avgguf.hot), `settle()` also
+        bakes the set into merged weights, which serve it from a later call with the same set."""
         key = self.coefficient_key(coefficients)
         self.coefficients = {name: 0.0 for name in self.adapters} | dict(key)
+        self._key = key
+        merged = self._merged.take(key, lambda llm: llm is self._llm) if self._merged is not None and key else None
+        if merged is not None:
+            return self._switch(merged)
+        changed = self._switch(self._model_llm)
         if key == self._applied and (self._applied_fused is not None or not self._fusable(key)):
-            return False
+            return changed
         fused = self._fused_for(key)
         if key == self._applied and fused is None:
-            return False
+            return changed
         self._apply(key, fused)
+        return True
+
+    def _switch(self, llm) -> bool:
+        """Evaluate with `llm` from now on (each model keeps its own K/V, computed under its own weights)."""
+        import llama_cpp
+
+        if llm is self._llm:
+            return False
+        llama_cpp.llama_set_n_threads(llm.ctx, self._n_threads, self._n_threads)
+        self._llm = llm
         return True
 
     def coefficient_key(self, coefficients: Mapping[str, float]) -> tuple[tuple[str, float], ...]:
@@ -233,7 +272,17 @@ class Engine:
     @property
     def fused(self) -> bool:
         """Whether the active set runs as one fused adapter right now."""
-        return self._applied_fused is not None
+        return self._llm is self._model_llm and self._applied_fused is not None
+
+    @property
+    def merged(self) -> bool:
+        """Whether the active set runs on merged weights right now (avgguf.hot)."""
+        return self._llm is not self._model_llm
+
+    def wait_merged(self, timeout: float | None = None) -> None:
+        """Block until a background merge finishes (benchmarks, tests)."""
+        if self._merged is not None:
+            self._merged.wait(timeout)
 
     def wait_fused(self, timeout: float | None = None) -> None:
         """Block until a background fusion finishes (benchmarks, tests)."""
@@ -262,6 +311,11 @@ class Engine:
         if self.fuse == "async" and self._fusable(self._applied) and self._applied_fused is None:
             self._fused_for(self._applied)  # creates the cache on first use
             self._fusion.request(self._applied)
+        if self._merge and self._key and not self.merged:
+            if self._merged is None:
+                paths = {n: a.path for n, a in self.adapters.items()}
+                self._merged = hot.MergedSets(self.model_path, paths, lambda p: self._load(p, 1, "merged set"))
+            self._merged.request(self._key)
 
     def _apply(self, key: tuple[tuple[str, float], ...], fused=None) -> None:
         import llama_cpp
@@ -270,11 +324,11 @@ class Engine:
         n = len(pairs)
         handles = (llama_cpp.llama_adapter_lora_p_ctypes * max(n, 1))(*[h for h, _ in pairs])
         scales = (ctypes.c_float * max(n, 1))(*[v for _, v in pairs])
-        rc = llama_cpp.llama_set_adapters_lora(self._llm.ctx, handles if n else None, n, scales if n else None)
+        rc = llama_cpp.llama_set_adapters_lora(self._model_llm.ctx, handles if n else None, n, scales if n else None)
         if rc != 0:
             raise AvggufError(f"llama.cpp could not apply adapters {dict(key)} (code {rc})")
         self._applied, self._applied_fused = key, fused
-        self._llm.reset()  # K/V computed under the old coefficients must never be reused
+        self._model_llm.reset()  # K/V computed under the old coefficients must never be reused
 
     # -- evaluation -------------------------------------------------------------------------
 
@@ -353,5 +407,7 @@ class Engine:
     def close(self) -> None:
         if self._fusion is not None:
             self._fusion.close()
+        if self._merged is not None:
+            self._merged.close()
         self.adapters.clear()  # adapters are freed with the model
-        self._llm.close()
+        self._model_llm.close()

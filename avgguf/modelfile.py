@@ -44,6 +44,7 @@ class Defaults(Strict):
     n_ctx: int = Field(2048, ge=64)
     n_threads: int | None = Field(None, ge=0)  # None or 0: adaptive (avgguf.threads)
     n_gpu_layers: int = Field(0, ge=-1)
+    merge: Literal["auto", "on", "off"] = "auto"  # a set in use runs on merged weights (avgguf.hot)
 
 
 class AVSpec(Strict):

@@ -35,13 +35,15 @@ ADAPT_EVERY = 16  # streamed tokens between thread-policy checks
 
 class Runtime:
     def __init__(self, modelfile: Modelfile, *, n_gpu_layers: int | None = None, n_ctx: int | None = None,
-                 threads: int | None = None, verbose: bool = False, fuse: str = "async"):
+                 threads: int | None = None, verbose: bool = False, fuse: str = "async", merge: str | None = None):
+        """`merge`: avgguf.hot's mode (default: the modelfile's)."""
         d = modelfile.spec.defaults
         self.modelfile = modelfile
         self.engine = Engine(modelfile.base_path, n_ctx=n_ctx or d.n_ctx,
                              threads=ThreadPolicy.from_settings(threads, d.n_threads),
                              n_gpu_layers=d.n_gpu_layers if n_gpu_layers is None else n_gpu_layers,
-                             seed=d.seed if d.seed is not None else 0, verbose=verbose, fuse=fuse)
+                             seed=d.seed if d.seed is not None else 0, verbose=verbose, fuse=fuse,
+                             merge=merge or d.merge)
         for name, path in modelfile.av_paths.items():
             self.engine.load_adapter(name, path)
         self._pad_perf: tuple[int, float, int, float] | None = None  # the last PAD request's counts and times

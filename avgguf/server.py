@@ -21,12 +21,14 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from . import hot
 from .batching import Batcher, Sampling
 from .coefficients import CoefficientError
 from .errors import AvggufError
 from .modelfile import Modelfile
 from .runtime import GenerationRequest, Runtime
 from .server_generate import BatchJob, Job, generate, generate_batched
+from .server_hot import HotSets
 from .server_schemas import (
     MAX_BODY,
     APIError,
@@ -60,15 +62,29 @@ class Served:
     parallel: int = 4
     kv_unified: bool = False
     contexts: int = 1
+    merge: bool = False  # hot sets on merged weights (avgguf.hot)
     waiting: int = 0
 
     def __post_init__(self):
         self.pool: asyncio.Queue = asyncio.Queue()  # the runtime, for PAD requests (one at a time)
         self.pool.put_nowait(self.runtime)
         n = self.contexts
-        self.batchers: list[Batcher] = []  # peers: the cores are split between those with work
-        self.batchers += [Batcher(self.runtime.engine, n_seq=-(-self.parallel // n), max_queue=self.max_queue,
-                                  kv_unified=self.kv_unified, peers=self.batchers) for _ in range(n)]
+        self.peers: list[Batcher] = []  # every context of this model: the cores are split between those with work
+        self.batchers = [self.add_batcher(self.runtime.engine, -(-self.parallel // n)) for _ in range(n)]
+        self.hot = HotSets(self) if self.merge else None
+
+    def add_batcher(self, engine, n_seq: int) -> Batcher:
+        """Another batching context of this model (its weights may be another file: a merged set)."""
+        batcher = Batcher(engine, n_seq=n_seq, max_queue=self.max_queue, kv_unified=self.kv_unified,
+                          peers=self.peers)
+        self.peers.append(batcher)
+        return batcher
+
+    def route(self, key: tuple) -> tuple[Batcher, tuple]:
+        """Where a request with this coefficient set decodes, and the set to ask that context for: a hot
+        set's merged model (no adapters), else the base's contexts."""
+        merged = self.hot.batcher(key) if self.hot is not None else None
+        return (merged, ()) if merged is not None else (self.batcher(key), key)
 
     def batcher(self, key: tuple) -> Batcher:
         """The context for a request: one already serving its coefficient set with a sequence free (they
@@ -88,6 +104,8 @@ class Served:
             self.waiting -= 1
 
     def close(self) -> None:
+        if self.hot is not None:
+            self.hot.close()
         for batcher in self.batchers:
             batcher.close()
 
@@ -98,9 +116,11 @@ class Registry:
 
     def __init__(self, runtimes: dict[str, tuple[Modelfile, Runtime]], api_key: str | None = None,
                  stats: bool = False, allow_write: bool = False, max_queue: int | None = None, parallel: int = 4,
-                 kv_unified: bool = False, contexts: int = 1):
+                 kv_unified: bool = False, contexts: int = 1, merge: str | None = "off"):
+        """`merge`: avgguf.hot's mode for every live model (baked profiles have no sets to merge)."""
         def served(mf, rt) -> Served:
-            return Served(mf, rt, max_queue=max_queue, parallel=parallel, kv_unified=kv_unified, contexts=contexts)
+            return Served(mf, rt, max_queue=max_queue, parallel=parallel, kv_unified=kv_unified, contexts=contexts,
+                          merge=bool(mf.av_paths) and hot.enabled(merge or mf.spec.defaults.merge, rt.engine))
 
         self.models = {name: served(mf, rt) for name, (mf, rt) in runtimes.items() if ":" not in name}
         self.baked = {name: served(mf, rt) for name, (mf, rt) in runtimes.items() if ":" in name}
@@ -346,7 +366,7 @@ def bind(host: str, port: int) -> socket.socket:
 def serve(modelfiles: list[Modelfile], host: str, port: int, api_key: str | None, verbose: bool = False,
           n_gpu_layers: int | None = None, n_ctx: int | None = None, threads: int | None = None,
           stats: bool = False, allow_write: bool = False, on_ready=None, parallel: int = 4,
-          max_queue: int | None = None, kv_unified: bool = False, contexts: int = 1) -> None:
+          max_queue: int | None = None, kv_unified: bool = False, contexts: int = 1, merge: str | None = None) -> None:
     import uvicorn
 
     names: dict[str, Modelfile] = {}
@@ -359,8 +379,8 @@ def serve(modelfiles: list[Modelfile], host: str, port: int, api_key: str | None
     for mf in list(names.values()):
         names.update({f"{mf.name}:{profile}": mf.baked(profile) for profile in mf.baked_paths})
     runtimes = {name: (mf, Runtime(mf, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, threads=threads, verbose=verbose,
-                                   fuse="sync")) for name, mf in names.items()}
-    registry = Registry(runtimes, api_key, stats, allow_write, max_queue, parallel, kv_unified, contexts)
+                                   fuse="sync", merge="off")) for name, mf in names.items()}
+    registry = Registry(runtimes, api_key, stats, allow_write, max_queue, parallel, kv_unified, contexts, merge)
     app = create_app(registry)
     port = sock.getsockname()[1]
     print(f"avgguf serve: http://{host}:{port}/v1  chat page: http://{host}:{port}/  models: "

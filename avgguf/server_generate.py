@@ -180,7 +180,8 @@ def _submit(bj: BatchJob) -> tuple[BatchRequest, asyncio.Queue]:
     pipe = EventPipe(bj.job.body.stream)
     req = BatchRequest(bj.tokens, bj.key, bj.sampling, emit=pipe.emit)
     try:
-        bj.job.served.batcher(bj.key).submit(req)
+        batcher, req.key = bj.job.served.route(bj.key)
+        batcher.submit(req)
     except BusyError as exc:
         raise APIError(503, str(exc), code="server_busy", type_="server_error") from None
     return req, pipe.queue
