@@ -23,7 +23,7 @@ from gguf import GGMLQuantizationType as QType
 
 from . import adapter_format as fmt
 from .errors import AvggufError
-from .fusion import write_fused
+from .fusion import Cancelled, write_fused
 from .modelfile import Modelfile
 
 FORMATS = ("gguf", "adapter", "ollama", "peft")
@@ -172,8 +172,9 @@ def _merged(reader_tensors: dict, name: str, sources: list[tuple[fmt.AdapterInfo
     return w
 
 
-def write_merged_f32(bake: Bake, out: Path, progress: bool = False) -> Path:
-    """base + Σ c·ΔW as a GGUF: merged tensors in float32, all others exactly as stored; streamed."""
+def write_merged_f32(bake: Bake, out: Path, progress: bool = False, stop=None) -> Path:
+    """base + Σ c·ΔW as a GGUF: merged tensors in float32, all others exactly as stored; streamed. `stop()`
+    true between tensors raises avgguf.fusion.Cancelled."""
     from tqdm import tqdm
 
     reader = gguf.GGUFReader(bake.modelfile.base_path)
@@ -207,6 +208,9 @@ def write_merged_f32(bake: Bake, out: Path, progress: bool = False) -> Path:
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     for t in tqdm(reader.tensors, desc="merge", unit="tensor", disable=not progress):
+        if stop is not None and stop():
+            writer.close()
+            raise Cancelled
         writer.write_tensor_data(_merged(tensors, t.name, sources, full) if t.name in touched else np.asarray(t.data))
     writer.close()
     return out
@@ -223,17 +227,19 @@ def _add_meta(writer: gguf.GGUFWriter, key: str, value) -> None:
 
 
 def baked_gguf(bake: Bake, out: Path, type_: str | None = None, progress: bool = False,
-               threads: int | None = None) -> dict:
+               threads: int | None = None, stop=None) -> dict:
     """The whole model with the profile merged in, quantized by llama.cpp to `type_` (default: see
     default_ftype) on `threads` threads (default: all cores); tensors the profile does not touch keep their
-    stored type where that type is chosen."""
+    stored type where that type is chosen. `stop`: see write_merged_f32 (checked before quantizing too)."""
     import llama_cpp
 
     base_reader = gguf.GGUFReader(bake.modelfile.base_path)
     ftype = _ftype(type_) if type_ else default_ftype(base_reader)
     parent = out.resolve().parent
     with tempfile.TemporaryDirectory(dir=parent, prefix=".avgguf-bake-") as tmp:
-        merged = write_merged_f32(bake, Path(tmp) / "merged-f32.gguf", progress)
+        merged = write_merged_f32(bake, Path(tmp) / "merged-f32.gguf", progress, stop)
+        if stop is not None and stop():
+            raise Cancelled
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = ftype
         params.nthread = threads or os.cpu_count() or 1

@@ -62,6 +62,10 @@ def add_model_args(p, many: bool = False) -> None:
     p.add_argument("--threads", type=non_negative_int, help="CPU threads (default: adaptive, as many as cores are "
                    "free; 0 = adaptive; env AVGGUF_THREADS)")
     p.add_argument("--stats", action="store_true", help="print prompt/generation token counts and speeds to stderr")
+
+
+def add_merge_arg(p) -> None:
+    """For the long-lived commands (chat, serve, desktop): hot sets on merged weights (avgguf.hot)."""
     p.add_argument("--merge", choices=["auto", "on", "off"],
                    help="a coefficient set that stays in use runs on merged weights baked in the background "
                         "(base speed; q8_0 for a 4-bit base): on, off, or auto = where that measured faster than "

@@ -29,6 +29,7 @@ def add_parsers(sub, parent) -> None:
     cli_args.add_generation_args(p)
     p = sub.add_parser("chat", parents=[parent], help="interactive chat with live knobs")
     cli_args.add_model_args(p)
+    cli_args.add_merge_arg(p)
     cli_args.add_set_arg(p)
     cli_args.add_decode_arg(p)
     cli_args.add_generation_args(p)
@@ -38,6 +39,7 @@ def add_parsers(sub, parent) -> None:
     p.add_argument("--builtins", action="store_true", help="list the built-in base models (builtin:NAME)")
     p = sub.add_parser("serve", parents=[parent], help="OpenAI-compatible HTTP server over modelfiles or a GGUF")
     cli_args.add_model_args(p, many=True)
+    cli_args.add_merge_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=cli_args.port, default=8080, help="TCP port (default 8080)")
     p.add_argument("--api-key", help="require Authorization: Bearer KEY")
@@ -55,6 +57,7 @@ def add_parsers(sub, parent) -> None:
                    "(default 1)")
     p = sub.add_parser("desktop", parents=[parent], help="the local web chat with a slider per AV, in your browser")
     cli_args.add_model_args(p, many=True)
+    cli_args.add_merge_arg(p)
     p.add_argument("--port", type=cli_args.port, help="TCP port on 127.0.0.1 (default: a free one)")
     p.add_argument("--api-key", help="require Authorization: Bearer KEY (the page asks for it)")
     p.add_argument("--allow-write", action="store_true", help="let the page save profiles into the modelfile")
@@ -72,9 +75,11 @@ def shipped_modelfile(name: str) -> Path:
     return Path(str(resources.files("avgguf.modelfiles").joinpath(name)))
 
 
-def _runtime(args, mf: Modelfile) -> Runtime:
+def _runtime(args, mf: Modelfile, merge: str | None = None) -> Runtime:
+    """`merge`: None = --merge or the modelfile's; one-shot commands (run, demo) pass "off": a set there never
+    answers twice, and a bake would only delay the exit."""
     return Runtime(mf, n_gpu_layers=args.n_gpu_layers, n_ctx=args.n_ctx, threads=args.threads,
-                   verbose=args.verbose, merge=getattr(args, "merge", None))
+                   verbose=args.verbose, merge=merge or getattr(args, "merge", None))
 
 
 def _open(args) -> tuple[Modelfile, str | None, dict[str, float]]:
@@ -103,7 +108,7 @@ def _stream(rt: Runtime, req: GenerationRequest, coefs: dict[str, float], stats:
 
 def run_run(args) -> int:
     mf, profile, coefs = _open(args)
-    rt = _runtime(args, mf)
+    rt = _runtime(args, mf, merge="off")
     try:
         _stream(rt, _request(args, [{"role": "user", "content": args.prompt}]), coefs, args.stats,
                 decode=args.decode or mf.decode_mode(profile))
@@ -185,7 +190,7 @@ def run_demo(args) -> int:
     demo = shipped_modelfile("demo.yaml")
     path = demo if demo.is_file() else shipped_modelfile("smollm2.yaml")
     mf = load_modelfile(path)
-    rt = _runtime(args, mf)
+    rt = _runtime(args, mf, merge="off")
     try:
         settings = [(name, mf.coefficients(name)) for name in mf.spec.profiles] or [("base", mf.coefficients())]
         if mf.av_paths:

@@ -221,8 +221,11 @@ async def list_models(registry: RegistryDep):
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, registry: RegistryDep):
-    registry.resolve(model_id)  # 404 in OpenAI's shape when unknown
-    return {"id": model_id, "object": "model", "created": int(time.time()), "owned_by": "avgguf"}
+    served, _ = registry.resolve(model_id)  # 404 in OpenAI's shape when unknown
+    card = {"id": model_id, "object": "model", "created": int(time.time()), "owned_by": "avgguf"}
+    if served.hot is not None:  # which coefficient sets run at full speed now (avgguf.hot)
+        card["avgguf"] = served.hot.card()
+    return card
 
 
 @router.get("/health")

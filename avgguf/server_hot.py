@@ -30,7 +30,9 @@ class MergedServing:
 class HotSets:
     """Which coefficient sets of a model run on merged weights: a set that `HOT_SHARE` of the last `WINDOW`
     requests asked for is baked in the background (at most `CAPACITY` kept, the least recently used one
-    with no requests freed); until its model is ready, and for every other set, the base's contexts serve."""
+    with no requests freed); once `CAPACITY` are kept, a set is baked only if asked for twice as often as the
+    least asked-for kept one (evenly alternating sets would otherwise be re-baked in turn). Until its model
+    is ready, and for every other set, the base's contexts serve."""
 
     WINDOW, HOT_SHARE, CAPACITY = 32, 0.25, 2
 
@@ -39,7 +41,7 @@ class HotSets:
         paths = {n: a.path for n, a in engine.adapters.items()}
         self._recent: deque = deque(maxlen=self.WINDOW)
         self._sets = MergedSets(engine.model_path, paths, lambda p: MergedServing(served, p),
-                                capacity=self.CAPACITY, nice=0)
+                                capacity=self.CAPACITY)
 
     def batcher(self, key: tuple) -> Batcher | None:
         if not key:
@@ -48,9 +50,18 @@ class HotSets:
         merged = self._sets.take(key, lambda m: m.batcher.load > 0)
         if merged is not None:
             return merged.batcher
-        if self._recent.count(key) >= self.HOT_SHARE * self.WINDOW:
-            self._sets.request(key)
+        count = self._recent.count(key)
+        if count >= self.HOT_SHARE * self.WINDOW:
+            kept = self._sets.ready()
+            if len(kept) < self.CAPACITY or count >= 2 * min(self._recent.count(k) for k in kept):
+                self._sets.request(key)
         return None
+
+    def card(self) -> dict:
+        """For GET /v1/models/{id}: the sets served from merged weights now, and the one being baked."""
+        baking = self._sets.baking
+        return {"merged_sets": [dict(key) for key in self._sets.ready()],
+                "merging": None if baking is None else dict(baking)}
 
     def wait(self, timeout: float | None = None) -> None:
         self._sets.wait(timeout)

@@ -9,6 +9,14 @@ on an idle machine (bench/runtime_speed.py --under-load has the table). One thre
 so: as many threads as cores are free, never fewer than one. OMP_* variables the user sets still apply.
 
 Overrides: --threads N on the CLI, or AVGGUF_THREADS=N in the environment (a fixed count; 0 = adaptive).
+
+Several contexts decoding from several threads (the server's batching contexts, merged hot sets, PAD) each
+start their own OpenMP team. Once libgomp manages more threads than there are cores it "throttles" every
+barrier to ~1000 spins before a futex sleep, and ggml's per-op barrier is an OpenMP barrier: both contexts then
+decoded at half speed, even strictly one after the other (SmolLM2, 32 tokens: 0.28 s alone, 0.55-0.65 s once a
+second context had run). OMP_WAIT_POLICY=active lifts the throttle, and GOMP_SPINCOUNT=300000 keeps libgomp's
+own default spin for an idle team (a few ms, then sleep): 0.27-0.29 s for both, alone or alternating.
+`openmp_defaults()` sets the two before llama.cpp loads (avgguf/__init__.py), unless the user set them.
 """
 
 from __future__ import annotations
@@ -23,6 +31,16 @@ from .errors import AvggufError
 ENV_THREADS = "AVGGUF_THREADS"
 MIN_INTERVAL = 0.1  # seconds: shorter /proc/stat windows are too coarse (10 ms ticks) to trust
 HEADROOM = 0.3      # a core counts as free when others use at most 70 % of it
+
+
+OPENMP_DEFAULTS = {"OMP_WAIT_POLICY": "active", "GOMP_SPINCOUNT": "300000"}
+
+
+def openmp_defaults() -> None:
+    """libgomp reads these once, when llama.cpp's library loads: call before the first `import llama_cpp`."""
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        return  # the user's own OpenMP settings win, as a pair
+    os.environ.update(OPENMP_DEFAULTS)
 
 
 def available_cores() -> int:

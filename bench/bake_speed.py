@@ -7,8 +7,12 @@ knob change costs on each path; and, on the real demo AVs, how much of the profi
 
 smollm2: the embedded SmolLM2-135M-Instruct Q4_1 with the three demo AVs (modelfiles/demo.yaml).
 synthetic-1b: a 1.2B llama-shaped GGUF with random weights (Q4_0; speed does not depend on values) and
-random f16 AVs at ranks 16 and 64. "Effect kept" = 1 - KL(live ‖ path) / KL(live ‖ base) over expert
-answers to held-out queries, where "live" is the profile as separate adapters on the same base.
+random f16 AVs at ranks 16 and 64. Fidelity against the full-precision merged model ("fp": the base's
+weights in float32 + Σλ·ΔW): "KL kept" = 1 - KL(fp ‖ path) / KL(fp ‖ base) over expert answers to held-out
+queries (every deviation counts, noise included); "margin kept" = the path's change of the preference margin
+(mean log-prob of the expert minus the avoidance answer to held-out queries of the AVs' domains) over fp's.
+"live, merged hot set" is what `avgguf run/chat/serve --merge on` (auto on SmolLM2) serves once a set has
+answered: its "build" is the background bake and load after the answer, "knob" a change to a new set then.
 Build llama-export-lora from the llama.cpp source inside llama-cpp-python's sdist (see README).
 """
 
@@ -32,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from avgguf import adapter_format as fmt
-from avgguf.bake import Bake, baked_gguf
+from avgguf.bake import Bake, baked_gguf, write_merged_f32
 from avgguf.engine import Engine
 from avgguf.fusion import write_fused
 from avgguf.modelfile import load_modelfile, modelfile_from_gguf
@@ -75,8 +79,8 @@ def knob_ms(eng: Engine, names: list[str]) -> float:
     """A new coefficient set to the first token, median of 5."""
     out = []
     for i in range(5):
-        eng.set_coefficients({n: 0.3 + 0.1 * i for n in names})
         t0 = time.perf_counter()
+        eng.set_coefficients({n: 0.3 + 0.1 * i for n in names})
         for _ in eng.completion(PROMPT, max_tokens=1, temperature=0.0, stream=True):
             break
         out.append(1000 * (time.perf_counter() - t0))
@@ -219,6 +223,8 @@ def run_set(label: str, base: Path, set_name: str, avs: dict[str, Path], args, w
         fused.set_coefficients(coefs)  # builds and loads the fused adapter
         extra[f"{set_name}: fused adapter"] = {"seconds": time.perf_counter() - t0}
         engines[f"{set_name}: fused adapter"] = fused
+    hot_key = f"{set_name}: live, merged hot set"
+    engines[hot_key], extra[hot_key] = hot_engine(base, avs, coefs)
     mf = modelfile_from_gguf(base, [(p, 1.0) for p in avs.values()])
     for type_ in ([None, "q4_1"] if "Q4_1" in label else [None]):
         out = work / f"baked-{type_}.gguf"
@@ -242,6 +248,7 @@ def run_set(label: str, base: Path, set_name: str, avs: dict[str, Path], args, w
         engines[key] = open_engine(requant, {}, {}, "off")
     measured = speeds(engines, args.tokens, args.repeats)
     extra[f"{set_name}: separate adapters"] = {"knob_ms": knob_ms(engines[f"{set_name}: separate adapters"], list(avs))}
+    extra[hot_key]["knob_ms"] = knob_ms(engines[hot_key], list(avs))
     for eng in engines.values():
         eng.close()
     base_gen, base_prompt = measured[f"{set_name}: base"]
@@ -249,37 +256,79 @@ def run_set(label: str, base: Path, set_name: str, avs: dict[str, Path], args, w
              **extra.get(k, {})} for k, (g, p) in measured.items()]
 
 
+def hot_engine(base: Path, avs: dict[str, Path], coefs: dict[str, float], **kw) -> tuple[Engine, dict]:
+    """The live engine once a set has answered and its background merge is in: (engine, build seconds)."""
+    eng = open_engine(base, avs, coefs, "async", merge="on", **kw)
+    t0 = time.perf_counter()
+    eng.settle()
+    eng.wait_merged()
+    seconds = time.perf_counter() - t0
+    eng.set_coefficients(coefs)
+    assert eng.merged, "the merge did not come in (see the log)"
+    return eng, {"seconds": seconds}
+
+
+def margins(eng: Engine, items: list[dict]) -> float:
+    """Mean over items of the mean log-prob of the expert answer minus the avoidance answer's (96 tokens)."""
+    out = []
+    for r in items:
+        prompt = eng.tokenize(eng.format_chat([{"role": "user", "content": r["query"]}]))
+        expert, avoid = (eng.tokenize(r["responses"][k])[:96] for k in ("expert", "avoidance"))
+        e, a = eng.score_continuations(prompt, [expert, avoid])
+        out.append(float(e.mean() - a.mean()))
+    return float(np.mean(out))
+
+
+def domain_items(domains: set[str], n: int = 24) -> list[dict]:
+    rows = [json.loads(line) for line in (ROOT / "data" / "preferences" / "eval.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["domain"] in domains][:n]
+
+
+def path_engine(key: str, row: dict, base: Path, avs: dict[str, Path], coefs: dict[str, float]) -> Engine:
+    if key.endswith("separate adapters"):
+        return open_engine(base, avs, coefs, "off", logits_all=True)
+    if key.endswith("fused adapter"):
+        return open_engine(base, avs, coefs, "sync", logits_all=True)
+    if key.endswith("merged hot set"):
+        return hot_engine(base, avs, coefs, logits_all=True)[0]
+    return open_engine(Path(row["_file"]), {}, {}, "off", logits_all=True)
+
+
 def add_fidelity(rows: list, base: Path, sets: dict, work: Path) -> None:
-    """Effect kept per path, against the same profile as live separate adapters."""
+    """KL kept and margin kept per path, against the full-precision merged model (see the module's doc)."""
     by_path = {r["path"]: r for r in rows}
     for set_name, avs in sets.items():
         coefs = {n: 1.0 for n in avs}
-        live = open_engine(base, avs, coefs, "off", logits_all=True)
-        texts = eval_tokens(live)
-        ref = [log_probs(live, t) for t in texts]
-        live.close()
+        mf = modelfile_from_gguf(base, [(p, 1.0) for p in avs.values()])
+        fp_path = write_merged_f32(Bake(mf, "lora", mf.coefficients()), work / "fp.gguf")
+        items = domain_items(set(avs))
+        fp = open_engine(fp_path, {}, {}, "off", logits_all=True)
+        texts = eval_tokens(fp)
+        ref = [log_probs(fp, t) for t in texts]
+        m_fp = margins(fp, items)
+        fp.close()
+        fp_path.unlink()
         plain = open_engine(base, {}, {}, "off", logits_all=True)
-        kl_base = mean_kl(ref, plain, texts)
+        kl_base, m_base = mean_kl(ref, plain, texts), margins(plain, items)
         plain.close()
         for key, row in by_path.items():
-            if not key.startswith(set_name + ":") or key.endswith(("separate adapters", ": base")):
+            if not key.startswith(set_name + ":") or key.endswith(": base"):
                 continue
-            if key.endswith("fused adapter"):
-                eng = open_engine(base, avs, coefs, "sync", logits_all=True)
-            else:
-                eng = open_engine(Path(row["_file"]), {}, {}, "off", logits_all=True)
+            eng = path_engine(key, row, base, avs, coefs)
             row["kl"] = mean_kl(ref, eng, texts)
             row["effect_kept"] = 1 - row["kl"] / kl_base
+            row["margin_kept"] = (margins(eng, items) - m_base) / (m_fp - m_base)
             eng.close()
 
 
 def render(rows: list) -> str:
-    lines = ["| model | path | gen tok/s | vs base | prompt vs base | knob change / build | file | effect kept |",
-             "|---|---|---|---|---|---|---|---|"]
+    head = "| model | path | gen tok/s | vs base | prompt vs base | knob change / build | file | KL kept | margin kept |"
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        cost = f"{r['knob_ms']:.0f} ms" if "knob_ms" in r else (f"{r['seconds']:.1f} s" if "seconds" in r else "")
+        cost = " / ".join(([f"knob {r['knob_ms']:.0f} ms"] if "knob_ms" in r else [])
+                          + ([f"build {r['seconds']:.1f} s"] if "seconds" in r else []))
         size = f"{r['bytes'] / 1e6:.0f} MB" if "bytes" in r else ""
-        kept = f"{r['effect_kept']:.3f}" if "effect_kept" in r else ""
+        kept = " | ".join(f"{r[k]:.3f}" if k in r else "" for k in ("effect_kept", "margin_kept"))
         lines.append(f"| {r['model']} | {r['path']} | {r['gen_tps']:.1f} | {r['gen_rel']:.2f} | {r['prompt_rel']:.2f} | "
                      f"{cost} | {size} | {kept} |")
     return "\n".join(lines)

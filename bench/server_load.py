@@ -7,9 +7,12 @@ on the same machine, and avgguf's adaptive thread policy would otherwise yield c
     python bench/server_load.py [--requests 24] [--max-tokens 32] [--rounds 3] [--parallel 1,8]
         [--llama-server /path/to/llama-server]
 
-avgguf at each --parallel count on one context (the default), and at the last one on two contexts and
-with --kv-unified; llama-server
---parallel 8 with its default (a K/V stream per slot) and with --kv-unified.
+avgguf with its exact adapters (--merge off) at each --parallel count; at the last one also on two contexts,
+and as it runs by default on SmolLM2 (merge auto: a set asked for by a quarter of the recent requests is baked
+into merged q8_0 weights in the background and served from them, avgguf.hot), with and without --kv-unified;
+llama-server --parallel 8 with its default (a K/V stream per slot) and with --kv-unified. Each server is warmed
+up with one-set traffic, and after every cell the bench waits until no merge is under way (GET
+/v1/models/demo), so a bake never runs into another server's measurement.
 """
 
 from __future__ import annotations
@@ -78,6 +81,18 @@ def scenario(url: str, clients: int, alternate: bool, requests: int, max_tokens:
     return requests / wall, sum(n for _, n, _ in out) / wall, statistics.median(lat), percentile(lat, 0.99)
 
 
+def card(url: str) -> dict:
+    """GET /v1/models/demo ({} from a server without that route)."""
+    r = httpx.get(url + "/v1/models/demo", timeout=30)
+    return r.json() if r.status_code == 200 else {}
+
+
+def quiet(url: str) -> None:
+    """Wait until no merge is under way on an avgguf server."""
+    while card(url).get("avgguf", {}).get("merging"):
+        time.sleep(0.5)
+
+
 def agreement(url: str, max_tokens: int) -> int:
     """Greedy answers of 16 concurrent requests (4 questions x 4 sets) equal to the same requests one by one."""
     jobs = [(i, SETS[j]) for i in range(len(QUESTIONS)) for j in range(len(SETS))]
@@ -101,11 +116,11 @@ def main() -> None:
               "--threads", str(os.cpu_count())]
     counts = args.parallel.split(",")
     last = ["--parallel", counts[-1]]
-    servers = [(f"avgguf serve --parallel {n} --contexts 1", [*avgguf, "--parallel", n, "--contexts", "1"])
-               for n in counts]
-    servers += [(f"avgguf serve --parallel {counts[-1]} --contexts 2", [*avgguf, *last, "--contexts", "2"]),
-                (f"avgguf serve --parallel {counts[-1]} --kv-unified --contexts 1", [*avgguf, *last, "-kvu", "--contexts", "1"]),
-                (f"avgguf serve --parallel {counts[-1]} --kv-unified --contexts 2", [*avgguf, *last, "-kvu", "--contexts", "2"])]
+    off = ["--merge", "off"]
+    servers = [(f"avgguf serve --parallel {n} --merge off", [*avgguf, "--parallel", n, *off]) for n in counts]
+    servers += [(f"avgguf serve --parallel {counts[-1]} --contexts 2 --merge off", [*avgguf, *last, "--contexts", "2", *off]),
+                (f"avgguf serve --parallel {counts[-1]} (default: merge auto)", [*avgguf, *last]),
+                (f"avgguf serve --parallel {counts[-1]} --kv-unified (merge auto)", [*avgguf, *last, "-kvu"])]
     if args.llama_server:
         avs = ",".join(f"{ROOT / 'modelfiles' / 'avs' / n}.gguf:0" for n in ("medical", "legal", "financial"))
         stock = [args.llama_server, "-m", str(builtin_path()), "--lora-scaled", avs, "--parallel", "8",
@@ -119,15 +134,19 @@ def main() -> None:
                                           stderr=subprocess.DEVNULL))
             urls[label] = f"http://127.0.0.1:{port}"
             wait_up(urls[label], procs[-1])
-            ask(urls[label], 0, SETS[0], args.max_tokens)  # warm-up
+        for label, url in urls.items():  # warm-up: one-set traffic (makes that set hot where merging is on)
+            scenario(url, 8, False, 16, args.max_tokens)
+            quiet(url)
         cells = [(c, alt) for c in (1, 4, 8) for alt in (False, True)]
         runs = {(label, cell): [] for label in urls for cell in cells}
         for r in range(args.rounds):
             for cell in cells:
                 for label, url in urls.items():
                     runs[label, cell].append(scenario(url, *cell, args.requests, args.max_tokens))
+                    quiet(url)
                     print(f"  round {r} {label} {cell}: {runs[label, cell][-1]}", file=sys.stderr, flush=True)
         agree = {label: agreement(url, args.max_tokens) for label, url in urls.items()}
+        merged = {label: card(url).get("avgguf", {}).get("merged_sets") for label, url in urls.items()}
     finally:
         for proc in procs:
             proc.terminate()
@@ -145,6 +164,10 @@ def main() -> None:
     print("\nGreedy answers of 16 concurrent requests (4 questions x 4 sets) equal to the same requests one by one:\n")
     for label, n in agree.items():
         print(f"- {label}: {n}/16")
+    print("\nSets on merged weights at the end:\n")
+    for label, sets in merged.items():
+        if sets is not None:
+            print(f"- {label}: {sets}")
 
 
 if __name__ == "__main__":

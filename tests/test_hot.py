@@ -152,7 +152,7 @@ def test_bad_merge_setting_is_one_clear_error(tiny_kit, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "defaults.merge" in err and "Traceback" not in err
     with pytest.raises(SystemExit):
-        main(["run", str(root / "tiny.yaml"), "hi", "--merge", "always"])
+        main(["chat", str(root / "tiny.yaml"), "--merge", "always"])
     assert "invalid choice: 'always'" in capsys.readouterr().err
 
 

@@ -174,3 +174,20 @@ def test_lora_adapters_endpoint(server, client):
         assert ask(client, "tiny") == mixed  # the bare model now runs at the global scales
     finally:
         httpx.post(server + "/lora-adapters", headers=h, json=[])
+
+
+def test_a_hot_set_moves_to_merged_weights(server, client):
+    """The tiny model's base is f32, so `merge: auto` merges: a coefficient set asked for often enough is baked
+    in the background, GET /v1/models/{id} lists it, and it answers as it did on adapters."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    hot = {"avgguf": {"coefficients": {"medical": 0.25, "legal": 0.75}}}  # a set no other test asks for
+    before = ask(client, "tiny", content="a hot question", max_tokens=10, **hot)
+    for i in range(8):  # a quarter of the last 32 requests
+        assert ask(client, "tiny", content="a hot question", max_tokens=10, **hot) == before, i
+    for _ in range(600):
+        merged = httpx.get(server + "/v1/models/tiny", headers=headers, timeout=5).json()["avgguf"]["merged_sets"]
+        if {"legal": 0.75, "medical": 0.25} in merged:
+            break
+        time.sleep(0.1)
+    assert {"legal": 0.75, "medical": 0.25} in merged
+    assert ask(client, "tiny", content="a hot question", max_tokens=10, **hot) == before
