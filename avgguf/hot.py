@@ -83,10 +83,13 @@ class MergedSets:
         self._worker: threading.Thread | None = None
         self._closed = False
 
-    def request(self, key: Key) -> None:
-        """Bake this set in the background (replacing any older wish)."""
+    def request(self, key: Key, replace: bool = True) -> None:
+        """Bake this set in the background, replacing any older wish (a bake under way for it stops), or with
+        `replace=False` only if no other set is wanted or being baked."""
         with self._lock:
             if not key or self._closed or key in self._built or key in self._taken or key in self._failed:
+                return
+            if not replace and self._wanted not in (None, key):
                 return
             self._wanted = key
             if self._worker is None:

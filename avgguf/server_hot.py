@@ -54,7 +54,7 @@ class HotSets:
         if count >= self.HOT_SHARE * self.WINDOW:
             kept = self._sets.ready()
             if len(kept) < self.CAPACITY or count >= 2 * min(self._recent.count(k) for k in kept):
-                self._sets.request(key)
+                self._sets.request(key, replace=False)  # sets that alternate must not cancel each other
         return None
 
     def card(self) -> dict:

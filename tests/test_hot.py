@@ -5,6 +5,7 @@ tiny synthetic model (an f32 base, so merged weights stay f32 and match the merg
 from __future__ import annotations
 
 import logging
+import os
 import queue
 from pathlib import Path
 from typing import ClassVar
@@ -187,3 +188,38 @@ def test_server_routes_a_hot_set_to_its_merged_model(tiny_kit):
         served.close()
         rt.close()
     assert served.peers == served.batchers                  # the merged context was freed
+
+
+def test_openmp_defaults_are_set_before_llama_cpp_loads_and_yield_to_the_user(monkeypatch):
+    """Several decoding threads need libgomp's unthrottled active wait (avgguf.threads explains the measurement);
+    libgomp reads it when llama.cpp's library loads, so importing avgguf sets it, unless the user chose."""
+    import subprocess
+    import sys
+
+    from avgguf.threads import OPENMP_DEFAULTS, openmp_defaults
+
+    code = "import os, avgguf, llama_cpp; print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))"
+    env = {k: v for k, v in os.environ.items() if k not in OPENMP_DEFAULTS}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["active", "300000"]
+    for key in OPENMP_DEFAULTS:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    openmp_defaults()
+    assert os.environ["OMP_WAIT_POLICY"] == "passive" and "GOMP_SPINCOUNT" not in os.environ
+
+
+def test_a_server_wish_does_not_cancel_a_bake_under_way(tiny_kit):
+    root, p, _ = tiny_kit
+    sets = MergedSets(p.base_gguf, {"medical": root / "medical.gguf", "legal": root / "legal.gguf"}, Item, capacity=2)
+    one, two = (("medical", 1.0),), (("legal", 0.5),)
+    try:
+        sets.request(one, replace=False)
+        sets.request(two, replace=False)  # another hot set while `one` is wanted: ignored, not a cancel
+        sets.wait(timeout=120)
+        assert sets.ready() == [one]
+        sets.request(two, replace=False)  # now nothing else is wanted
+        sets.wait(timeout=120)
+        assert sets.ready() == [one, two]
+    finally:
+        sets.close()
