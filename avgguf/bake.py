@@ -52,6 +52,16 @@ class Bake:
     def label(self) -> str:
         return self.profile or "custom"
 
+    @property
+    def full_base(self):
+        """The full-precision base to merge into: the --source base when every active AV has a --source and
+        they name one base (then the GGUF's own quantization is not compounded); else None."""
+        sources = self.sources or {}
+        if not self.active or any(name not in sources for name, _, _ in self.active):
+            return None
+        bases = {Path(sources[name][0].path).resolve() for name, _, _ in self.active}
+        return sources[self.active[0][0]][0] if len(bases) == 1 else None
+
     def metadata(self) -> dict:
         return {KEY_PROFILE: self.label, KEY_NAMES: list(self.coefficients),
                 KEY_COEFS: [float(v) for v in self.coefficients.values()]}
@@ -146,6 +156,13 @@ def stored_ftype(reader: gguf.GGUFReader) -> int | None:
     return None if field is None else int(field.contents())
 
 
+def _default_ftype(bake: Bake, reader: gguf.GGUFReader) -> int:
+    """From a full-precision base (Bake.full_base) the base GGUF's own type loses nothing it had not lost;
+    otherwise default_ftype."""
+    stored = stored_ftype(reader)
+    return stored if bake.full_base is not None and stored is not None else default_ftype(reader)
+
+
 def default_ftype(reader: gguf.GGUFReader) -> int:
     import llama_cpp
 
@@ -155,8 +172,10 @@ def default_ftype(reader: gguf.GGUFReader) -> int:
 
 
 def _merged(reader_tensors: dict, name: str, sources: list[tuple[fmt.AdapterInfo, dict, float]],
-            full: list[tuple[object, object, float]] = ()) -> np.ndarray:
+            full: list[tuple[object, object, float]] = (), full_base=None) -> np.ndarray:
     w = fmt.tensor_floats(reader_tensors[name])
+    if full_base is not None and name in full_base.names():
+        w = _same_model(full_base.load(name).astype(np.float32), w, name)
     for base, aligned, c in full:
         if name in base.names() and name in aligned.names():
             delta = aligned.load(name) - base.load(name)
@@ -170,6 +189,20 @@ def _merged(reader_tensors: dict, name: str, sources: list[tuple[fmt.AdapterInfo
             scale = c * (info.alpha / info.pairs[name].rank if info.alpha else 1.0)
             w += (scale * fmt.delta_from_pair(name, a, b)).astype(np.float32)
     return w
+
+
+def _same_model(full: np.ndarray, stored: np.ndarray, name: str) -> np.ndarray:
+    """The --source base's tensor, once it is seen to be the base GGUF's before quantization (4-bit rounding
+    moves a tensor by ~10 % of its norm; another model's differs by about its whole norm)."""
+    if full.shape != stored.shape:
+        raise AvggufError(f"--source: tensor {name!r} has shape {full.shape} there but {stored.shape} in the base "
+                          f"GGUF; the source is another model")
+    rel = float(np.linalg.norm(full - stored) / max(float(np.linalg.norm(full)), 1e-30))
+    if rel > 0.5:
+        raise AvggufError(f"--source: the base checkpoint's {name!r} differs from the base GGUF's by {rel:.0%} of "
+                          f"its norm (quantization moves it by ~10 %); give the checkpoint the base GGUF was made "
+                          f"from")
+    return full
 
 
 def write_merged_f32(bake: Bake, out: Path, progress: bool = False, stop=None) -> Path:
@@ -211,7 +244,8 @@ def write_merged_f32(bake: Bake, out: Path, progress: bool = False, stop=None) -
         if stop is not None and stop():
             writer.close()
             raise Cancelled
-        writer.write_tensor_data(_merged(tensors, t.name, sources, full) if t.name in touched else np.asarray(t.data))
+        data = _merged(tensors, t.name, sources, full, bake.full_base) if t.name in touched else np.asarray(t.data)
+        writer.write_tensor_data(data)
     writer.close()
     return out
 
@@ -234,7 +268,7 @@ def baked_gguf(bake: Bake, out: Path, type_: str | None = None, progress: bool =
     import llama_cpp
 
     base_reader = gguf.GGUFReader(bake.modelfile.base_path)
-    ftype = _ftype(type_) if type_ else default_ftype(base_reader)
+    ftype = _ftype(type_) if type_ else _default_ftype(bake, base_reader)
     parent = out.resolve().parent
     with tempfile.TemporaryDirectory(dir=parent, prefix=".avgguf-bake-") as tmp:
         merged = write_merged_f32(bake, Path(tmp) / "merged-f32.gguf", progress, stop)

@@ -201,3 +201,50 @@ def test_a_source_of_another_model_is_refused(tiny_kit, tmp_path):
              "--source", f"medical={wide.base_hf},{wide.aligned_hf}")
     assert r.returncode == 2 and "the source is another model" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not out.exists() and not list(tmp_path.glob(".avgguf-*"))
+
+
+def _q4_0(src, out):
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), params) == 0
+    return out
+
+
+def test_a_source_bake_goes_back_to_a_4bit_base_type_without_snapping(tiny_kit, tmp_path):
+    """--source with the base checkpoint: the merge starts from full precision, so the bake can use the base
+    GGUF's own 4-bit type (its speed) and equals quantizing the aligned model itself; from the adapter the
+    same type snaps the delta back onto the base's grid."""
+    import yaml
+    from synthetic import to_gguf_tensors, write_gguf
+
+    root, p, _ = tiny_kit
+    q4_base = _q4_0(p.base_gguf, tmp_path / "base-q4_0.gguf")
+    aligned = write_gguf(tmp_path / "aligned.gguf", p.spec, to_gguf_tensors(p.spec, p.delta.applied_to(p.weights)))
+    want, plain = logits(_q4_0(aligned, tmp_path / "aligned-q4_0.gguf")), logits(q4_base)
+    (tmp_path / "q4.yaml").write_text(yaml.safe_dump({"base": str(q4_base), "avs": {"medical": str(root / "medical.gguf")},
+                                                      "profiles": {"expert": {"medical": 1.0}}}))
+    out, snapped = tmp_path / "expert.gguf", tmp_path / "snapped.gguf"
+    r = bake(str(tmp_path / "q4.yaml") + ":expert", "--out", str(out), "--format", "gguf",
+             "--source", f"medical={p.base_hf},{p.aligned_hf}")
+    assert r.returncode == 0, r.stderr
+    assert {t.tensor_type.name for t in gguf.GGUFReader(out).tensors if t.name.endswith("attn_q.weight")} == {"Q4_0"}
+    assert bake(str(tmp_path / "q4.yaml") + ":expert", "--out", str(snapped), "--format", "gguf",
+                "--type", "q4_0").returncode == 0
+    effect = np.abs(plain - want).mean()
+    assert np.abs(logits(out) - want).mean() < 0.05 * effect
+    assert np.abs(logits(snapped) - want).mean() > 0.5 * effect
+
+
+def test_a_source_base_of_another_model_is_refused(tiny_kit, tmp_path):
+    from conftest import make_pair
+    from synthetic import Spec
+
+    root, *_ = tiny_kit
+    other = make_pair(tmp_path / "other", Spec("llama", seed=7))  # same shapes, other weights
+    out = tmp_path / "x.gguf"
+    r = bake(str(root / "tiny.yaml") + ":expert-medical", "--out", str(out), "--format", "gguf",
+             "--source", f"medical={other.base_hf},{other.aligned_hf}")
+    assert r.returncode == 2 and "differs from the base GGUF's" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not out.exists() and not list(tmp_path.glob(".avgguf-*"))

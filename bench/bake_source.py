@@ -1,0 +1,91 @@
+"""A profile baked from the fine-tune itself (`avgguf bake --source NAME=BASE,ALIGNED`): the merge starts from
+the full-precision base checkpoint, so it can go back to the base GGUF's own 4-bit type without snapping the
+delta away. Speed relative to the base GGUF and fidelity against the full-precision aligned model
+(base checkpoint + λ·(aligned − base), float32), next to the adapter paths.
+
+    python bench/bake_source.py --source medical=runs/medical/base,runs/medical/aligned [--repeats 5]
+
+The checkpoints are the demo AV's own DPO run (recipes/: `runs/` is not shipped); the modelfile is
+modelfiles/demo.yaml and the profile that AV at 1. "KL kept" and "margin kept" as in bench/bake_speed.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bake_speed import (
+    domain_items,
+    eval_tokens,
+    log_probs,
+    margins,
+    mean_kl,
+    open_engine,
+    speeds,
+)
+
+from avgguf.bake import Bake, baked_gguf, open_sources, write_merged_f32
+from avgguf.modelfile import load_modelfile
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--source", required=True, help="NAME=BASE,ALIGNED (as for avgguf bake)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=64)
+    args = ap.parse_args()
+    mf = load_modelfile(ROOT / "modelfiles" / "demo.yaml")
+    sources = open_sources([args.source], mf)
+    name = next(iter(sources))
+    coefs = {n: (1.0 if n == name else 0.0) for n in mf.av_paths}
+    avs = {name: mf.av_paths[name]}
+    with tempfile.TemporaryDirectory(prefix="avgguf-bake-source-") as tmp:
+        work = Path(tmp)
+        files, seconds = {}, {}
+        for label, srcs, type_ in (("bake from the adapter (default: q8_0)", None, None),
+                                   ("bake --source (default: the base's type)", sources, None),
+                                   ("bake --source --type q8_0", sources, "q8_0")):
+            t0 = time.perf_counter()
+            report = baked_gguf(Bake(mf, "expert", coefs, srcs), work / f"{len(files)}.gguf", type_)
+            seconds[label] = time.perf_counter() - t0
+            files[label + f" [{report['type']}]"] = work / f"{len(files)}.gguf"
+        fp = write_merged_f32(Bake(mf, "expert", coefs, sources), work / "fp.gguf")
+        engines = {"base": open_engine(mf.base_path, {}, {}, "off"),
+                   "live adapter": open_engine(mf.base_path, avs, {name: 1.0}, "off")}
+        engines |= {label: open_engine(path, {}, {}, "off") for label, path in files.items()}
+        measured = speeds(engines, args.tokens, args.repeats)
+        for eng in engines.values():
+            eng.close()
+        ref_eng = open_engine(fp, {}, {}, "off", logits_all=True)
+        items = domain_items({name})
+        texts = eval_tokens(ref_eng)
+        ref = [log_probs(ref_eng, t) for t in texts]
+        m_fp = margins(ref_eng, items)
+        ref_eng.close()
+        rows = []
+        for label in measured:
+            eng = (open_engine(mf.base_path, avs if label == "live adapter" else {}, {name: 1.0} if label == "live adapter"
+                               else {}, "off", logits_all=True) if label in ("base", "live adapter")
+                   else open_engine(files[label], {}, {}, "off", logits_all=True))
+            rows.append((label, mean_kl(ref, eng, texts), margins(eng, items)))
+            eng.close()
+    kl_base, m_base = rows[0][1], rows[0][2]
+    print(f"SmolLM2-135M Q4_1 + {name} at 1 ({args.tokens} tokens greedy, median of {args.repeats}, alternating); "
+          f"reference: the full-precision aligned model\n")
+    print("| path | gen tok/s | vs base | bake s | KL kept | margin kept |")
+    print("|---|---|---|---|---|---|")
+    base_tps = measured["base"][0]
+    for label, kl, m in rows:
+        secs = next((f"{v:.1f}" for k, v in seconds.items() if label.startswith(k)), "")
+        print(f"| {label} | {measured[label][0]:.1f} | {measured[label][0] / base_tps:.2f} | {secs} | "
+              f"{1 - kl / kl_base:.3f} | {(m - m_base) / (m_fp - m_base):.3f} |")
+
+
+if __name__ == "__main__":
+    main()
