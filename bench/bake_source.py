@@ -1,6 +1,6 @@
 """A profile baked from the fine-tune itself (`avgguf bake --source NAME=BASE,ALIGNED`): the merge starts from
-the full-precision base checkpoint, so it can go back to the base GGUF's own 4-bit type without snapping the
-delta away. Speed relative to the base GGUF and fidelity against the full-precision aligned model
+the full-precision base checkpoint (the base GGUF's 4-bit rounding is not compounded), vs the same delta added
+to the GGUF's weights, vs the adapter; and whether the base's own 4-bit type can hold it. Speed relative to the base GGUF and fidelity against the full-precision aligned model
 (base checkpoint + λ·(aligned − base), float32), next to the adapter paths.
 
     python bench/bake_source.py --source medical=runs/medical/base,runs/medical/aligned [--repeats 5]
@@ -34,6 +34,15 @@ from avgguf.bake import Bake, baked_gguf, open_sources, write_merged_f32
 from avgguf.modelfile import load_modelfile
 
 
+class FromGGUF(Bake):
+    """The full delta added to the base GGUF's de-quantized weights (what --source did before it started from
+    the base checkpoint)."""
+
+    @property
+    def full_base(self):
+        return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--source", required=True, help="NAME=BASE,ALIGNED (as for avgguf bake)")
@@ -48,11 +57,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="avgguf-bake-source-") as tmp:
         work = Path(tmp)
         files, seconds = {}, {}
-        for label, srcs, type_ in (("bake from the adapter (default: q8_0)", None, None),
-                                   ("bake --source (default: the base's type)", sources, None),
-                                   ("bake --source --type q8_0", sources, "q8_0")):
+        for label, kind, srcs, type_ in (("bake from the adapter", Bake, None, None),
+                                         ("bake --source, added to the GGUF's 4-bit weights", FromGGUF, sources, None),
+                                         ("bake --source (from the base checkpoint)", Bake, sources, None),
+                                         ("bake --source --type q4_1", Bake, sources, "q4_1")):
             t0 = time.perf_counter()
-            report = baked_gguf(Bake(mf, "expert", coefs, srcs), work / f"{len(files)}.gguf", type_)
+            report = baked_gguf(kind(mf, "expert", coefs, srcs), work / f"{len(files)}.gguf", type_)
             seconds[label] = time.perf_counter() - t0
             files[label + f" [{report['type']}]"] = work / f"{len(files)}.gguf"
         fp = write_merged_f32(Bake(mf, "expert", coefs, sources), work / "fp.gguf")

@@ -212,10 +212,10 @@ def _q4_0(src, out):
     return out
 
 
-def test_a_source_bake_goes_back_to_a_4bit_base_type_without_snapping(tiny_kit, tmp_path):
-    """--source with the base checkpoint: the merge starts from full precision, so the bake can use the base
-    GGUF's own 4-bit type (its speed) and equals quantizing the aligned model itself; from the adapter the
-    same type snaps the delta back onto the base's grid."""
+def test_a_source_bake_starts_from_the_full_precision_base(tiny_kit, tmp_path):
+    """--source with the base checkpoint: the merge starts from full precision, so a bake to the base GGUF's
+    own 4-bit type equals quantizing the aligned model itself; from the adapter (on the 4-bit base) the same
+    type snaps the delta back onto the base's grid. The default type stays q8_0."""
     import yaml
     from synthetic import to_gguf_tensors, write_gguf
 
@@ -226,8 +226,9 @@ def test_a_source_bake_goes_back_to_a_4bit_base_type_without_snapping(tiny_kit, 
     (tmp_path / "q4.yaml").write_text(yaml.safe_dump({"base": str(q4_base), "avs": {"medical": str(root / "medical.gguf")},
                                                       "profiles": {"expert": {"medical": 1.0}}}))
     out, snapped = tmp_path / "expert.gguf", tmp_path / "snapped.gguf"
-    r = bake(str(tmp_path / "q4.yaml") + ":expert", "--out", str(out), "--format", "gguf",
-             "--source", f"medical={p.base_hf},{p.aligned_hf}")
+    source = f"medical={p.base_hf},{p.aligned_hf}"
+    r = bake(str(tmp_path / "q4.yaml") + ":expert", "--out", str(out), "--format", "gguf", "--source", source,
+             "--type", "q4_0")
     assert r.returncode == 0, r.stderr
     assert {t.tensor_type.name for t in gguf.GGUFReader(out).tensors if t.name.endswith("attn_q.weight")} == {"Q4_0"}
     assert bake(str(tmp_path / "q4.yaml") + ":expert", "--out", str(snapped), "--format", "gguf",
@@ -235,6 +236,10 @@ def test_a_source_bake_goes_back_to_a_4bit_base_type_without_snapping(tiny_kit, 
     effect = np.abs(plain - want).mean()
     assert np.abs(logits(out) - want).mean() < 0.05 * effect
     assert np.abs(logits(snapped) - want).mean() > 0.5 * effect
+    default = tmp_path / "default.gguf"
+    assert bake(str(tmp_path / "q4.yaml") + ":expert", "--out", str(default), "--format", "gguf",
+                "--source", source).returncode == 0
+    assert {t.tensor_type.name for t in gguf.GGUFReader(default).tensors if t.name.endswith("attn_q.weight")} == {"Q8_0"}
 
 
 def test_a_source_base_of_another_model_is_refused(tiny_kit, tmp_path):
