@@ -177,17 +177,19 @@ def test_lora_adapters_endpoint(server, client):
 
 
 def test_a_hot_set_moves_to_merged_weights(server, client):
-    """The tiny model's base is f32, so `merge: auto` merges: a coefficient set asked for often enough is baked
-    in the background, GET /v1/models/{id} lists it, and it answers as it did on adapters."""
+    """The tiny model's base is f32, so `merge: auto` merges: a coefficient set asked for often enough (here
+    until it also outnumbers the sets earlier tests made hot) is baked in the background, GET /v1/models/{id}
+    lists it, and it answers as it did on adapters."""
     headers = {"Authorization": f"Bearer {KEY}"}
     hot = {"avgguf": {"coefficients": {"medical": 0.25, "legal": 0.75}}}  # a set no other test asks for
+    want = {"legal": 0.75, "medical": 0.25}
     before = ask(client, "tiny", content="a hot question", max_tokens=10, **hot)
-    for i in range(8):  # a quarter of the last 32 requests
+    for i in range(64):
         assert ask(client, "tiny", content="a hot question", max_tokens=10, **hot) == before, i
-    for _ in range(600):
-        merged = httpx.get(server + "/v1/models/tiny", headers=headers, timeout=5).json()["avgguf"]["merged_sets"]
-        if {"legal": 0.75, "medical": 0.25} in merged:
+        card = httpx.get(server + "/v1/models/tiny", headers=headers, timeout=5).json()["avgguf"]
+        if want in card["merged_sets"]:
             break
-        time.sleep(0.1)
-    assert {"legal": 0.75, "medical": 0.25} in merged
+        if card["merging"] == want:
+            time.sleep(0.1)
+    assert want in card["merged_sets"]
     assert ask(client, "tiny", content="a hot question", max_tokens=10, **hot) == before
