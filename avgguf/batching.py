@@ -263,6 +263,11 @@ class Batcher:
         return max(1, self.engine.adapt_threads() // busy)
 
     @property
+    def native_id(self) -> int | None:
+        """The scheduler thread's OS id: its CPU priority is the one decoding runs at."""
+        return self._thread.native_id
+
+    @property
     def waiting(self) -> int:
         return len(self._waiting)
 

@@ -131,7 +131,8 @@ class MergedSets:
             worker.join(timeout)
 
     def _work(self) -> None:
-        _set_nice(self._nice)
+        """At normal priority: what `load` starts (a server's batching thread) inherits it; only the bake
+        itself runs niced (_niced)."""
         while True:
             with self._lock:
                 key = self._wanted
@@ -154,8 +155,8 @@ class MergedSets:
         try:
             mf = modelfile_from_gguf(self._base, [(self._adapters[name], 1.0) for name, _ in key])
             names = list(mf.av_paths)
-            baked_gguf(Bake(mf, "hot", {n: v for n, (_, v) in zip(names, key)}), out, threads=1,
-                       stop=lambda: self._closed or self._wanted != key)
+            self._niced(lambda: baked_gguf(Bake(mf, "hot", {n: v for n, (_, v) in zip(names, key)}), out, threads=1,
+                                           stop=lambda: self._closed or self._wanted != key))
             item = self._load(out)
         except Cancelled:
             return  # closed, or another set is wanted now: a later request starts over
@@ -173,6 +174,23 @@ class MergedSets:
             self._built[key] = item
             while len(self._built) > self.capacity:
                 self._built.pop(next(iter(self._built))).close()
+
+    def _niced(self, bake: Callable[[], object]) -> None:
+        """Run `bake` on a thread of its own at `nice` (the quantizer threads it starts inherit that)."""
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            _set_nice(self._nice)
+            try:
+                bake()
+            except BaseException as exc:  # noqa: BLE001 (re-raised on the worker thread)
+                failure.append(exc)
+
+        thread = threading.Thread(target=run, daemon=True, name="avgguf-merge-bake")
+        thread.start()
+        thread.join()
+        if failure:
+            raise failure[0]
 
     def close(self) -> None:
         with self._lock:

@@ -181,6 +181,8 @@ def test_server_routes_a_hot_set_to_its_merged_model(tiny_kit):
         served.hot.wait(timeout=120)
         batcher, asked = served.route(key)
         assert asked == () and batcher not in served.batchers and batcher in served.peers
+        # the bake ran niced, the merged model's decoding thread did not inherit that
+        assert os.getpriority(os.PRIO_PROCESS, batcher.native_id) == os.getpriority(os.PRIO_PROCESS, 0)
         assert ask(batcher, rt, asked) == want              # the merged model answers as the adapters did
         assert served.route(other)[1] == other              # a set asked for less stays on adapters
         assert served.route(())[1] == ()                    # and the base is the base
