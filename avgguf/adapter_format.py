@@ -287,6 +287,16 @@ def numpy_shape(t) -> tuple[int, ...]:
     return tuple(int(x) for x in reversed(t.shape.tolist()))
 
 
+def copy_metadata(reader: gguf.GGUFReader, writer: gguf.GGUFWriter) -> None:
+    """Every key/value of a model GGUF into a writer for another file of the same model (the writer sets the
+    architecture and the GGUF.* header fields itself)."""
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF.") or key == gguf.Keys.General.ARCHITECTURE:
+            continue
+        sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, f.contents(), f.types[0], sub_type=sub)
+
+
 def tensor_floats(t, dtype=np.float32) -> np.ndarray:
     """A GGUFReader tensor as a float array of its numpy shape, dequantized where stored quantized."""
     return decode(np.asarray(t.data), t.tensor_type).reshape(numpy_shape(t)).astype(dtype)

@@ -219,11 +219,7 @@ def write_merged_f32(bake: Bake, out: Path, progress: bool = False, stop=None) -
     touched = {name for info, _, _ in sources for name in info.pairs}
     touched |= {n for base, aligned, _ in full for n in tensors if n in base.names() and n in aligned.names()}
     writer = gguf.GGUFWriter(None, arch)
-    for key, f in reader.fields.items():
-        if key.startswith("GGUF.") or key == gguf.Keys.General.ARCHITECTURE:
-            continue
-        sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(key, f.contents(), f.types[0], sub_type=sub)
+    fmt.copy_metadata(reader, writer)
     for key, value in bake.metadata().items():
         _add_meta(writer, key, value)
     for t in reader.tensors:

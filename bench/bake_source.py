@@ -56,19 +56,20 @@ def main() -> None:
     avs = {name: mf.av_paths[name]}
     with tempfile.TemporaryDirectory(prefix="avgguf-bake-source-") as tmp:
         work = Path(tmp)
-        files, seconds = {}, {}
+        paths = {"base": (mf.base_path, {}, {}), "live adapter": (mf.base_path, avs, {name: 1.0})}
+        seconds = {}
         for label, kind, srcs, type_ in (("bake from the adapter", Bake, None, None),
                                          ("bake --source, added to the GGUF's 4-bit weights", FromGGUF, sources, None),
                                          ("bake --source (from the base checkpoint)", Bake, sources, None),
                                          ("bake --source --type q4_1", Bake, sources, "q4_1")):
+            out = work / f"{len(paths)}.gguf"
             t0 = time.perf_counter()
-            report = baked_gguf(kind(mf, "expert", coefs, srcs), work / f"{len(files)}.gguf", type_)
+            report = baked_gguf(kind(mf, "expert", coefs, srcs), out, type_)
+            label += f" [{report['type']}]"
             seconds[label] = time.perf_counter() - t0
-            files[label + f" [{report['type']}]"] = work / f"{len(files)}.gguf"
+            paths[label] = (out, {}, {})
         fp = write_merged_f32(Bake(mf, "expert", coefs, sources), work / "fp.gguf")
-        engines = {"base": open_engine(mf.base_path, {}, {}, "off"),
-                   "live adapter": open_engine(mf.base_path, avs, {name: 1.0}, "off")}
-        engines |= {label: open_engine(path, {}, {}, "off") for label, path in files.items()}
+        engines = {label: open_engine(*spec, "off") for label, spec in paths.items()}
         measured = speeds(engines, args.tokens, args.repeats)
         for eng in engines.values():
             eng.close()
@@ -79,10 +80,8 @@ def main() -> None:
         m_fp = margins(ref_eng, items)
         ref_eng.close()
         rows = []
-        for label in measured:
-            eng = (open_engine(mf.base_path, avs if label == "live adapter" else {}, {name: 1.0} if label == "live adapter"
-                               else {}, "off", logits_all=True) if label in ("base", "live adapter")
-                   else open_engine(files[label], {}, {}, "off", logits_all=True))
+        for label, spec in paths.items():
+            eng = open_engine(*spec, "off", logits_all=True)
             rows.append((label, mean_kl(ref, eng, texts), margins(eng, items)))
             eng.close()
     kl_base, m_base = rows[0][1], rows[0][2]
@@ -92,7 +91,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     base_tps = measured["base"][0]
     for label, kl, m in rows:
-        secs = next((f"{v:.1f}" for k, v in seconds.items() if label.startswith(k)), "")
+        secs = f"{seconds[label]:.1f}" if label in seconds else ""
         print(f"| {label} | {measured[label][0]:.1f} | {measured[label][0] / base_tps:.2f} | {secs} | "
               f"{1 - kl / kl_base:.3f} | {(m - m_base) / (m_fp - m_base):.3f} |")
 

@@ -16,23 +16,18 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-from fused_types import ROOT, alternate  # the same measurement as bench/fused_types.py
+from fused_types import (  # the same measurement as bench/fused_types.py
+    ROOT,
+    adapter_engine,
+    alternate,
+)
 from gguf import GGMLQuantizationType as QType
 
 from avgguf import adapter_format as fmt
-from avgguf.engine import Engine
 from avgguf.fusion import write_fused
 from avgguf.modelfile import load_modelfile
 
 QKV = ("attn_q", "attn_k", "attn_v")
-
-
-def copy_fields(reader: gguf.GGUFReader, writer: gguf.GGUFWriter) -> None:
-    for key, f in reader.fields.items():
-        if key.startswith("GGUF.") or key == gguf.Keys.General.ARCHITECTURE:
-            continue
-        sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(key, f.contents(), f.types[0], sub_type=sub)
 
 
 def qkv_base(src: Path, dst: Path) -> Path:
@@ -40,7 +35,7 @@ def qkv_base(src: Path, dst: Path) -> Path:
     reader = gguf.GGUFReader(src)
     tensors = {t.name: t for t in reader.tensors}
     writer = gguf.GGUFWriter(str(dst), reader.get_field(gguf.Keys.General.ARCHITECTURE).contents())
-    copy_fields(reader, writer)
+    fmt.copy_metadata(reader, writer)
     for t in reader.tensors:
         if ".attn_k." in t.name or ".attn_v." in t.name:
             continue
@@ -107,13 +102,7 @@ def main() -> None:
                  "3 AVs fused (avgguf: native q4_0)": (mf.base_path, fused),
                  "3 AVs fused, factors q8_0": (mf.base_path, rewrite_adapter(fused, tmp / "f-q8.gguf", q8=True)),
                  "3 AVs fused, fused QKV": (base_qkv, rewrite_adapter(fused, tmp / "f-qkv.gguf", qkv=True))}
-        engines = {}
-        for label, (model, adapter) in cases.items():
-            eng = Engine(model, n_ctx=512, threads=args.threads, fuse="off")
-            if adapter is not None:
-                eng.load_adapter("x", adapter)
-                eng.set_coefficients({"x": 1.0})
-            engines[label] = eng
+        engines = {label: adapter_engine(model, adapter, args.threads) for label, (model, adapter) in cases.items()}
         runs = alternate(engines, args.tokens, args.repeats)
     base = statistics.median(runs["base"])
     print(f"SmolLM2 Q4_1 and the demo AVs at 1, {args.threads} threads, {args.tokens} tokens greedy, median of "

@@ -29,6 +29,15 @@ def gen_tps(eng: Engine, tokens: int) -> float:
     return 1000 * p.gen_tokens / p.gen_ms
 
 
+def adapter_engine(model: Path, adapter: Path | None, threads: int) -> Engine:
+    """The model with one adapter at scale 1 (none: the model alone)."""
+    eng = Engine(model, n_ctx=512, threads=threads, fuse="off")
+    if adapter is not None:
+        eng.load_adapter("x", adapter)
+        eng.set_coefficients({"x": 1.0})
+    return eng
+
+
 def alternate(engines: dict[str, Engine], tokens: int, repeats: int) -> dict[str, list[float]]:
     """Generation tok/s of every engine, `repeats` rounds, the engines in turn within each round; closes them."""
     runs = {k: [] for k in engines}
@@ -53,16 +62,13 @@ def main() -> None:
         for label, float_type in (("fused, native blocks", None), ("fused, f16", QType.F16), ("fused, f32", QType.F32)):
             path = write_fused(sources, Path(tmp) / f"{len(engines)}.gguf", "llama", float_type=float_type)
             sizes[label] = path.stat().st_size / 1e6
-            eng = Engine(mf.base_path, n_ctx=512, threads=args.threads, fuse="off")
-            eng.load_adapter("fused", path)
-            eng.set_coefficients({"fused": 1.0})
-            engines[label] = eng
+            engines[label] = adapter_engine(mf.base_path, path, args.threads)
         separate = Engine(mf.base_path, n_ctx=512, threads=args.threads, fuse="off")
         for name, path in mf.av_paths.items():
             separate.load_adapter(name, path)
         separate.set_coefficients({n: 1.0 for n in mf.av_paths})
         engines["three separate adapters"] = separate
-        engines["base"] = Engine(mf.base_path, n_ctx=512, threads=args.threads)
+        engines["base"] = adapter_engine(mf.base_path, None, args.threads)
         runs = alternate(engines, args.tokens, args.repeats)
     base = statistics.median(runs["base"])
     print(f"Three demo AVs at 1 on SmolLM2 Q4_1, {args.threads} threads, {args.tokens} tokens greedy, median of "

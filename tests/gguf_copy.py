@@ -7,8 +7,10 @@ import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import gguf
+import numpy as np
+
+from avgguf.adapter_format import copy_metadata
 
 
 def copy_gguf(src: str | Path, dst: str | Path, replace: dict[str, np.ndarray]) -> Path:
@@ -22,11 +24,7 @@ def copy_gguf(src: str | Path, dst: str | Path, replace: dict[str, np.ndarray]) 
     os.close(fd)
     w = gguf.GGUFWriter(tmp, arch)
     try:
-        for key, f in reader.fields.items():
-            if key.startswith("GGUF.") or key == gguf.Keys.General.ARCHITECTURE:
-                continue
-            sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
-            w.add_key_value(key, f.contents(), f.types[0], sub_type=sub)
+        copy_metadata(reader, w)
         for t in reader.tensors:
             if t.name in replace:
                 w.add_tensor(t.name, np.ascontiguousarray(replace[t.name], dtype=np.float32))
