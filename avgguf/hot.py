@@ -66,8 +66,8 @@ class MergedSets:
 
     def __init__(self, base: Path, adapters: dict[str, Path], load: Callable[[Path], object], capacity: int = 1,
                  nice: int = 19):
-        """`nice`: the worker's CPU priority (19: the cores decoding leaves; measured: a bake at nice 0 next to
-        a 2-thread decode on 2 cores cut it from 114 to 23 tok/s while it ran)."""
+        """`nice`: the bake's CPU priority (19: only the cores decoding leaves; OpenMP's busy-waiting decode
+        threads stall whenever another runnable thread takes one of their cores)."""
         self._nice = nice
         self._base = base
         self._adapters = adapters

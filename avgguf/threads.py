@@ -13,9 +13,9 @@ Overrides: --threads N on the CLI, or AVGGUF_THREADS=N in the environment (a fix
 Several contexts decoding from several threads (the server's batching contexts, merged hot sets, PAD) each
 start their own OpenMP team. Once libgomp manages more threads than there are cores it "throttles" every
 barrier to ~1000 spins before a futex sleep, and ggml's per-op barrier is an OpenMP barrier: both contexts then
-decoded at half speed, even strictly one after the other (SmolLM2, 32 tokens: 0.28 s alone, 0.55-0.65 s once a
-second context had run). OMP_WAIT_POLICY=active lifts the throttle, and GOMP_SPINCOUNT=300000 keeps libgomp's
-own default spin for an idle team (a few ms, then sleep): 0.27-0.29 s for both, alone or alternating.
+slow down, even used strictly one after the other (bench/openmp_contexts.py, SmolLM2, 32 tokens: 0.23 s alone,
+0.36-0.39 s once a second context had run). OMP_WAIT_POLICY=active lifts the throttle, and GOMP_SPINCOUNT=300000
+keeps libgomp's own default spin for an idle team (a few ms, then sleep): 0.22-0.23 s in every phase.
 `openmp_defaults()` sets the two before llama.cpp loads (avgguf/__init__.py), unless the user set them.
 """
 

@@ -4,6 +4,11 @@ to the GGUF's weights, vs the adapter; and whether the base's own 4-bit type can
 (base checkpoint + λ·(aligned − base), float32), next to the adapter paths.
 
     python bench/bake_source.py --source medical=runs/medical/base,runs/medical/aligned [--repeats 5]
+        [--convert /path/to/llama.cpp/convert_hf_to_gguf.py]
+
+--convert: the stock path side by side (the profile is the aligned model itself): llama.cpp's converter on
+the aligned checkpoint (f32), then llama.cpp's quantizer to q8_0 (the converter needs `pip install
+sentencepiece` even for BPE tokenizers).
 
 The checkpoints are the demo AV's own DPO run (recipes/: `runs/` is not shipped); the modelfile is
 modelfiles/demo.yaml and the profile that AV at 1. "KL kept" and "margin kept" as in bench/bake_speed.py.
@@ -12,6 +17,7 @@ modelfiles/demo.yaml and the profile that AV at 1. "KL kept" and "margin kept" a
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +33,7 @@ from bake_speed import (
     margins,
     mean_kl,
     open_engine,
+    quantize,
     speeds,
 )
 
@@ -48,6 +55,7 @@ def main() -> None:
     ap.add_argument("--source", required=True, help="NAME=BASE,ALIGNED (as for avgguf bake)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--convert", help="llama.cpp's convert_hf_to_gguf.py, for the stock row")
     args = ap.parse_args()
     mf = load_modelfile(ROOT / "modelfiles" / "demo.yaml")
     sources = open_sources([args.source], mf)
@@ -68,6 +76,15 @@ def main() -> None:
             label += f" [{report['type']}]"
             seconds[label] = time.perf_counter() - t0
             paths[label] = (out, {}, {})
+        if args.convert:
+            label = "stock: convert_hf_to_gguf (aligned, f32) + quantize [q8_0]"
+            t0 = time.perf_counter()
+            f32 = work / "stock-f32.gguf"
+            subprocess.run([sys.executable, args.convert, sources[name][1].path, "--outtype", "f32", "--outfile",
+                            str(f32)], check=True, capture_output=True)
+            paths[label] = (quantize(f32, work / "stock-q8_0.gguf", "MOSTLY_Q8_0"), {}, {})
+            seconds[label] = time.perf_counter() - t0
+            f32.unlink()
         fp = write_merged_f32(Bake(mf, "expert", coefs, sources), work / "fp.gguf")
         engines = {label: open_engine(*spec, "off") for label, spec in paths.items()}
         measured = speeds(engines, args.tokens, args.repeats)
