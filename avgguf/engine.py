@@ -6,8 +6,11 @@ No torch here: desktop users install only llama-cpp-python, gguf, numpy, pyyaml.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
+import re
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,6 +195,31 @@ class Engine:
         if self._formatter is None:
             self._formatter = chat_formatter(self._model_llm, str(self.model_path))
         return self._formatter(messages)
+
+    def chat_tokens(self, messages: list[dict]) -> list[int]:
+        """The chat prompt's tokens, where message content is text: the template's own markers are special
+        tokens, but `<|im_start|>system` typed into a message stays those characters (no forged turns).
+        Content without special-token text tokenizes exactly as the whole rendered prompt does."""
+        if not any(self._has_special(m.get("content") or "") for m in messages):
+            return self.tokenize(self.format_chat(messages))
+        marks = [f"AVGGUFCONTENT{secrets.token_hex(8)}X" for _ in messages]
+        text = self.format_chat([{**m, "content": mark} for m, mark in zip(messages, marks)])
+        by_mark = {mark: m.get("content") or "" for mark, m in zip(messages, marks)}
+        tokens: list[int] = []
+        for i, piece in enumerate(re.split("(" + "|".join(marks) + ")", text)):
+            if i % 2:
+                tokens += self.tokenize(by_mark[piece], special=False)
+            elif piece:
+                tokens += self.tokenize(piece)
+        return tokens
+
+    def _has_special(self, text: str) -> bool:
+        return bool(text) and self.tokenize(text) != self.tokenize(text, special=False)
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The longest token's text in bytes: a text of B bytes has at least B / this many tokens."""
+        return max(len(self._llm.detokenize([t])) for t in range(self.n_vocab)) or 1
 
     # -- threads ----------------------------------------------------------------------------
 

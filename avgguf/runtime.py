@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 from .engine import Engine, Perf
 from .errors import AvggufError
@@ -28,6 +29,7 @@ class GenerationRequest:
     frequency_penalty: float | None = None
     seed: int | None = None
     stop: list[str] | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)  # set: stop at the next token (PAD)
 
 
 ADAPT_EVERY = 16  # streamed tokens between thread-policy checks
@@ -131,7 +133,7 @@ class Runtime:
 
         kw = self.sampling(req)
         kw.setdefault("stop", None)
-        prompt = self.engine.tokenize(self.engine.format_chat(self.with_system(req.messages or [])))
+        prompt = self.engine.chat_tokens(self.with_system(req.messages or []))
         self.check_fits(len(prompt))
         decoder = PadDecoder(self.engine, PadSettings(mode, weights))
         t0, first, tokens, text = time.perf_counter(), None, [], ""
@@ -139,6 +141,9 @@ class Runtime:
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="ignore")  # pieces may split a character
         try:
             for tok in decoder.tokens(prompt, kw["max_tokens"], kw["temperature"], kw["top_p"], kw["seed"]):
+                if req.cancel.is_set():
+                    finish = "cancelled"
+                    break
                 if self.engine.is_end(tok):
                     finish = "stop"
                     break

@@ -13,7 +13,9 @@ import asyncio
 import logging
 import random
 import socket
+import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -28,6 +30,7 @@ from .errors import AvggufError
 from .modelfile import Modelfile
 from .runtime import GenerationRequest, Runtime
 from .server_generate import BatchJob, Job, generate, generate_batched
+from .server_guard import Guard, allowed_hosts, is_loopback
 from .server_hot import HotSets
 from .server_schemas import (
     MAX_BODY,
@@ -72,6 +75,8 @@ class Served:
         self.peers: list[Batcher] = []  # every context of this model: the cores are split between those with work
         self.batchers = [self.add_batcher(self.runtime.engine, -(-self.parallel // n)) for _ in range(n)]
         self.hot = HotSets(self) if self.merge else None
+        self.inflight: weakref.WeakSet[threading.Event] = weakref.WeakSet()  # cancel flags (Registry.cancel_all)
+        self.runtime.engine.max_token_bytes  # noqa: B018 (one pass over the vocabulary now, not in a request)
 
     def add_batcher(self, engine, n_seq: int) -> Batcher:
         """Another batching context of this model (its weights may be another file: a merged set)."""
@@ -127,6 +132,14 @@ class Registry:
         self.api_key = api_key
         self.stats = stats
         self.allow_write = allow_write  # POST /avgguf/profiles may write modelfiles
+
+    def cancel_all(self) -> int:
+        """Ask every in-flight request to stop (shutdown): each ends at its next step; how many were asked."""
+        flags = [f for s in [*self.models.values(), *self.baked.values()] for f in list(s.inflight)
+                 if not f.is_set()]
+        for flag in flags:
+            flag.set()
+        return len(flags)
 
     def close(self) -> None:
         for served in [*self.models.values(), *self.baked.values()]:
@@ -186,7 +199,7 @@ def _top_logprobs(body: Common, chat: bool) -> int | None:
 
 
 def _request(body: Common, served: Served, prompt_tokens: int, logprobs_ok: bool = True) -> GenerationRequest:
-    max_tokens = body.max_completion_tokens or body.max_tokens
+    max_tokens = body.limit()
     n_ctx = served.runtime.n_ctx
     if max_tokens is not None and prompt_tokens + max_tokens > n_ctx:
         raise APIError(400, f"max_tokens {max_tokens} + prompt {prompt_tokens} tokens exceeds the context "
@@ -239,17 +252,16 @@ async def chat_completions(request: Request, registry: RegistryDep):
     served, profile = registry.resolve(body.model)
     coefs = coefficients_for(served, profile, body)
     rt = served.runtime
-    messages = rt.with_system([{"role": "user" if m.role == "developer" else m.role, "content": m.text()}
-                               for m in body.messages])
+    messages = rt.with_system([m.turn() for m in body.messages])
+    _check_length(served, sum(len(m["content"].encode()) for m in messages), "messages")
+    tokens = await asyncio.to_thread(rt.engine.chat_tokens, messages)  # the template writes its own BOS
     decode = decode_for(served, profile, body)
     if decode != "weights":
-        n_prompt = rt.count_tokens(rt.engine.format_chat(messages))
-        req = _request(body, served, n_prompt, logprobs_ok=False)
+        req = _request(body, served, len(tokens), logprobs_ok=False)
         req.messages = messages
         run = lambda slot, stream: slot.chat_pad(req, coefs, decode, stream=stream)
-        return await generate(Job(served, body, run, coefs, n_prompt, registry.stats, decode))
-    tokens = rt.engine.tokenize(rt.engine.format_chat(messages))  # the template writes its own BOS
-    return await _batched(served, body, coefs, tokens, registry.stats, chat=True)
+        return await generate(Job(served, body, run, coefs, len(tokens), registry.stats, decode), request, req)
+    return await _batched(request, served, body, coefs, tokens, registry.stats, chat=True)
 
 
 @router.post("/v1/completions")
@@ -259,11 +271,22 @@ async def completions(request: Request, registry: RegistryDep):
     coefs = coefficients_for(served, profile, body)
     if decode_for(served, profile, body) != "weights":
         raise APIError(400, "decode pad/pad-full is served on /v1/chat/completions only", param="avgguf.decode")
-    tokens = served.runtime.engine.prompt_tokens(body.prompt)
-    return await _batched(served, body, coefs, tokens, registry.stats, chat=False)
+    _check_length(served, len(body.prompt.encode()), "prompt")
+    tokens = await asyncio.to_thread(served.runtime.engine.prompt_tokens, body.prompt)
+    return await _batched(request, served, body, coefs, tokens, registry.stats, chat=False)
 
 
-async def _batched(served: Served, body: Common, coefs: dict[str, float], tokens: list[int], stats: bool,
+def _check_length(served: Served, n_bytes: int, param: str) -> None:
+    """A prompt that cannot fit, refused before any tokenizing (a text of B bytes has at least B / the
+    longest token's bytes tokens)."""
+    engine = served.runtime.engine
+    least = n_bytes // engine.max_token_bytes
+    if least >= engine.n_ctx:
+        raise APIError(400, f"the prompt ({n_bytes} bytes, at least {least} tokens) cannot fit the context length "
+                       f"{engine.n_ctx}: shorten it", param=param, code="context_length_exceeded")
+
+
+async def _batched(request: Request, served: Served, body: Common, coefs: dict[str, float], tokens: list[int], stats: bool,
                    chat: bool):
     if not tokens:
         raise APIError(400, "the prompt is empty (and this model adds no BOS token): send some text",
@@ -277,7 +300,7 @@ async def _batched(served: Served, body: Common, coefs: dict[str, float], tokens
         key = served.runtime.engine.coefficient_key(coefs)
     except AvggufError as exc:
         raise APIError(400, str(exc), param="avgguf.coefficients") from None
-    return await generate_batched(BatchJob(job, tokens, key, sampling, chat))
+    return await generate_batched(BatchJob(job, tokens, key, sampling, chat), request)
 
 
 @router.get("/lora-adapters")
@@ -301,18 +324,6 @@ async def lora_set(request: Request, registry: RegistryDep, model: str | None = 
 
 # --- app -------------------------------------------------------------------------------------------------
 
-async def _guard(request: Request, call_next):
-    api_key = request.app.state.registry.api_key
-    public = request.method == "GET" and (request.url.path == "/" or request.url.path.startswith("/static/"))
-    if api_key is not None and not public and request.headers.get("authorization") != f"Bearer {api_key}":
-        return error_response(401, "missing or wrong API key (Authorization: Bearer KEY)",
-                              code="invalid_api_key", type_="authentication_error")
-    length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
-        return error_response(413, f"request body over {MAX_BODY} bytes", code="body_too_large")
-    return await call_next(request)
-
-
 async def _api_error(_, exc: APIError):
     return error_response(exc.status, exc.message, exc.param, exc.code, exc.type)
 
@@ -330,21 +341,23 @@ async def _http_error(_, exc: StarletteHTTPException):
 
 
 async def _internal(_, exc: Exception):
-    log.exception("internal error")
-    return error_response(500, f"internal error: {type(exc).__name__}: {exc}", type_="server_error")
+    log.exception("internal error")  # the detail stays in the log: it can hold paths
+    return error_response(500, "internal error (the server log has the details)", type_="server_error")
 
 
-def create_app(registry: Registry) -> FastAPI:
-    app = FastAPI(title="avgguf", version="1")
+def create_app(registry: Registry, host: str = "127.0.0.1", docs: bool = False) -> Guard:
+    """The app behind its Guard (avgguf.server_guard): `host` is the bind address (its Host allow-list);
+    `docs`: FastAPI's /docs and /openapi.json (off by default)."""
+    app = FastAPI(title="avgguf", version="1", docs_url="/docs" if docs else None, redoc_url=None,
+                  openapi_url="/openapi.json" if docs else None)
     app.state.registry = registry
-    app.middleware("http")(_guard)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _bad_body)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _internal)
     app.include_router(router)
     app.include_router(web)
-    return app
+    return Guard(app, api_key=registry.api_key, hosts=allowed_hosts(host), max_body=MAX_BODY)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -369,9 +382,14 @@ def bind(host: str, port: int) -> socket.socket:
 def serve(modelfiles: list[Modelfile], host: str, port: int, api_key: str | None, verbose: bool = False,
           n_gpu_layers: int | None = None, n_ctx: int | None = None, threads: int | None = None,
           stats: bool = False, allow_write: bool = False, on_ready=None, parallel: int = 4,
-          max_queue: int | None = None, kv_unified: bool = False, contexts: int = 1, merge: str | None = None) -> None:
-    import uvicorn
+          max_queue: int | None = None, kv_unified: bool = False, contexts: int = 1, merge: str | None = None,
+          shutdown_timeout: float | None = None, max_connections: int | None = None,
+          header_timeout: float | None = None, docs: bool = False) -> None:
+    """Serve until SIGINT/SIGTERM, then close every model (scratch removed). `on_ready(url)`: called once
+    the socket serves (desktop opens the page there; the URL's fragment carries the key)."""
+    from . import server_run
 
+    check_exposure(host, api_key, allow_write)
     names: dict[str, Modelfile] = {}
     for mf in modelfiles:
         if mf.name in names:
@@ -384,15 +402,35 @@ def serve(modelfiles: list[Modelfile], host: str, port: int, api_key: str | None
     runtimes = {name: (mf, Runtime(mf, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, threads=threads, verbose=verbose,
                                    fuse="sync", merge="off")) for name, mf in names.items()}
     registry = Registry(runtimes, api_key, stats, allow_write, max_queue, parallel, kv_unified, contexts, merge)
-    app = create_app(registry)
-    port = sock.getsockname()[1]
-    print(f"avgguf serve: http://{host}:{port}/v1  chat page: http://{host}:{port}/  models: "
-          f"{', '.join(registry.ids())}", flush=True)
-    config = uvicorn.Config(app, log_level="info" if verbose else "warning")
-    server = uvicorn.Server(config)
-    if on_ready is not None:
-        app.add_event_handler("startup", lambda: on_ready(f"http://{host}:{port}/"))
     try:
-        server.run(sockets=[sock])
+        app = create_app(registry, host=host, docs=docs)
+        port = sock.getsockname()[1]
+        url = f"http://{_url_host(host)}:{port}/"
+        print(f"avgguf serve: {url}v1  chat page: {url}  models: {', '.join(registry.ids())}", flush=True)
+        ready = None if on_ready is None else (lambda: on_ready(url + (f"#key={api_key}" if api_key else "")))
+        stopped = server_run.run(app, sock, cancel_all=registry.cancel_all, on_ready=ready, verbose=verbose,
+                                 shutdown_timeout=shutdown_timeout or server_run.SHUTDOWN_SECONDS,
+                                 max_connections=max_connections or server_run.MAX_CONNECTIONS,
+                                 header_timeout=header_timeout or server_run.HEADER_SECONDS)
+        if stopped:
+            print(f"avgguf serve: stopped ({', '.join(stopped)})", flush=True)
     finally:
         registry.close()
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def check_exposure(host: str, api_key: str | None, allow_write: bool) -> None:
+    """Beyond loopback without a key anyone on the network can run the models: say so; and never let them
+    write modelfiles."""
+    if is_loopback(host) or api_key is not None:
+        return
+    if allow_write:
+        raise AvggufError(f"--allow-write on --host {host} without --api-key would let anyone on the network "
+                          f"rewrite your modelfiles: add --api-key-file FILE (or AVGGUF_API_KEY), or serve on "
+                          f"127.0.0.1")
+    log.warning("serving on %s without an API key: anyone who can reach it can use the models", host)
+    print(f"avgguf serve: warning: --host {host} without --api-key: anyone who can reach this port can use "
+          f"the models (set AVGGUF_API_KEY or --api-key-file)", flush=True)

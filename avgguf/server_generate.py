@@ -12,13 +12,14 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from fastapi.responses import StreamingResponse
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from .batching import BatchRequest, BusyError, Event, Sampling
 from .engine import Perf
 from .errors import AvggufError
-from .runtime import Runtime
+from .runtime import GenerationRequest, Runtime
 from .server_schemas import APIError, Common
 
 if TYPE_CHECKING:
@@ -50,31 +51,53 @@ class Job:
             print(stats or (slot or self.served.runtime).stats(completion_tokens), file=sys.stderr, flush=True)
 
 
-async def generate(job: Job):
+async def until_gone(request: Request) -> None:
+    """Returns when the client hangs up (the body is read by then: what is left to hear is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def first(work: asyncio.Future, request: Request):
+    """`work`'s result, or None when the client hangs up first (`work` goes on: cancel it by its own flag)."""
+    gone = asyncio.ensure_future(until_gone(request))
+    try:
+        done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    return work.result() if work in done else None
+
+
+async def generate(job: Job, request: Request, gen: GenerationRequest):
+    """A PAD request on the model's runtime (one at a time). The slot is taken before any header is sent, so
+    a full queue is a 503, streamed or not; a client that hangs up sets `gen.cancel` and the decoder stops at
+    its next token, queued, prefilling or decoding."""
+    slot = await job.served.acquire()
+    job.served.inflight.add(gen.cancel)
     if not job.body.stream:
-        slot = await job.served.acquire()
+        work = asyncio.ensure_future(asyncio.to_thread(job.run, slot, False))
+        work.add_done_callback(lambda _: job.served.pool.put_nowait(slot))
         try:
-            result = await asyncio.to_thread(job.run, slot, False)
+            result = await first(work, request)
         except (ValueError, AvggufError) as exc:
             job.log(0, "error", slot)
             raise APIError(400, str(exc)) from None
-        finally:
-            job.served.pool.put_nowait(slot)
+        if result is None:
+            gen.cancel.set()
+            job.log(0, "cancelled", slot)
+            return Response(status_code=499)
         job.log(result["usage"]["completion_tokens"], slot=slot)
         result["model"] = job.body.model
         return result
-    return StreamingResponse(stream_events(job), media_type="text/event-stream")
-
-
-async def stream_events(job: Job):
-    """SSE from a worker thread. A runtime slot is taken here, when the stream starts (a client gone before
-    that never holds one); a client that goes away sets `cancel`, and the worker stops at the next token and
-    returns the slot itself, so the next request never waits on a dead stream."""
-    loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
-    cancel = threading.Event()
-    include_usage = bool((job.body.stream_options or {}).get("include_usage"))
-    slot = await job.served.acquire()
+    start_worker(job, slot, gen.cancel, queue)  # it returns the slot, even for a client gone before the stream
+    return StreamingResponse(stream_events(job, queue, gen.cancel), media_type="text/event-stream",
+                             background=BackgroundTask(gen.cancel.set))
+
+
+def start_worker(job: Job, slot: Runtime, cancel: threading.Event, queue: asyncio.Queue) -> None:
+    """A PAD stream's chunks from a worker thread on the runtime `slot`, into `queue`; a client that goes away
+    sets `cancel`, and the worker stops at the next token and returns the slot itself."""
+    loop = asyncio.get_running_loop()
 
     def worker():
         finish = None
@@ -94,8 +117,11 @@ async def stream_events(job: Job):
         finally:
             loop.call_soon_threadsafe(job.served.pool.put_nowait, slot)
 
-    thread = threading.Thread(target=worker, daemon=True)
-    thread.start()
+    threading.Thread(target=worker, daemon=True).start()
+
+
+async def stream_events(job: Job, queue: asyncio.Queue, cancel: threading.Event):
+    include_usage = bool((job.body.stream_options or {}).get("include_usage"))
     last = None
     try:
         while True:
@@ -182,6 +208,7 @@ def _submit(bj: BatchJob) -> tuple[BatchRequest, asyncio.Queue]:
     try:
         batcher, req.key = bj.job.served.route(bj.key)
         batcher.submit(req)
+        bj.job.served.inflight.add(req.cancelled)
     except BusyError as exc:
         raise APIError(503, str(exc), code="server_busy", type_="server_error") from None
     return req, pipe.queue
@@ -191,19 +218,20 @@ def _stats(ev: Event) -> str:
     return Perf(ev.evaluated, ev.prompt_ms, max(ev.tokens - 1, 0), ev.gen_ms).line(ev.tokens)
 
 
-async def generate_batched(bj: BatchJob):
+async def generate_batched(bj: BatchJob, request: Request):
     req, queue = _submit(bj)
     if bj.job.body.stream:
         # the background task runs when the response ends, even if the client left before the stream began
         return StreamingResponse(batched_events(bj, req, queue), media_type="text/event-stream",
                                  background=BackgroundTask(req.cancelled.set))
-    parts, entries = [], []
     try:
-        while (ev := await queue.get()).kind == "piece":
-            parts.append(ev.text)
-            entries += ev.logprobs or []
+        answer = await first(asyncio.ensure_future(_collect(queue)), request)
     finally:
-        req.cancelled.set()  # a client gone mid-answer frees its sequence at the next step
+        req.cancelled.set()  # a client gone, queued or mid-answer, frees its sequence at the next step
+    if answer is None:
+        bj.job.log(0, "cancelled")
+        return Response(status_code=499)
+    parts, entries, ev = answer
     if ev.kind == "error":
         bj.job.log(0, "error")
         raise APIError(500, f"generation failed: {ev.text}", type_="server_error")
@@ -217,6 +245,14 @@ async def generate_batched(bj: BatchJob):
         choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": ev.finish}
     return {**bj.head(), "object": "chat.completion" if bj.chat else "text_completion", "choices": [choice],
             "usage": _usage(len(bj.tokens), ev.tokens)}
+
+
+async def _collect(queue: asyncio.Queue) -> tuple[list[str], list[dict], Event]:
+    parts, entries = [], []
+    while (ev := await queue.get()).kind == "piece":
+        parts.append(ev.text)
+        entries += ev.logprobs or []
+    return parts, entries, ev
 
 
 def _chunk(bj: BatchJob, head: dict, text: str | None, finish: str | None, entries=None, role: bool = False) -> str:

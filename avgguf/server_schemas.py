@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 MAX_BODY = 1 << 20  # bytes
+BODY_SECONDS = 30  # a body that trickles in slower than this is refused (408)
+MAX_DEPTH = 32  # JSON nesting
+MAX_STOP, MAX_STOP_CHARS = 16, 64  # stop strings per request, characters each (OpenAI allows 4)
 T = TypeVar("T")
 
 
@@ -25,29 +29,70 @@ def error_response(status: int, message: str, param=None, code=None, type_="inva
                         status_code=status)
 
 
+TYPE_TAGS = {"str", "int", "float", "bool", "none", "dict", "list"}  # union branches pydantic puts in a loc
+
+
 def validation_message(exc: ValidationError | Any) -> tuple[str, str | None]:
-    """The first problem of a pydantic/FastAPI validation error as (message, param)."""
-    first = exc.errors()[0]
-    loc = ".".join(str(x) for x in first["loc"] if x != "body")
-    if first["type"] == "json_invalid":
+    """The most specific problem of a pydantic/FastAPI validation error as (message, param): of a union's
+    branches, the one that got furthest into the value (a text part's `text`, not "content: not a string")."""
+    errors = exc.errors()
+    if any(e["type"] == "json_invalid" for e in errors):
         return "malformed JSON body", None
+    first = max(errors, key=lambda e: len(e["loc"]))
+    loc = ".".join(str(x) for x in first["loc"] if x != "body" and not _type_tag(x))
     return f"{loc}: {first['msg']}" if loc else first["msg"], loc or None
 
 
+def _type_tag(part) -> bool:
+    return isinstance(part, str) and (part in TYPE_TAGS or "[" in part)
+
+
 async def parse_body(request: Request, kind: type[T] | Any, shape: str = "a JSON object") -> T:
-    """Read, size-check, decode and validate a body into `kind` (a model or a type like list[LoraScale])."""
-    raw = await request.body()
+    """Read (within BODY_SECONDS; the size cap is counted as it arrives: avgguf.server_guard), decode and
+    validate a body into `kind` (a model or a type like list[LoraScale])."""
+    try:
+        raw = await asyncio.wait_for(request.body(), BODY_SECONDS)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {BODY_SECONDS} s", code="timeout") from None
     if len(raw) > MAX_BODY:
         raise APIError(413, f"request body over {MAX_BODY} bytes", code="body_too_large")
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_constant=_no_constant)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise APIError(400, "malformed JSON body") from None
+    except RecursionError:
+        raise APIError(400, "JSON body nested too deeply", code="invalid_value") from None
+    problem = _bad_text(data)
+    if problem:
+        raise APIError(400, problem, code="invalid_value")
     try:
         return TypeAdapter(kind).validate_python(data)
     except ValidationError as exc:
         message, param = validation_message(exc)
         raise APIError(400, f"{message} (the body must be {shape})", param=param) from None
+
+
+def _no_constant(name: str):
+    raise json.JSONDecodeError(f"{name} is not JSON", name, 0)
+
+
+def _bad_text(data, depth: int = 0) -> str | None:
+    """Nesting deeper than MAX_DEPTH, or a string that is not valid Unicode (a lone surrogate is legal JSON)."""
+    if depth > MAX_DEPTH:
+        return f"JSON body nested deeper than {MAX_DEPTH} levels"
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for key, value in items:
+        for s in (key, value):
+            if isinstance(s, str):
+                try:
+                    s.encode()
+                except UnicodeEncodeError:
+                    return f"{key}: a string holds a lone UTF-16 surrogate (not valid Unicode)"
+        if isinstance(value, (dict, list)):
+            problem = _bad_text(value, depth + 1)
+            if problem:
+                return problem
+    return None
 
 
 class LoraScale(BaseModel):
@@ -62,22 +107,40 @@ class AvggufOptions(BaseModel):
     decode: Literal["weights", "pad", "pad-full"] | None = None  # pad: coefficients are PAD reward weights
 
 
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]  # images, audio, files: this server runs text models (a 400 names the part)
+    text: str
+
+
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[TextPart] | None = None
+    name: str | None = Field(None, max_length=64)  # OpenAI's participant name: not shown to the model
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+            return "".join(p.text for p in self.content)
         return self.content or ""
+
+    def turn(self) -> dict:
+        """The chat template's message: OpenAI's `developer` is a system turn."""
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+
+
+# Fields a client may send that change nothing in the answer (accepted and ignored); any other field this
+# server does not implement is a 400 naming it, never dropped in silence.
+IGNORED_FIELDS = frozenset({"user", "store", "metadata", "service_tier", "cache_prompt", "id_slot",
+                            "timings_per_token", "parallel_tool_calls"})
 
 
 class Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use
+    model_config = ConfigDict(extra="allow")  # checked by unsupported(): ignored only if in IGNORED_FIELDS
     model: str
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    n_predict: int | None = Field(None, ge=-1)  # llama-server's spelling of max_tokens (-1: no limit)
     temperature: float | None = Field(None, ge=0.0, le=5.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0)
@@ -90,11 +153,24 @@ class Common(BaseModel):
     n_probs: int | None = None           # llama-server's spelling: refused, pointing at logprobs
     n: int | None = Field(None, ge=1)
     seed: int | None = None
-    stop: str | list[str] | None = None
+    stop: str | list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]] | None = Field(
+        None, max_length=MAX_STOP)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    lora: list[LoraScale] | None = None
+    lora: list[LoraScale] | None = Field(None, max_length=256)
     avgguf: AvggufOptions | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _short_stop(cls, v):
+        if isinstance(v, str) and not 0 < len(v) <= MAX_STOP_CHARS:
+            raise ValueError(f"a stop string has 1 to {MAX_STOP_CHARS} characters, got {len(v)}")
+        return v
+
+    def limit(self) -> int | None:
+        """max_completion_tokens, max_tokens or llama-server's n_predict (-1: none)."""
+        n = self.max_completion_tokens or self.max_tokens
+        return n if n is not None or self.n_predict in (None, -1) else self.n_predict
 
 
 MAX_TOP_LOGPROBS = 20
@@ -103,6 +179,9 @@ MAX_TOP_LOGPROBS = 20
 def unsupported(body: Common, logprobs_ok: bool = True) -> str | None:
     """The first field a request sets that this server does not implement (answered with a 400, never ignored);
     `logprobs_ok`: False where the decoding path has no log-probabilities to give (PAD)."""
+    for name in (body.model_extra or {}):
+        if name not in IGNORED_FIELDS:
+            return f"{name}: not supported by this server (remove the field)"
     if body.n_probs not in (None, 0):
         return "n_probs: send OpenAI's logprobs (and top_logprobs) instead"
     if not logprobs_ok:

@@ -19,7 +19,7 @@ def client(tiny_kit):
     root, *_ = tiny_kit
     mf = load_modelfile(root / "tiny.yaml")
     rt = Runtime(mf, fuse="sync")
-    yield TestClient(create_app(Registry({"tiny": (mf, rt)})))
+    yield TestClient(create_app(Registry({"tiny": (mf, rt)})), base_url="http://127.0.0.1")
     rt.close()
 
 

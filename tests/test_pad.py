@@ -149,7 +149,7 @@ def test_cli_server_and_eval_accept_the_mode(tiny_kit, tmp_path):
     model = load_modelfile(mf)
     rt = Runtime(model)
     try:
-        client = TestClient(create_app(Registry({"tiny": (model, rt)})))
+        client = TestClient(create_app(Registry({"tiny": (model, rt)})), base_url="http://127.0.0.1")
         body = {"model": "tiny:mixed", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
         r = client.post("/v1/chat/completions", json={**body, "avgguf": {"decode": "pad"}})
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"

@@ -248,9 +248,16 @@ $("#save-profile").addEventListener("click", saveProfile);
 $("#prompt").addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.shiftKey) send(e);
 });
-$("#api-key").value = localStorage.getItem("avgguf-key") || "";
+// `avgguf desktop` hands this page its per-run key in the URL's fragment (never sent to any server): keep
+// it for this tab only (sessionStorage, not localStorage) and drop it from the address bar and history.
+const fromUrl = new URLSearchParams(location.hash.slice(1)).get("key");
+if (fromUrl) {
+  sessionStorage.setItem("avgguf-key", fromUrl);
+  history.replaceState(null, "", location.pathname + location.search);
+}
+$("#api-key").value = sessionStorage.getItem("avgguf-key") || "";
 $("#api-key").addEventListener("change", () => {
-  localStorage.setItem("avgguf-key", $("#api-key").value);
+  sessionStorage.setItem("avgguf-key", $("#api-key").value);
   loadModels();
 });
 loadModels();
