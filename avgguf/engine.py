@@ -204,7 +204,7 @@ class Engine:
             return self.tokenize(self.format_chat(messages))
         marks = [f"AVGGUFCONTENT{secrets.token_hex(8)}X" for _ in messages]
         text = self.format_chat([{**m, "content": mark} for m, mark in zip(messages, marks)])
-        by_mark = {mark: m.get("content") or "" for mark, m in zip(messages, marks)}
+        by_mark = {mark: m.get("content") or "" for m, mark in zip(messages, marks)}
         tokens: list[int] = []
         for i, piece in enumerate(re.split("(" + "|".join(marks) + ")", text)):
             if i % 2:

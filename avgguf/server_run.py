@@ -5,7 +5,7 @@ bounded graceful stop, and the page opened once the socket serves.
   `shutdown_timeout` cancel what still runs (streams end with `finish_reason: "cancelled"` and `[DONE]`),
   then the caller closes the models and removes their scratch (uvicorn's own handler would re-raise the
   signal after the stop and kill the process before any `finally`).
-- A connection must send its request headers within HEADER_SECONDS (h11 has no such deadline: a half-sent
+- A connection must send its request headers within HEADER_SECONDS (uvicorn has no such deadline: a half-sent
   request would hold a socket forever); at most `max_connections` connections and tasks (503 above).
 """
 
@@ -21,14 +21,20 @@ from collections.abc import Callable
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+try:  # httptools (C) parses bodies several times cheaper than h11 (pure Python): a flood costs the server less
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as BaseProtocol
+except ImportError:  # pragma: no cover
+    BaseProtocol = H11Protocol
+
 log = logging.getLogger(__name__)
 HEADER_SECONDS = 10.0
 SHUTDOWN_SECONDS = 10.0
 MAX_CONNECTIONS = 128
 
 
-class HeaderDeadline(H11Protocol):
-    """h11 with a deadline for each request's headers (from the connection's start, or the last answer)."""
+class HeaderDeadline(BaseProtocol):
+    """uvicorn's HTTP protocol with a deadline for each request's headers (from the connection's start, or
+    the last answer)."""
 
     header_seconds = HEADER_SECONDS
 

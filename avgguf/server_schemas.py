@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 MAX_BODY = 1 << 20  # bytes
 BODY_SECONDS = 30  # a body that trickles in slower than this is refused (408)
 MAX_DEPTH = 32  # JSON nesting
 MAX_STOP, MAX_STOP_CHARS = 16, 64  # stop strings per request, characters each (OpenAI allows 4)
+SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
 T = TypeVar("T")
 
 
@@ -62,7 +64,7 @@ async def parse_body(request: Request, kind: type[T] | Any, shape: str = "a JSON
         raise APIError(400, "malformed JSON body") from None
     except RecursionError:
         raise APIError(400, "JSON body nested too deeply", code="invalid_value") from None
-    problem = _bad_text(data)
+    problem = _bad_text(data) if SURROGATE_ESCAPE.search(raw) else None  # only \\udXXX escapes make one
     if problem:
         raise APIError(400, problem, code="invalid_value")
     try:
@@ -159,6 +161,15 @@ class Common(BaseModel):
     stream_options: dict[str, Any] | None = None
     lora: list[LoraScale] | None = Field(None, max_length=256)
     avgguf: AvggufOptions | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _few_stops(cls, data):
+        """The count first: 64 000 stop strings are refused before any of them is validated."""
+        stop = data.get("stop") if isinstance(data, dict) else None
+        if isinstance(stop, list) and len(stop) > MAX_STOP:
+            raise ValueError(f"stop: at most {MAX_STOP} stop strings, got {len(stop)}")
+        return data
 
     @field_validator("stop")
     @classmethod

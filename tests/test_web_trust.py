@@ -1,0 +1,115 @@
+"""Issue #20 in a real browser (headless Chromium): `avgguf desktop` hands its page a per-run key that works
+without typing and leaves the address bar; a page of another origin cannot change the server's scales or
+write a profile (the CSRF the audit reproduced), even with --allow-write."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from test_server_trust import free_port
+from test_web import CHROMIUM, DRIVER, start, wait
+
+pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER),
+                                reason="no browser here: apt-get install chromium chromium-driver (see .ci/run)")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-background-networking",
+                "--no-first-run"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def desktop(tiny_kit, tmp_path_factory):
+    """`avgguf desktop --allow-write` on its default path; the stand-in BROWSER records the URL it opens."""
+    root, *_ = tiny_kit
+    tmp = tmp_path_factory.mktemp("desk")
+    seen = tmp / "url.txt"
+    browser = tmp / "browser.sh"
+    browser.write_text(f"#!/bin/sh\necho \"$1\" > {seen}\n")
+    browser.chmod(browser.stat().st_mode | stat.S_IEXEC)
+    port = free_port()
+    log = (tmp / "desktop.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "avgguf.cli", "desktop", str(root / "tiny.yaml"), "--port",
+                             str(port), "--allow-write"], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "BROWSER": str(browser)})
+    for _ in range(600):
+        if seen.exists() and seen.read_text().strip():
+            break
+        time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail("desktop never opened the browser")
+    yield seen.read_text().strip(), root / "tiny.yaml"
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_the_page_gets_its_key_from_the_url_fragment(browser, desktop):
+    url, _ = desktop
+    browser.get(url)
+    wait(lambda: browser.find_elements("css selector", "input[type=range][data-av]"), what="sliders")
+    assert "#key=" not in browser.current_url, "the key stayed in the address bar"
+    stored = browser.execute_script("return [sessionStorage.getItem('avgguf-key'), localStorage.getItem('avgguf-key')]")
+    assert stored == [url.split("#key=")[1], None]
+
+
+@pytest.fixture()
+def open_server(tiny_kit, tmp_path):
+    """`avgguf serve --allow-write` without a key: the audit's scenario (only the Origin/type rules guard it)."""
+    root, *_ = tiny_kit
+    modelfile = tmp_path / "open.yaml"
+    modelfile.write_text((root / "tiny.yaml").read_text().replace("med/base.gguf", str(root / "med/base.gguf"))
+                         .replace("medical.gguf", str(root / "medical.gguf"))
+                         .replace("legal.gguf", str(root / "legal.gguf")))
+    proc, url = start(modelfile, "--allow-write")
+    yield url, modelfile
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_a_foreign_page_cannot_drive_the_server(browser, open_server, tmp_path):
+    """The audit's attack page, served from another origin, POSTs text/plain (no preflight) and JSON (a
+    preflight this server never grants) to /lora-adapters and /avgguf/profiles."""
+    base, modelfile = open_server
+    before = modelfile.read_text()
+    scales = httpx.get(base + "/lora-adapters").json()
+    (tmp_path / "index.html").write_text(f"""<!doctype html><script>
+    const t = "{base}";
+    Promise.allSettled([
+      fetch(t + "/lora-adapters", {{method: "POST", mode: "no-cors", body: '[{{"id":0,"scale":-2}}]'}}),
+      fetch(t + "/avgguf/profiles", {{method: "POST", mode: "no-cors",
+        body: JSON.stringify({{model: "tiny", name: "pwned", coefficients: {{medical: -2}}}})}}),
+      fetch(t + "/lora-adapters", {{method: "POST", headers: {{"Content-Type": "application/json"}},
+        body: '[{{"id":0,"scale":-2}}]'}}),
+    ]).then(r => document.title = "done " + r.map(x => x.status).join(","));
+    </script>""")
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path))  # noqa: E731
+    evil = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=evil.serve_forever, daemon=True).start()
+    try:
+        browser.get(f"http://localhost:{evil.server_address[1]}/index.html")
+        wait(lambda: browser.title.startswith("done"), what="the attack page's requests")
+    finally:
+        evil.shutdown()
+    assert httpx.get(base + "/lora-adapters").json() == scales
+    assert modelfile.read_text() == before
