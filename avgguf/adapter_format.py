@@ -1,9 +1,11 @@
 """The GGUF LoRA adapter format, as llama.cpp (llama-cpp-python >= 0.3.36) reads it.
 
 This module is the single owner of that format: tensor names, pair shapes, the scale rule, dtypes,
-the avgguf.* metadata keys, writing (streamed through a temp file, renamed on success) and
-validation of any adapter against a base model before llama.cpp sees it (llama.cpp aborts the
-process on a key of the wrong type, a missing half of a pair or a shape mismatch).
+the avgguf.* metadata keys, writing (streamed through a temp file and published by avgguf.atomic) and
+validation of any adapter before llama.cpp sees it: keys and their types, complete pairs and their shapes
+against the base, factor types llama.cpp's backends can multiply and finite factor values (llama.cpp aborts
+the process on a key of the wrong type, a missing half of a pair or a shape mismatch, and crashes at the
+first decode on a factor type without a kernel).
 
 Conventions: shapes are numpy order. A linear weight W is (out, in); its delta is factored as
 left @ right with left (out, r) and right (r, in). llama.cpp computes
@@ -14,6 +16,7 @@ reproduces the delta exactly.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -25,13 +28,14 @@ import numpy as np
 from gguf import GGMLQuantizationType as QType
 from gguf import GGUFValueType as VType
 
+from . import atomic
 from .errors import AdapterError
 
 LORA_A = ".lora_a"
 LORA_B = ".lora_b"
 TOKEN_EMBD = "token_embd.weight"
 OUTPUT = "output.weight"
-NORM_SUFFIX = "_norm.weight"  # llama.cpp loads tensors named so in an adapter and skips them
+NORM_SUFFIX = "_norm.weight"  # llama.cpp loads tensors named so in an adapter and skips them (not pairs)
 
 # avgguf's own metadata keys.
 KEY_VERSION = "avgguf.version"
@@ -73,6 +77,17 @@ KEY_T_TYPES = "avgguf.tensors.types"
 DTYPES = {"f32": QType.F32, "f16": QType.F16, "q8_0": QType.Q8_0, "q5_1": QType.Q5_1, "q5_0": QType.Q5_0,
           "q4_1": QType.Q4_1, "q4_0": QType.Q4_0}
 QUANTIZED = {QType.Q8_0, QType.Q5_1, QType.Q5_0, QType.Q4_1, QType.Q4_0}
+# Factor types accepted when reading any tool's adapter: those ggml's CPU, CUDA and Metal backends multiply
+# (ggml_mul_mat / get_rows against f32 activations). I8/I16/I32/I64/F64 have no CPU kernel: the first decode
+# using the adapter would crash the process. K-quants need rows of a multiple of 256 (their block).
+FACTOR_TYPES = (QType.F32, QType.F16, QType.BF16, QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0,
+                QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K)
+# Byte offsets of the f16 scale fields (d, and dmin/m where there is one) inside one block: every value of a
+# block is a finite scale times small integers, so the block is finite iff these are.
+_SCALE_OFFSETS = {QType.Q4_0: (0,), QType.Q4_1: (0, 2), QType.Q5_0: (0,), QType.Q5_1: (0, 2), QType.Q8_0: (0,),
+                  QType.Q2_K: (80, 82), QType.Q3_K: (108,), QType.Q4_K: (0, 2), QType.Q5_K: (0, 2),
+                  QType.Q6_K: (208,)}
+CHECK_CHUNK_BYTES = 4 << 20  # factor values are checked this many bytes at a time (never one whole copy)
 
 
 def lora_names(base_name: str) -> tuple[str, str]:
@@ -113,6 +128,9 @@ def delta_from_pair(base_name: str, lora_a: np.ndarray, lora_b: np.ndarray) -> n
 
 
 def expected_pair_shapes(base_name: str, base_shape: tuple[int, ...], rank: int) -> tuple[tuple, tuple]:
+    if len(base_shape) != 2:
+        raise AdapterError(f"pair on {base_name!r}, a {len(base_shape)}-D base tensor {tuple(base_shape)}: avgguf "
+                           f"supports 2-D matmul weights only")
     rows, cols = base_shape
     if base_name == TOKEN_EMBD:
         return (rows, rank), (cols, rank)
@@ -154,22 +172,37 @@ def decode(raw: np.ndarray, qtype: QType) -> np.ndarray:
     return gguf.quants.dequantize(raw, qtype)
 
 
+def written_by_avgguf(path: str | os.PathLike, kind: str) -> bool:
+    """Is `path` a GGUF avgguf wrote, of `kind` ('adapter' or 'model')? The rule for replacing an existing
+    output without --force (avgguf.atomic): any avgguf.* key marks it."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            return False
+    reader = gguf.GGUFReader(path)
+    gtype = reader.get_field(gguf.Keys.General.TYPE)
+    is_adapter = gtype is not None and gtype.contents() == gguf.GGUFType.ADAPTER
+    return is_adapter == (kind == "adapter") and any(key.startswith("avgguf.") for key in reader.fields)
+
+
+def _previous_adapter(path: Path) -> bool:
+    return written_by_avgguf(path, "adapter")
+
+
 class AdapterWriter:
     """Writes one adapter. Tensors stream to an unnamed temp file beside the output; the GGUF is
-    assembled in a temp file and renamed into place by commit(). Nothing is left on failure."""
+    assembled in a temp file and published by commit() (avgguf.atomic.output_file). Nothing is left on
+    failure. An existing `out_path` is replaced only if avgguf wrote it as an adapter, or with `force`;
+    `inputs`: files the output must not be."""
 
-    def __init__(self, out_path: str | os.PathLike, arch: str, name: str):
+    def __init__(self, out_path: str | os.PathLike, arch: str, name: str, *, force: bool = False,
+                 inputs: tuple = ()):
         self.out_path = Path(out_path)
-        parent = self.out_path.parent if str(self.out_path.parent) else Path(".")
-        if not parent.is_dir():
-            raise AdapterError(f"output directory {str(parent)!r} does not exist: create it or choose another --out")
-        if not os.access(parent, os.W_OK):
-            raise AdapterError(f"output directory {str(parent)!r} is not writable: choose another --out")
-        if self.out_path.is_dir():
-            raise AdapterError(f"--out {str(self.out_path)!r} is a directory; give a file name such as medical.gguf")
+        self._policy = {"force": force, "previous": _previous_adapter, "inputs": tuple(inputs), "what": "adapter"}
+        target = atomic.check_output_file(self.out_path, **self._policy)
         self.writer = gguf.GGUFWriter(None, arch)
-        # Keep tensor data on disk as it is produced, never all of it in memory.
-        self.writer.temp_file = tempfile.TemporaryFile(dir=parent, prefix=".avgguf-tensors-")
+        # Keep tensor data on disk as it is produced, never all of it in memory (unnamed: gone after a kill).
+        self.writer.temp_file = tempfile.TemporaryFile(dir=target.parent, prefix=".avgguf-tensors-")
         self.writer.add_type(gguf.GGUFType.ADAPTER)
         self.writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         self.writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 0.0)
@@ -215,37 +248,31 @@ class AdapterWriter:
             raise TypeError(f"unsupported metadata type for {key}: {type(value).__name__}")
 
     def commit(self, max_size: int | None = None) -> None:
-        """Write the file and rename it into place; with max_size, refuse (and leave nothing) if larger."""
-        parent = self.out_path.parent if str(self.out_path.parent) else Path(".")
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=".avgguf-", suffix=".gguf.partial")
-        os.close(fd)
+        """Write the file and publish it; with max_size, refuse (and leave nothing) if larger."""
+        pending = self.writer.temp_file.tell() if self.writer.temp_file is not None else 0
+        if not any(KEY_VERSION in kv for kv in self.writer.kv_data):  # every adapter avgguf writes says so
+            from . import __version__
+
+            self.writer.add_string(KEY_VERSION, __version__)
         try:
-            self.writer.write_header_to_file(Path(tmp))
-            self.writer.write_kv_data_to_file()
-            self.writer.write_tensors_to_file()
-            self.writer.close()
-            size = os.path.getsize(tmp)
-            if max_size is not None and size > max_size:
-                raise AdapterError(f"{self.out_path}: the adapter came out at {size} bytes, over the "
-                                   f"{max_size}-byte budget (metadata larger than planned); lower --max-size "
-                                   f"by {size - max_size} bytes")
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
-            os.replace(tmp, self.out_path)
+            with atomic.output_file(self.out_path, needed_bytes=pending + (1 << 20), **self._policy) as tmp:
+                self.writer.write_header_to_file(tmp)
+                self.writer.write_kv_data_to_file()
+                self.writer.write_tensors_to_file()
+                self.writer.close()
+                size = os.path.getsize(tmp)
+                if max_size is not None and size > max_size:
+                    raise AdapterError(f"{self.out_path}: the adapter came out at {size} bytes, over the "
+                                       f"{max_size}-byte budget (metadata larger than planned); lower --max-size "
+                                       f"by {size - max_size} bytes")
         except BaseException:
-            self.writer.close()
-            Path(tmp).unlink(missing_ok=True)
+            self.abort()
             raise
 
     def abort(self) -> None:
         if self.writer.temp_file is not None:
             self.writer.temp_file.close()
         self.writer.close()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _array_type(values) -> VType:
@@ -325,8 +352,9 @@ def _field(reader: gguf.GGUFReader, key: str, vtype: VType, path: Path, required
     return f.contents()
 
 
-def read_adapter(path: str | os.PathLike) -> AdapterInfo:
-    """Read and check an adapter's own structure (keys, types, complete pairs, pair shapes)."""
+def read_adapter(path: str | os.PathLike, check_values: bool = True) -> AdapterInfo:
+    """Read and check an adapter's own structure (keys and their types, complete pairs, pair shapes, factor
+    types) and, with check_values, that every factor value is finite (streamed; once per file version)."""
     path = Path(path)
     reader = _open(path, "adapter")
     gtype = _field(reader, gguf.Keys.General.TYPE, VType.STRING, path)
@@ -335,9 +363,13 @@ def read_adapter(path: str | os.PathLike) -> AdapterInfo:
                            f"(is this a model file? adapters are made with `avgguf convert`)")
     atype = _field(reader, gguf.Keys.Adapter.TYPE, VType.STRING, path)
     if atype != "lora":
-        raise AdapterError(f"{path}: adapter.type is {atype!r}, expected 'lora'")
+        raise AdapterError(f"{path}: adapter.type is {atype!r}, expected 'lora' (avgguf and llama.cpp apply LoRA "
+                           f"adapters only); re-create it as a LoRA (e.g. with `avgguf convert`)")
     arch = _field(reader, gguf.Keys.General.ARCHITECTURE, VType.STRING, path)
     alpha = _field(reader, gguf.Keys.Adapter.LORA_ALPHA, VType.FLOAT32, path)
+    if not math.isfinite(float(alpha)):
+        raise AdapterError(f"{path}: key {gguf.Keys.Adapter.LORA_ALPHA!r} is {float(alpha)}, expected a finite "
+                           f"number (llama.cpp scales every pair by alpha / rank); re-create the adapter")
     name = _field(reader, gguf.Keys.General.NAME, VType.STRING, path, required=False)
 
     tensors = {t.name: t for t in reader.tensors}
@@ -353,28 +385,106 @@ def read_adapter(path: str | os.PathLike) -> AdapterInfo:
             continue
         else:
             raise AdapterError(f"{path}: tensor {tname!r} ends neither in .lora_a nor .lora_b "
-                               f"(nor {NORM_SUFFIX}, which llama.cpp skips); llama.cpp would refuse this file")
+                               f"(nor {NORM_SUFFIX}, which llama.cpp skips); llama.cpp would refuse this file. "
+                               f"Re-create the adapter (e.g. with `avgguf convert`)")
         if base in pairs:
             continue
         a, b = tensors.get(base + LORA_A), tensors.get(base + LORA_B)
         if a is None or b is None:
             missing = base + (LORA_A if a is None else LORA_B)
-            raise AdapterError(f"{path}: tensor {missing!r} is missing; lora_a and lora_b come in pairs")
+            raise AdapterError(f"{path}: tensor {missing!r} is missing; lora_a and lora_b come in pairs "
+                               f"(llama.cpp refuses half a pair). Re-create the adapter")
         a_shape, b_shape = numpy_shape(a), numpy_shape(b)
         if len(a_shape) != 2 or len(b_shape) != 2:
-            raise AdapterError(f"{path}: {base}: only 2-D LoRA pairs are supported, found "
-                               f"lora_a {a_shape}, lora_b {b_shape}")
+            raise AdapterError(f"{path}: {base!r}: only 2-D LoRA pairs are supported, found "
+                               f"lora_a {a_shape}, lora_b {b_shape}; re-create the adapter")
         rank = b_shape[1]
         ok = a_shape[1] == rank if base == TOKEN_EMBD else a_shape[0] == rank
-        if not ok:
-            raise AdapterError(f"{path}: {base}: lora_a {a_shape} and lora_b {b_shape} disagree on the rank")
+        if not ok or rank < 1:
+            raise AdapterError(f"{path}: {base!r}: lora_a {a_shape} and lora_b {b_shape} disagree on the rank "
+                               f"(expected a rank >= 1 shared by both); re-create the adapter")
+        for t_ in (a, b):
+            check_factor_type(path, t_)
         pairs[base] = PairInfo(base, rank, a_shape, b_shape, a.tensor_type.name, b.tensor_type.name)
 
+    if check_values:
+        check_factor_values(path, [t for t in reader.tensors if not t.name.endswith(NORM_SUFFIX)])
     meta = {}
     for key, f in reader.fields.items():
         if key.startswith("avgguf."):
             meta[key] = f.contents()
     return AdapterInfo(path, arch, float(alpha), name, pairs, meta, ignored)
+
+
+def check_factor_type(path: Path, t) -> None:
+    """AdapterError unless llama.cpp's backends can multiply this factor (type, and row length vs block)."""
+    qtype = QType(t.tensor_type)
+    shape = numpy_shape(t)
+    if qtype not in FACTOR_TYPES:
+        raise AdapterError(f"{path}: tensor {t.name!r} is stored as {qtype.name}, which llama.cpp's backends "
+                           f"cannot multiply (the first decode with this adapter would crash the process); "
+                           f"expected one of {', '.join(q.name for q in FACTOR_TYPES)}. Re-create the adapter "
+                           f"(e.g. `avgguf convert ... --dtype f16`)")
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    if shape[-1] % block:
+        raise AdapterError(f"{path}: tensor {t.name!r} is {qtype.name} with rows of {shape[-1]} values, expected "
+                           f"a multiple of {block} (its block size); re-create the adapter with f16 factors")
+
+
+_VALUES_CHECKED: dict[tuple, bool] = {}  # (file identity) -> checked: a file version is scanned once per process
+
+
+def check_factor_values(path: Path, tensors) -> None:
+    """AdapterError naming the first tensor (and row) with a NaN or ±Inf value; streamed in chunks of
+    CHECK_CHUNK_BYTES (quantized blocks: their f16 scales; every value is a scale times small integers)."""
+    st = path.stat()
+    key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if _VALUES_CHECKED.get(key):
+        return
+    for t in tensors:
+        found = _first_non_finite(np.asarray(t.data), QType(t.tensor_type))
+        if found is not None:
+            row, what = found
+            raise AdapterError(f"{path}: tensor {t.name!r} has a {what} value (row {row}); expected finite "
+                               f"factors (llama.cpp would give NaN logits). Re-create the adapter from finite "
+                               f"weights")
+    _VALUES_CHECKED[key] = True
+
+
+# exponent bits of the 16-bit float types: a value is NaN or ±Inf iff they are all ones
+_EXPONENT_MASK = {QType.F16: 0x7C00, QType.BF16: 0x7F80}
+
+
+def _first_non_finite(data: np.ndarray, qtype: QType) -> tuple[int, str] | None:
+    """(row, 'NaN' / '+Inf' / '-Inf') of the first non-finite value of a factor as GGUFReader maps it, or None."""
+    rows = data.reshape(-1, data.shape[-1]) if data.ndim else data.reshape(1, 1)
+    row_bytes = max(1, rows.shape[1] * rows.dtype.itemsize)
+    step = max(1, CHECK_CHUNK_BYTES // row_bytes)
+    for start in range(0, rows.shape[0], step):
+        chunk = np.ascontiguousarray(rows[start:start + step])
+        if qtype in _EXPONENT_MASK:  # integer max of the exponent bits: ~3x faster than np.isfinite on f16
+            mask = _EXPONENT_MASK[qtype]
+            bits = chunk.view(np.uint16)
+            if int(np.max(bits & mask)) != mask:
+                continue
+            values = chunk.view(np.float16) if qtype == QType.F16 else (bits.astype(np.uint32) << 16).view(np.float32)
+        elif qtype == QType.F32:
+            values = chunk
+        else:  # quantized: the f16 scales of every block
+            size = gguf.GGML_QUANT_SIZES[qtype][1]
+            blocks = chunk.reshape(chunk.shape[0], -1, size)
+            values = np.stack([np.ascontiguousarray(blocks[..., o:o + 2]).view(np.float16)[..., 0]
+                               for o in _SCALE_OFFSETS[qtype]], axis=-1).reshape(chunk.shape[0], -1)
+        ok = np.isfinite(values)
+        if not ok.all():
+            return _where(start, ~ok, values)
+    return None
+
+
+def _where(start: int, bad: np.ndarray, values: np.ndarray) -> tuple[int, str]:
+    row, col = (int(i[0]) for i in np.nonzero(bad))
+    v = float(values[row, col])
+    return start + row, "NaN" if math.isnan(v) else ("+Inf" if v > 0 else "-Inf")
 
 
 @dataclass
@@ -427,14 +537,18 @@ def check_against_base(adapter: AdapterInfo, base: BaseModelInfo) -> None:
     for base_name, p in adapter.pairs.items():
         if base_name not in base.shapes:
             raise AdapterError(f"{where}: tensor {base_name!r} does not exist in base {str(base.path)!r}; "
-                               f"the adapter was built for another model")
-        if base_name.endswith("_norm.weight"):
-            continue  # llama.cpp skips these
+                               f"the adapter was built for another model: convert it against this base")
+        shape = base.shapes[base_name]
+        if len(shape) != 2:
+            raise AdapterError(f"{where}: pair on {base_name!r}, a {len(shape)}-D base tensor {shape} of base "
+                               f"{str(base.path)!r}; avgguf supports 2-D matmul weights only (llama.cpp never "
+                               f"applies a LoRA to norms, biases or 3-D expert tensors). Re-convert the adapter "
+                               f"with avgguf, which books such tensors as not applicable")
         if base.tied_embeddings and base_name in (TOKEN_EMBD, OUTPUT):
             raise AdapterError(f"{where}: pair on {base_name!r} but the base ties its embeddings; "
                                f"llama.cpp would apply it wrongly. Re-convert the adapter with avgguf")
         want_a, want_b = expected_pair_shapes(base_name, base.shapes[base_name], p.rank)
         if (p.a_shape, p.b_shape) != (want_a, want_b):
-            raise AdapterError(f"{where}: {base_name}: lora_a {p.a_shape} / lora_b {p.b_shape} do not fit the "
+            raise AdapterError(f"{where}: {base_name!r}: lora_a {p.a_shape} / lora_b {p.b_shape} do not fit the "
                                f"base tensor {base.shapes[base_name]} (expected {want_a} / {want_b}); "
-                               f"the adapter was built for another model")
+                               f"the adapter was built for another model: convert it against this base")

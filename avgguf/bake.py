@@ -5,15 +5,16 @@
 - adapter: one fused GGUF LoRA at scale 1 (avgguf.fusion), optionally re-compressed to --rank.
 - ollama:  a directory with an Ollama Modelfile (FROM base, ADAPTER fused adapter, SYSTEM, PARAMETERs).
 - peft:    a PEFT LoRA directory (avgguf.export_peft).
-Every output records the profile and coefficients it was baked from. Outputs appear atomically.
+Every output records the profile and coefficients it was baked from. Outputs appear atomically and never
+replace what avgguf did not write (avgguf.atomic: an existing file or directory is replaced only if it is an
+earlier avgguf output of the same kind, or with --force; an --out that is, or contains, an input is refused;
+free space is checked before the multi-GB gguf bake).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QType
 
 from . import adapter_format as fmt
+from . import atomic
 from .errors import AvggufError
 from .fusion import Cancelled, write_fused
 from .modelfile import Modelfile
@@ -35,6 +37,12 @@ GGUF_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_
               "q6_k": "MOSTLY_Q6_K", "q5_k_m": "MOSTLY_Q5_K_M", "q5_k_s": "MOSTLY_Q5_K_S", "q5_1": "MOSTLY_Q5_1",
               "q5_0": "MOSTLY_Q5_0", "q4_k_m": "MOSTLY_Q4_K_M", "q4_k_s": "MOSTLY_Q4_K_S", "q4_1": "MOSTLY_Q4_1",
               "q4_0": "MOSTLY_Q4_0", "q3_k_m": "MOSTLY_Q3_K_M", "q2_k": "MOSTLY_Q2_K"}
+# bytes per weight of each --type (K_M mixes keep some tensors one type up: about 10 % more), for the
+# free-space check before a gguf bake
+BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q6_k": 210 / 256,
+                    "q5_k_m": 176 / 256 * 1.1, "q5_k_s": 176 / 256, "q5_1": 24 / 32, "q5_0": 22 / 32,
+                    "q4_k_m": 144 / 256 * 1.1, "q4_k_s": 144 / 256, "q4_1": 20 / 32, "q4_0": 18 / 32,
+                    "q3_k_m": 110 / 256 * 1.1, "q2_k": 84 / 256 * 1.2}
 
 
 @dataclass
@@ -43,6 +51,7 @@ class Bake:
     profile: str | None
     coefficients: dict[str, float]
     sources: dict = None  # AV name -> (base, aligned) TensorSource: bake the full delta, not the adapter
+    force: bool = False   # replace an existing --out avgguf did not write (--force)
 
     @property
     def active(self) -> list[tuple[str, Path, float]]:
@@ -68,31 +77,21 @@ class Bake:
         return {KEY_PROFILE: self.label, KEY_NAMES: list(self.coefficients),
                 KEY_COEFS: [float(v) for v in self.coefficients.values()]}
 
+    def inputs(self) -> list[Path]:
+        """Every file the bake reads: --out may be none of them (nor a directory holding one)."""
+        mf = self.modelfile
+        paths = [mf.path, mf.base_path, *mf.av_paths.values(), *mf.baked_paths.values()]
+        for base, aligned in (self.sources or {}).values():
+            paths += [Path(base.path), Path(aligned.path)]
+        return paths
+
+    def file_policy(self, kind: str) -> dict:
+        """avgguf.atomic's rule for a file output of `kind` ('adapter' or 'model')."""
+        return {"force": self.force, "previous": lambda p: fmt.written_by_avgguf(p, kind), "inputs": self.inputs(),
+                "what": "adapter" if kind == "adapter" else "baked GGUF"}
+
 
 # --- shared helpers ----------------------------------------------------------------------------------------
-
-def _check_out(out: Path, directory: bool) -> None:
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise AvggufError(f"--out {str(out)!r}: directory {str(parent)!r} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise AvggufError(f"--out {str(out)!r}: directory {str(parent)!r} is not writable")
-    if directory and out.exists() and not out.is_dir():
-        raise AvggufError(f"--out {str(out)!r} exists and is not a directory")
-    if not directory and out.is_dir():
-        raise AvggufError(f"--out {str(out)!r} is a directory; give a file name")
-
-
-def _publish_dir(tmp: Path, out: Path) -> None:
-    """Replace `out` by the finished directory `tmp` (a rename; the old one is removed after)."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
 
 def fused_adapter(bake: Bake, out: Path, rank: int | None = None) -> Path:
     """The profile as one adapter at scale 1 (exact concatenation; --rank: re-compressed by SVD)."""
@@ -100,12 +99,13 @@ def fused_adapter(bake: Bake, out: Path, rank: int | None = None) -> Path:
         raise AvggufError(f"profile {bake.label!r} has every coefficient at 0: nothing to bake into an adapter "
                           f"(the base model alone is the result)")
     arch = fmt.read_base_model(bake.modelfile.base_path).arch
-    if rank is None:
-        write_fused(bake.active, out, arch, extra=bake.metadata())
-        return out
-    with tempfile.TemporaryDirectory(dir=out.resolve().parent, prefix=".avgguf-bake-") as tmp:
-        exact = write_fused(bake.active, Path(tmp) / "exact.gguf", arch)
-        recompress(exact, out, arch, rank, bake.metadata())
+    with atomic.output_file(out, **bake.file_policy("adapter")) as tmp:
+        if rank is None:
+            write_fused(bake.active, tmp, arch, extra=bake.metadata())
+        else:
+            with atomic.scratch_dir(out) as scratch:
+                exact = write_fused(bake.active, scratch / "exact.gguf", arch)
+                recompress(exact, tmp, arch, rank, bake.metadata())
     return out
 
 
@@ -200,13 +200,8 @@ def _same_model(full: np.ndarray, stored: np.ndarray, name: str) -> np.ndarray:
     return full
 
 
-def write_merged_f32(bake: Bake, out: Path, progress: bool = False, stop=None) -> Path:
-    """base + Σ c·ΔW as a GGUF: merged tensors in float32, all others exactly as stored; streamed. `stop()`
-    true between tensors raises avgguf.fusion.Cancelled."""
-    from tqdm import tqdm
-
-    reader = gguf.GGUFReader(bake.modelfile.base_path)
-    arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
+def _open_sources(bake: Bake) -> tuple[list, list]:
+    """(adapter sources [(info, tensors, c)], full sources [(base, aligned, c)]) of the active AVs."""
     full_sources = bake.sources or {}
     sources, full = [], []
     for name, path, c in bake.active:
@@ -215,9 +210,34 @@ def write_merged_f32(bake: Bake, out: Path, progress: bool = False, stop=None) -
             continue
         info = fmt.read_adapter(path)
         sources.append((info, {t.name: t for t in gguf.GGUFReader(path).tensors}, c))
-    tensors = {t.name: t for t in reader.tensors}
+    return sources, full
+
+
+def _touched(tensors: dict, sources: list, full: list) -> set[str]:
     touched = {name for info, _, _ in sources for name in info.pairs}
-    touched |= {n for base, aligned, _ in full for n in tensors if n in base.names() and n in aligned.names()}
+    return touched | {n for base, aligned, _ in full for n in tensors if n in base.names() and n in aligned.names()}
+
+
+def bake_bytes(reader: gguf.GGUFReader, touched: set[str], type_name: str) -> tuple[int, int]:
+    """(float32 intermediate, quantized output) sizes in bytes, estimated from the base's header."""
+    merged = output = int(reader.data_offset)
+    per_weight = BYTES_PER_WEIGHT.get(type_name, 4.0)
+    for t in reader.tensors:
+        merged += int(t.n_elements) * 4 if t.name in touched else int(t.n_bytes)
+        output += int(int(t.n_elements) * per_weight) if len(t.shape) >= 2 else int(t.n_elements) * 4
+    return merged, output
+
+
+def write_merged_f32(bake: Bake, out: Path, progress: bool = False, stop=None) -> Path:
+    """base + Σ c·ΔW as a GGUF: merged tensors in float32, all others exactly as stored; streamed. `stop()`
+    true between tensors raises avgguf.fusion.Cancelled."""
+    from tqdm import tqdm
+
+    reader = gguf.GGUFReader(bake.modelfile.base_path)
+    arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
+    sources, full = _open_sources(bake)
+    tensors = {t.name: t for t in reader.tensors}
+    touched = _touched(tensors, sources, full)
     writer = gguf.GGUFWriter(None, arch)
     fmt.copy_metadata(reader, writer)
     for key, value in bake.metadata().items():
@@ -255,14 +275,20 @@ def baked_gguf(bake: Bake, out: Path, type_: str | None = None, progress: bool =
                threads: int | None = None, stop=None) -> dict:
     """The whole model with the profile merged in, quantized by llama.cpp to `type_` (default: see
     default_ftype) on `threads` threads (default: all cores); tensors the profile does not touch keep their
-    stored type where that type is chosen. `stop`: see write_merged_f32 (checked before quantizing too)."""
+    stored type where that type is chosen. `stop`: see write_merged_f32 (checked before quantizing too).
+    The float32 intermediate lives in a scratch directory beside `out`; both sizes are checked against the
+    free space there first."""
     import llama_cpp
 
     base_reader = gguf.GGUFReader(bake.modelfile.base_path)
     ftype = _ftype(type_) if type_ else default_ftype(base_reader)
-    parent = out.resolve().parent
-    with tempfile.TemporaryDirectory(dir=parent, prefix=".avgguf-bake-") as tmp:
-        merged = write_merged_f32(bake, Path(tmp) / "merged-f32.gguf", progress, stop)
+    sources, full = _open_sources(bake)
+    merged_size, out_size = bake_bytes(base_reader, _touched({t.name: t for t in base_reader.tensors}, sources, full),
+                                       type_ or _type_name(ftype))
+    del sources, full
+    with atomic.output_file(out, needed_bytes=merged_size + out_size, **bake.file_policy("model")) as partial, \
+            atomic.scratch_dir(out) as tmp:
+        merged = write_merged_f32(bake, tmp / "merged-f32.gguf", progress, stop)
         if stop is not None and stop():
             raise Cancelled
         params = llama_cpp.llama_model_quantize_default_params()
@@ -276,12 +302,9 @@ def baked_gguf(bake: Bake, out: Path, type_: str | None = None, progress: bool =
                 params.token_embedding_type = int(types[fmt.TOKEN_EMBD])
             if fmt.OUTPUT in types and fmt.OUTPUT not in touched:
                 params.output_tensor_type = int(types[fmt.OUTPUT])
-        partial = Path(tmp) / "out.gguf"
         rc = llama_cpp.llama_model_quantize(str(merged).encode(), str(partial).encode(), params)
         if rc != 0:
             raise AvggufError(f"llama.cpp's quantizer failed on the merged model (code {rc}); try another --type")
-        os.chmod(partial, 0o644)
-        os.replace(partial, out)
     return {"format": "gguf", "type": type_ or _type_name(ftype), "bytes": out.stat().st_size}
 
 
@@ -298,15 +321,35 @@ OLLAMA_PARAMETERS = {"temperature": "temperature", "top_p": "top_p", "top_k": "t
                      "max_tokens": "num_predict"}
 
 
+OLLAMA_FILES = ("Modelfile", "adapter.gguf", atomic.MARKER)
+
+
+def ollama_system(system: str, where: str) -> str:
+    """The SYSTEM instruction for `system`; refused where it would end Ollama's \"\"\"-string early (and let the
+    rest of the text inject Modelfile instructions)."""
+    if '"""' in system or system.endswith('"'):
+        raise AvggufError(f"{where}: system: contains '\"\"\"' (or ends in '\"'), which would end the SYSTEM string "
+                          f"of the Ollama Modelfile and let the rest be read as instructions; reword it (e.g. "
+                          f"use single quotes) and bake again")
+    return f'SYSTEM """{system}"""'
+
+
+def ollama_base_name(base: Path) -> str:
+    """The name the base gets inside the Ollama directory: its own, unless unprintable or taken by ours."""
+    name = base.name
+    return name if name.isprintable() and name not in OLLAMA_FILES and name.strip() == name else "base.gguf"
+
+
 def ollama_modelfile(bake: Bake, base_name: str, adapter_name: str | None) -> str:
     mf = bake.modelfile
     coefs = " ".join(f"{k}={v:g}" for k, v in bake.coefficients.items())
-    lines = [f"# avgguf bake of {mf.name}:{bake.label} ({coefs}); Ollama applies the adapter at scale 1",
+    label = "".join(ch if ch.isprintable() else "?" for ch in f"{mf.name}:{bake.label} ({coefs})")
+    lines = [f"# avgguf bake of {label}; Ollama applies the adapter at scale 1",
              f"FROM ./{base_name}"]
     if adapter_name:
         lines.append(f"ADAPTER ./{adapter_name}")
     if mf.spec.system:
-        lines.append(f'SYSTEM """{mf.spec.system}"""')
+        lines.append(ollama_system(mf.spec.system, str(mf.path)))
     defaults = mf.spec.defaults.model_dump()
     for ours, theirs in OLLAMA_PARAMETERS.items():
         if defaults.get(ours) is not None:
@@ -315,25 +358,28 @@ def ollama_modelfile(bake: Bake, base_name: str, adapter_name: str | None) -> st
 
 
 def ollama_dir(bake: Bake, out: Path) -> dict:
-    parent = out.resolve().parent
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}-"))
-    try:
-        base = bake.modelfile.base_path
+    """FROM the base (hard-linked where the file system allows: in-place edits of either name change both;
+    else copied), ADAPTER the fused profile, SYSTEM and PARAMETERs; avgguf.json marks the directory as ours."""
+    base = bake.modelfile.base_path
+    fmt.read_base_model(base)  # a real GGUF model, AVs active or not (`base: /etc/passwd` is refused)
+    base_name = ollama_base_name(base)
+    adapter = "adapter.gguf" if bake.active else None
+    text = ollama_modelfile(bake, base_name, adapter)
+    with atomic.output_dir(out, "ollama", force=bake.force, inputs=bake.inputs()) as d:
         try:
-            os.link(base, tmp / base.name)  # no copy where the file system allows
+            os.link(base, d.path / base_name)  # no copy where the file system allows
+            how = "hard-linked"
         except OSError:
-            shutil.copy2(base, tmp / base.name)
-        adapter = "adapter.gguf" if bake.active else None
+            atomic.check_free_space(d.path, base.stat().st_size + (1 << 20), f"--out {str(out)!r} (a copy of the base)")
+            shutil.copy2(base, d.path / base_name)
+            how = "copied"
         if adapter:
-            fused_adapter(bake, tmp / adapter)
-        (tmp / "Modelfile").write_text(ollama_modelfile(bake, base.name, adapter))
-        (tmp / "avgguf.json").write_text(json.dumps(bake.metadata(), indent=1) + "\n")
-        os.chmod(tmp, 0o755)
-        _publish_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return {"format": "ollama", "files": sorted(p.name for p in out.iterdir())}
+            fused_adapter(bake, d.path / adapter)
+        (d.path / "Modelfile").write_text(text, encoding="utf-8")
+        d.meta.update(bake.metadata())
+        d.meta["base_gguf"] = str(base)
+        files = sorted(p.name for p in d.path.iterdir()) + [atomic.MARKER]
+    return {"format": "ollama", "files": sorted(files), "base": how, "base_file": base_name}
 
 
 # --- entry point --------------------------------------------------------------------------------------------
@@ -361,7 +407,10 @@ def open_sources(specs: list[str], mf: Modelfile) -> dict:
 
 
 def bake(mf: Modelfile, profile: str | None, coefficients: dict[str, float], out: str | Path, format_: str,
-         type_: str | None = None, rank: int | None = None, progress: bool = False, sources: dict | None = None) -> dict:
+         type_: str | None = None, rank: int | None = None, progress: bool = False, sources: dict | None = None,
+         force: bool = False) -> dict:
+    """Bake into `out`; `force`: replace an existing output avgguf did not write (a directory output keeps the
+    other files it holds)."""
     out = Path(out)
     if sources and format_ != "gguf":
         raise AvggufError("--source applies to --format gguf (the other formats are adapters)")
@@ -371,8 +420,9 @@ def bake(mf: Modelfile, profile: str | None, coefficients: dict[str, float], out
         raise AvggufError("--type applies to --format gguf (adapters keep their factor types; see --rank)")
     if rank is not None and format_ != "adapter":
         raise AvggufError("--rank applies to --format adapter")
-    _check_out(out, directory=format_ in ("ollama", "peft"))
-    job = Bake(mf, profile, coefficients, sources)
+    job = Bake(mf, profile, coefficients, sources, force)
+    if format_ in ("gguf", "adapter"):  # before any heavy work (output_file checks again when publishing)
+        atomic.check_output_file(out, **job.file_policy("model" if format_ == "gguf" else "adapter"))
     if format_ == "gguf":
         report = baked_gguf(job, out, type_, progress)
     elif format_ == "adapter":

@@ -29,7 +29,18 @@ HELP = """commands:
   /quit                              leave (or Ctrl-D)
 input: end a line with \\ to continue it; a line of \"\"\" starts and ends a multi-line message.
 Ctrl-C stops the current answer and keeps the chat."""
-HISTORY_FILE = Path.home() / ".avgguf_chat_history"
+HISTORY_NAME = ".avgguf_chat_history"
+HISTORY_LENGTH = 1000  # lines kept in the history file
+
+
+def history_file() -> Path | None:
+    """~/.avgguf_chat_history, looked up when a chat starts (not at import: commands work without a home
+    directory); None where there is no home directory, and then no history is kept."""
+    try:
+        home = Path.home()
+    except (RuntimeError, KeyError, OSError):
+        return None
+    return home / HISTORY_NAME if str(home) not in ("", "~") else None
 
 
 @contextmanager
@@ -63,7 +74,9 @@ class ChatState:
         return name if self.coefficients == self.modelfile.coefficients(name) else f"{name} (modified)"
 
     def show(self) -> str:
-        system = self.system if self.system is not None else (self.modelfile.spec.system or "(none)")
+        head = [{"role": "system", "content": self.system}] if self.system is not None else []
+        system = next((m["content"] for m in self.modelfile.system_messages(head) if m["role"] == "system"),
+                      "(none)")  # as the model sees it (the modelfile's system_policy applied)
         return (f"profile: {self.profile_label}\ncoefficients: {describe(self.coefficients)}\n"
                 f"decode: {self.decode}\nsystem: {system}\nturns: {len(self.history) // 2}")
 
@@ -78,7 +91,7 @@ def command(line: str, state: ChatState) -> bool:
     if cmd == "/set":
         if not rest:
             raise AvggufError("usage: /set NAME=VALUE [NAME=VALUE ...]")
-        new = {**state.coefficients, **parse_assignments([rest])}
+        new = {**state.coefficients, **parse_assignments([rest], source="")}
         state.coefficients = mf.resolver.resolve(None, overrides=new, source="/set")
         print(f"[{describe(state.coefficients)}]")
     elif cmd == "/profile":
@@ -110,14 +123,20 @@ class LineReader:
         self.stdin = stdin
         self.interactive = stdin.isatty() and stdin is sys.stdin
         self.readline = None
+        self.history = None
         if self.interactive:
             try:
                 import readline
-
-                self.readline = readline
-                readline.read_history_file(HISTORY_FILE)
-            except (ImportError, OSError):
-                pass
+            except ImportError:
+                return
+            self.readline = readline
+            readline.set_history_length(HISTORY_LENGTH)
+            self.history = history_file()
+            if self.history is not None:
+                try:
+                    readline.read_history_file(self.history)
+                except OSError:
+                    pass
 
     def line(self, prompt: str) -> str | None:
         if self.interactive:
@@ -150,9 +169,9 @@ class LineReader:
         return "\n".join(parts)
 
     def close(self) -> None:
-        if self.readline is not None:
+        if self.readline is not None and self.history is not None:
             try:
-                self.readline.write_history_file(HISTORY_FILE)
+                self.readline.write_history_file(self.history)  # truncated to HISTORY_LENGTH lines
             except OSError:
                 pass
 

@@ -29,6 +29,7 @@ def add_convert_parser(sub, parent) -> None:
     src.add_argument("--peft", metavar="PEFT_ADAPTER_DIR", help="PEFT LoRA directory (adapter_config.json + "
                      "adapter_model.safetensors) trained on --base")
     p.add_argument("--out", required=True, help="output adapter file (.gguf)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out avgguf did not write")
     p.add_argument("--name", help="AV name stored in the file (default: the output file's stem)")
     p.add_argument("--domain", help="AV domain, e.g. medical (default: the name)")
     rank = p.add_mutually_exclusive_group()
@@ -53,8 +54,8 @@ def add_convert_parser(sub, parent) -> None:
     fit.add_argument("--tokenizer", metavar="DIR_OR_GGUF", help="tokenizer for --fit distill (default: the one "
                      "beside --aligned or --base)")
     fit.add_argument("--fit-steps", type=_positive_int, default=200, help="distillation steps (default 200)")
-    fit.add_argument("--fit-samples", type=int, default=1, help="answers sampled from the aligned model per "
-                     "calibration prompt (default 1; 0 = only the given text)")
+    fit.add_argument("--fit-samples", type=cli_args.non_negative_int, default=1, help="answers sampled from the "
+                     "aligned model per calibration prompt (default 1; 0 = only the given text)")
     p.add_argument("--svd", default="auto", choices=["auto", "full", "randomized"],
                    help="SVD algorithm (auto: exact Gram eigensolver up to 2048 wide, randomized with 2r columns and "
                         "10 power iterations above)")
@@ -74,8 +75,31 @@ def _check_inputs(args) -> None:
         raise AvggufError(f"--out {args.out!r}: directory {str(out_dir)!r} does not exist")
 
 
+def _check_options(args) -> None:
+    """Flags that do not go together, and values argparse cannot check, before torch is imported."""
+    from pathlib import Path
+
+    from avgguf.converters.budget import parse_size
+
+    if args.max_rank and args.energy is None and args.max_size is None:
+        raise AvggufError("--max-rank only applies with --energy or --max-size; for a uniform rank use --rank")
+    if args.max_size is not None and (args.rank or args.energy):
+        raise AvggufError("--max-size chooses the rank of each tensor itself; drop --rank/--energy "
+                          "(use --max-rank to cap it)")
+    if args.max_size is not None:
+        parse_size(args.max_size)
+    if args.peft and (args.fit != "svd" or args.max_size):
+        raise AvggufError("--fit distill and --max-size work on --aligned pairs; for a PEFT adapter use --rank/--energy")
+    if args.fit != "distill" and (args.calibration or args.tokenizer):
+        raise AvggufError("--calibration/--tokenizer only apply with --fit distill")
+    for flag, value in (("--calibration", args.calibration), ("--tokenizer", args.tokenizer)):
+        if value is not None and not Path(value).exists():
+            raise AvggufError(f"{flag} {value!r} not found")
+
+
 def run_convert(args) -> int:
     _check_inputs(args)
+    _check_options(args)
     try:
         import safetensors  # noqa: F401
         import torch
@@ -87,15 +111,8 @@ def run_convert(args) -> int:
     from avgguf.converters.peft import convert_peft
     from avgguf.converters.sources import open_source
 
-    if args.max_rank and args.energy is None and args.max_size is None:
-        raise AvggufError("--max-rank only applies with --energy or --max-size; for a uniform rank use --rank")
-    if args.max_size is not None and (args.rank or args.energy):
-        raise AvggufError("--max-size chooses the rank of each tensor itself; drop --rank/--energy "
-                          "(use --max-rank to cap it)")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise AvggufError("--device cuda: torch sees no CUDA GPU (torch.cuda.is_available() is False); use --device cpu")
-    if args.peft and (args.fit != "svd" or args.max_size):
-        raise AvggufError("--fit distill and --max-size work on --aligned pairs; for a PEFT adapter use --rank/--energy")
     name = args.name or Path(args.out).stem
     base = open_source(args.base, "--base")
     progress = sys.stderr.isatty()
@@ -104,7 +121,7 @@ def run_convert(args) -> int:
         if args.rank or args.energy:
             policy = RankPolicy(rank=args.rank, energy=args.energy, max_rank=args.max_rank, svd=args.svd)
         report = convert_peft(args.peft, base, args.out, name=name, domain=args.domain, policy=policy,
-                              dtype=args.dtype or "f16", device=args.device, progress=progress)
+                              dtype=args.dtype or "f16", device=args.device, progress=progress, force=args.force)
     else:
         report = _convert_pair(args, base, name, progress)
     if args.json:
@@ -146,17 +163,12 @@ def _convert_pair(args, base, name: str, progress: bool):
         from avgguf.converters.distill import DistillSettings
 
         read_calibration(args.calibration)  # fail before any work on a bad file
-
-        if args.fit_samples < 0:
-            raise AvggufError(f"--fit-samples must be 0 or more, got {args.fit_samples}")
         fit = DistillSettings(steps=args.fit_steps, samples=args.fit_samples, device=args.device,
                               calibration=args.calibration, tokenizer=args.tokenizer)
-    elif args.calibration or args.tokenizer:
-        raise AvggufError("--calibration/--tokenizer only apply with --fit distill")
     types = (args.dtype,) if args.dtype else (TYPES if max_size is not None else ("f16",))
     return convert_pair(base, aligned, args.out, name=name, domain=args.domain, policy=policy,
                         dtype=args.dtype or "f16", device=args.device, progress=progress, max_size=max_size,
-                        types=types, fit=fit)
+                        types=types, fit=fit, force=args.force)
 
 
 def add_inspect_parser(sub, parent) -> None:

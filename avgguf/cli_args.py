@@ -4,14 +4,18 @@ with a message that says what was expected and what was found."""
 from __future__ import annotations
 
 import argparse
+import math
 import re
 
 
 def _number(text: str, kind, expected: str):
     try:
-        return kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        value = kind(text)
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text[:80]!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text[:80]!r}")
+    return value
 
 
 def ranged(kind, expected: str, low=None, high=None, low_open: bool = False):
@@ -33,6 +37,7 @@ temperature = ranged(float, "a temperature in [0, 5] (0 = greedy)", 0.0, 5.0)
 context_length = ranged(int, f"a context length >= {MIN_CTX} tokens (a chat prompt alone needs ~20)", MIN_CTX)
 port = ranged(int, "a TCP port 1-65535", 1, 65535)
 gpu_layers = ranged(int, "a layer count >= 0 or -1 (all)", -1)
+grid_step = ranged(float, "a step in (0, 4], e.g. 0.4 (11 points per AV)", 0.0, 4.0, low_open=True)
 
 
 def common_parent() -> argparse.ArgumentParser:

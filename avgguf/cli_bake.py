@@ -8,6 +8,7 @@ import sys
 from . import cli_args
 from .bake import FORMATS, GGUF_TYPES, bake, check_type, open_sources
 from .coefficients import describe, parse_assignments
+from .inspect_adapter import terminal_safe
 from .modelfile import open_target
 
 
@@ -19,7 +20,10 @@ def add_parser(sub, parent) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="PATH[=SCALE]",
                    help="with a base GGUF: an adapter as an AV (repeatable)")
     cli_args.add_set_arg(p)
-    p.add_argument("--out", required=True, help="output file (gguf, adapter) or directory (ollama, peft)")
+    p.add_argument("--out", required=True, help="output file (gguf, adapter) or directory (ollama, peft); an existing "
+                   "one is replaced only if avgguf wrote it (same format), see --force")
+    p.add_argument("--force", action="store_true", help="replace an existing --out avgguf did not write (a directory "
+                   "keeps its other files); an --out that is, or holds, an input is refused even so")
     p.add_argument("--format", required=True, choices=FORMATS,
                    help="gguf: one merged model; adapter: one fused LoRA at scale 1; ollama: Modelfile + files; "
                         "peft: adapter_config.json + adapter_model.safetensors")
@@ -39,10 +43,16 @@ def run_bake(args) -> int:
     coefs = mf.coefficients(profile, parse_assignments(args.sets), source="--set")
     sources = open_sources(args.source, mf) if args.source else None
     report = bake(mf, profile, coefs, args.out, args.format, args.type, args.rank, progress=sys.stderr.isatty(),
-                  sources=sources)
+                  sources=sources, force=args.force)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
         size = f", {report['bytes'] / 1e6:.2f} MB" if "bytes" in report else ""
-        print(f"wrote {args.out} ({args.format}{size}) from {mf.name}:{report['profile']} [{describe(coefs)}]")
+        print(terminal_safe(f"wrote {args.out} ({args.format}{size}) from {mf.name}:{report['profile']} "
+                            f"[{describe(coefs)}]"))
+        if report.get("base") == "hard-linked":
+            print(terminal_safe(f"  {report['base_file']} is a hard link to the base {mf.base_path} (no copy): "
+                                f"editing either file in place changes both"))
+        elif report.get("base") == "copied":
+            print(terminal_safe(f"  {report['base_file']} is a copy of the base {mf.base_path} (another file system)"))
     return 0

@@ -11,6 +11,7 @@ from . import cli_args
 from .chat_repl import HELP, ChatState, chat_loop
 from .coefficients import describe, parse_assignments
 from .errors import AvggufError
+from .inspect_adapter import terminal_safe as safe
 from .modelfile import BUILTIN_PREFIX, Modelfile, load_modelfile, open_target
 from .models import builtin_names, builtin_path
 from .runtime import GenerationRequest, Runtime
@@ -162,14 +163,14 @@ def run_profiles(args) -> int:
     mf, _ = open_target(args.target, args.lora)
     print(f"{mf.path}: base {mf.spec.base} ({mf.base_path})")
     if mf.spec.description:
-        print(f"  {mf.spec.description}")
+        print(f"  {safe(mf.spec.description)}")
     print("alignment vectors:")
     for name, path in mf.av_paths.items():
         info = fmt.read_adapter(path)
         ranks = sorted({p.rank for p in info.pairs.values()})
-        domain = info.meta.get(fmt.KEY_DOMAIN, "-")
+        domain = safe(info.meta.get(fmt.KEY_DOMAIN, "-"))  # a downloaded adapter's text: no terminal escapes
         print(f"  {name:<12} domain {domain:<10} {len(info.pairs)} pairs, rank {ranks[0]}..{ranks[-1]}, "
-              f"{path.stat().st_size / 1e6:.1f} MB  {mf.spec.avs[name].description}")
+              f"{path.stat().st_size / 1e6:.1f} MB  {safe(mf.spec.avs[name].description or '')}")
     if not mf.av_paths:
         print("  (none)")
     print("profiles:" + ("" if mf.spec.profiles else " (none)"))

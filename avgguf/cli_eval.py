@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 
@@ -53,6 +54,30 @@ def add_parser(sub, parent) -> None:
     p.add_argument("--json", action="store_true", help="print all results as JSON")
 
 
+MAX_LAMBDAS = 201  # points of one sweep; each costs a pass of the judge over the domain's queries
+
+
+def lambdas_arg(text: str) -> list[float]:
+    """--lambdas checked before anything is built: START:STOP:STEP within the coefficient range with at most
+    MAX_LAMBDAS points (a step of 1e-9 would otherwise build a list of billions), or a list of such numbers."""
+    where = f"--lambdas {text[:80]!r}"
+    if ":" in text:
+        try:
+            start, stop, step = (float(x) for x in text.split(":"))
+        except ValueError:
+            raise AvggufError(f"{where}: expected START:STOP:STEP (e.g. -1:1.5:0.25) or a list 0,0.5,1") from None
+        for label, value in (("START", start), ("STOP", stop)):
+            check_value("λ", value, f"{where}: {label}")
+        if not step > 0 or not math.isfinite(step):
+            raise AvggufError(f"{where}: STEP must be a number > 0, got {step:g}")
+        if (stop - start) / step + 1 > MAX_LAMBDAS:
+            raise AvggufError(f"{where}: {int((stop - start) / step) + 1} points; at most {MAX_LAMBDAS}, use a "
+                              f"larger STEP")
+    elif text.count(",") >= MAX_LAMBDAS:
+        raise AvggufError(f"{where}: more than {MAX_LAMBDAS} values")
+    return [check_value("λ", lam, "--lambdas") for lam in parse_lambdas(text)]
+
+
 def _av_for_domain(mf, domain: str) -> str | None:
     if domain in mf.av_paths:
         return domain
@@ -62,15 +87,33 @@ def _av_for_domain(mf, domain: str) -> str | None:
     return None
 
 
+def _check_paths(args) -> None:
+    """Files named by flags that are used only after the sweeps: checked before minutes of work."""
+    from pathlib import Path
+
+    if args.transfer is not None:
+        path = Path(args.transfer)
+        if not path.is_file() or fmt.gguf_kind(path) != "model":
+            raise AvggufError(f"--transfer {args.transfer!r}: expected a GGUF model (another fine-tune of the base)"
+                              + ("" if path.is_file() else "; not found"))
+    if args.generate:
+        judge_data = args.judge_data or str(Path(args.data).with_name("train.jsonl"))
+        if not Path(judge_data).is_file():
+            raise AvggufError(f"--generate needs classifier training rows: --judge-data {judge_data!r} not found")
+    if args.plot is not None and not Path(args.plot).resolve().parent.is_dir():
+        raise AvggufError(f"--plot {args.plot!r}: directory {str(Path(args.plot).resolve().parent)!r} does not exist")
+
+
 def run_eval(args) -> int:
     mf, _ = open_target(args.modelfile, args.lora)
     rows = read_eval_data(args.data, args.domain)
+    lambdas = lambdas_arg(args.lambdas)
+    _check_paths(args)
     by_domain: dict[str, list[dict]] = {}
     for r in rows:
         by_domain.setdefault(r["domain"], []).append(r)
     if args.limit:  # an evenly spaced subset, so every held-out topic stays represented
         by_domain = {d: rs[:: max(1, -(-len(rs) // args.limit))][: args.limit] for d, rs in by_domain.items()}
-    lambdas = [check_value("λ", lam, "--lambdas") for lam in parse_lambdas(args.lambdas)]
     log = (lambda msg: print(msg, file=sys.stderr)) if not args.json else None
     eng = Engine(mf.base_path, n_ctx=1024, logits_all=True, verbose=args.verbose, fuse="sync",
                  threads=ThreadPolicy.from_settings(args.threads, mf.spec.defaults.n_threads))

@@ -10,7 +10,8 @@ from .cli_eval import _av_for_domain
 from .engine import Engine
 from .errors import AvggufError
 from .evaluate import read_eval_data
-from .modelfile import open_target, save_profile
+from .modelfile import open_target
+from .profile_save import check_profile_name, save_profile
 from .threads import ThreadPolicy
 from .tune import grid, parse_target, tune
 
@@ -29,7 +30,8 @@ def add_parser(sub, parent) -> None:
     p.add_argument("--limit", type=cli_args.positive_int, help="at most this many queries per domain")
     p.add_argument("--decode", default="weights", choices=["weights"],
                    help="weights: AVs in the weights (PAD tuning is not implemented yet)")
-    p.add_argument("--grid", type=float, metavar="STEP", help="instead: the exhaustive grid at this step (baseline)")
+    p.add_argument("--grid", type=cli_args.grid_step, metavar="STEP",
+                   help="instead: the exhaustive grid at this step, in (0, 4] (baseline)")
     p.add_argument("--save-profile", metavar="NAME", help="write the result into the modelfile as this profile")
     p.add_argument("--threads", type=cli_args.non_negative_int)
     p.add_argument("--json", action="store_true", help="print {coefficients, evaluations, seconds, achieved}")
@@ -37,6 +39,8 @@ def add_parser(sub, parent) -> None:
 
 def run_tune(args) -> int:
     mf, _ = open_target(args.modelfile, args.lora)
+    if args.save_profile is not None:
+        check_profile_name(mf, args.save_profile, "--save-profile")  # before minutes of tuning, not after
     rows = read_eval_data(args.data)
     by_domain: dict[str, list[dict]] = {}
     for r in rows:
@@ -51,8 +55,6 @@ def run_tune(args) -> int:
     if args.limit:
         by_domain = {d: rs[:: max(1, -(-len(rs) // args.limit))][: args.limit] for d, rs in by_domain.items()}
     names = list(mf.av_paths)
-    if args.grid is not None and not 0 < args.grid <= 4:
-        raise AvggufError(f"--grid {args.grid}: expected a step in (0, 4], e.g. 0.4 (11 points per AV)")
     progress = _progress(args)
     eng = Engine(mf.base_path, n_ctx=1024, logits_all=True, fuse="sync", verbose=args.verbose,
                  threads=ThreadPolicy.from_settings(args.threads, mf.spec.defaults.n_threads))
@@ -67,8 +69,7 @@ def run_tune(args) -> int:
         eng.close()
         if progress:
             print(file=sys.stderr)
-    if args.save_profile:
-        save_profile(mf, args.save_profile, result.coefficients)
+    saved = save_profile(mf, args.save_profile, result.coefficients) if args.save_profile else None
     out = {"coefficients": result.coefficients, "evaluations": result.evaluations, "seconds": round(result.seconds, 2),
            "achieved": result.achieved}
     if args.json:
@@ -79,8 +80,9 @@ def run_tune(args) -> int:
         for d, lvl in target.items():
             shares = result.achieved[d]
             print(f"  {d}: target {lvl} {shares[lvl]:.2f}  (" + ", ".join(f"{k} {v:.2f}" for k, v in shares.items()) + ")")
-        if args.save_profile:
-            print(f"saved profile {args.save_profile} in {mf.path}")
+        if saved is not None:
+            replaced = " (replaced the old one)" if saved.replaced else ""
+            print(f"saved profile {saved.name} in {saved.path}{replaced}")
     return 0
 
 

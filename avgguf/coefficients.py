@@ -44,11 +44,13 @@ def check_value(name: str, value: Any, where: str = "coefficient") -> float:
     return value
 
 
-def parse_assignments(items: Iterable[str]) -> dict[str, float]:
+def parse_assignments(items: Iterable[str], source: str = "--set") -> dict[str, float]:
     """['medical=0.8', 'legal=-0.5 financial=0.2', 'a=1,b=2'] -> {'medical': 0.8, 'legal': -0.5, ...}.
 
     Each item may hold several assignments separated by spaces or commas, so `--set "a=0.8 b=0.2"` means
-    what the chat's `/set a=0.8 b=0.2` means."""
+    what the chat's `/set a=0.8 b=0.2` means. `source` (the flag, --set) starts every message; the chat, where
+    the user just typed the command, passes ""."""
+    lead = f"{source}: " if source else ""
     out: dict[str, float] = {}
     for item in items:
         for part in re.split(r"[\s,]+", item.strip()):
@@ -56,11 +58,12 @@ def parse_assignments(items: Iterable[str]) -> dict[str, float]:
                 continue
             name, sep, value = part.partition("=")
             if not sep or not name.strip():
-                raise CoefficientError(f"expected NAME=VALUE (e.g. medical=0.8), found {part!r}")
+                raise CoefficientError(f"{lead}expected NAME=VALUE (e.g. medical=0.8), found {part[:80]!r}")
             try:
                 out[name.strip()] = float(value)
             except ValueError:
-                raise CoefficientError(f"{name.strip()}: expected a number, found {value.strip()!r}") from None
+                raise CoefficientError(f"{lead}{name.strip()[:80]}: expected a number, found "
+                                       f"{value.strip()[:80]!r}") from None
     return out
 
 

@@ -23,6 +23,7 @@ from .coefficients import Resolver, check_value
 from .contexts import BatchContext, SideContext
 from .errors import AdapterError, AvggufError
 from .fusion import FusedAdapters
+from .sampling import Sampler, Sampling
 from .threads import ThreadPolicy
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,10 @@ class Engine:
 
     def detokenize(self, tokens: Sequence[int]) -> bytes:
         return self._llm.detokenize(list(tokens))
+
+    def sampler(self, settings: Sampling) -> Sampler:
+        """A llama.cpp sampler chain for this model's vocabulary (avgguf.sampling)."""
+        return Sampler(settings, self._model_llm._model.vocab, self.n_vocab)
 
     def is_end(self, token: int) -> bool:
         """End of generation (EOS, EOT and the like, as the GGUF's vocabulary marks them)."""

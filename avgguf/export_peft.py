@@ -1,20 +1,19 @@
 """A profile as a PEFT LoRA directory (adapter_config.json + adapter_model.safetensors) for transformers+peft,
 vLLM and LoRAX: Hugging Face module names, llama.cpp's Q/K row permutation undone, every module at one rank
 (smaller ranks zero-padded, which changes nothing) with lora_alpha = r, so PEFT's scale alpha/r is 1 and
-B @ A is the fused delta itself."""
+B @ A is the fused delta itself. The directory is published by avgguf.atomic.output_dir (an existing one is
+replaced only if it is an earlier avgguf PEFT export, or with --force, which keeps the other files)."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import gguf
 import numpy as np
 
 from . import adapter_format as fmt
+from . import atomic
 from .errors import AvggufError
 from .fusion import write_fused
 
@@ -82,13 +81,12 @@ def peft_dir(bake, out: Path) -> dict:
     if not bake.active:
         raise AvggufError(f"profile {bake.label!r} has every coefficient at 0: nothing to export")
     arch, n_head, n_head_kv = _heads(bake.modelfile.base_path)
-    tmp = Path(tempfile.mkdtemp(dir=out.resolve().parent, prefix=f".{out.name}-"))
-    try:
-        fused = write_fused(bake.active, tmp / "fused.gguf", arch)
+    with atomic.output_dir(out, "peft", force=bake.force, inputs=bake.inputs()) as d:
+        fused = write_fused(bake.active, d.path / "fused.gguf", arch)
         weights, rank, modules = peft_tensors(fused, arch, n_head, n_head_kv)
         fused.unlink()
         meta = bake.metadata()
-        save_file(weights, str(tmp / "adapter_model.safetensors"),
+        save_file(weights, str(d.path / "adapter_model.safetensors"),
                   metadata={"format": "pt", **{k: json.dumps(v) for k, v in meta.items()}})
         config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank,
                   "target_modules": [m for m in modules if m != "embed_tokens"] or None, "lora_dropout": 0.0,
@@ -96,16 +94,6 @@ def peft_dir(bake, out: Path) -> dict:
                   "base_model_name_or_path": None}  # the base is a GGUF; avgguf.json names it
         if "embed_tokens" in modules:
             config["target_modules"] = (config["target_modules"] or []) + ["embed_tokens"]
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=1) + "\n")
-        (tmp / "avgguf.json").write_text(json.dumps({**meta, "base_gguf": str(bake.modelfile.base_path)}, indent=1)
-                                         + "\n")
-        for f in tmp.iterdir():
-            os.chmod(f, 0o644)
-        os.chmod(tmp, 0o755)
-        from .bake import _publish_dir
-
-        _publish_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (d.path / "adapter_config.json").write_text(json.dumps(config, indent=1) + "\n", encoding="utf-8")
+        d.meta.update({**meta, "base_gguf": str(bake.modelfile.base_path)})
     return {"format": "peft", "rank": rank, "modules": modules, "tensors": len(weights)}

@@ -11,7 +11,13 @@ f32).
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import shutil
+import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +26,10 @@ import numpy as np
 from gguf import GGMLQuantizationType as QType
 
 from . import adapter_format as fmt
-from .errors import AdapterError
+from .atomic import OutputError, remove_stale
+from .errors import AdapterError, AvggufError
+
+log = logging.getLogger(__name__)
 
 KEY_FUSED_NAMES = "avgguf.fused.names"
 KEY_FUSED_COEFS = "avgguf.fused.coefficients"
@@ -140,95 +149,245 @@ def check_sources(sources: list[tuple[str, Path, float]]) -> None:
         raise AdapterError("nothing to fuse: every coefficient is 0")
 
 
-def _scratch_dir() -> Path:
-    """Fused files live only until llama.cpp has read them: in RAM (/dev/shm) where there is one."""
-    import tempfile
+# --- scratch space (fused adapters here, merged hot sets in avgguf.hot) --------------------------------------
 
-    shm = Path("/dev/shm")
-    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
-    return Path(tempfile.mkdtemp(prefix="avgguf-fused-", dir=base))
+SHM_DIR = Path("/dev/shm")
+# A process's scratch directories carry its pid (mkdtemp's 8-character suffix after it), so a later start can
+# remove what a killed process left (avgguf.atomic.remove_stale): in /dev/shm and the user cache dir...
+SCRATCH = re.compile(r"^avgguf-(?:fused|merged)-(\d+)-[a-z0-9_]{8}$")
+HIDDEN_SCRATCH = re.compile(r"^\.avgguf-merged-(\d+)-[a-z0-9_]{8}$")  # ...and beside a model
+SPACE_MARGIN = 1.1  # free space wanted over an estimate
+_cleaned: set[str] = set()
+_cleaned_lock = threading.Lock()
+
+
+def user_cache_dir() -> Path | None:
+    """$XDG_CACHE_HOME/avgguf, else ~/.cache/avgguf (not created here); None without a home directory."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    if os.path.isabs(xdg):
+        return Path(xdg) / "avgguf"
+    try:
+        return Path.home() / ".cache" / "avgguf"
+    except (RuntimeError, KeyError):
+        return None
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the file system that holds `path` (or would: its nearest existing ancestor); 0 if unknown."""
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 0
+
+
+def in_ram(path: Path) -> bool:
+    """Whether `path` lies on a RAM-backed file system (tmpfs, ramfs): what is written there costs memory."""
+    real = os.path.realpath(path)
+    try:
+        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as f:
+            mounts = [line.split() for line in f]
+    except OSError:
+        return False
+    best, fstype = "", ""
+    for fields in mounts:
+        if len(fields) < 3:
+            continue
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])  # \040 is a space
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, fstype = point, fields[2]
+    return fstype in ("tmpfs", "ramfs")
+
+
+def remove_stale_scratch(directory: Path | None, pattern: re.Pattern = SCRATCH) -> list[Path]:
+    """Remove the scratch directories that processes now dead left in `directory` (a kill -9, a crash);
+    once per process and directory. The removed paths."""
+    if directory is None or not directory.is_dir():
+        return []
+    key = f"{os.path.realpath(directory)}\0{pattern.pattern}"
+    with _cleaned_lock:
+        if key in _cleaned:
+            return []
+        _cleaned.add(key)
+    removed = remove_stale(directory, pattern)
+    for path in removed:
+        log.info("removed %s, scratch of a process that is gone", path)
+    return removed
+
+
+def make_scratch(kind: str, parent: Path, hidden: bool = False) -> Path:
+    """A private scratch directory `[.]avgguf-KIND-PID-XXXXXXXX` in `parent` (created if missing), once the
+    scratch that dead processes left there is removed."""
+    parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    remove_stale_scratch(parent, HIDDEN_SCRATCH if hidden else SCRATCH)
+    prefix = f"{'.' if hidden else ''}avgguf-{kind}-{os.getpid()}-"
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+
+
+def fused_bytes(paths: list[Path]) -> int:
+    """About the size of the fused file of these sources: their bytes where they all store one type (byte
+    concatenation), else 4 bytes per element (float32 factors)."""
+    types, stored, elements = set(), 0, 0
+    for path in paths:
+        for t in gguf.GGUFReader(path).tensors:
+            types.add(t.tensor_type)
+            stored += int(t.n_bytes)
+            elements += int(t.n_elements)
+    return stored if len(types) <= 1 else 4 * elements
 
 
 Key = tuple[tuple[str, float], ...]
-_LLAMA_ADAPTERS = __import__("threading").Lock()  # adapter init/free change the model's shared state
+_LLAMA_ADAPTERS = threading.Lock()  # adapter init/free change the model's shared state
 
 
 class FusedAdapters:
-    """Fused adapters of one model, per coefficient set: built on a worker thread (only the latest set asked
-    for: knobs that move quickly cost one build), loaded into llama.cpp on the caller's thread, at most
-    `capacity` kept; the least recently used one that is not applied is freed."""
+    """Fused adapters of one model, per coefficient set: built on a worker thread at the lowest CPU priority,
+    loaded into llama.cpp on the caller's thread, at most `capacity` kept (the least recently used one that is
+    not applied is freed). Wishes (`request`) either replace each other (an engine's knobs: only the latest set
+    counts, a build for an older one stops at its next tensor) or queue up (a batcher's concurrent sets).
+
+    Files go to /dev/shm where its free space fits the build (the writer's temp copy and the file: twice the
+    estimate, with a margin: Docker's /dev/shm is 64 MB), else to the user cache dir. A build that fails there
+    too (ENOSPC, ...) is logged and not retried for RETRY_AFTER seconds: the separate adapters serve that set
+    meanwhile, with the same answers."""
+
+    RETRY_AFTER = 60.0
 
     def __init__(self, model, arch: str, paths: dict[str, Path], capacity: int = 4):
-        import threading
-
         self._model = model
         self._arch = arch
         self._paths = paths
         self.capacity = capacity
-        self._dir = _scratch_dir()
+        self._dirs: dict[Path, Path] = {}  # location -> this cache's scratch directory there
         self._lock = threading.Lock()
-        self._wanted: Key | None = None
+        self._wanted: dict[Key, None] = {}  # wishes, oldest first; the worker builds the first one
         self._built: dict[Key, Path] = {}
         self._loaded: dict[Key, object] = {}  # insertion order = recency
-        self._worker = None
-        self.error: Exception | None = None
+        self._failed: dict[Key, tuple[float, Exception]] = {}
+        self._sizes: dict[Path, int] = {}
+        self._worker: threading.Thread | None = None
+        self._closed = False
+        for location in (SHM_DIR, user_cache_dir()):  # what killed processes left (at start, cheap)
+            remove_stale_scratch(location)
+
+    @property
+    def directories(self) -> list[Path]:
+        """The scratch directories this cache made so far."""
+        return list(self._dirs.values())
 
     def _sources(self, key: Key) -> list[tuple[str, Path, float]]:
         return [(name, self._paths[name], value) for name, value in key]
 
-    def _build(self, key: Key, background: bool = False) -> None:
-        path = fused_path(self._dir, key)
+    def _need(self, sources: list[tuple[str, Path, float]]) -> int:
+        paths = [path for _, path, _ in sources]
+        key = tuple(sorted(paths))
+        if key not in self._sizes:
+            self._sizes[key] = fused_bytes(paths)
+        return int(2 * self._sizes[key] * SPACE_MARGIN) + (1 << 20)
+
+    def _locations(self, need: int) -> list[Path]:
+        out = []
+        if SHM_DIR.is_dir() and os.access(SHM_DIR, os.W_OK) and free_bytes(SHM_DIR) >= need:
+            out.append(SHM_DIR)
+        cache = user_cache_dir()
+        if cache is not None and free_bytes(cache) >= need:
+            out.append(cache)
+        return out
+
+    def _scratch(self, location: Path) -> Path:
+        directory = self._dirs.get(location)
+        if directory is None or not directory.is_dir():
+            directory = self._dirs[location] = make_scratch("fused", location)
+        return directory
+
+    def _build(self, key: Key, background: bool = False) -> Path | None:
+        """Write this set's fused file; its path, or None (cancelled, or failed: recorded and logged)."""
         if background:  # never compete with decoding: the builder thread runs at the lowest CPU priority
             try:
-                import threading
-
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
             except (AttributeError, OSError):
                 pass
+        stop = (lambda: self._closed or key not in self._wanted) if background else None
+        sources = self._sources(key)
         try:
-            write_fused(self._sources(key), path, self._arch,
-                        stop=(lambda: self._wanted != key) if background else None)
+            need = self._need(sources)
+            tried = []
+            for location in self._locations(need):
+                try:
+                    path = write_fused(sources, fused_path(self._scratch(location), key), self._arch, stop=stop)
+                except (OSError, OutputError) as exc:  # full (ENOSPC), read-only...: the next location
+                    tried.append(f"{location}: {exc}")
+                    continue
+                with self._lock:
+                    self._built[key] = path
+                return path
+            raise AvggufError(f"no room for a fused adapter of about {need >> 20} MiB "
+                              f"({'; '.join(tried) or f'{SHM_DIR} and the user cache dir are too full'})")
         except Cancelled:
-            return
-        except Exception as exc:  # noqa: BLE001 (kept for the caller; the separate adapters stay in use)
-            self.error = exc
-            return
+            return None
+        except Exception as exc:  # noqa: BLE001 (the separate adapters keep serving this set)
+            log.warning("fused adapter for %s not built (%s); the separate adapters serve it (same answers)",
+                        dict(key), exc)
+            with self._lock:
+                self._failed[key] = (time.monotonic(), exc)
+            return None
+
+    def failed(self, key: Key) -> Exception | None:
+        """Why this set's last build failed, if it did within RETRY_AFTER seconds."""
         with self._lock:
-            self._built[key] = path
+            when, exc = self._failed.get(key, (None, None))
+            if when is not None and time.monotonic() - when > self.RETRY_AFTER:
+                del self._failed[key]
+                return None
+            return exc
 
     def _work(self) -> None:
         while True:
             with self._lock:
-                key = self._wanted
-                if key is None or key in self._built or key in self._loaded:
+                for done in [k for k in self._wanted if k in self._built or k in self._loaded]:
+                    del self._wanted[done]
+                key = next(iter(self._wanted), None)
+                if key is None or self._closed:
                     self._worker = None
                     return
             self._build(key, background=True)
             with self._lock:
-                if self._wanted == key:
-                    self._wanted = None
+                self._wanted.pop(key, None)
 
-    def request(self, key: Key) -> None:
-        """Build this set's fused adapter in the background (replacing any older wish)."""
-        import threading
-
+    def request(self, key: Key, replace: bool = True) -> None:
+        """Build this set's fused adapter in the background: `replace` drops every older wish (a build under way
+        for another set stops at its next tensor); else it queues behind them (at most `capacity` wishes: the
+        oldest not being built is dropped)."""
+        if self.failed(key) is not None:
+            return
         with self._lock:
-            if key in self._built or key in self._loaded:
+            if self._closed or key in self._built or key in self._loaded:
                 return
-            self._wanted = key
+            if replace:
+                self._wanted = {key: None}
+            else:
+                self._wanted.setdefault(key, None)
+                while len(self._wanted) > max(1, self.capacity):
+                    del self._wanted[list(self._wanted)[1]]  # the first one may be building
             if self._worker is None:
                 self._worker = threading.Thread(target=self._work, daemon=True, name="avgguf-fuse")
                 self._worker.start()
 
     def cancel(self) -> None:
-        """The knobs moved: a build in progress for another set stops at its next tensor."""
+        """The knobs moved: a build in progress stops at its next tensor, queued wishes are dropped."""
         with self._lock:
-            self._wanted = None
+            self._wanted = {}
 
-    def wait(self, timeout: float | None = None) -> None:
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the worker (benchmarks, tests, shutdown); whether it is done."""
         worker = self._worker
         if worker is not None:
             worker.join(timeout)
+            return not worker.is_alive()
+        return True
 
     def ready(self, key: Key, applied: object | None = None, keep: tuple = ()):
         """The loaded fused adapter for this set, loading a built file now; None if not built yet. Eviction
@@ -246,16 +405,20 @@ class FusedAdapters:
             handle = llama_cpp.llama_adapter_lora_init(self._model, str(path).encode())
         path.unlink(missing_ok=True)  # llama.cpp has copied the data into its own buffers
         if not handle:
-            raise AdapterError(f"llama.cpp refused the fused adapter {path.name}")
+            exc = AdapterError(f"llama.cpp refused the fused adapter {path.name}")
+            with self._lock:
+                self._failed[key] = (time.monotonic(), exc)
+            raise exc
         self._loaded[key] = handle
         self._evict(keep=(handle, applied, *keep))
         return handle
 
     def build_now(self, key: Key, applied: object | None = None, keep: tuple = ()):
-        self._build(key)
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
+        """Build (on this thread) and load this set's fused adapter; None where that failed (logged; the
+        caller serves the separate adapters, which give the same answers)."""
+        if key not in self._loaded and key not in self._built:
+            if self.failed(key) is not None or self._build(key) is None:
+                return None
         return self.ready(key, applied, keep)
 
     def _evict(self, keep: tuple) -> None:
@@ -276,10 +439,13 @@ class FusedAdapters:
     def loaded(self) -> int:
         return len(self._loaded)
 
-    def close(self) -> None:
-        """Free the files; the adapters themselves are freed with the model."""
-        import shutil
-
-        self.wait(timeout=30)
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop building (a build under way stops at its next tensor; waited for up to `timeout` s) and remove
+        the files; the adapters themselves are freed with the model."""
+        with self._lock:
+            self._closed = True
+            self._wanted = {}
+        self.wait(timeout)
         self._loaded.clear()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        for directory in self._dirs.values():
+            shutil.rmtree(directory, ignore_errors=True)

@@ -1,8 +1,13 @@
-"""`avgguf inspect`: what a GGUF LoRA adapter holds, for avgguf's and other tools' adapters."""
+"""`avgguf inspect`: what a GGUF LoRA adapter holds, for avgguf's and other tools' adapters.
+
+Everything read from an adapter (names, metadata strings, tensor names) is untrusted: terminal_safe escapes
+control characters before anything is printed (a downloaded file could otherwise write the clipboard with
+OSC 52 or rewrite the terminal title)."""
 
 from __future__ import annotations
 
 import os
+import unicodedata
 
 from . import adapter_format as fmt
 
@@ -47,6 +52,22 @@ def describe(path: str) -> dict:
     }
 
 
+def terminal_safe(value) -> str:
+    """`value` as text with every control or format character escaped (\\x1b, \\n, \\u202e, ...): safe to print
+    to a terminal whatever an adapter's metadata holds."""
+    text = value if isinstance(value, str) else str(value)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() or ch == " " else _escape(ch) for ch in text)
+
+
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    if unicodedata.category(ch) == "Zs":  # unusual spaces are harmless
+        return ch
+    return f"\\x{code:02x}" if code < 0x100 else (f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+
+
 def _at(values, i):
     return values[i] if values is not None and i < len(values) else None
 
@@ -56,22 +77,25 @@ def _pct(x) -> str:
 
 
 def render_table(d: dict) -> str:
-    lines = [f"{d['file']}  ({d['size_bytes'] / 1e6:.2f} MB)",
-             f"  architecture {d['architecture']}, alpha {d['alpha']:g}, {d['n_pairs']} pairs, "
+    safe = terminal_safe
+    lines = [f"{safe(d['file'])}  ({d['size_bytes'] / 1e6:.2f} MB)",
+             f"  architecture {safe(d['architecture'])}, alpha {d['alpha']:g}, {d['n_pairs']} pairs, "
              f"rank {d['rank_min']}..{d['rank_max']}"]
+    if d["name"] is not None:
+        lines.append(f"  name {safe(d['name'])}")
     for key, value in d["metadata"].items():
         if isinstance(value, float):
             value = f"{value:.6g}"
-        lines.append(f"  {key} = {value}")
+        lines.append(f"  {safe(key)} = {safe(value)}")
     if not d["made_by_avgguf"]:
         lines.append("  (not made by avgguf: no energy bookkeeping)")
     lines.append("")
-    width = max([len(t["name"]) for t in d["tensors"]] + [6])
+    width = max([len(safe(t["name"])) for t in d["tensors"]] + [6])
     lines.append(f"{'tensor':<{width}}  {'rank':>5}  {'lora_a':>12}  {'lora_b':>12}  {'types':<9}  "
                  f"{'kept':>8}  {'rel err':>9}")
     for t in d["tensors"]:
         err = "-" if t.get("rel_error") is None else f"{t['rel_error']:.2e}"
-        lines.append(f"{t['name']:<{width}}  {t['rank']:>5}  {'x'.join(map(str, t['lora_a'])):>12}  "
+        lines.append(f"{safe(t['name']):<{width}}  {t['rank']:>5}  {'x'.join(map(str, t['lora_a'])):>12}  "
                      f"{'x'.join(map(str, t['lora_b'])):>12}  {t['types']:<9}  {_pct(t.get('energy_kept')):>8}  "
                      f"{err:>9}")
     if d["skipped"]:
@@ -79,5 +103,5 @@ def render_table(d: dict) -> str:
         lines.append("not applied by llama.cpp (reported, not dropped silently):")
         for s in d["skipped"]:
             energy = "" if s["energy"] is None else f"energy {s['energy']:.4g}  "
-            lines.append(f"  {s['name']:<{width}}  {energy}{s['reason']}")
+            lines.append(f"  {safe(s['name']):<{width}}  {energy}{safe(s['reason'])}")
     return "\n".join(lines)

@@ -4,6 +4,8 @@ generation defaults. Validated at the edge with precise messages (file, key, exp
 from __future__ import annotations
 
 import difflib
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -22,8 +24,11 @@ from . import adapter_format as fmt
 from .coefficients import CoefficientError, Resolver, check_value
 from .errors import AvggufError
 from .models import builtin_names, builtin_path
+from .safe_yaml import YAMLLimitError, parse_yaml, short
 
 BUILTIN_PREFIX = "builtin:"
+MAX_MODELFILE_BYTES = 1 << 20  # a modelfile is a short YAML file; anything larger is not one
+RESERVED_AV_NAMES = ("decode",)  # a profile's `decode:` key is its decoding mode, not a coefficient
 
 
 class ModelfileError(AvggufError):
@@ -31,7 +36,9 @@ class ModelfileError(AvggufError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """No unknown keys, no NaN/Inf; a modelfile is validated with strict=True too (no `true` or "1.5" read as
+    a number)."""
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Defaults(Strict):
@@ -53,9 +60,16 @@ class AVSpec(Strict):
 
 
 class ModelfileSpec(Strict):
+    """The modelfile's keys. `system:` is the system prompt of every chat turn; `system_policy` says what a
+    client's own system message does to it:
+      default  the client's system message replaces the modelfile's (as llama-server and Ollama do);
+      enforce  the modelfile's system prompt always comes first; a client's system (or developer) messages
+               are appended after it, in one system turn, so a client can add instructions but never remove
+               the operator's."""
     base: str
     description: str = ""
     system: str | None = None
+    system_policy: Literal["default", "enforce"] = "default"
     avs: dict[str, AVSpec] = {}
     profiles: dict[str, dict[str, float]] = {}
     baked: dict[str, str] = {}  # profile name -> a baked GGUF (`avgguf bake --format gguf`): full speed, no knobs
@@ -74,7 +88,9 @@ class ModelfileSpec(Strict):
                     coefs = dict(coefs)
                     decode[name] = coefs.pop("decode")
                 profiles[name] = coefs
-            raw = {**raw, "profiles": profiles, "profile_decode": {**raw.get("profile_decode", {}), **decode}}
+            given = raw.get("profile_decode", {})
+            merged = {**given, **decode} if isinstance(given, dict) else given
+            raw = {**raw, "profiles": profiles, "profile_decode": merged}
         return raw
 
     @field_validator("avs", mode="before")
@@ -82,6 +98,15 @@ class ModelfileSpec(Strict):
     def _short_avs(cls, v: Any):
         if isinstance(v, dict):
             return {k: ({"path": p} if isinstance(p, str) else p) for k, p in v.items()}
+        return v
+
+    @field_validator("avs")
+    @classmethod
+    def _av_names(cls, v: dict[str, AVSpec]):
+        for name in v:
+            if name in RESERVED_AV_NAMES or not name.strip():
+                raise ValueError(f"an AV may not be named {name!r} (in a profile, `decode:` is the decoding "
+                                 f"mode); rename it")
         return v
 
 
@@ -97,8 +122,33 @@ class Modelfile:
         """A baked profile as a modelfile of its own: the baked GGUF, no AVs, this one's system and defaults."""
         path = self.baked_paths[profile]
         spec = ModelfileSpec(base=str(path), description=f"{self.name}:{profile} (baked)", system=self.spec.system,
-                             defaults=self.spec.defaults)
+                             system_policy=self.spec.system_policy, defaults=self.spec.defaults)
         return Modelfile(self.path, spec, path, {})
+
+    def system_messages(self, messages: list[dict]) -> list[dict]:
+        """The messages of a chat turn with this modelfile's `system:` applied by its `system_policy`
+        (see ModelfileSpec): default adds it only when no message has role system; enforce puts it first
+        and appends every client system/developer message's text after it, in that one system turn."""
+        system = self.spec.system
+        if not system:
+            return list(messages)
+        if self.spec.system_policy != "enforce":
+            if any(m.get("role") == "system" for m in messages):
+                return list(messages)
+            return [{"role": "system", "content": system}, *messages]
+        extra = [_text(m.get("content")) for m in messages if m.get("role") in ("system", "developer")]
+        rest = [m for m in messages if m.get("role") not in ("system", "developer")]
+        content = "\n\n".join([system, *(t for t in extra if t)])
+        return [{"role": "system", "content": content}, *rest]
+
+    def with_saved_profile(self, name: str, coefs: dict[str, float], decode: str | None = None) -> Modelfile:
+        """This modelfile with profile `name` set in memory (what a save wrote), nothing else changed."""
+        decodes = {k: v for k, v in self.spec.profile_decode.items() if k != name}
+        if decode and decode != "weights":
+            decodes[name] = decode
+        spec = self.spec.model_copy(update={"profiles": {**self.spec.profiles, name: dict(coefs)},
+                                            "profile_decode": decodes})
+        return Modelfile(self.path, spec, self.base_path, self.av_paths, self.baked_paths)
 
     @property
     def name(self) -> str:
@@ -124,6 +174,15 @@ class Modelfile:
         return self.resolver.resolve(profile, overrides=overrides, source=source)
 
 
+def _text(content: Any) -> str:
+    """A message's content as text (OpenAI's list of parts too)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return "" if content is None else str(content)
+
+
 def _section(loc: tuple) -> tuple[str, type[BaseModel] | None]:
     """The key path of the mapping that holds `loc`'s last key, and the model that defines its keys."""
     parent = loc[:-1]
@@ -136,21 +195,41 @@ def _section(loc: tuple) -> tuple[str, type[BaseModel] | None]:
     return ".".join(str(x) for x in parent), None
 
 
+HIDDEN_KEYS = ("profile_decode",)  # filled from each profile's `decode:`, not written by hand
+
+
+def _loc(loc: tuple) -> str:
+    if loc[:1] == ("profile_decode",) and len(loc) == 2:  # the user wrote profiles.NAME.decode
+        loc = ("profiles", loc[1], "decode")
+    return ".".join(str(x)[:80] for x in loc if x != "[key]") or "(top level)"
+
+
 def _format_validation(path: Path, exc: ValidationError) -> str:
     parts = []
-    for e in exc.errors():
-        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+    for e in exc.errors()[:5]:
+        loc = _loc(e["loc"])
         if e["type"] == "extra_forbidden":
             where, model = _section(e["loc"])
-            allowed = list(model.model_fields) if model else []
+            allowed = [k for k in (model.model_fields if model else []) if k not in HIDDEN_KEYS]
             close = difflib.get_close_matches(str(e["loc"][-1]), allowed, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            parts.append(f"unknown key {loc!r}{hint}; allowed {where} keys: {', '.join(allowed)}")
+            if not isinstance(e["loc"][-1], str):
+                hint = f" (YAML reads it as {type(e['loc'][-1]).__name__}; quote it if you meant text)"
+            parts.append(f"unknown key {short(loc)}{hint}; allowed {where} keys: {', '.join(allowed)}")
         elif e["type"] == "missing":
-            parts.append(f"missing key {loc!r}")
+            parts.append(f"missing key {loc!r}" + (" (the base model: a .gguf path relative to the modelfile, "
+                                                   f"or {BUILTIN_PREFIX}{builtin_names()[0]})"
+                                                   if e["loc"] == ("base",) else ""))
+        elif e["loc"][-1:] == ("[key]",):
+            section = _loc(e["loc"][:-2])
+            parts.append(f"{section}: a name YAML reads as {type(e.get('input')).__name__} "
+                         f"({short(e.get('input'))}), not text (yes/no/on/off/null and numbers are read so); "
+                         f"quote it, e.g. 'yes': ...")
         else:
-            parts.append(f"{loc}: {e['msg']} (found {e.get('input')!r})")
-    return f"{path}: " + "; ".join(parts)
+            msg = e["msg"].removeprefix("Value error, ")
+            parts.append(f"{loc}: {msg} (found {short(e.get('input'))})")
+    more = len(exc.errors()) - 5
+    return f"{path}: " + "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 
 
 def resolve_base(base: str, where: Path) -> Path:
@@ -162,62 +241,169 @@ def resolve_base(base: str, where: Path) -> Path:
         return builtin_path(name)
     path = (where.parent / base).resolve()
     if not path.is_file():
-        raise ModelfileError(f"{where}: base {base!r} not found (looked at {path}); give a .gguf path relative to "
-                             f"the modelfile or {BUILTIN_PREFIX}{builtin_names()[0]}")
+        raise ModelfileError(f"{where}: base {short(base)} not found (looked at {short(str(path))}); give a .gguf "
+                             f"path relative to the modelfile or {BUILTIN_PREFIX}{builtin_names()[0]}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != fmt.GGUF_MAGIC:
+        raise ModelfileError(f"{where}: base {short(base)} ({short(str(path))}) is not a GGUF file (it starts with "
+                             f"{magic!r}, a GGUF with b'GGUF'); name a .gguf base model (convert a Hugging Face "
+                             f"checkpoint with llama.cpp's convert_hf_to_gguf.py)")
     return path
 
 
-def load_modelfile(path: str | Path, check_adapters: bool = True) -> Modelfile:
-    path = Path(path)
+def read_modelfile_text(path: Path) -> str:
+    """The modelfile's text, or a ModelfileError saying what the file is instead."""
     if not path.is_file():
-        raise ModelfileError(f"modelfile {str(path)!r} not found")
+        raise ModelfileError(f"modelfile {short(str(path))} not found")
     kind = fmt.gguf_kind(path)
     if kind is not None:
         raise ModelfileError(f"{path} is a GGUF {kind}, not a YAML modelfile; " + (
             f"run a base GGUF directly: avgguf run {path} \"PROMPT\" [--lora AV.gguf[=SCALE] ...]" if kind == "model"
             else f"an adapter needs a base: avgguf run BASE.gguf \"PROMPT\" --lora {path}[=SCALE]"))
+    size = path.stat().st_size
+    if size > MAX_MODELFILE_BYTES:
+        raise ModelfileError(f"{path} is {size / 2**20:.1f} MiB; a modelfile is a short YAML file (at most "
+                             f"{MAX_MODELFILE_BYTES // 2**20} MiB, see modelfiles/demo.yaml): is this the right file?")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return path.read_bytes().decode("utf-8")
     except UnicodeDecodeError:
         raise ModelfileError(f"{path} is not a text file; expected a YAML modelfile (see modelfiles/demo.yaml) "
                              f"or a .gguf base model") from None
-    except yaml.YAMLError as exc:
-        raise ModelfileError(f"{path} is not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ModelfileError(f"{path}: expected a mapping with at least 'base', found {type(raw).__name__}")
+
+
+def load_modelfile(path: str | Path, check_adapters: bool = True) -> Modelfile:
+    path = Path(path)
+    return parse_modelfile(read_modelfile_text(path), path, check_adapters)
+
+
+def _yaml_message(path: Path, exc: yaml.YAMLError, text: str) -> str:
+    """One line: file:line:column, what the YAML parser found, where the construct started, the line itself."""
+    if isinstance(exc, yaml.reader.ReaderError):  # a character YAML does not allow (a code point, at an offset)
+        line = text.count("\n", 0, exc.position) + 1
+        code = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        return (f"{path}:{line}: not valid YAML: character #x{code:04x} is not allowed in YAML ({exc.reason}); "
+                f"remove it (is this a text modelfile?)")
+    problem = getattr(exc, "problem", None) or str(exc)
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    message = f"{where}: not valid YAML: {problem}"
+    context, cmark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context:
+        message += f" ({context}" + (f" started at line {cmark.line + 1})" if cmark is not None else ")")
+    if mark is not None:
+        lines = text.splitlines()
+        if mark.line < len(lines):
+            message += f"; the line: {short(lines[mark.line], 100)}"
+    if "\t" in problem or "cannot start any token" in problem and "\t" in text:
+        message += "; YAML does not allow tabs for indentation: indent with spaces"
+    return message
+
+
+def parse_modelfile(text: str, path: Path, check_adapters: bool = True) -> Modelfile:
+    """A modelfile from its text, as if read from `path` (relative paths resolve beside it); validated."""
     try:
-        spec = ModelfileSpec.model_validate(raw)
+        raw = parse_yaml(text)
+    except YAMLLimitError as exc:
+        raise ModelfileError(f"{path}: refused: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ModelfileError(_yaml_message(path, exc, text)) from None
+    except RecursionError:
+        raise ModelfileError(f"{path}: refused: nested too deeply to read") from None
+    if raw is None:
+        raise ModelfileError(f"{path} is empty; a modelfile needs at least `base: MODEL.gguf` "
+                             f"(see modelfiles/demo.yaml)")
+    if not isinstance(raw, dict):
+        raise ModelfileError(f"{path}: expected a mapping of keys (base:, avs:, profiles:, ...), found a YAML "
+                             f"{type(raw).__name__} ({short(raw, 80)}); see modelfiles/demo.yaml")
+    try:
+        spec = ModelfileSpec.model_validate(raw, strict=True)
     except ValidationError as exc:
         raise ModelfileError(_format_validation(path, exc)) from None
+    except RecursionError:
+        raise ModelfileError(f"{path}: refused: nested too deeply to validate") from None
 
     for profile, coefs in spec.profiles.items():
         for name, value in coefs.items():
             if name not in spec.avs:
-                raise ModelfileError(f"{path}: profiles.{profile}: unknown alignment vector {name!r}; "
+                raise ModelfileError(f"{path}: profiles.{profile}: unknown alignment vector {short(name)}; "
                                      f"avs: {sorted(spec.avs) or 'none'}")
             try:
                 check_value(name, value, f"{path}: profiles.{profile}")
             except CoefficientError as exc:
                 raise ModelfileError(str(exc)) from None
     if spec.default_profile is not None and spec.default_profile not in spec.profiles:
-        raise ModelfileError(f"{path}: default_profile {spec.default_profile!r} is not among profiles "
+        raise ModelfileError(f"{path}: default_profile {short(spec.default_profile)} is not among profiles "
                              f"{sorted(spec.profiles)}")
     base_path = resolve_base(spec.base, path)
     av_paths = {}
     for name, av in spec.avs.items():
         p = (path.parent / av.path).resolve()
         if not p.is_file():
-            raise ModelfileError(f"{path}: avs.{name}: adapter {av.path!r} not found (looked at {p})")
+            raise ModelfileError(f"{path}: avs.{name}: adapter {short(av.path)} not found (looked at "
+                                 f"{short(str(p))})")
         av_paths[name] = p
     mf = Modelfile(path, spec, base_path, av_paths, _baked_paths(path, spec))
     if check_adapters and av_paths:
-        base = fmt.read_base_model(base_path)
-        for name, p in av_paths.items():
-            try:
-                fmt.check_against_base(fmt.read_adapter(p), base)
-            except AvggufError as exc:
-                raise ModelfileError(f"{path}: avs.{name}: {exc}") from None
+        check_adapters_fit(path, base_path, av_paths)
     return mf
+
+
+_FITS: OrderedDict[tuple, None] = OrderedDict()  # (base, adapter) file identities checked to fit
+_FITS_LOCK = threading.Lock()
+_FITS_MAX = 256
+
+
+def _identity(path: Path) -> tuple:
+    st = path.stat()
+    return str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+_KINDS: OrderedDict[tuple, str | None] = OrderedDict()
+
+
+def _gguf_kind(path: Path) -> str | None:
+    """fmt.gguf_kind, remembered while the file is unchanged (it parses the whole GGUF header)."""
+    key = _identity(path)
+    with _FITS_LOCK:
+        if key in _KINDS:
+            return _KINDS[key]
+    kind = fmt.gguf_kind(path)
+    with _FITS_LOCK:
+        _KINDS[key] = kind
+        while len(_KINDS) > _FITS_MAX:
+            _KINDS.popitem(last=False)
+    return kind
+
+
+def check_adapters_fit(where: Path, base_path: Path, av_paths: dict[str, Path]) -> None:
+    """Every AV is a valid adapter for the base (adapter_format's checks). A pair already checked in this
+    process is not read again while neither file changed (path, inode, size and mtime): a profile save
+    then costs no GGUF parse."""
+    base_id = _identity(base_path)
+    todo = {}
+    for name, p in av_paths.items():
+        key = (base_id, _identity(p))
+        with _FITS_LOCK:
+            if key in _FITS:
+                _FITS.move_to_end(key)
+                continue
+        todo[name] = (p, key)
+    if not todo:
+        return
+    try:
+        base = fmt.read_base_model(base_path)
+    except AvggufError as exc:
+        raise ModelfileError(f"{where}: base: {exc}") from None
+    for name, (p, key) in todo.items():
+        try:
+            fmt.check_against_base(fmt.read_adapter(p), base)
+        except AvggufError as exc:
+            raise ModelfileError(f"{where}: avs.{name}: {exc}") from None
+        with _FITS_LOCK:
+            _FITS[key] = None
+            while len(_FITS) > _FITS_MAX:
+                _FITS.popitem(last=False)
 
 
 def _baked_paths(path: Path, spec: ModelfileSpec) -> dict[str, Path]:
@@ -229,7 +415,7 @@ def _baked_paths(path: Path, spec: ModelfileSpec) -> dict[str, Path]:
         if not p.is_file():
             raise ModelfileError(f"{path}: baked.{name}: {rel!r} not found (looked at {p}); make it with "
                                  f"avgguf bake {path.name}:PROFILE --format gguf --out {rel}")
-        if fmt.gguf_kind(p) != "model":
+        if _gguf_kind(p) != "model":
             raise ModelfileError(f"{path}: baked.{name}: {rel!r} is not a GGUF model (a baked profile is a whole "
                                  f"model: avgguf bake --format gguf)")
         out[name] = p
@@ -319,70 +505,8 @@ def open_target(target: str, loras: list[str] | None = None) -> tuple[Modelfile,
 PROFILE_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
 
 
-def _flow(coefs: dict[str, float], decode: str | None) -> str:
-    items = [f"{k}: {v:g}" for k, v in coefs.items()] + ([f"decode: {decode}"] if decode and decode != "weights" else [])
-    return "{" + ", ".join(items) + "}"
+def save_profile(mf: Modelfile, name: str, coefs: dict[str, float], decode: str | None = None):
+    """See avgguf.profile_save.save_profile (kept here for callers of the old name)."""
+    from .profile_save import save_profile as save
 
-
-def _indent(line: str) -> int:
-    return len(line) - len(line.lstrip())
-
-
-def with_profile(text: str, name: str, coefs: dict[str, float], decode: str | None = None) -> str:
-    """The modelfile's text with profile `name` added or replaced; every other line (comments too) kept."""
-    import re
-
-    lines = text.splitlines()
-    head = next((i for i, ln in enumerate(lines) if re.match(r"^profiles\s*:", ln)), None)
-    if head is None:
-        return "\n".join([*lines, "profiles:", f"  {name}: {_flow(coefs, decode)}"]) + "\n"
-    if not re.match(r"^profiles\s*:\s*(#.*)?$", lines[head]):  # flow style, e.g. `profiles: {}`
-        lines[head] = "profiles:"
-        if yaml.safe_load(text).get("profiles"):
-            raise ModelfileError("profiles are written in YAML flow style ({...}); write them one per line "
-                                 "under `profiles:` so a new one can be added without losing your formatting")
-    end, existing, indent = head + 1, None, None
-    while end < len(lines) and (not lines[end].strip() or _indent(lines[end]) > 0):
-        if lines[end].strip() and not lines[end].lstrip().startswith("#"):
-            indent = indent if indent is not None else _indent(lines[end])
-            if _indent(lines[end]) == indent and re.match(rf"^\s*{re.escape(name)}\s*:", lines[end]):
-                existing = end
-        end += 1
-    while end > head + 1 and not lines[end - 1].strip():
-        end -= 1  # keep blank lines after the block where they were
-    entry = " " * (indent or 2) + f"{name}: {_flow(coefs, decode)}"
-    if existing is None:
-        lines.insert(end, entry)
-    else:
-        stop = existing + 1
-        while stop < end and (not lines[stop].strip() or _indent(lines[stop]) > (indent or 2)):
-            stop += 1
-        lines[existing:stop] = [entry]
-    return "\n".join(lines) + "\n"
-
-
-def save_profile(mf: Modelfile, name: str, coefs: dict[str, float], decode: str | None = None) -> Modelfile:
-    """Write profile `name` into the modelfile atomically (validated first; comments kept); the reloaded file."""
-    import os
-    import re
-    import tempfile
-
-    if not re.fullmatch(PROFILE_NAME, name):
-        raise ModelfileError(f"profile name {name!r}: use letters, digits, '-', '_' or '.' (at most 64)")
-    if mf.path.suffix.lower() == ".gguf" or not mf.path.is_file():
-        raise ModelfileError("this model is a bare GGUF: there is no modelfile to save a profile into")
-    if name in mf.baked_paths:
-        raise ModelfileError(f"{name!r} is a baked profile in {mf.path}; choose another name")
-    checked = mf.resolver.resolve(None, overrides=coefs, source="profile")
-    text = with_profile(mf.path.read_text(encoding="utf-8"), name, checked, decode)
-    fd, tmp = tempfile.mkstemp(dir=mf.path.parent, prefix=f".{mf.path.stem}-", suffix=".yaml")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        load_modelfile(tmp)  # the new text must be a valid modelfile before it replaces the old one
-        os.chmod(tmp, mf.path.stat().st_mode & 0o777)
-        os.replace(tmp, mf.path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return load_modelfile(mf.path)
+    return save(mf, name, coefs, decode)

@@ -99,8 +99,11 @@ class PadDecoder:
             future.result()  # llama_decode releases the GIL: the contexts really run at once
 
     def tokens(self, prompt: Sequence[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-               seed: int | None = None, stop_ids: set[int] | None = None) -> Iterator[int]:
-        """Generated token ids, one at a time (the stop token is not yielded)."""
+               seed: int | None = None, stop_ids: set[int] | None = None, sampler=None) -> Iterator[int]:
+        """Generated token ids, one at a time (the stop token is not yielded). `sampler`: an
+        avgguf.sampling.Sampler, which then chooses from PAD's scores with every option of the weights path
+        (penalties, top-k, min-p, grammar...; `temperature`, `top_p`, `seed` are then its own); the scores
+        it sees are the base's raw logits plus the weighted rewards, so weights 0 hand it the base's logits."""
         rng = np.random.default_rng(seed)
         stop_ids = stop_ids or set()
         if len(prompt) + max_tokens > self.contexts[0].n_ctx:
@@ -113,7 +116,10 @@ class PadDecoder:
         weights = [w for _, w in self.active]
         for _ in range(max_tokens):
             pos, base, policies, cand = self._step_logps()
-            tok = int(cand[pick(pos, scores(base, policies, weights, pos), temperature, top_p, rng)])
+            if sampler is not None:
+                tok = sampler.choose(cand, scores(base, policies, weights, pos) + self._shift)
+            else:
+                tok = int(cand[pick(pos, scores(base, policies, weights, pos), temperature, top_p, rng)])
             if tok in stop_ids:
                 return
             yield tok
@@ -125,7 +131,8 @@ class PadDecoder:
         pad-full)."""
         base_logits = self.contexts[0].logits()
         cand = candidates(base_logits, self.settings.mode, self.settings.k)
-        base = base_logits[cand] - _logsumexp(base_logits)
+        self._shift = _logsumexp(base_logits)  # log-probs + this = the base's raw logits
+        base = base_logits[cand] - self._shift
         policies = []
         for ctx in self.contexts[1:]:
             logits = ctx.logits()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Iterator
 import threading
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 from .engine import Engine, Perf
 from .errors import AvggufError
 from .modelfile import Modelfile
+from .sampling import Sampling
 from .threads import ThreadPolicy
 
 log = logging.getLogger(__name__)
@@ -29,10 +31,22 @@ class GenerationRequest:
     frequency_penalty: float | None = None
     seed: int | None = None
     stop: list[str] | None = None
+    grammar: str | None = None  # GBNF (avgguf.sampling.grammar_for)
+    logit_bias: dict[int, float] | None = None
     cancel: threading.Event = field(default_factory=threading.Event)  # set: stop at the next token (PAD)
 
 
 ADAPT_EVERY = 16  # streamed tokens between thread-policy checks
+
+
+def pad_sampling(kw: dict, req: GenerationRequest) -> Sampling:
+    """The sampler settings of the weights path (Runtime.sampling's values, llama-cpp-python's defaults for
+    the rest) for PAD's own scores."""
+    given = {k: kw[k] for k in ("temperature", "top_p", "top_k", "repeat_penalty", "min_p", "presence_penalty",
+                                "frequency_penalty") if kw.get(k) is not None}
+    seed = kw.get("seed")
+    return Sampling(max_tokens=kw["max_tokens"], **given, seed=seed if seed is not None else random.getrandbits(32),
+                    grammar=req.grammar, logit_bias=req.logit_bias or {})
 
 
 class Runtime:
@@ -72,10 +86,8 @@ class Runtime:
         return out
 
     def with_system(self, messages: list[dict]) -> list[dict]:
-        system = self.modelfile.spec.system
-        if system and not any(m.get("role") == "system" for m in messages):
-            return [{"role": "system", "content": system}, *messages]
-        return messages
+        """The modelfile's `system:` applied by its `system_policy` (avgguf.modelfile)."""
+        return self.modelfile.system_messages(messages)
 
     def _prepare(self, req: GenerationRequest, coefficients: dict[str, float], reuse_prefix: bool) -> dict:
         """Apply the coefficients (a change resets the KV cache) and return the sampling arguments. Without
@@ -129,18 +141,23 @@ class Runtime:
         import codecs
         import time
 
-        from .pad import PadDecoder, PadSettings
+        from .pad import TOP_K, PadDecoder, PadSettings
 
         kw = self.sampling(req)
         kw.setdefault("stop", None)
         prompt = self.engine.chat_tokens(self.with_system(req.messages or []))
         self.check_fits(len(prompt))
-        decoder = PadDecoder(self.engine, PadSettings(mode, weights))
+        sampling = pad_sampling(kw, req)
+        # sampled: PAD scores at least the tokens the weights path's top-k would draw from, so weights 0 give
+        # the base's own answer (greedy needs only the top 10)
+        k = TOP_K if sampling.temperature == 0 else max(TOP_K, sampling.top_k or self.engine.n_vocab)
+        decoder = PadDecoder(self.engine, PadSettings(mode, weights, k=k))
+        sampler = self.engine.sampler(sampling)
         t0, first, tokens, text = time.perf_counter(), None, [], ""
         finish = "length"
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="ignore")  # pieces may split a character
         try:
-            for tok in decoder.tokens(prompt, kw["max_tokens"], kw["temperature"], kw["top_p"], kw["seed"]):
+            for tok in decoder.tokens(prompt, kw["max_tokens"], sampler=sampler):
                 if req.cancel.is_set():
                     finish = "cancelled"
                     break
@@ -161,6 +178,7 @@ class Runtime:
                     text = full
         finally:
             decoder.close()
+            sampler.close()
             end = time.perf_counter()
             self._pad_perf = (len(prompt), (first or end) - t0, len(tokens), end - (first or end))
         yield "", finish

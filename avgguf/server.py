@@ -24,7 +24,8 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import hot
-from .batching import Batcher, Sampling
+from .batching import Batcher
+from .sampling import Sampling, grammar_for
 from .coefficients import CoefficientError
 from .errors import AvggufError
 from .modelfile import Modelfile
@@ -108,11 +109,11 @@ class Served:
         finally:
             self.waiting -= 1
 
-    def close(self) -> None:
-        if self.hot is not None:
-            self.hot.close()
-        for batcher in self.batchers:
-            batcher.close()
+    def close(self, timeout: float = 10.0) -> bool:
+        """Stop every context of this model; whether all their threads stopped (only then may the model be
+        freed: a thread still inside llama.cpp keeps it)."""
+        stopped = self.hot.close(timeout) if self.hot is not None else True
+        return all([b.close(timeout) for b in self.batchers]) and stopped
 
 
 class Registry:
@@ -134,16 +135,21 @@ class Registry:
         self.allow_write = allow_write  # POST /avgguf/profiles may write modelfiles
 
     def cancel_all(self) -> int:
-        """Ask every in-flight request to stop (shutdown): each ends at its next step; how many were asked."""
-        flags = [f for s in [*self.models.values(), *self.baked.values()] for f in list(s.inflight)
-                 if not f.is_set()]
+        """Ask every in-flight request to stop (shutdown): each ends "cancelled" at its next step, queued or
+        running, batched or PAD; how many were asked."""
+        served = [*self.models.values(), *self.baked.values()]
+        flags = [f for s in served for f in list(s.inflight) if not f.is_set()]
         for flag in flags:
             flag.set()
+        for batcher in [b for s in served for b in list(s.peers)]:
+            batcher.cancel_all()
         return len(flags)
 
     def close(self) -> None:
+        """Stop every model's contexts, then free the models whose threads stopped (scratch removed)."""
         for served in [*self.models.values(), *self.baked.values()]:
-            served.close()
+            if served.close():
+                served.runtime.close()
 
     def ids(self) -> list[str]:
         out = []
@@ -213,10 +219,11 @@ def _request(body: Common, served: Served, prompt_tokens: int, logprobs_ok: bool
     if problem:
         raise APIError(400, problem, param=problem.split(":")[0], code="unsupported_parameter")
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
+    grammar, bias = _constraints(body, served)
     return GenerationRequest(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                              top_k=body.top_k, min_p=body.min_p, repeat_penalty=body.repeat_penalty,
                              presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                             seed=body.seed, stop=stop)
+                             seed=body.seed, stop=stop, grammar=grammar, logit_bias=bias)
 
 
 # --- routes ----------------------------------------------------------------------------------------------
@@ -259,6 +266,12 @@ async def chat_completions(request: Request, registry: RegistryDep):
     if decode != "weights":
         req = _request(body, served, len(tokens), logprobs_ok=False)
         req.messages = messages
+        if req.grammar is not None:
+            if decode == "pad":
+                raise APIError(400, "response_format/grammar/json_schema with decode pad: PAD scores only the base's "
+                               "top 10 tokens, which a grammar may all exclude; use decode pad-full or weights",
+                               param="avgguf.decode", code="unsupported_parameter")
+            (await _sampler(served, Sampling(max_tokens=1, grammar=req.grammar))).close()
         run = lambda slot, stream: slot.chat_pad(req, coefs, decode, stream=stream)
         return await generate(Job(served, body, run, coefs, len(tokens), registry.stats, decode), request, req)
     return await _batched(request, served, body, coefs, tokens, registry.stats, chat=True)
@@ -294,13 +307,33 @@ async def _batched(request: Request, served: Served, body: Common, coefs: dict[s
     req = _request(body, served, len(tokens))
     kw = {k: v for k, v in served.runtime.sampling(req).items() if v is not None}
     kw.setdefault("seed", random.getrandbits(32))  # no seed anywhere: a fresh draw per request
-    sampling = Sampling(**kw, logprobs=_top_logprobs(body, chat))
+    sampling = Sampling(**kw, logprobs=_top_logprobs(body, chat), grammar=req.grammar, logit_bias=req.logit_bias or {})
+    sampler = await _sampler(served, sampling)
     job = Job(served, body, None, coefs, len(tokens), stats)
     try:
         key = served.runtime.engine.coefficient_key(coefs)
     except AvggufError as exc:
+        sampler.close()
         raise APIError(400, str(exc), param="avgguf.coefficients") from None
-    return await generate_batched(BatchJob(job, tokens, key, sampling, chat), request)
+    return await generate_batched(BatchJob(job, tokens, key, sampling, chat, sampler), request)
+
+
+def _constraints(body: Common, served: Served) -> tuple[str | None, dict[int, float]]:
+    """The request's grammar (response_format, grammar or json_schema) and logit bias, checked."""
+    try:
+        grammar = grammar_for(body.response_format, body.grammar, body.json_schema)
+        return grammar, body.token_bias(served.runtime.engine.n_vocab)
+    except (AvggufError, ValueError) as exc:
+        raise APIError(400, str(exc), param=str(exc).split(":")[0].split(" ")[0], code="invalid_value") from None
+
+
+async def _sampler(served: Served, sampling: Sampling):
+    """The request's llama.cpp sampler chain, built off the event loop (a grammar is parsed here: a bad one
+    is a 400 naming it, never an error on the scheduler thread)."""
+    try:
+        return await asyncio.to_thread(served.runtime.engine.sampler, sampling)
+    except AvggufError as exc:
+        raise APIError(400, str(exc), param="grammar", code="invalid_value") from None
 
 
 @router.get("/lora-adapters")
@@ -325,7 +358,10 @@ async def lora_set(request: Request, registry: RegistryDep, model: str | None = 
 # --- app -------------------------------------------------------------------------------------------------
 
 async def _api_error(_, exc: APIError):
-    return error_response(exc.status, exc.message, exc.param, exc.code, exc.type)
+    response = error_response(exc.status, exc.message, exc.param, exc.code, exc.type)
+    if getattr(exc, "close", False):  # a body cut off mid-way (avgguf.server_guard.BodyTooLarge): not read on
+        response.headers["connection"] = "close"
+    return response
 
 
 async def _bad_body(_, exc: RequestValidationError):

@@ -16,10 +16,11 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.background import BackgroundTask
 
-from .batching import BatchRequest, BusyError, Event, Sampling
+from .batching import BatchRequest, BusyError, Event
 from .engine import Perf
 from .errors import AvggufError
 from .runtime import GenerationRequest, Runtime
+from .sampling import Sampling
 from .server_schemas import APIError, Common
 
 if TYPE_CHECKING:
@@ -156,6 +157,7 @@ class BatchJob:
     key: tuple
     sampling: Sampling
     chat: bool  # chat.completion(.chunk) or text_completion
+    sampler: object | None = None  # its llama.cpp chain, built off the event loop (avgguf.sampling.Sampler)
 
     def head(self) -> dict:
         kind = "chatcmpl" if self.chat else "cmpl"
@@ -204,12 +206,14 @@ class EventPipe:
 
 def _submit(bj: BatchJob) -> tuple[BatchRequest, asyncio.Queue]:
     pipe = EventPipe(bj.job.body.stream)
-    req = BatchRequest(bj.tokens, bj.key, bj.sampling, emit=pipe.emit)
+    req = BatchRequest(bj.tokens, bj.key, bj.sampling, emit=pipe.emit, sampler=bj.sampler)
     try:
         batcher, req.key = bj.job.served.route(bj.key)
         batcher.submit(req)
         bj.job.served.inflight.add(req.cancelled)
     except BusyError as exc:
+        if bj.sampler is not None:
+            bj.sampler.close()
         raise APIError(503, str(exc), code="server_busy", type_="server_error") from None
     return req, pipe.queue
 

@@ -33,10 +33,14 @@ SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 BODY_METHODS = ("POST", "PUT", "PATCH")
 
 
+DRAIN_LIMIT = 16 << 20  # a declared body up to this is read and dropped after the 413 (the client sees it)
+
+
 class BodyTooLarge(APIError):
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, close: bool = True):
         super().__init__(413, f"request body over {limit} bytes: send a shorter prompt (the limit is {limit} bytes)",
                          code="body_too_large")
+        self.close = close  # end the connection after the answer (a flood is not read to its end)
 
 
 def is_loopback(host: str) -> bool:
@@ -113,7 +117,9 @@ class Guard:
                             param="Content-Type", code="unsupported_media_type")
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            return BodyTooLarge(self.max_body)
+            # a modest overshoot is drained (closing with unread data resets the connection before the
+            # client reads the 413); a huge one ends the connection
+            return BodyTooLarge(self.max_body, close=not length.isdigit() or int(length) > DRAIN_LIMIT)
         return None
 
     def _counted(self, receive):
@@ -156,7 +162,7 @@ async def _reply(send, err: APIError) -> None:
                                  "code": err.code}}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                *SECURITY_HEADERS]
-    if err.status == 413:
+    if getattr(err, "close", False):
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": err.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

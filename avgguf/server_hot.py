@@ -21,10 +21,13 @@ class MergedServing:
         self.batcher = served.add_batcher(self.engine, served.parallel)
         self._peers = served.peers
 
-    def close(self) -> None:
-        self._peers.remove(self.batcher)
-        self.batcher.close()
-        self.engine.close()
+    def close(self, timeout: float = 10.0) -> None:
+        """Runs on a worker thread when the set is evicted (avgguf.hot.MergedSets.take), so the event loop never
+        waits for the decoding thread; the model is freed only once that thread has stopped."""
+        if self.batcher in self._peers:
+            self._peers.remove(self.batcher)
+        if self.batcher.close(timeout):
+            self.engine.close()
 
 
 class HotSets:
@@ -41,7 +44,7 @@ class HotSets:
         paths = {n: a.path for n, a in engine.adapters.items()}
         self._recent: deque = deque(maxlen=self.WINDOW)
         self._sets = MergedSets(engine.model_path, paths, lambda p: MergedServing(served, p),
-                                capacity=self.CAPACITY)
+                                capacity=self.CAPACITY, ram_extra=kv_bytes(engine, served.parallel))
 
     def batcher(self, key: tuple) -> Batcher | None:
         if not key:
@@ -66,5 +69,18 @@ class HotSets:
     def wait(self, timeout: float | None = None) -> None:
         self._sets.wait(timeout)
 
-    def close(self) -> None:
-        self._sets.close()
+    def close(self, timeout: float = 10.0) -> bool:
+        """Stop baking and free the merged models, waiting at most about `timeout` s; whether all stopped."""
+        return self._sets.close(timeout)
+
+
+def kv_bytes(engine, n_seq: int) -> int:
+    """The f16 K/V cache of a batching context of `n_seq` sequences of the engine's context length (what a
+    merged set's context costs besides its weights), from the base's K and V projection shapes."""
+    base = engine.base
+    per_token = 0
+    for i in range(base.block_count or 0):
+        for name in (f"blk.{i}.attn_k.weight", f"blk.{i}.attn_v.weight"):
+            shape = base.shapes.get(name)
+            per_token += 2 * (shape[0] if shape else (base.embedding_length or 0))
+    return per_token * n_seq * engine.n_ctx

@@ -161,6 +161,20 @@ class Common(BaseModel):
     stream_options: dict[str, Any] | None = None
     lora: list[LoraScale] | None = Field(None, max_length=256)
     avgguf: AvggufOptions | None = None
+    # constrained output through llama.cpp's grammar sampler: OpenAI's response_format, llama-server's fields
+    response_format: dict[str, Any] | None = None
+    grammar: str | None = Field(None, max_length=65536)
+    json_schema: dict[str, Any] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(None, max_length=1024)
+
+    def token_bias(self, n_vocab: int) -> dict[int, float]:
+        """logit_bias as {token id: bias}; ValueError naming a key that is not a token id of this model."""
+        out = {}
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.isdigit() or int(key) >= n_vocab:
+                raise ValueError(f"logit_bias: {key!r} is not a token id of this model (0..{n_vocab - 1})")
+            out[int(key)] = -float("inf") if bias <= -100 else bias  # OpenAI: -100 bans the token
+        return out
 
     @model_validator(mode="before")
     @classmethod

@@ -3,6 +3,8 @@ OpenAI API: what each model's knobs are, and saving the knobs as a profile (only
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from importlib import resources
 from typing import Annotated, Literal
 
@@ -11,7 +13,8 @@ from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import AvggufError
-from .modelfile import PROFILE_NAME, save_profile
+from .modelfile import PROFILE_NAME
+from .profile_save import ModelfileBusy, save_profile
 from .server_schemas import APIError, parse_body
 
 web = APIRouter()
@@ -62,6 +65,19 @@ class SaveProfile(BaseModel):
     decode: Literal["weights", "pad", "pad-full"] = "weights"
 
 
+_SAVE_LOCK = threading.Lock()  # one save at a time in this process (across processes: the modelfile's flock)
+
+
+def _save_and_update(served, body: SaveProfile):
+    """On a worker thread: write the profile, then set it in the served modelfile in memory. Only that profile
+    changes in memory; other edits made to the file since the start (avs, base, system) wait for a restart,
+    as the loaded adapters do."""
+    with _SAVE_LOCK:
+        saved = save_profile(served.modelfile, body.name, body.coefficients, body.decode)
+        served.modelfile = served.modelfile.with_saved_profile(saved.name, saved.coefficients, saved.decode)
+        return saved
+
+
 @web.post("/avgguf/profiles")
 async def save(request: Request, registry: RegistryDep):
     if not registry.allow_write:
@@ -72,8 +88,10 @@ async def save(request: Request, registry: RegistryDep):
     if served is None:
         raise APIError(404, f"model {body.model!r} does not exist; models: {list(registry.models)}", param="model")
     try:
-        served.modelfile = save_profile(served.modelfile, body.name, body.coefficients, body.decode)
+        saved = await asyncio.to_thread(_save_and_update, served, body)
+    except ModelfileBusy as exc:
+        raise APIError(409, str(exc), code="busy") from None
     except AvggufError as exc:
         raise APIError(400, str(exc)) from None
-    return {"saved": body.name, "modelfile": str(served.modelfile.path),
-            "coefficients": served.modelfile.coefficients(body.name)}
+    return {"saved": saved.name, "modelfile": str(served.modelfile.path), "coefficients": saved.coefficients,
+            "decode": saved.decode, "replaced": saved.replaced}

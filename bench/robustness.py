@@ -13,7 +13,8 @@ traceback), "500", "traceback", "crash" (a signal or a dead server), "accepted" 
 
 Hostile mix (SmolLM2-135M + the three demo AVs, `serve --parallel 8`): 8 normal clients asking for 32 tokens
 in a loop, alone and then beside one client sending 64 000 stop strings, one sending 16 MiB chunked bodies
-and one holding 50 half-sent requests open (slowloris); rounds alternate, medians reported.
+and one holding 50 half-sent requests open (slowloris), each repeating its attack --pauses s after the last
+one ended (0: as fast as it can); rounds alternate, medians reported.
 """
 
 from __future__ import annotations
@@ -83,8 +84,9 @@ def normal_clients(url: str, seconds: float, n: int = 8) -> float:
     return sum(done) / (time.monotonic() - t0)
 
 
-def hostile(url: str, stop: threading.Event) -> dict[str, list[int]]:
-    """Three hostile clients until `stop`: what status each of their attempts got."""
+def hostile(url: str, stop: threading.Event, pause: float) -> dict[str, list[int]]:
+    """Three hostile clients until `stop`, each repeating its attack `pause` s after the last one ended (0: a
+    flood): what status each of their attempts got."""
     host, port = url.removeprefix("http://").split(":")
     seen: dict[str, list[int]] = {"64k stops": [], "16 MiB chunked": [], "slowloris": []}
     body = json.dumps({"model": "demo", "max_tokens": 900, "stop": [f"{i:011d}e" for i in range(64000)],
@@ -95,6 +97,7 @@ def hostile(url: str, stop: threading.Event) -> dict[str, list[int]]:
             while not stop.is_set():
                 r = c.post(url + "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
                 seen["64k stops"].append(r.status_code)
+                stop.wait(pause)
 
     def oversize():
         piece = b"10000\r\n" + b" " * 65536 + b"\r\n"
@@ -110,6 +113,7 @@ def hostile(url: str, stop: threading.Event) -> dict[str, list[int]]:
                     seen["16 MiB chunked"].append(int(head.split()[1]) if head else 0)
                 except (BrokenPipeError, ConnectionResetError, socket.timeout):
                     seen["16 MiB chunked"].append(413)  # cut off mid-body
+            stop.wait(pause)
 
     def slowloris():
         while not stop.is_set():
@@ -132,22 +136,22 @@ def hostile(url: str, stop: threading.Event) -> dict[str, list[int]]:
     return seen
 
 
-def hostile_process(url: str, seconds: float) -> subprocess.Popen:
+def hostile_process(url: str, seconds: float, pause: float) -> subprocess.Popen:
     """The hostile clients in a process of their own (they must not share the normal clients' GIL)."""
-    return subprocess.Popen([sys.executable, __file__, "--hostile", url, "--seconds", str(seconds)],
-                            stdout=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, __file__, "--hostile", url, "--seconds", str(seconds), "--pause",
+                             str(pause)], stdout=subprocess.PIPE, text=True)
 
 
-def run_hostile(url: str, seconds: float) -> None:
+def run_hostile(url: str, seconds: float, pause: float) -> None:
     stop = threading.Event()
-    seen = hostile(url, stop)
+    seen = hostile(url, stop, pause)
     time.sleep(seconds)
     stop.set()
     time.sleep(1)
     print(json.dumps(seen))
 
 
-def load_table(seconds: float, rounds: int) -> None:
+def load_table(seconds: float, rounds: int, pauses: list[float]) -> None:
     mf = ROOT / "bench" / "out" / "robustness" / "demo.yaml"
     mf.parent.mkdir(parents=True, exist_ok=True)
     avs = {n: str(ROOT / "modelfiles" / "avs" / f"{n}.gguf") for n in ("medical", "legal", "financial")}
@@ -157,22 +161,27 @@ def load_table(seconds: float, rounds: int) -> None:
     proc, url = start(["serve", str(mf), "--parallel", "8", "--merge", "off", "--threads", str(os.cpu_count())])
     try:
         normal_clients(url, 3)  # warm-up
-        alone, mixed, outcomes = [], [], {}
+        alone, mixed, outcomes = [], {p: [] for p in pauses}, {}
         for _ in range(rounds):
-            alone.append(normal_clients(url, seconds))
-            attacker = hostile_process(url, seconds + 2)
-            time.sleep(1)  # the hostile clients are under way
-            mixed.append(normal_clients(url, seconds))
-            seen = json.loads(attacker.communicate(timeout=120)[0])
-            for k, v in seen.items():
-                outcomes.setdefault(k, []).extend(v)
-            alone.append(normal_clients(url, seconds))  # alternate: alone, mixed, alone
-        a, m = statistics.median(alone), statistics.median(mixed)
-        print("\n8 normal clients (32 tokens each, SmolLM2-135M + 3 AVs, serve --parallel 8), "
-              f"{rounds} rounds of {seconds:.0f} s, medians")
-        print(f"| {'clients':<40} | req/s | vs alone |\n|{'-' * 42}|------:|---------:|")
-        print(f"| {'8 normal alone':<40} | {a:5.2f} | {1:8.2f} |")
-        print(f"| {'8 normal + 64k stops + 16 MiB + slowloris':<40} | {m:5.2f} | {m / a:8.2f} |")
+            for pause in pauses:  # alternate: alone, mixed, alone, mixed, ...
+                alone.append(normal_clients(url, seconds))
+                attacker = hostile_process(url, seconds + 2, pause)
+                time.sleep(1)  # the hostile clients are under way
+                mixed[pause].append(normal_clients(url, seconds))
+                seen = json.loads(attacker.communicate(timeout=120)[0])
+                for k, v in seen.items():
+                    outcomes.setdefault(k, []).extend(v)
+        alone.append(normal_clients(url, seconds))
+        a = statistics.median(alone)
+        print(f"\n8 normal clients (32 tokens each, SmolLM2-135M + 3 AVs, serve --parallel 8 --threads "
+              f"{os.cpu_count()}), {rounds} rounds of {seconds:.0f} s, medians; the hostile clients run in a "
+              f"process of their own on the same {os.cpu_count()} cores")
+        print(f"| {'clients':<62} | req/s | vs alone |\n|{'-' * 64}|------:|---------:|")
+        print(f"| {'8 normal alone':<62} | {a:5.2f} | {1:8.2f} |")
+        for pause, xs in mixed.items():
+            m = statistics.median(xs)
+            how = f"each again {pause:g} s after its answer" if pause else "each as fast as it can (a flood)"
+            print(f"| {'+ 64k stops, 16 MiB chunked, slowloris: ' + how:<62} | {m:5.2f} | {m / a:8.2f} |")
         print("\nhostile clients' answers: " + "; ".join(
             f"{k}: {len(v)} tries, {_statuses(v)}" for k, v in outcomes.items()))
         print(f"server alive after the mix: {proc.poll() is None}")
@@ -194,16 +203,18 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-cases", action="store_true")
     ap.add_argument("--skip-load", action="store_true")
+    ap.add_argument("--pauses", default="0.5,0", help="hostile clients' pause between attacks, s (0: flood)")
     ap.add_argument("--hostile", metavar="URL", help=argparse.SUPPRESS)
+    ap.add_argument("--pause", type=float, default=0.5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.hostile:
-        return run_hostile(args.hostile, args.seconds)
+        return run_hostile(args.hostile, args.seconds, args.pause)
     if not args.skip_cases:
         from robustness_cases import case_table
 
         case_table()
     if not args.skip_load:
-        load_table(args.seconds, args.rounds)
+        load_table(args.seconds, args.rounds, [float(x) for x in args.pauses.split(",")])
 
 
 if __name__ == "__main__":

@@ -70,10 +70,13 @@ class ConversionReport:
 class AdapterBuild:
     """Collects factored tensors into an adapter file plus the avgguf.* bookkeeping."""
 
-    def __init__(self, out: str | Path, arch: str, name: str, dtype: str):
+    def __init__(self, out: str | Path, arch: str, name: str, dtype: str, *, force: bool = False,
+                 inputs: tuple = ()):
+        """`out` is checked at once (avgguf.atomic): an existing file is replaced only if avgguf wrote it as an
+        adapter, or with `force`; it may be none of `inputs`."""
         if dtype not in fmt.DTYPES:
             raise ConversionError(f"--dtype {dtype!r} is not supported; choose one of {sorted(fmt.DTYPES)}")
-        self.writer = fmt.AdapterWriter(out, arch, name)
+        self.writer = fmt.AdapterWriter(out, arch, name, force=force, inputs=inputs)
         self.dtype = dtype
         self.report = ConversionReport(str(out))
 
@@ -204,8 +207,9 @@ def convert_pair(base: TensorSource, aligned: TensorSource, out: str | Path, *, 
                  domain: str | None = None, policy: RankPolicy = RankPolicy(rank=16),
                  dtype: str = "f16", device: str = "cpu", progress: bool = False,
                  max_size: int | None = None, types: tuple[str, ...] | None = None,
-                 fit=None) -> ConversionReport:
-    """Write the AV aligned - base as a GGUF LoRA adapter at `out`.
+                 fit=None, force: bool = False) -> ConversionReport:
+    """Write the AV aligned - base as a GGUF LoRA adapter at `out` (published atomically; an existing `out`
+    is replaced only if avgguf wrote it, or with `force`; `out` may not be --base or --aligned, or hold them).
 
     max_size: byte budget for the whole file (per-tensor rank and factor types chosen to fit; `types`
     are the factor types it may use). fit: a converters.distill.DistillSettings to train the factors
@@ -214,7 +218,7 @@ def convert_pair(base: TensorSource, aligned: TensorSource, out: str | Path, *, 
     for src in (base, aligned):
         if src.quantized:
             log.warning("%s is quantized: its quantization noise enters the alignment vector", src.path)
-    build = AdapterBuild(out, base.arch.gguf_name, name, dtype)
+    build = AdapterBuild(out, base.arch.gguf_name, name, dtype, force=force, inputs=(base.path, aligned.path))
     try:
         meta = {fmt.KEY_NAME: name, fmt.KEY_DOMAIN: domain or name, fmt.KEY_SOURCE_KIND: "pair",
                 fmt.KEY_SOURCE_BASE: str(base.path), fmt.KEY_SOURCE_ALIGNED: str(aligned.path),

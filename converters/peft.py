@@ -74,7 +74,7 @@ def _read_factors(path: Path) -> dict[str, dict[str, np.ndarray]]:
 
 def convert_peft(peft_dir: str | Path, base: TensorSource, out: str | Path, *, name: str, domain: str | None = None,
                  policy: RankPolicy | None = None, dtype: str = "f16", device: str = "cpu",
-                 progress: bool = False) -> ConversionReport:
+                 progress: bool = False, force: bool = False) -> ConversionReport:
     path = Path(peft_dir)
     if not path.is_dir():
         raise ConversionError(f"--peft {str(path)!r} is not a directory")
@@ -82,7 +82,7 @@ def convert_peft(peft_dir: str | Path, base: TensorSource, out: str | Path, *, n
     modules = _read_factors(path)
     tmap = gguf.get_tensor_name_map(base.arch.model_arch, base.n_layer)
     tied = base.tied_embeddings
-    build = AdapterBuild(out, base.arch.gguf_name, name, dtype)
+    build = AdapterBuild(out, base.arch.gguf_name, name, dtype, force=force, inputs=(base.path, path))
     try:
         for module, parts in sorted(modules.items()):
             embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts

@@ -163,7 +163,7 @@ def test_modelfile_serves_a_baked_profile(tiny_kit, tmp_path):
         assert rt_fast.chat(req, {})["choices"][0]["message"]["content"] == want
         mf = load_modelfile(root / "tiny-baked.yaml")
         app = create_app(Registry({"tiny-baked": (mf, rt_live), "tiny-baked:fast-mixed": (fast, rt_fast)}))
-        client = TestClient(app)
+        client = TestClient(app, base_url="http://127.0.0.1")  # a loopback Host (the server refuses others)
         ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
         assert "tiny-baked:fast-mixed" in ids and "tiny-baked:mixed" in ids
         body = {"model": "tiny-baked:fast-mixed", "messages": [{"role": "user", "content": "hello"}],

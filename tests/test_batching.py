@@ -75,6 +75,8 @@ def test_concurrent_mixed_sets_equal_solo_and_the_runtime_path(rt):
 def test_prompt_cache_only_under_the_same_set(rt):
     batcher = Batcher(rt.engine, n_seq=2)
     try:
+        submit(batcher, rt, "warm up", "mixed", temperature=0)()
+        assert batcher.wait_fused(60)  # from here on "mixed" runs fused (the cache is kept per variant)
         first, ev1 = submit(batcher, rt, "the same question", "mixed", temperature=0)()
         again, ev2 = submit(batcher, rt, "the same question", "mixed", temperature=0)()
         other, ev3 = submit(batcher, rt, "the same question", "expert-medical", temperature=0)()
@@ -184,7 +186,7 @@ def test_two_contexts_route_a_set_together_and_answer_as_solo(tiny_kit):
     served = registry.models["tiny"]
     try:
         assert len(served.batchers) == 2 and all(b.n_seq == 2 for b in served.batchers)
-        client = TestClient(create_app(registry))
+        client = TestClient(create_app(registry), base_url="http://127.0.0.1")  # a loopback Host
 
         def ask(job):
             body = {"model": f"tiny:{job[1]}" if job[1] else "tiny", "max_tokens": 10, "temperature": 0,

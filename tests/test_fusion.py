@@ -64,7 +64,7 @@ def test_fused_adapters_are_freed(tiny_kit):
             eng.set_coefficients({"medical": 0.1 * (i + 1), "legal": -0.5})
         fusion = eng._fusion
         assert fusion.loaded <= fusion.capacity
-        assert not list(fusion._dir.iterdir())
+        assert fusion.directories and all(not list(d.iterdir()) for d in fusion.directories)
     finally:
         eng.close()
 

@@ -24,6 +24,12 @@ from avgguf.server import Served
 MIXED = {"medical": 0.5, "legal": -1.0}
 
 
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """Merge scratch in the test's own user cache dir (avgguf.hot puts it there or beside the model)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
 def engine(root, p, merge: str) -> Engine:
     eng = Engine(p.base_gguf, n_ctx=64, logits_all=True, type_k=F32, type_v=F32, merge=merge)
     eng.load_adapter("medical", root / "medical.gguf")
