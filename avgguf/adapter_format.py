@@ -235,8 +235,9 @@ class AdapterWriter:
         w = self.writer
         if isinstance(value, bool):
             w.add_bool(key, value)
-        elif isinstance(value, int):
-            w.add_uint32(key, value)
+        elif isinstance(value, int):  # sizes of big models pass 2**32 (a --max-size above 4.3 GB)
+            w.add_uint32(key, value) if 0 <= value < 1 << 32 else w.add_uint64(key, value) if value >= 0 \
+                else w.add_int64(key, value)
         elif isinstance(value, float):
             w.add_float64(key, value)
         elif isinstance(value, str):

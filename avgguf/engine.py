@@ -158,7 +158,7 @@ class Engine:
 
     def sampler(self, settings: Sampling) -> Sampler:
         """A llama.cpp sampler chain for this model's vocabulary (avgguf.sampling)."""
-        return Sampler(settings, self._model_llm._model.vocab, self.n_vocab)
+        return Sampler(settings, self._model_llm._model.vocab, self.n_vocab, self.eos)
 
     def is_end(self, token: int) -> bool:
         """End of generation (EOS, EOT and the like, as the GGUF's vocabulary marks them)."""

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import atomic
 from .engine import Engine
 from .errors import AvggufError
 
@@ -155,5 +156,16 @@ def plot_sweeps(results: list[SweepResult], out: str | Path) -> None:
     axes[0][0].set_ylabel("share of queries judged")
     axes[0][-1].legend(loc="center right")
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    kind = Path(out).suffix.lstrip(".").lower() or "png"
+    # an earlier plot (its metadata names avgguf) is replaced; any other file is refused (avgguf.atomic)
+    with atomic.output_file(out, previous=_our_plot, what="plot", flag="--plot") as tmp:
+        fig.savefig(tmp, dpi=120, format=kind, metadata={"Software": PLOT_MARK} if kind == "png" else None)
     plt.close(fig)
+
+
+PLOT_MARK = "avgguf eval"
+
+
+def _our_plot(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return PLOT_MARK.encode() in f.read(4096)

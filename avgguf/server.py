@@ -148,7 +148,7 @@ class Registry:
     def close(self) -> None:
         """Stop every model's contexts, then free the models whose threads stopped (scratch removed)."""
         for served in [*self.models.values(), *self.baked.values()]:
-            if served.close():
+            if served.close() and served.pool.qsize() == 1:  # no PAD thread still inside llama.cpp
                 served.runtime.close()
 
     def ids(self) -> list[str]:
@@ -204,7 +204,7 @@ def _top_logprobs(body: Common, chat: bool) -> int | None:
         raise APIError(400, str(exc), param=str(exc).split(":")[0], code="invalid_value") from None
 
 
-def _request(body: Common, served: Served, prompt_tokens: int, logprobs_ok: bool = True) -> GenerationRequest:
+async def _request(body: Common, served: Served, prompt_tokens: int, logprobs_ok: bool = True) -> GenerationRequest:
     max_tokens = body.limit()
     n_ctx = served.runtime.n_ctx
     if max_tokens is not None and prompt_tokens + max_tokens > n_ctx:
@@ -219,7 +219,7 @@ def _request(body: Common, served: Served, prompt_tokens: int, logprobs_ok: bool
     if problem:
         raise APIError(400, problem, param=problem.split(":")[0], code="unsupported_parameter")
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
-    grammar, bias = _constraints(body, served)
+    grammar, bias = await asyncio.to_thread(_constraints, body, served)  # a JSON Schema is converted here
     return GenerationRequest(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                              top_k=body.top_k, min_p=body.min_p, repeat_penalty=body.repeat_penalty,
                              presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
@@ -264,8 +264,8 @@ async def chat_completions(request: Request, registry: RegistryDep):
     tokens = await asyncio.to_thread(rt.engine.chat_tokens, messages)  # the template writes its own BOS
     decode = decode_for(served, profile, body)
     if decode != "weights":
-        req = _request(body, served, len(tokens), logprobs_ok=False)
-        req.messages = messages
+        req = await _request(body, served, len(tokens), logprobs_ok=False)
+        req.messages = [m.turn() for m in body.messages]  # pad_pieces applies the system policy itself
         if req.grammar is not None:
             if decode == "pad":
                 raise APIError(400, "response_format/grammar/json_schema with decode pad: PAD scores only the base's "
@@ -304,7 +304,7 @@ async def _batched(request: Request, served: Served, body: Common, coefs: dict[s
     if not tokens:
         raise APIError(400, "the prompt is empty (and this model adds no BOS token): send some text",
                        param="prompt", code="invalid_value")
-    req = _request(body, served, len(tokens))
+    req = await _request(body, served, len(tokens))
     kw = {k: v for k, v in served.runtime.sampling(req).items() if v is not None}
     kw.setdefault("seed", random.getrandbits(32))  # no seed anywhere: a fresh draw per request
     sampling = Sampling(**kw, logprobs=_top_logprobs(body, chat), grammar=req.grammar, logit_bias=req.logit_bias or {})
@@ -445,9 +445,10 @@ def serve(modelfiles: list[Modelfile], host: str, port: int, api_key: str | None
         print(f"avgguf serve: {url}v1  chat page: {url}  models: {', '.join(registry.ids())}", flush=True)
         ready = None if on_ready is None else (lambda: on_ready(url + (f"#key={api_key}" if api_key else "")))
         stopped = server_run.run(app, sock, cancel_all=registry.cancel_all, on_ready=ready, verbose=verbose,
-                                 shutdown_timeout=shutdown_timeout or server_run.SHUTDOWN_SECONDS,
+                                 shutdown_timeout=server_run.SHUTDOWN_SECONDS if shutdown_timeout is None
+                                 else shutdown_timeout,
                                  max_connections=max_connections or server_run.MAX_CONNECTIONS,
-                                 header_timeout=header_timeout or server_run.HEADER_SECONDS)
+                                 header_timeout=header_timeout if header_timeout else server_run.HEADER_SECONDS)
         if stopped:
             print(f"avgguf serve: stopped ({', '.join(stopped)})", flush=True)
     finally:

@@ -72,7 +72,12 @@ async def generate(job: Job, request: Request, gen: GenerationRequest):
     """A PAD request on the model's runtime (one at a time). The slot is taken before any header is sent, so
     a full queue is a 503, streamed or not; a client that hangs up sets `gen.cancel` and the decoder stops at
     its next token, queued, prefilling or decoding."""
-    slot = await job.served.acquire()
+    waiting = asyncio.ensure_future(job.served.acquire())  # a 503 when the queue is full, before any header
+    slot = await first(waiting, request)
+    if slot is None:  # left while queued: the slot, once it comes, goes to the next request unused
+        waiting.add_done_callback(lambda w: w.cancelled() or w.exception() or job.served.pool.put_nowait(w.result()))
+        job.log(0, "cancelled")
+        return Response(status_code=499)
     job.served.inflight.add(gen.cancel)
     if not job.body.stream:
         work = asyncio.ensure_future(asyncio.to_thread(job.run, slot, False))

@@ -8,12 +8,14 @@ import re
 from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import Request
+from starlette.requests import ClientDisconnect
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 MAX_BODY = 1 << 20  # bytes
 BODY_SECONDS = 30  # a body that trickles in slower than this is refused (408)
 MAX_DEPTH = 32  # JSON nesting
+BAN = -1e30  # logit_bias -100: finite (an -inf could leave a grammar no token at all)
 MAX_STOP, MAX_STOP_CHARS = 16, 64  # stop strings per request, characters each (OpenAI allows 4)
 SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
 T = TypeVar("T")
@@ -54,6 +56,8 @@ async def parse_body(request: Request, kind: type[T] | Any, shape: str = "a JSON
     validate a body into `kind` (a model or a type like list[LoraScale])."""
     try:
         raw = await asyncio.wait_for(request.body(), BODY_SECONDS)
+    except ClientDisconnect:  # gone mid-body: nobody to answer
+        raise APIError(400, "the client disconnected before its body arrived", code="client_disconnected") from None
     except asyncio.TimeoutError:
         raise APIError(408, f"the request body did not arrive within {BODY_SECONDS} s", code="timeout") from None
     if len(raw) > MAX_BODY:
@@ -163,7 +167,7 @@ class Common(BaseModel):
     avgguf: AvggufOptions | None = None
     # constrained output through llama.cpp's grammar sampler: OpenAI's response_format, llama-server's fields
     response_format: dict[str, Any] | None = None
-    grammar: str | None = Field(None, max_length=65536)
+    grammar: str | None = Field(None, max_length=65536)  # further bounds: avgguf.sampling.check_grammar
     json_schema: dict[str, Any] | None = None
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(None, max_length=1024)
 
@@ -173,7 +177,7 @@ class Common(BaseModel):
         for key, bias in (self.logit_bias or {}).items():
             if not key.isdigit() or int(key) >= n_vocab:
                 raise ValueError(f"logit_bias: {key!r} is not a token id of this model (0..{n_vocab - 1})")
-            out[int(key)] = -float("inf") if bias <= -100 else bias  # OpenAI: -100 bans the token
+            out[int(key)] = BAN if bias <= -100 else bias  # OpenAI: -100 bans the token
         return out
 
     @model_validator(mode="before")
@@ -196,6 +200,13 @@ class Common(BaseModel):
         """max_completion_tokens, max_tokens or llama-server's n_predict (-1: none)."""
         n = self.max_completion_tokens or self.max_tokens
         return n if n is not None or self.n_predict in (None, -1) else self.n_predict
+
+    @field_validator("n_predict")
+    @classmethod
+    def _some_tokens(cls, v):
+        if v == 0:
+            raise ValueError("n_predict 0 generates nothing: send -1 (no limit) or a positive count")
+        return v
 
 
 MAX_TOP_LOGPROBS = 20

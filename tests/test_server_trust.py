@@ -427,3 +427,100 @@ def test_message_content_cannot_forge_a_turn():
             b"im_start" in eng.detokenize(tokens)
     finally:
         eng.close()
+
+
+def _demo(live: Live, **body) -> dict:
+    r = httpx.post(live.url + "/v1/chat/completions", timeout=120, json={
+        "model": "demo", "messages": [{"role": "user", "content": "Describe a cat as JSON."}], "max_tokens": 60,
+        "temperature": 0, **body})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_constrained_output_is_honoured(demo_live):
+    """response_format / grammar / json_schema go through llama.cpp's grammar sampler; n_predict limits."""
+    yes_no = _demo(demo_live, grammar='root ::= "yes" | "no"')["choices"][0]
+    assert yes_no["message"]["content"] in ("yes", "no") and yes_no["finish_reason"] == "stop"
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    for field in ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}},
+                  {"json_schema": schema}):
+        got = _demo(demo_live, **field)["choices"][0]
+        assert isinstance(json.loads(got["message"]["content"])["ok"], bool), got
+    free = _demo(demo_live, response_format={"type": "json_object"}, max_tokens=8)["choices"][0]["message"]
+    assert free["content"].lstrip().startswith("{")
+    assert _demo(demo_live, n_predict=3, max_tokens=None)["usage"]["completion_tokens"] == 3
+
+
+def test_logit_bias_bans_a_token(demo_live):
+    from avgguf.engine import Engine
+    from avgguf.models import builtin_path
+
+    first = _demo(demo_live, max_tokens=1)["choices"][0]["message"]["content"]
+    eng = Engine(builtin_path("smollm2-135m-instruct"), n_ctx=64)
+    try:
+        token = eng.tokenize(first)[0]
+    finally:
+        eng.close()
+    banned = _demo(demo_live, max_tokens=1, logit_bias={str(token): -100})["choices"][0]["message"]["content"]
+    assert banned != first
+
+
+@pytest.mark.parametrize("field", [
+    {"grammar": "root ::= " + "(" * 30000 + '"a"' + ")" * 30000},  # llama.cpp's parser: a segfault before
+    {"grammar": 'root ::= "a"{0,20000}'},
+    {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "string", "maxLength": 20000}}}},
+    {"grammar": "root ::= ("},
+    {"response_format": {"type": "xml"}},
+    {"grammar": 'root ::= "a"', "json_schema": {"type": "string"}},
+], ids=["nested 30000", "repeat 20000", "schema maxLength 20000", "unparsable", "unknown format", "two at once"])
+def test_hostile_grammars_get_a_400_and_the_server_lives(demo_live, field):
+    r = httpx.post(demo_live.url + "/v1/chat/completions", timeout=120, json={
+        "model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **field})
+    assert r.status_code == 400, r.text
+    assert demo_live.proc.poll() is None
+
+
+def test_a_grammar_that_allows_no_token_ends_the_answer(demo_live):
+    got = _demo(demo_live, grammar='root ::= [\\x00]', max_tokens=4)["choices"][0]
+    assert got["finish_reason"] == "stop" and demo_live.proc.poll() is None
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("mode", ["pad", "pad-full"])
+def test_pad_at_weight_zero_is_the_base_answer_with_every_sampling_option(demo_live, mode, stream):
+    """PAD chooses through the weights path's own llama.cpp chain (penalties, top-k, top-p, min-p, temperature,
+    seeded draw): every weight at 0 gives the same text, streamed or not (it drifted after ~10 tokens: PAD
+    ignored the penalties). Greedy here: the batched context and PAD's side contexts round logits apart by
+    ~1e-4, which a seeded draw at a near tie may feel (`avgguf run` vs `--decode pad-full` at temperature
+    0.7 and a seed give the same text: the demo's default settings)."""
+    opts = {"temperature": 0, "top_k": 30, "top_p": 0.9, "min_p": 0.02, "repeat_penalty": 1.3, "seed": 11,
+            "presence_penalty": 0.2, "frequency_penalty": 0.1, "max_tokens": 60}
+
+    def answer(decode: str) -> str:
+        body = {"model": "demo", "messages": [{"role": "user", "content": "Tell me about the sea."}], **opts,
+                "stream": stream, "avgguf": {"decode": decode, "coefficients": {"medical": 0, "legal": 0}}}
+        if not stream:
+            return httpx.post(demo_live.url + "/v1/chat/completions", json=body, timeout=120).json()[
+                "choices"][0]["message"]["content"]
+        with httpx.stream("POST", demo_live.url + "/v1/chat/completions", json=body, timeout=120) as r:
+            chunks = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
+        return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices"))
+
+    assert answer(mode) == answer("weights")
+
+
+def test_run_with_pad_at_weight_zero_is_the_base_answer_sampled():
+    """The issue's repro: `avgguf run demo.yaml Q --decode pad --set ...=0` answered differently after ~10
+    tokens; now the same seeded draw (the demo's temperature 0.7, repeat_penalty), for pad and pad-full."""
+    q = "I have had a headache and a fever for three days. What should I do?"
+    demo = str(ROOT / "modelfiles" / "demo.yaml")
+
+    def run(*extra: str) -> str:
+        r = subprocess.run([sys.executable, "-m", "avgguf.cli", "run", demo, q, "--set",
+                            "medical=0,legal=0,financial=0", "--max-tokens", "48", "--seed", "7", *extra],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    base = run()
+    assert run("--decode", "pad-full") == base and run("--decode", "pad") == base
