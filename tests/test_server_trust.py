@@ -524,3 +524,23 @@ def test_run_with_pad_at_weight_zero_is_the_base_answer_sampled():
 
     base = run()
     assert run("--decode", "pad-full") == base and run("--decode", "pad") == base
+
+
+def test_a_full_pad_queue_is_a_503_before_any_header(demo_yaml, tmp_path):
+    """PAD runs one request at a time; with --max-queue 1 a third streamed request gets a plain 503 (it got
+    a 200 and then a broken stream)."""
+    srv = start(["serve", str(demo_yaml), "--parallel", "1", "--max-queue", "1"], tmp_path / "serve.log")
+    body = {**chat("Write a long story about a ship.", max_tokens=900, stream=True), "model": "demo",
+            "avgguf": {"decode": "pad", "coefficients": {"medical": 0.5}}}
+    try:
+        with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=60) as first:
+            lines = first.iter_lines()  # kept: a dropped iterator closes the stream
+            next(lines)  # running
+            second = threading.Thread(target=_leave, args=(srv.url, body, 3.0))
+            second.start()
+            time.sleep(1.0)  # queued
+            third = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=60)
+            assert third.status_code == 503 and third.json()["error"]["code"] == "server_busy", third.text
+            second.join()
+    finally:
+        srv.stop()
