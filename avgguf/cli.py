@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from . import cli_args, cli_bake, cli_chat, cli_eval, cli_tune
+from . import __version__, cli_args, cli_bake, cli_chat, cli_eval, cli_tune
 from .cli_args import fraction as _fraction
 from .cli_args import positive_int as _positive_int
 from .errors import AvggufError
@@ -188,6 +188,7 @@ def run_inspect(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="avgguf", description="Alignment vectors as live knobs on llama.cpp.")
     parser.add_argument("--verbose", "-v", action="store_true", help="show debug logs and llama.cpp's output")
+    parser.add_argument("--version", action="version", version=f"avgguf {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     parent = cli_args.common_parent()
     add_convert_parser(sub, parent)
