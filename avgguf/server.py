@@ -31,7 +31,7 @@ from .errors import AvggufError
 from .modelfile import Modelfile
 from .runtime import GenerationRequest, Runtime
 from .server_generate import BatchJob, Job, generate, generate_batched
-from .server_guard import Guard, allowed_hosts, is_loopback
+from .server_guard import Guard, Handoff, allowed_hosts, is_loopback
 from .server_hot import HotSets
 from .server_schemas import (
     MAX_BODY,
@@ -131,6 +131,7 @@ class Registry:
         self.models = {name: served(mf, rt) for name, (mf, rt) in runtimes.items() if ":" not in name}
         self.baked = {name: served(mf, rt) for name, (mf, rt) in runtimes.items() if ":" in name}
         self.api_key = api_key
+        self.handoff: Handoff | None = None  # desktop: the page's one-time code for the key
         self.stats = stats
         self.allow_write = allow_write  # POST /avgguf/profiles may write modelfiles
 
@@ -443,7 +444,10 @@ def serve(modelfiles: list[Modelfile], host: str, port: int, api_key: str | None
         port = sock.getsockname()[1]
         url = f"http://{_url_host(host)}:{port}/"
         print(f"avgguf serve: {url}v1  chat page: {url}  models: {', '.join(registry.ids())}", flush=True)
-        ready = None if on_ready is None else (lambda: on_ready(url + (f"#key={api_key}" if api_key else "")))
+        if on_ready is not None and api_key:  # the page trades a one-time code for the key (server_guard.Handoff)
+            registry.handoff = Handoff(api_key)
+        code = f"#code={registry.handoff.code}" if registry.handoff else ""
+        ready = None if on_ready is None else (lambda: on_ready(url + code))
         stopped = server_run.run(app, sock, cancel_all=registry.cancel_all, on_ready=ready, verbose=verbose,
                                  shutdown_timeout=server_run.SHUTDOWN_SECONDS if shutdown_timeout is None
                                  else shutdown_timeout,

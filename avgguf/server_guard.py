@@ -14,6 +14,9 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import secrets
+import threading
+import time
 from urllib.parse import urlsplit
 
 from starlette.datastructures import Headers
@@ -22,6 +25,7 @@ from .server_schemas import APIError
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 PUBLIC_PATHS = ("/", "/health", "/favicon.ico")
+HANDOFF_PATH = "/avgguf/session"  # POST {"code"} -> the key, once (Handoff): public, but JSON + same-origin
 SECURITY_HEADERS = [
     (b"content-security-policy", b"default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"),
     (b"x-frame-options", b"DENY"),
@@ -70,6 +74,25 @@ def host_name(host_header: str) -> str:
     return (name or "").lower()
 
 
+class Handoff:
+    """How `desktop` hands its key to the page it opens: the browser is started with `URL#code=CODE` (a command
+    line other local users can read in `ps`), and the page trades the code for the key once, within `ttl`
+    seconds; a used or late code is worth nothing."""
+
+    def __init__(self, key: str, ttl: float = 120.0):
+        self.code = secrets.token_urlsafe(24)
+        self._key, self._deadline, self._used = key, time.monotonic() + ttl, False
+        self._lock = threading.Lock()
+
+    def redeem(self, code: str) -> str | None:
+        with self._lock:
+            if self._used or time.monotonic() > self._deadline or \
+                    not hmac.compare_digest(code.encode("utf-8", "replace"), self.code.encode()):
+                return None
+            self._used = True
+            return self._key
+
+
 def keys_match(sent: str | None, key: str) -> bool:
     expected = f"Bearer {key}".encode()
     return sent is not None and hmac.compare_digest(sent.encode("latin-1", "replace"), expected)
@@ -98,7 +121,8 @@ class Guard:
             return APIError(403, f"Host {headers.get('host', '')!r} is not this server's name: a server on "
                             f"loopback answers to {', '.join(sorted(self.hosts))} only (start it with --host NAME "
                             f"to serve another name)", code="forbidden_host", type_="permission_error")
-        public = method in ("GET", "HEAD") and (path in PUBLIC_PATHS or path.startswith("/static/"))
+        public = (method in ("GET", "HEAD") and (path in PUBLIC_PATHS or path.startswith("/static/"))) or \
+            (method == "POST" and path == HANDOFF_PATH)
         if self.api_key is not None and not public and not keys_match(headers.get("authorization"), self.api_key):
             return APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)",
                             code="invalid_api_key", type_="authentication_error")

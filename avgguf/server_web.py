@@ -57,6 +57,22 @@ async def knobs(registry: RegistryDep):
     return {"object": "list", "data": data}
 
 
+class Session(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    code: str = Field(max_length=256)
+
+
+@web.post("/avgguf/session")
+async def session(request: Request, registry: RegistryDep):
+    """The page `desktop` opened trades its one-time code (URL fragment) for the API key, once."""
+    body = await parse_body(request, Session)
+    key = registry.handoff.redeem(body.code) if registry.handoff is not None else None
+    if key is None:
+        raise APIError(403, "this code is used, expired or wrong: start `avgguf desktop` again, or type the API "
+                       "key into the page", code="invalid_code", type_="permission_error")
+    return {"key": key}
+
+
 class SaveProfile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str

@@ -358,7 +358,8 @@ def test_sigterm_with_8_streams_ends_each_cleanly_and_leaves_no_scratch(demo_yam
 
 def test_desktop_default_path_opens_the_browser_with_a_per_run_key(tiny_kit, tmp_path):
     """`avgguf desktop` without --no-browser (the path that crashed on FastAPI 0.165): a stand-in BROWSER
-    records the URL; the key in its fragment opens the API, no key gets 401; SIGTERM stops it cleanly."""
+    records the URL; its one-time code (the browser's command line is visible in `ps`) buys the per-run key
+    once; the key opens the API, no key gets 401; SIGTERM stops it cleanly."""
     root, *_ = tiny_kit
     seen = tmp_path / "url.txt"
     browser = tmp_path / "browser.sh"
@@ -371,9 +372,14 @@ def test_desktop_default_path_opens_the_browser_with_a_per_run_key(tiny_kit, tmp
                 break
             time.sleep(0.1)
         url = seen.read_text().strip()
-        assert url.startswith(srv.url + "/#key="), url
-        key = url.split("#key=")[1]
-        assert len(key) >= 24
+        assert url.startswith(srv.url + "/#code="), url
+        code = url.split("#code=")[1]
+        trade = httpx.post(srv.url + "/avgguf/session", json={"code": code})
+        assert trade.status_code == 200
+        key = trade.json()["key"]
+        assert len(key) >= 24 and key not in url
+        again = httpx.post(srv.url + "/avgguf/session", json={"code": code})
+        assert again.status_code == 403, "a used code must buy nothing"
         assert httpx.get(srv.url + "/avgguf/models").status_code == 401
         r = httpx.get(srv.url + "/avgguf/models", headers={"Authorization": f"Bearer {key}"})
         assert r.status_code == 200 and r.json()["data"][0]["id"] == "tiny"

@@ -1,5 +1,5 @@
-"""Issue #20 in a real browser (headless Chromium): `avgguf desktop` hands its page a per-run key that works
-without typing and leaves the address bar; a page of another origin cannot change the server's scales or
+"""Issue #20 in a real browser (headless Chromium): `avgguf desktop` hands its page a one-time code that the
+page trades for the per-run key, without typing, and that leaves the address bar; a page of another origin cannot change the server's scales or
 write a profile (the CSRF the audit reproduced), even with --allow-write."""
 
 from __future__ import annotations
@@ -64,13 +64,16 @@ def desktop(tiny_kit, tmp_path_factory):
     proc.wait(timeout=30)
 
 
-def test_the_page_gets_its_key_from_the_url_fragment(browser, desktop):
+def test_the_page_trades_its_one_time_code_for_the_key(browser, desktop):
     url, _ = desktop
     browser.get(url)
     wait(lambda: browser.find_elements("css selector", "input[type=range][data-av]"), what="sliders")
-    assert "#key=" not in browser.current_url, "the key stayed in the address bar"
+    assert "#code=" not in browser.current_url, "the code stayed in the address bar"
     stored = browser.execute_script("return [sessionStorage.getItem('avgguf-key'), localStorage.getItem('avgguf-key')]")
-    assert stored == [url.split("#key=")[1], None]
+    assert stored[0] and len(stored[0]) >= 24 and stored[1] is None
+    base = url.split("#")[0].rstrip("/")
+    assert httpx.get(base + "/avgguf/models", headers={"Authorization": f"Bearer {stored[0]}"}).status_code == 200
+    assert httpx.post(base + "/avgguf/session", json={"code": url.split("#code=")[1]}).status_code == 403
 
 
 @pytest.fixture()

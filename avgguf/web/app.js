@@ -248,16 +248,25 @@ $("#save-profile").addEventListener("click", saveProfile);
 $("#prompt").addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.shiftKey) send(e);
 });
-// `avgguf desktop` hands this page its per-run key in the URL's fragment (never sent to any server): keep
-// it for this tab only (sessionStorage, not localStorage) and drop it from the address bar and history.
-const fromUrl = new URLSearchParams(location.hash.slice(1)).get("key");
-if (fromUrl) {
-  sessionStorage.setItem("avgguf-key", fromUrl);
+// `avgguf desktop` opens this page with a one-time code in the URL's fragment (never sent to any server as
+// part of the URL): trade it once for the API key, keep the key for this tab only (sessionStorage, not
+// localStorage) and drop the code from the address bar and history.
+async function redeemCode() {
+  const code = new URLSearchParams(location.hash.slice(1)).get("code");
+  if (!code) return;
   history.replaceState(null, "", location.pathname + location.search);
+  try {
+    const body = await api("/avgguf/session", { method: "POST", body: JSON.stringify({ code }) });
+    sessionStorage.setItem("avgguf-key", body.key);
+  } catch (e) {
+    status("could not get the API key from avgguf desktop: " + e.message + " (type it above)", true);
+  }
 }
-$("#api-key").value = sessionStorage.getItem("avgguf-key") || "";
 $("#api-key").addEventListener("change", () => {
   sessionStorage.setItem("avgguf-key", $("#api-key").value);
   loadModels();
 });
-loadModels();
+redeemCode().then(() => {
+  $("#api-key").value = sessionStorage.getItem("avgguf-key") || "";
+  loadModels();
+});
