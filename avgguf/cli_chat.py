@@ -220,8 +220,8 @@ def run_serve(args) -> int:
 
 def run_desktop(args) -> int:
     """`avgguf serve` on 127.0.0.1 (a free port unless --port) that opens the chat page in the browser ($BROWSER
-    is honoured). Without a key of the user's own, a fresh random key per run: the page gets it in the URL's
-    fragment (never sent over HTTP, dropped from the address bar), so no other page or local user can drive it."""
+    is honoured). Without a key of the user's own, a fresh random key per run, which the page gets for a
+    one-time code in the URL's fragment (server_guard.Handoff), so no other page or local user can drive it."""
     import secrets
     import webbrowser
 
