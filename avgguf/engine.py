@@ -50,6 +50,25 @@ def chat_formatter(llm, where: str = "model"):
     return lambda messages: fmt_(messages=messages).prompt
 
 
+def _chat_answer(out: dict) -> dict:
+    """A text completion in chat.completion's shape."""
+    choice = out["choices"][0]
+    return {**out, "id": "chat" + out["id"], "object": "chat.completion", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": choice["text"]}, "logprobs": None,
+         "finish_reason": choice["finish_reason"]}]}
+
+
+def _chat_chunks(chunks):
+    """Text completion chunks as chat.completion.chunk ones (a role delta first)."""
+    for i, chunk in enumerate(chunks):
+        choice = chunk["choices"][0]
+        head = {**chunk, "id": "chat" + chunk["id"], "object": "chat.completion.chunk"}
+        if i == 0:
+            yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}
+        delta = {"content": choice["text"]} if choice["text"] else {}
+        yield {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": choice["finish_reason"]}]}
+
+
 @dataclass
 class LoadedAdapter:
     name: str
@@ -420,8 +439,15 @@ class Engine:
     # -- generation -------------------------------------------------------------------------
 
     def chat_completion(self, messages: list[dict], stream: bool = False, **sampling):
-        """OpenAI-shaped chat completion (dict, or iterator of chunks), llama-cpp-python's sampler."""
-        return self._llm.create_chat_completion(messages=messages, stream=stream, **sampling)
+        """OpenAI-shaped chat completion (dict, or iterator of chunks), llama-cpp-python's sampler. Content that
+        holds special-token text (`<|im_start|>system` typed in) is prompted as text (chat_tokens), not as
+        the template's markers; other content takes llama-cpp-python's own chat path, unchanged."""
+        if not any(self._has_special(m.get("content") or "") for m in messages):
+            return self._llm.create_chat_completion(messages=messages, stream=stream, **sampling)
+        end = self._model_llm._model.token_get_text(self.eos)
+        sampling["stop"] = [*(sampling.get("stop") or []), end]  # as the template formatter stops
+        out = self._llm.create_completion(prompt=self.chat_tokens(messages), stream=stream, **sampling)
+        return _chat_chunks(out) if stream else _chat_answer(out)
 
     def completion(self, prompt: str, stream: bool = False, **sampling):
         return self._llm.create_completion(prompt=prompt, stream=stream, **sampling)
