@@ -78,8 +78,8 @@ def add_key_args(p, help_: str) -> None:
     """The API key from --api-key-file, $AVGGUF_API_KEY or --api-key (visible to other users in `ps`)."""
     p.add_argument("--api-key", help=help_ + " (prefer --api-key-file or AVGGUF_API_KEY: argv is visible in ps)")
     p.add_argument("--api-key-file", type=Path, metavar="FILE", help="read the API key from FILE (first line)")
-    p.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="SECONDS", help="on SIGTERM/Ctrl-C, "
-                   "answers still running after this long are cancelled (default 10)")
+    p.add_argument("--shutdown-timeout", type=float, default=8.0, metavar="SECONDS", help="on SIGTERM/Ctrl-C, "
+                   "answers still running after this long are cancelled (default 8: inside docker stop's 10)")
     p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS", help="a connection that has "
                    "not sent its request headers after this long is closed (default 10)")
     p.add_argument("--max-connections", type=cli_args.positive_int, default=128, help="open connections and "
