@@ -13,11 +13,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 # surface -> (test file, -k expression or None): the tables and faults that belong to it
+HTTP_BAD = "bad_request or chunked or declared or half_sent or hostile_grammars"
+HONEST = "constrained or logit_bias or allows_no or weight_zero or run_with_pad or forge or metadata"
 SURFACES = {
-    "HTTP API": ("tests/test_server_trust.py", "bad_request or chunked or declared or half_sent or forge"),
-    "HTTP faults (leaving clients, SIGTERM, desktop)": ("tests/test_server_trust.py",
-                                                         "not bad_request and not chunked and not declared "
-                                                         "and not half_sent and not forge"),
+    "HTTP API (bad requests, bodies, headers, grammars)": ("tests/test_server_trust.py", HTTP_BAD),
+    "API honesty (constraints, PAD at weight 0, no forged turns)": ("tests/test_server_trust.py", HONEST),
+    "HTTP faults (leaving clients, SIGTERM, desktop, keys)": ("tests/test_server_trust.py",
+                                                              f"not ({HTTP_BAD}) and not ({HONEST})"),
     "browser (CSRF page, key handoff)": ("tests/test_web_trust.py", None),
     "modelfile YAML": ("tests/test_modelfile_errors.py", None),
     "profile saves": ("tests/test_profile_save.py", None),
@@ -51,8 +53,8 @@ def run_surface(path: str, expr: str | None) -> tuple[int, int, int, list[str]]:
 
 
 def case_table() -> None:
-    print(f"| {'surface':<48} | tried | clear error / handled | skipped | not handled |")
-    print(f"|{'-' * 50}|------:|----------------------:|--------:|-------------|")
+    print(f"| {'surface':<60} | tried | clear error / handled | skipped | not handled |")
+    print(f"|{'-' * 62}|------:|----------------------:|--------:|-------------|")
     for surface, (path, expr) in SURFACES.items():
         tried, clear, skipped, bad = run_surface(path, expr)
-        print(f"| {surface:<48} | {tried:5d} | {clear:21d} | {skipped:7d} | {', '.join(bad) or '-'} |", flush=True)
+        print(f"| {surface:<60} | {tried:5d} | {clear:21d} | {skipped:7d} | {', '.join(bad) or '-'} |", flush=True)
