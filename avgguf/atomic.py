@@ -93,6 +93,29 @@ def temp_path(target: Path, suffix: str = "tmp") -> Path:
     return target.with_name(f".{target.name}.avgguf-{tag}.{suffix}")
 
 
+def _stale(pid: int, entry: os.DirEntry) -> bool:
+    """Left by a process that is gone: its pid is dead, or now names a process started after the entry was
+    last written (a reused pid: a container's avgguf is PID 1 at every start)."""
+    if not pid_alive(pid):
+        return True
+    started = process_started(pid)
+    try:
+        return started is not None and entry.stat(follow_symlinks=False).st_mtime < started - 1.0
+    except OSError:
+        return False
+
+
+def process_started(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch, from /proc), or None where unknown."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
 def pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False
@@ -116,7 +139,7 @@ def remove_stale(directory: str | os.PathLike, pattern: re.Pattern | None = None
         return removed
     for entry in entries:
         m = pattern.search(entry.name)
-        if m is None or int(m.group(1)) == os.getpid() or pid_alive(int(m.group(1))):
+        if m is None or not _stale(int(m.group(1)), entry):
             continue
         p = Path(entry.path)
         try:

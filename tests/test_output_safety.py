@@ -403,3 +403,22 @@ def test_kill_9_mid_write_leaves_no_partial_output_and_the_rerun_succeeds(tiny_k
 
 def _temp_has(directory: Path, name: str) -> bool:
     return any((directory / h / name).exists() for h in hidden(directory) if (directory / h).is_dir())
+
+
+def test_stale_scratch_of_a_reused_pid_is_removed(tmp_path):
+    """A container's avgguf is PID 1 at every start: scratch named with our own pid but older than this
+    process was left by an earlier one; scratch written since we started stays."""
+    import os
+    import time
+
+    from avgguf import atomic
+
+    old = tmp_path / f".out.gguf.avgguf-{os.getpid()}.tmp"
+    new = tmp_path / f".other.gguf.avgguf-{os.getpid()}.tmp"
+    old.write_bytes(b"x")
+    new.write_bytes(b"y")
+    long_ago = time.time() - 10 * 86400
+    os.utime(old, (long_ago, long_ago))
+    assert atomic.process_started(os.getpid()) is not None
+    assert atomic.remove_stale(tmp_path) == [old]
+    assert new.exists() and not old.exists()
