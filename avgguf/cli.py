@@ -21,7 +21,8 @@ TORCH_HINT = ("pip install torch==2.13.0 --index-url https://download.pytorch.or
 
 
 def add_convert_parser(sub, parent) -> None:
-    p = sub.add_parser("convert", parents=[parent], help="turn an alignment vector (aligned - base, or a PEFT LoRA) into a GGUF LoRA",
+    p = sub.add_parser("convert", parents=[parent],
+                       help="turn an alignment vector (aligned - base, or a PEFT LoRA) into a GGUF LoRA",
                        description="Write aligned - base (or a PEFT LoRA) as a GGUF LoRA adapter for llama.cpp.")
     p.add_argument("--base", required=True, help="base model: HF checkpoint directory or .gguf file")
     src = p.add_mutually_exclusive_group(required=True)

@@ -273,7 +273,8 @@ async def chat_completions(request: Request, registry: RegistryDep):
                                "top 10 tokens, which a grammar may all exclude; use decode pad-full or weights",
                                param="avgguf.decode", code="unsupported_parameter")
             (await _sampler(served, Sampling(max_tokens=1, grammar=req.grammar))).close()
-        run = lambda slot, stream: slot.chat_pad(req, coefs, decode, stream=stream)
+        def run(slot, stream):
+            return slot.chat_pad(req, coefs, decode, stream=stream)
         return await generate(Job(served, body, run, coefs, len(tokens), registry.stats, decode), request, req)
     return await _batched(request, served, body, coefs, tokens, registry.stats, chat=True)
 

@@ -292,7 +292,9 @@ async def batched_events(bj: BatchJob, req: BatchRequest, queue: asyncio.Queue):
         status = "ok"
         yield _chunk(bj, head, None, ev.finish)
         if include_usage:
-            yield f"data: {json.dumps({**head, 'object': 'chat.completion.chunk' if bj.chat else 'text_completion', 'choices': [], 'usage': _usage(len(bj.tokens), ev.tokens)})}\n\n"
+            tail = {**head, "object": "chat.completion.chunk" if bj.chat else "text_completion", "choices": [],
+                    "usage": _usage(len(bj.tokens), ev.tokens)}
+            yield f"data: {json.dumps(tail)}\n\n"
         yield "data: [DONE]\n\n"
         bj.job.log(ev.tokens, stats=_stats(ev))
     finally:

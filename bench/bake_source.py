@@ -1,6 +1,7 @@
 """A profile baked from the fine-tune itself (`avgguf bake --source NAME=BASE,ALIGNED`): the merge starts from
 the full-precision base checkpoint (the base GGUF's 4-bit rounding is not compounded), vs the same delta added
-to the GGUF's weights, vs the adapter; and whether the base's own 4-bit type can hold it. Speed relative to the base GGUF and fidelity against the full-precision aligned model
+to the GGUF's weights, vs the adapter; and whether the base's own 4-bit type can hold it. Speed relative to
+the base GGUF and fidelity against the full-precision aligned model
 (base checkpoint + λ·(aligned − base), float32), next to the adapter paths.
 
     python bench/bake_source.py --source medical=runs/medical/base,runs/medical/aligned [--repeats 5]

@@ -6,7 +6,6 @@ one failing request does not take the others down."""
 from __future__ import annotations
 
 import queue
-import threading
 
 import pytest
 

@@ -91,7 +91,8 @@ def test_quantized_factors_fuse_natively(tiny_kit, tmp_path):
 def delta(path, base: str) -> np.ndarray:
     tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
     a, b = tensors[base + fmt.LORA_A], tensors[base + fmt.LORA_B]
-    shape = lambda t: tuple(int(x) for x in reversed(t.shape.tolist()))
+    def shape(t):
+        return tuple(int(x) for x in reversed(t.shape.tolist()))
     fa = fmt.decode(np.asarray(a.data), a.tensor_type).reshape(shape(a)).astype(np.float64)
     fb = fmt.decode(np.asarray(b.data), b.tensor_type).reshape(shape(b)).astype(np.float64)
     return fmt.delta_from_pair(base, fa, fb)

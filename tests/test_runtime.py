@@ -17,7 +17,7 @@ from avgguf.engine import Engine
 from avgguf.modelfile import ModelfileError, load_modelfile
 from avgguf.runtime import GenerationRequest, Runtime
 from conftest import F32, TOKENS, assert_logits_close, logits, make_pair, merged_logits
-from synthetic import Delta, Spec, representable, to_gguf_tensors, write_gguf
+from synthetic import Spec
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,7 +53,6 @@ def generate(engine: Engine, prompt: list[int], n: int = 10) -> str:
 
 def test_no_stale_kv_after_a_change(kit):
     """Same prompt twice, coefficients changed in between: the second pass must equal a fresh model's."""
-    import llama_cpp
 
     root, p, _ = kit
     prompt = TOKENS[:6]

@@ -395,7 +395,8 @@ def test_a_set_switches_to_its_fused_adapter_only_at_a_request_boundary(rt, monk
     assert done_a.evaluated == done_b.evaluated == len(second.req.tokens)
     assert third.seq_slot == second.seq_slot and done_c.evaluated == 1  # the fused K/V, not the separate one
     assert a == b == c and done_a.finish == done_b.finish
-    lps = lambda ans: [e["logprob"] for _, ev in ans.stamped if ev.logprobs for e in ev.logprobs]
+    def lps(ans):
+        return [e["logprob"] for _, ev in ans.stamped if ev.logprobs for e in ev.logprobs]
     assert len(lps(first)) == done_a.tokens
     assert max(abs(x - y) for x, y in zip(lps(first), lps(second))) < 1e-3  # the f16 K/V cache's rounding
 

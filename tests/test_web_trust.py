@@ -1,5 +1,6 @@
 """Issue #20 in a real browser (headless Chromium): `avgguf desktop` hands its page a one-time code that the
-page trades for the per-run key, without typing, and that leaves the address bar; a page of another origin cannot change the server's scales or
+page trades for the per-run key, without typing, and that leaves the address bar; a page of another origin
+cannot change the server's scales or
 write a profile (the CSRF the audit reproduced), even with --allow-write."""
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
