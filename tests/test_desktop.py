@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,7 +92,9 @@ def error_cases(root, p):
         ("lora scale not a number", ("run", str(p.base_gguf), "hi", "--lora", f"{adapter}=abc"), "expected PATH[=SCALE]"),
         ("lora scale out of range", ("run", str(p.base_gguf), "hi", "--lora", f"{adapter}=5"), "outside [-2, 2]"),
         ("bad set in one string", ("run", mf, "hi", "--set", "medical=0.8 legal"), "expected NAME=VALUE"),
-        ("lambdas out of range", ("eval", mf, "--data", str(root / "none.jsonl"), "--lambdas", "-3:1:1"), "not found"),
+        # a real data file: the message must be about the range (it used to stop at a missing file)
+        ("lambdas out of range", ("eval", mf, "--data", str(Path(__file__).parent.parent / "data" / "preferences" /
+                                                           "eval.jsonl"), "--lambdas", "-3:1:1"), "-3 is outside [-2, 2]"),
     ]
 
 
@@ -258,7 +261,8 @@ def test_permutation_pinned_to_llama_cpp(n_head, n_head_kv, rows):
 
 # --- thread policy ----------------------------------------------------------------------------------------
 
-def test_thread_policy_sees_a_busy_process():
+def test_thread_policy_sees_a_busy_process(monkeypatch):
+    monkeypatch.delenv("AVGGUF_THREADS", raising=False)
     meter = CpuMeter()
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
@@ -272,4 +276,4 @@ def test_thread_policy_sees_a_busy_process():
     assert policy.threads() == 2  # no meter: all cores
     assert ThreadPolicy(fixed=3).threads() == 3
     assert ThreadPolicy.from_settings(0, default=4).fixed is None  # --threads 0 = adaptive, beats the modelfile
-    assert ThreadPolicy.from_settings(None, default=4).fixed == 4 or os.environ.get("AVGGUF_THREADS")
+    assert ThreadPolicy.from_settings(None, default=4).fixed == 4  # no --threads: the modelfile's
