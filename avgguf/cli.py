@@ -43,7 +43,7 @@ def add_convert_parser(sub, parent) -> None:
                    "KiB/MiB/GiB): rank and factor type per tensor are chosen for the most fidelity per byte")
     p.add_argument("--dtype", choices=["f32", "f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"],
                    help="factor storage type (default f16; with --max-size, the only type used instead of a mix of "
-                        "f32/f16/q8_0/q5_0/q4_0). Quantized types need rank % 32 == 0 for lora_b, else it stays f16")
+                        "f32/f16/q8_0/q5_0/q4_0). Quantized types need rank %% 32 == 0 for lora_b, else it stays f16")
     fit = p.add_argument_group("fitting (pair conversions)")
     fit.add_argument("--fit", default="svd", choices=["svd", "distill"],
                      help="svd: best low-rank approximation of the weight delta (default); distill: start there, then "

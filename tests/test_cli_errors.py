@@ -232,3 +232,19 @@ def test_bad_command_line_one_clear_error(kit, capsys, case, argv, words):
     assert last.startswith(("avgguf: error:", "avgguf " + (argv[0] if argv else "") + ": error:")), err
     assert len(err) < 4000, len(err)
     assert elapsed < 30, (case, elapsed)  # nothing was loaded or run
+
+
+def test_every_help_page_renders():
+    """`avgguf SUBCOMMAND --help` prints its page and exits 0 for every subcommand (`convert --help` died on a
+    bare % in a help string)."""
+    import contextlib
+    import io
+
+    from avgguf.cli import build_parser, main
+
+    sub = next(a for a in build_parser()._actions if a.choices and "convert" in a.choices)
+    for name in sub.choices:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_:
+            main([name, "--help"])
+        assert exit_.value.code == 0 and "usage: avgguf" in out.getvalue(), name
