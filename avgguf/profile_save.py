@@ -141,33 +141,44 @@ def with_profile(text: str, name: str, coefs: dict[str, float], decode: str | No
 
 @contextlib.contextmanager
 def modelfile_lock(target: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
-    """An exclusive advisory lock (fcntl.flock) on the modelfile for a read-modify-write. A save replaces the
-    file (a new inode), so after the lock is taken the path is checked to still name the locked file; if it
-    was replaced meanwhile the new one is locked instead."""
+    """An exclusive advisory lock (fcntl.flock) for a read-modify-write of the modelfile: first on its
+    directory, whose inode a save never replaces (a lock on the file alone let a newcomer lock the new file a
+    save had just renamed into place while that save was still reading it back), then on the file itself
+    (what another tool locking the modelfile holds); if the file was replaced while waiting, the new one is
+    locked instead."""
     try:
-        import fcntl
+        import fcntl  # noqa: F401 (only to know whether advisory locks exist here)
     except ImportError:  # Windows: no advisory locks; saves within one process are still serialized
         yield
         return
     deadline = time.monotonic() + timeout
-    while True:
-        fd = os.open(target, os.O_RDONLY)
-        try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise ModelfileBusy(f"{target} is locked by another avgguf process saving a profile for "
-                                            f"more than {timeout:g} s; try again") from None
-                    time.sleep(0.02)
-            held, now = os.fstat(fd), _stat(target)
-            if now is not None and (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
-                yield
-                return
-        finally:
-            os.close(fd)  # releases the lock
+    with _flocked(os.open(target.parent, os.O_RDONLY), target, deadline, timeout):
+        while True:
+            with _flocked(os.open(target, os.O_RDONLY), target, deadline, timeout) as fd:
+                held, now = os.fstat(fd), _stat(target)
+                if now is not None and (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                    yield
+                    return
+
+
+@contextlib.contextmanager
+def _flocked(fd: int, target: Path, deadline: float, timeout: float) -> Iterator[int]:
+    """`fd` locked exclusively (waiting until `deadline`), closed (so unlocked) at the end."""
+    import fcntl
+
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise ModelfileBusy(f"{target} is locked by another avgguf process saving a profile for "
+                                        f"more than {timeout:g} s; try again") from None
+                time.sleep(0.02)
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def _stat(path: Path) -> os.stat_result | None:

@@ -210,13 +210,16 @@ def test_a_save_waits_for_another_process_holding_the_lock(folder, tiny_base):
 
 
 def test_two_processes_saving_at_once_lose_nothing(folder, tiny_base):
+    """Several savers at once: every save lands, and none sees another's write during its own read-back
+    (a lock on the file alone let a newcomer lock the file a save had just renamed into place: that save's
+    read-back then failed and it restored the old text, losing the newcomer's profile)."""
     path = write(folder, f"base: {tiny_base}\n")  # no AVs: empty profiles, the same read-modify-write
-    procs = [_saver(path, f"w{k}-", 15) for k in range(3)]
+    procs = [_saver(path, f"w{k}-", 20) for k in range(4)]
     for proc in procs:
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
     names = set(load_modelfile(path).spec.profiles)
-    assert names == {f"w{k}-{i}" for k in range(3) for i in range(15)}, sorted(names)
+    assert names == {f"w{k}-{i}" for k in range(4) for i in range(20)}, sorted(names)
 
 
 # --- the server route ---------------------------------------------------------------------------------------
