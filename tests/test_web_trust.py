@@ -116,3 +116,30 @@ def test_a_foreign_page_cannot_drive_the_server(browser, open_server, tmp_path):
         evil.shutdown()
     assert httpx.get(base + "/lora-adapters").json() == scales
     assert modelfile.read_text() == before
+
+
+def test_saving_over_an_existing_profile_asks_first(browser, open_server):
+    """Audit 26: the page replaced a profile of the same name without asking. Now it asks; dismissed, the
+    modelfile is untouched; accepted, the profile is replaced and the page says so."""
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    base, modelfile = open_server
+    before = modelfile.read_text()
+    browser.get(base + "/")
+    wait(lambda: browser.find_elements("css selector", "input[type=range][data-av]"), what="sliders")
+    browser.execute_script("const r = document.querySelector(`input[type=range][data-av='medical']`);"
+                           "r.value = -1.5; r.dispatchEvent(new Event('input'));")
+    box = browser.find_element("css selector", "#profile-name")
+    box.clear()
+    box.send_keys("mixed")  # a profile of the modelfile
+    for accept in (False, True):
+        browser.find_element("css selector", "#save-profile").click()
+        alert = WebDriverWait(browser, 10).until(expected_conditions.alert_is_present())
+        assert "Replace the profile mixed" in alert.text
+        alert.accept() if accept else alert.dismiss()
+        words = "replaced profile mixed" if accept else "kept as it was"
+        wait(lambda: words in browser.find_element("css selector", "#status").text, what=words)
+        if not accept:
+            assert modelfile.read_text() == before
+    assert "medical: -1.5" in modelfile.read_text()

@@ -226,10 +226,13 @@ async function send(event) {
 async function saveProfile() {
   const name = $("#profile-name").value.trim();
   if (!name) return status("give the profile a name", true);
+  if (name in (state.model.profiles || {}) && !confirm(`Replace the profile ${name}?`)) {
+    return status(`not saved: ${name} kept as it was`);
+  }
   try {
     const body = { model: state.model.id, name, coefficients: sliderCoefficients(), decode: $("#decode").value };
-    await api("/avgguf/profiles", { method: "POST", body: JSON.stringify(body) });
-    status(`saved profile ${name}`);
+    const saved = await api("/avgguf/profiles", { method: "POST", body: JSON.stringify(body) });
+    status(saved.replaced ? `replaced profile ${name}` : `saved profile ${name}`);
     await loadModels();
   } catch (e) {
     status("not saved: " + e.message, true);
