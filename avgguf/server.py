@@ -142,9 +142,7 @@ class Registry:
         flags = [f for s in served for f in list(s.inflight) if not f.is_set()]
         for flag in flags:
             flag.set()
-        for batcher in [b for s in served for b in list(s.peers)]:
-            batcher.cancel_all()
-        return len(flags)
+        return len(flags)  # queued ones too: the flag is set at submit; each batcher drops them next step
 
     def close(self) -> None:
         """Stop every model's contexts, then free the models whose threads stopped (scratch removed)."""
@@ -473,6 +471,5 @@ def check_exposure(host: str, api_key: str | None, allow_write: bool) -> None:
         raise AvggufError(f"--allow-write on --host {host} without --api-key would let anyone on the network "
                           f"rewrite your modelfiles: add --api-key-file FILE (or AVGGUF_API_KEY), or serve on "
                           f"127.0.0.1")
-    log.warning("serving on %s without an API key: anyone who can reach it can use the models", host)
     print(f"avgguf serve: warning: --host {host} without --api-key: anyone who can reach this port can use "
           f"the models (set AVGGUF_API_KEY or --api-key-file)", flush=True)

@@ -110,3 +110,15 @@ def merged_logits(p, q, a: float, b: float) -> np.ndarray:
     if not path.exists():
         write_gguf(path, p.spec, to_gguf_tensors(p.spec, d.applied_to(p.weights)))
     return logits(path)
+
+
+@pytest.fixture(scope="module")
+def rt(tiny_kit):
+    """The tiny kit's modelfile as a Runtime with synchronous fusion (the batching tests' engine)."""
+    from avgguf.modelfile import load_modelfile
+    from avgguf.runtime import Runtime
+
+    root, *_ = tiny_kit
+    runtime = Runtime(load_modelfile(root / "tiny.yaml"), fuse="sync")
+    yield runtime
+    runtime.close()

@@ -7,19 +7,10 @@ from __future__ import annotations
 
 import queue
 
-import pytest
 
 from avgguf.batching import BatchRequest, Batcher, BusyError, Sampling, common_prefix, held_back
 from avgguf.modelfile import load_modelfile
 from avgguf.runtime import GenerationRequest, Runtime
-
-
-@pytest.fixture(scope="module")
-def rt(tiny_kit):
-    root, *_ = tiny_kit
-    runtime = Runtime(load_modelfile(root / "tiny.yaml"), fuse="sync")
-    yield runtime
-    runtime.close()
 
 
 def submit(batcher, rt, text, profile, max_tokens=10, **kw):

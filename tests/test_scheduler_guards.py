@@ -41,14 +41,6 @@ def private_scratch(tmp_path, monkeypatch):
     return shm, cache / "avgguf"
 
 
-@pytest.fixture(scope="module")
-def rt(tiny_kit):
-    root, *_ = tiny_kit
-    runtime = Runtime(load_modelfile(root / "tiny.yaml"), fuse="sync")
-    yield runtime
-    runtime.close()
-
-
 def tokens_of(rt, text: str) -> list[int]:
     return rt.engine.tokenize(rt.engine.format_chat(rt.with_system([{"role": "user", "content": text}])))
 
