@@ -29,8 +29,8 @@ class Model:
                  n_gpu_layers: int | None = None, threads: int | None = None, verbose: bool = False):
         """`target`: a modelfile (`demo.yaml` or `demo.yaml:PROFILE`), a base `.gguf` or `builtin:NAME`;
         `avs`: adapter paths for a bare base GGUF (named as `avgguf profiles` shows: `Model.avs`)."""
-        from .modelfile import open_target
-        from .runtime import Runtime
+        from avgguf.config.modelfile import open_target
+        from avgguf.runtime.session import Runtime
 
         self.modelfile, self.profile = open_target(str(target), [f"{p}=0" for p in avs or []])
         self.coefficients: dict[str, float] = self.modelfile.coefficients(self.profile)
@@ -60,7 +60,7 @@ class Model:
 
     def stream(self, message: str | list[dict[str, str]], *, decode: str = "weights", **sampling: Any) -> Iterator[str]:
         """The answer's text pieces as they are generated."""
-        from .runtime import GenerationRequest
+        from avgguf.runtime.session import GenerationRequest
 
         messages = [{"role": "user", "content": message}] if isinstance(message, str) else list(message)
         req = GenerationRequest(messages=messages, **sampling)
@@ -68,7 +68,7 @@ class Model:
 
     def complete(self, prompt: str, **sampling: Any) -> str:
         """A plain-text continuation of `prompt` (no chat template)."""
-        from .runtime import GenerationRequest
+        from avgguf.runtime.session import GenerationRequest
 
         out = self._rt.complete(GenerationRequest(prompt=prompt, **sampling), self.coefficients)
         return out["choices"][0]["text"]
@@ -92,9 +92,9 @@ def convert(base: str | Path, aligned: str | Path, out: str | Path, *, name: str
             dtype: str = "f16", force: bool = False, **kwargs: Any) -> dict:
     """The AV aligned − base (two Hugging Face checkpoints or two GGUFs) as a GGUF LoRA adapter at `out`,
     rank `rank`; returns the conversion report. Needs the `convert` extra (torch)."""
-    from .converters.convert import convert_pair
-    from .converters.lowrank import RankPolicy
-    from .converters.sources import open_source
+    from avgguf.converters.convert import convert_pair
+    from avgguf.converters.lowrank import RankPolicy
+    from avgguf.converters.sources import open_source
 
     report = convert_pair(open_source(base, "base"), open_source(aligned, "aligned"), out, name=name,
                           policy=RankPolicy(rank=rank), dtype=dtype, force=force, **kwargs)
@@ -105,8 +105,8 @@ def bake_to(target: str, out: str | Path, *, format: str = "gguf", coefficients:
          force: bool = False, **kwargs: Any) -> dict:
     """`avgguf bake`: a profile (`modelfile:profile`) or coefficients baked to `format` (gguf, adapter, ollama,
     peft) at `out`. (Not `bake`: that name is the avgguf.bake module.)"""
-    from .bake import bake as bake_profile
-    from .modelfile import open_target
+    from avgguf.export.bake import bake as bake_profile
+    from avgguf.config.modelfile import open_target
 
     mf, profile = open_target(target)
     coefs = mf.coefficients(profile, dict(coefficients or {}), source="coefficients")

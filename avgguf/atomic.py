@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from .errors import AvggufError
+from avgguf.errors import AvggufError
 
 MARKER = "avgguf.json"          # written into every directory output; names its kind and its files
 KEY_KIND = "avgguf.output"      # marker key: the kind of output ("ollama", "peft", ...)

@@ -38,8 +38,8 @@ from bake_speed import (
     speeds,
 )
 
-from avgguf.bake import Bake, baked_gguf, open_sources, write_merged_f32
-from avgguf.modelfile import load_modelfile
+from avgguf.export.bake import Bake, baked_gguf, open_sources, write_merged_f32
+from avgguf.config.modelfile import load_modelfile
 
 
 class FromGGUF(Bake):

@@ -35,11 +35,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from avgguf import adapter_format as fmt
-from avgguf.bake import Bake, baked_gguf, write_merged_f32
-from avgguf.engine import Engine
-from avgguf.fusion import write_fused
-from avgguf.modelfile import load_modelfile, modelfile_from_gguf
+from avgguf.gguf import adapter_format as fmt
+from avgguf.export.bake import Bake, baked_gguf, write_merged_f32
+from avgguf.runtime.engine import Engine
+from avgguf.gguf.fuse import write_fused
+from avgguf.config.modelfile import load_modelfile, modelfile_from_gguf
 
 PROMPT = "<|im_start|>user\nWhat should I do about a persistent cough?<|im_end|>\n<|im_start|>assistant\n"
 

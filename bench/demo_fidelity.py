@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fidelity import f32_gguf, kl  # noqa: E402
 
-from avgguf.engine import Engine  # noqa: E402
-from avgguf.evaluate import Judge, read_eval_data  # noqa: E402
+from avgguf.runtime.engine import Engine  # noqa: E402
+from avgguf.eval.judge import Judge, read_eval_data  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "preferences" / "eval.jsonl"
 SETTINGS = [["--rank", "4", "--dtype", "f16"], ["--rank", "8", "--dtype", "f16"], ["--rank", "16", "--dtype", "q8_0"],
@@ -76,7 +76,7 @@ def main() -> None:
 
         print(f"| {domain} | base (λ=0) | - | - | 0% | {kl_to_merged(d_base):.3f} | {e_base:.2f} |", flush=True)
         shipped = Path(__file__).resolve().parent.parent / "modelfiles" / "avs" / f"{domain}.gguf"
-        from avgguf import adapter_format as fmt
+        from avgguf.gguf import adapter_format as fmt
 
         kept = fmt.read_adapter(shipped).meta[fmt.KEY_ENERGY_KEPT]
         m, e, d = measure(base_gguf, shipped, rows)
@@ -87,7 +87,7 @@ def main() -> None:
             t0 = time.perf_counter()
             subprocess.run([sys.executable, "-m", "avgguf.cli", "convert", "--base", str(base_dir), "--aligned",
                             str(aligned_dir), "--out", str(out), *conv], check=True, capture_output=True)
-            from avgguf import adapter_format as fmt
+            from avgguf.gguf import adapter_format as fmt
 
             kept = fmt.read_adapter(out).meta[fmt.KEY_ENERGY_KEPT]
             m, e, d = measure(base_gguf, out, rows)

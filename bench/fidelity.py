@@ -46,7 +46,7 @@ def f32_gguf(hf_dir: Path, out: Path) -> Path:
     permutation)."""
     import gguf
 
-    from avgguf.models import builtin_path
+    from avgguf.config.builtin import builtin_path
     from gguf_copy import copy_gguf
     from avgguf.converters.sources import HFCheckpoint
 
@@ -69,8 +69,8 @@ def kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
 
 def measure(model: Path, adapter: Path | None, rows: list[dict]) -> tuple[float, list[np.ndarray]]:
     """Mean preference margin and the logits along prompt + each reference answer."""
-    from avgguf.engine import Engine
-    from avgguf.evaluate import LEVELS, Judge
+    from avgguf.runtime.engine import Engine
+    from avgguf.eval.judge import LEVELS, Judge
 
     eng = Engine(model, n_ctx=1024, logits_all=True, type_k=0, type_v=0)
     if adapter is not None:
@@ -90,8 +90,8 @@ def measure(model: Path, adapter: Path | None, rows: list[dict]) -> tuple[float,
 
 def speed_ratio(adapter: Path, repeats: int) -> float:
     """Generation tok/s of base + adapter over base alone on the shipped Q4_1 model (alternating, medians)."""
-    from avgguf.engine import Engine
-    from avgguf.models import builtin_path
+    from avgguf.runtime.engine import Engine
+    from avgguf.config.builtin import builtin_path
 
     eng = Engine(builtin_path(), n_ctx=512, threads=2)
     eng.load_adapter("av", adapter)
@@ -168,8 +168,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "fidelity.json")
     args = ap.parse_args()
 
-    from avgguf import adapter_format as fmt
-    from avgguf.evaluate import read_eval_data
+    from avgguf.gguf import adapter_format as fmt
+    from avgguf.eval.judge import read_eval_data
 
     work = Path(tempfile.mkdtemp(prefix="avgguf-fidelity-"))
     rows = read_eval_data(DATA, args.domain)

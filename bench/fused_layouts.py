@@ -23,9 +23,9 @@ from fused_types import (  # the same measurement as bench/fused_types.py
 )
 from gguf import GGMLQuantizationType as QType
 
-from avgguf import adapter_format as fmt
-from avgguf.fusion import write_fused
-from avgguf.modelfile import load_modelfile
+from avgguf.gguf import adapter_format as fmt
+from avgguf.gguf.fuse import write_fused
+from avgguf.config.modelfile import load_modelfile
 
 QKV = ("attn_q", "attn_k", "attn_v")
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from gguf import GGMLQuantizationType as QType
 
-from avgguf.engine import Engine
-from avgguf.fusion import write_fused
-from avgguf.modelfile import load_modelfile
+from avgguf.runtime.engine import Engine
+from avgguf.gguf.fuse import write_fused
+from avgguf.config.modelfile import load_modelfile
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "<|im_start|>user\nWhat should I do about a persistent cough?<|im_end|>\n<|im_start|>assistant\n"

@@ -15,8 +15,8 @@ import statistics
 import time
 from pathlib import Path
 
-from avgguf.engine import Engine
-from avgguf.modelfile import load_modelfile
+from avgguf.runtime.engine import Engine
+from avgguf.config.modelfile import load_modelfile
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"

@@ -1,6 +1,6 @@
 """Two batching contexts on one model, decoding from two threads one after the other: seconds per 32-token
 greedy answer with libgomp's defaults (llama.cpp loaded before avgguf could set anything: what avgguf did
-before) and with avgguf's OpenMP settings (avgguf.threads.openmp_defaults), each in a fresh process.
+before) and with avgguf's OpenMP settings (avgguf.runtime.threads.openmp_defaults), each in a fresh process.
 
     python bench/openmp_contexts.py [--answers 5]
 
@@ -27,9 +27,9 @@ PHASES = ("A alone", "B after A", "A after B", "A and B in turn")
 def child(setting: str, answers: int) -> dict[str, float]:
     if setting == "libgomp defaults":
         import llama_cpp  # noqa: F401  (libgomp reads its environment now, before avgguf sets anything)
-    from avgguf.batching import Batcher, BatchRequest, Sampling
-    from avgguf.modelfile import load_modelfile
-    from avgguf.runtime import Runtime
+    from avgguf.runtime.batching import Batcher, BatchRequest, Sampling
+    from avgguf.config.modelfile import load_modelfile
+    from avgguf.runtime.session import Runtime
 
     rt = Runtime(load_modelfile(ROOT / "modelfiles" / "demo.yaml"), fuse="sync", merge="off", threads=2)
     key = rt.engine.coefficient_key({})

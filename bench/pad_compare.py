@@ -13,11 +13,11 @@ import argparse
 import time
 from pathlib import Path
 
-from avgguf.engine import Engine
-from avgguf.evaluate import EXPERT_PROMPT, Judge, pad_sweep, read_eval_data, sweep
-from avgguf.levels import LevelClassifier
-from avgguf.modelfile import load_modelfile
-from avgguf.runtime import GenerationRequest, Runtime
+from avgguf.runtime.engine import Engine
+from avgguf.eval.judge import EXPERT_PROMPT, Judge, pad_sweep, read_eval_data, sweep
+from avgguf.eval.levels import LevelClassifier
+from avgguf.config.modelfile import load_modelfile
+from avgguf.runtime.session import GenerationRequest, Runtime
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("base", "prompting", "weights", "pad", "pad-full")

@@ -15,8 +15,8 @@ import statistics
 import time
 from pathlib import Path
 
-from avgguf.engine import Engine
-from avgguf.modelfile import load_modelfile
+from avgguf.runtime.engine import Engine
+from avgguf.config.modelfile import load_modelfile
 
 PROMPT = "<|im_start|>user\nWhat should I do about a persistent cough?<|im_end|>\n<|im_start|>assistant\n"
 
@@ -125,7 +125,7 @@ def child(policy: str, tokens: int) -> None:
     """One answer in this fresh process; prints generation tok/s and end-to-end tok/s as JSON."""
     import json
 
-    from avgguf.models import builtin_path
+    from avgguf.config.builtin import builtin_path
 
     _, _, how = POLICIES[policy]
     if how == "llama":
@@ -134,7 +134,7 @@ def child(policy: str, tokens: int) -> None:
         llm = Llama(model_path=str(builtin_path()), n_ctx=1024, verbose=False)
         run = lambda: llm.create_chat_completion(CHAT, max_tokens=tokens, temperature=0.0, stream=True)  # noqa: E731
     else:
-        from avgguf.runtime import GenerationRequest, Runtime
+        from avgguf.runtime.session import GenerationRequest, Runtime
 
         mf = load_modelfile(Path(__file__).resolve().parent.parent / "modelfiles" / "smollm2.yaml")
         rt = Runtime(mf, n_ctx=1024)

@@ -9,7 +9,7 @@ on the same machine, and avgguf's adaptive thread policy would otherwise yield c
 
 avgguf with its exact adapters (--merge off) at each --parallel count; at the last one also on two contexts,
 and as it runs by default on SmolLM2 (merge auto: a set asked for by a quarter of the recent requests is baked
-into merged q8_0 weights in the background and served from them, avgguf.hot), with and without --kv-unified;
+into merged q8_0 weights in the background and served from them, avgguf.runtime.merged), with and without --kv-unified;
 llama-server --parallel 8 with its default (a K/V stream per slot) and with --kv-unified. Each server is warmed
 up with one-set traffic, and after every cell the bench waits until no merge is under way (GET
 /v1/models/demo), so a bake never runs into another server's measurement.
@@ -110,7 +110,7 @@ def main() -> None:
     ap.add_argument("--parallel", default="1,8", help="avgguf serve --parallel values to measure")
     ap.add_argument("--llama-server", help="a llama-server binary to measure side by side (--parallel 8)")
     args = ap.parse_args()
-    from avgguf.models import builtin_path
+    from avgguf.config.builtin import builtin_path
 
     avgguf = [sys.executable, "-m", "avgguf.cli", "serve", str(ROOT / "modelfiles" / "demo.yaml"),
               "--threads", str(os.cpu_count())]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from avgguf import adapter_format as fmt
+from avgguf.gguf import adapter_format as fmt
 from avgguf.errors import ConversionError
 
 RANKS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-import avgguf
-from avgguf import adapter_format as fmt
+from avgguf.version import __version__
+from avgguf.gguf import adapter_format as fmt
 from avgguf.errors import ConversionError
 from .lowrank import Factors, RankPolicy, factorize
 from .sources import TensorSource
@@ -105,7 +105,7 @@ class AdapterBuild:
             raise ConversionError(f"nothing llama.cpp can apply: {reasons}. Check that --aligned differs "
                                   f"from --base in its attention/MLP weights")
         w = self.writer
-        w.add_metadata(fmt.KEY_VERSION, avgguf.__version__)
+        w.add_metadata(fmt.KEY_VERSION, __version__)
         for key, value in meta.items():
             w.add_metadata(key, value)
         w.add_metadata(fmt.KEY_DTYPE, self.dtype)

@@ -29,9 +29,9 @@ from tqdm import tqdm
 
 import gguf
 
-from avgguf import adapter_format as fmt
+from avgguf.gguf import adapter_format as fmt
 from avgguf.errors import ConversionError
-from .arches import permute_rows, qk_heads, unpermute_rows
+from avgguf.gguf.arches import permute_rows, qk_heads, unpermute_rows
 from .calibration import Row, read_calibration
 from .lowrank import Factors
 from .sources import GGUFModel, TensorSource

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import gguf
 
-from avgguf import adapter_format as fmt
+from avgguf.gguf import adapter_format as fmt
 from avgguf.errors import ConversionError
-from .arches import permute_rows, qk_heads
+from avgguf.gguf.arches import permute_rows, qk_heads
 from .convert import AdapterBuild, ConversionReport
 from .lowrank import RankPolicy, factorize_product
 from .sources import TensorSource

@@ -12,7 +12,7 @@ import numpy as np
 import gguf
 
 from avgguf.errors import ConversionError
-from .arches import ArchSpec, permute_rows, qk_heads, spec_for_gguf, spec_for_hf_config
+from avgguf.gguf.arches import ArchSpec, permute_rows, qk_heads, spec_for_gguf, spec_for_hf_config
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ def load_smollm2():
     import torch
     from transformers import AutoModelForCausalLM
 
-    from avgguf.models import builtin_path
+    from avgguf.config.builtin import builtin_path
 
     path = builtin_path()
     return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, torch_dtype=torch.float32)
@@ -22,7 +22,7 @@ def load_smollm2():
 def tokenizer():
     from llama_cpp import Llama
 
-    from avgguf.models import builtin_path
+    from avgguf.config.builtin import builtin_path
 
     return Llama(str(builtin_path()), vocab_only=True, verbose=False)
 
@@ -33,7 +33,7 @@ def encode(tok, text: str) -> list[int]:
 
 def prompt_tokens(tok, query: str) -> list[int]:
     """The user turn as the runtime and `avgguf eval` format it (the GGUF's chat template)."""
-    from avgguf.engine import chat_formatter
+    from avgguf.runtime.engine import chat_formatter
 
     if not hasattr(tok, "_avgguf_fmt"):
         tok._avgguf_fmt = chat_formatter(tok)
@@ -48,7 +48,7 @@ def save_hf_tokenizer(path: Path) -> None:
     """The GGUF's tokenizer and chat template as HF tokenizer files (for `avgguf convert --fit distill`)."""
     from transformers import AutoTokenizer
 
-    from avgguf.models import builtin_path
+    from avgguf.config.builtin import builtin_path
 
     src = builtin_path()
     AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name).save_pretrained(str(path))

@@ -65,7 +65,7 @@ def llama_pair(tmp_path_factory) -> Pair:
 
 def logits(model: Path, adapters: dict[Path, float] | None = None, tokens=TOKENS) -> np.ndarray:
     """All-position logits from real llama.cpp, with adapters at the given scales."""
-    from avgguf.engine import Engine
+    from avgguf.runtime.engine import Engine
 
     # f32 KV cache: an f16 cache rounds K/V of both runs differently by an ulp now and then
     eng = Engine(model, n_ctx=64, logits_all=True, type_k=F32, type_v=F32)
@@ -115,8 +115,8 @@ def merged_logits(p, q, a: float, b: float) -> np.ndarray:
 @pytest.fixture(scope="module")
 def rt(tiny_kit):
     """The tiny kit's modelfile as a Runtime with synchronous fusion (the batching tests' engine)."""
-    from avgguf.modelfile import load_modelfile
-    from avgguf.runtime import Runtime
+    from avgguf.config.modelfile import load_modelfile
+    from avgguf.runtime.session import Runtime
 
     root, *_ = tiny_kit
     runtime = Runtime(load_modelfile(root / "tiny.yaml"), fuse="sync")

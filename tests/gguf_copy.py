@@ -10,7 +10,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from avgguf.adapter_format import copy_metadata
+from avgguf.gguf.adapter_format import copy_metadata
 
 
 def copy_gguf(src: str | Path, dst: str | Path, replace: dict[str, np.ndarray]) -> Path:

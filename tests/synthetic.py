@@ -11,7 +11,7 @@ import numpy as np
 import gguf
 from safetensors.numpy import save_file
 
-from avgguf.converters.arches import permute_rows
+from avgguf.gguf.arches import permute_rows
 
 N_VOCAB = 300  # 3 control tokens + 256 byte tokens + 41 pieces
 

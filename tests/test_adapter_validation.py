@@ -21,7 +21,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf import GGUFValueType as V
 from synthetic import Spec, to_gguf_tensors, write_gguf
 
-from avgguf import adapter_format as fmt
+from avgguf.gguf import adapter_format as fmt
 from avgguf.cli import main
 from avgguf.errors import AdapterError
 
@@ -286,7 +286,7 @@ def test_values_are_checked_in_chunks(bases, tmp_path, monkeypatch):
 SURVIVE = r"""
 import json, sys
 import numpy as np
-from avgguf.engine import Engine
+from avgguf.runtime.engine import Engine
 from avgguf.errors import AdapterError
 base, bad, good = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
 eng = Engine(base, n_ctx=64, logits_all=True, fuse="off")

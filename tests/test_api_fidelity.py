@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from avgguf.modelfile import load_modelfile
-from avgguf.runtime import Runtime
-from avgguf.server import Registry, create_app
+from avgguf.config.modelfile import load_modelfile
+from avgguf.runtime.session import Runtime
+from avgguf.server.app import Registry, create_app
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_logprobs_are_the_models_own(client, tiny_kit):
     entries = r["choices"][0]["logprobs"]["content"]
     assert len(entries) == r["usage"]["completion_tokens"] == 5
     mf = load_modelfile(root / "tiny.yaml")
-    from avgguf.engine import Engine
+    from avgguf.runtime.engine import Engine
 
     eng = Engine(mf.base_path, n_ctx=256, fuse="sync")
     for name, path in mf.av_paths.items():
@@ -133,8 +133,8 @@ def test_parallel_slots_answer_as_solo_and_the_queue_is_bounded(tiny_kit):
 
     import httpx
 
-    from avgguf.server import Served
-    from avgguf.server_schemas import APIError
+    from avgguf.server.app import Served
+    from avgguf.server.protocol import APIError
 
     root, *_ = tiny_kit
     with __import__("socket").socket() as s:

@@ -13,9 +13,9 @@ import pytest
 from conftest import F32, TOKENS, assert_logits_close, logits, merged_logits
 from synthetic import representable
 
-from avgguf import adapter_format as fmt
-from avgguf.engine import Engine
-from avgguf.modelfile import load_modelfile
+from avgguf.gguf import adapter_format as fmt
+from avgguf.runtime.engine import Engine
+from avgguf.config.modelfile import load_modelfile
 
 PROFILE = {"medical": 0.5, "legal": -1.0}  # tiny.yaml's "mixed"
 
@@ -139,9 +139,9 @@ def test_modelfile_serves_a_baked_profile(tiny_kit, tmp_path):
     import yaml
     from fastapi.testclient import TestClient
 
-    from avgguf.modelfile import open_target
-    from avgguf.runtime import GenerationRequest, Runtime
-    from avgguf.server import Registry, create_app
+    from avgguf.config.modelfile import open_target
+    from avgguf.runtime.session import GenerationRequest, Runtime
+    from avgguf.server.app import Registry, create_app
 
     root, *_ = tiny_kit
     baked = root / "mixed-baked.gguf"

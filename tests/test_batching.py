@@ -1,4 +1,4 @@
-"""Issue #13: continuous batching (avgguf.batching) on real llama.cpp with the tiny synthetic model: concurrent
+"""Issue #13: continuous batching (avgguf.runtime.batching) on real llama.cpp with the tiny synthetic model: concurrent
 requests of mixed coefficient sets answer exactly as alone and as the one-request runtime path does, the prompt
 cache is reused only under the same set, the wait list is bounded, a cancelled request frees its sequence, and
 one failing request does not take the others down."""
@@ -8,9 +8,9 @@ from __future__ import annotations
 import queue
 
 
-from avgguf.batching import BatchRequest, Batcher, BusyError, Sampling, common_prefix, held_back
-from avgguf.modelfile import load_modelfile
-from avgguf.runtime import GenerationRequest, Runtime
+from avgguf.runtime.batching import BatchRequest, Batcher, BusyError, Sampling, common_prefix, held_back
+from avgguf.config.modelfile import load_modelfile
+from avgguf.runtime.session import GenerationRequest, Runtime
 
 
 def submit(batcher, rt, text, profile, max_tokens=10, **kw):
@@ -167,7 +167,7 @@ def test_two_contexts_route_a_set_together_and_answer_as_solo(tiny_kit):
 
     from fastapi.testclient import TestClient
 
-    from avgguf.server import Registry, create_app
+    from avgguf.server.app import Registry, create_app
 
     root, *_ = tiny_kit
     mf = load_modelfile(root / "tiny.yaml")

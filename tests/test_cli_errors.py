@@ -240,7 +240,7 @@ def test_every_help_page_renders():
     import contextlib
     import io
 
-    from avgguf.cli import build_parser, main
+    from avgguf.cli.commands import build_parser, main
 
     sub = next(a for a in build_parser()._actions if a.choices and "convert" in a.choices)
     for name in sub.choices:

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from avgguf import adapter_format as fmt
+from avgguf.gguf import adapter_format as fmt
 from avgguf.cli import main
-from avgguf.inspect_adapter import describe
+from avgguf.gguf.inspect import describe
 from conftest import assert_logits_close, logits, make_pair
 from avgguf.converters.budget import parse_size
 from avgguf.converters.lowrank import RankPolicy, factorize

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file as save_torch
 
-from avgguf import adapter_format as fmt
+from avgguf.gguf import adapter_format as fmt
 from avgguf.cli import main
 from conftest import assert_logits_close, logits, make_pair
 from synthetic import Delta, Spec, representable, to_gguf_tensors, write_gguf
@@ -168,7 +168,7 @@ def test_real_smollm2_round_trip(tmp_path):
     which turns float-level differences into chaotic jumps), synthetic rank-8 delta on four tensors, GGUF pair path."""
     import gguf
 
-    from avgguf.models import builtin_path
+    from avgguf.config.builtin import builtin_path
     from gguf_copy import copy_gguf
 
     src = builtin_path()

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from avgguf.converters.arches import permute_rows, unpermute_rows
+from avgguf.gguf.arches import permute_rows, unpermute_rows
 
-from avgguf.coefficients import CoefficientError, Resolver, parse_assignments
-from avgguf.threads import CpuMeter, ThreadPolicy
+from avgguf.config.coefficients import CoefficientError, Resolver, parse_assignments
+from avgguf.runtime.threads import CpuMeter, ThreadPolicy
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
@@ -218,7 +218,7 @@ def test_assignments_in_one_string_or_many():
 
 
 def test_engine_checks_the_range_too(tiny_kit):
-    from avgguf.engine import Engine
+    from avgguf.runtime.engine import Engine
 
     root, p, _ = tiny_kit
     eng = Engine(p.base_gguf, n_ctx=64)
@@ -231,12 +231,18 @@ def test_engine_checks_the_range_too(tiny_kit):
 
 
 def test_runtime_and_server_import_without_torch():
-    code = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
-            "import avgguf.cli, avgguf.server, avgguf.runtime, avgguf.chat_repl, avgguf.cli_eval\n"
-            "from avgguf.server import create_app, Registry; create_app(Registry({}))\n"
+    """Every module outside the converters (which need the `convert` extra) imports with torch and
+    transformers absent, and the app builds."""
+    from test_layers import modules
+
+    names = [n for n in modules() if not n.startswith("avgguf.converters") and not n.endswith("__main__")]
+    code = ("import importlib, sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
+            f"for name in {names!r}: importlib.import_module(name)\n"
+            "from avgguf.server.app import create_app, Registry; create_app(Registry({}))\n"
             "print('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+    assert len(names) > 40
 
 
 def llama_cpp_permute(weights, n_head: int, n_head_kv: int | None):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from avgguf.cli import main
-from avgguf.engine import Engine
-from avgguf.evaluate import LEVELS, Judge, parse_lambdas
+from avgguf.runtime.engine import Engine
+from avgguf.eval.judge import LEVELS, Judge, parse_lambdas
 from avgguf.errors import AvggufError
 
 ROWS = [{"domain": "medical", "query": q, "responses": {"avoidance": "I can't help with that.",

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from conftest import F32, TOKENS, assert_logits_close, merged_logits
 
-from avgguf import adapter_format as fmt
+from avgguf.gguf import adapter_format as fmt
 from avgguf.cli import main
-from avgguf.engine import Engine
-from avgguf.fusion import scaled_blocks, write_fused
+from avgguf.runtime.engine import Engine
+from avgguf.gguf.fuse import scaled_blocks, write_fused
 
 
 def engine(root, p, fuse: str) -> Engine:

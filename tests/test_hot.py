@@ -1,5 +1,5 @@
 """Issue #10, full speed for a live set: a coefficient set in use is baked into merged weights in the
-background and served from them (avgguf.hot) by the engine and by the server's batching; real llama.cpp on the
+background and served from them (avgguf.runtime.merged) by the engine and by the server's batching; real llama.cpp on the
 tiny synthetic model (an f32 base, so merged weights stay f32 and match the merged-weights reference)."""
 
 from __future__ import annotations
@@ -13,20 +13,20 @@ from typing import ClassVar
 import pytest
 from conftest import F32, TOKENS, assert_logits_close, merged_logits
 
-from avgguf.batching import BatchRequest, Sampling
-from avgguf.engine import Engine
+from avgguf.runtime.batching import BatchRequest, Sampling
+from avgguf.runtime.engine import Engine
 from avgguf.errors import AvggufError
-from avgguf.hot import MergedSets, check_mode, merge_pays
-from avgguf.modelfile import load_modelfile
-from avgguf.runtime import GenerationRequest, Runtime
-from avgguf.server import Served
+from avgguf.runtime.merged import MergedSets, check_mode, merge_pays
+from avgguf.config.modelfile import load_modelfile
+from avgguf.runtime.session import GenerationRequest, Runtime
+from avgguf.server.app import Served
 
 MIXED = {"medical": 0.5, "legal": -1.0}
 
 
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path, monkeypatch):
-    """Merge scratch in the test's own user cache dir (avgguf.hot puts it there or beside the model)."""
+    """Merge scratch in the test's own user cache dir (avgguf.runtime.merged puts it there or beside the model)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
@@ -118,7 +118,7 @@ def test_a_failing_bake_leaves_the_set_on_adapters(tiny_kit, tmp_path, caplog):
     _, p, _ = tiny_kit
     sets = MergedSets(p.base_gguf, {"medical": tmp_path / "missing.gguf"}, Item)
     try:
-        with caplog.at_level(logging.WARNING, logger="avgguf.hot"):
+        with caplog.at_level(logging.WARNING, logger="avgguf.runtime.merged"):
             sets.request((("medical", 1.0),))
             sets.wait(timeout=60)
             assert sets.take((("medical", 1.0),)) is None
@@ -199,12 +199,12 @@ def test_server_routes_a_hot_set_to_its_merged_model(tiny_kit):
 
 
 def test_openmp_defaults_are_set_before_llama_cpp_loads_and_yield_to_the_user(monkeypatch):
-    """Several decoding threads need libgomp's unthrottled active wait (avgguf.threads explains the measurement);
+    """Several decoding threads need libgomp's unthrottled active wait (avgguf.runtime.threads explains the measurement);
     libgomp reads it when llama.cpp's library loads, so importing avgguf sets it, unless the user chose."""
     import subprocess
     import sys
 
-    from avgguf.threads import OPENMP_DEFAULTS, openmp_defaults
+    from avgguf.runtime.threads import OPENMP_DEFAULTS, openmp_defaults
 
     code = "import os, avgguf, llama_cpp; print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))"
     env = {k: v for k, v in os.environ.items() if k not in OPENMP_DEFAULTS}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from avgguf.cli import main
-from avgguf.modelfile import ModelfileError, load_modelfile
+from avgguf.config.modelfile import ModelfileError, load_modelfile
 from synthetic import Spec, hf_weights, to_gguf_tensors, write_gguf
 
 AVS = Path(__file__).resolve().parent.parent / "modelfiles" / "avs"
@@ -229,14 +229,14 @@ def test_no_home_directory_does_not_break_the_cli(kit, monkeypatch):
             f"sys.exit(main(['profiles', {str(_write(kit, 'home', 'base: base.gguf'))!r}]))\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
-    from avgguf import chat_repl
+    from avgguf.cli import repl as chat_repl
 
     monkeypatch.setattr(Path, "home", classmethod(lambda cls: (_ for _ in ()).throw(RuntimeError("no home"))))
     assert chat_repl.history_file() is None
 
 
 def test_history_is_bounded():
-    from avgguf import chat_repl
+    from avgguf.cli import repl as chat_repl
 
     assert 0 < chat_repl.HISTORY_LENGTH <= 10000
 

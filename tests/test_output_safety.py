@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import yaml
 
-from avgguf import adapter_format as fmt
+from avgguf.gguf import adapter_format as fmt
 from avgguf import atomic
 from avgguf.cli import main
 
@@ -349,7 +349,7 @@ KILLS = [
     # an Ollama directory complete in its temp directory; an earlier bake in place
     ("bake-ollama", "ollama", "avgguf.atomic:_publish_dir", "before", True),
     # a PEFT directory mid-way: the fused adapter written, the safetensors not yet
-    ("bake-peft", "peft", "avgguf.export_peft:peft_tensors", "before", False),
+    ("bake-peft", "peft", "avgguf.export.peft:peft_tensors", "before", False),
     # convert: header written, tensor data not yet; an earlier conversion in place
     ("convert-writing", "convert", "gguf:GGUFWriter.write_tensors_to_file", "before", True),
     # convert: the adapter complete in its temp file, not yet published

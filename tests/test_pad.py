@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from avgguf.engine import Engine
-from avgguf.evaluate import read_eval_data
-from avgguf.modelfile import load_modelfile
-from avgguf.pad import (
+from avgguf.runtime.engine import Engine
+from avgguf.eval.judge import read_eval_data
+from avgguf.config.modelfile import load_modelfile
+from avgguf.runtime.pad import (
     PadDecoder,
     PadSettings,
     candidates,
@@ -22,7 +22,7 @@ from avgguf.pad import (
     scores,
     token_logps,
 )
-from avgguf.runtime import GenerationRequest, Runtime
+from avgguf.runtime.session import GenerationRequest, Runtime
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = [1, 270, 280, 290, 65, 100]
@@ -127,7 +127,7 @@ def test_runtime_chat_pad_and_the_judge_rule(tiny_kit):
 
 def test_level_classifier_on_held_out_references():
     pytest.importorskip("sklearn")
-    from avgguf.levels import LevelClassifier
+    from avgguf.eval.levels import LevelClassifier
 
     clf = LevelClassifier.train(read_eval_data(ROOT / "data" / "preferences" / "train.jsonl"))
     accuracy = clf.accuracy(read_eval_data(ROOT / "data" / "preferences" / "eval.jsonl"))
@@ -137,7 +137,7 @@ def test_level_classifier_on_held_out_references():
 def test_cli_server_and_eval_accept_the_mode(tiny_kit, tmp_path):
     from fastapi.testclient import TestClient
 
-    from avgguf.server import Registry, create_app
+    from avgguf.server.app import Registry, create_app
 
     root, *_ = tiny_kit
     mf = str(root / "tiny.yaml")

@@ -11,8 +11,8 @@ import pytest
 import gguf
 from safetensors.numpy import save_file
 
-from avgguf import adapter_format as fmt
-from avgguf.engine import Engine
+from avgguf.gguf import adapter_format as fmt
+from avgguf.runtime.engine import Engine
 from avgguf.errors import AdapterError
 from avgguf.cli import main
 from conftest import assert_logits_close, logits, make_pair

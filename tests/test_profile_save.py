@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from avgguf.modelfile import ModelfileError, load_modelfile
+from avgguf.config.modelfile import ModelfileError, load_modelfile
 from synthetic import Spec, hf_weights, to_gguf_tensors, write_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,7 +28,7 @@ HEAD = f"base: builtin:smollm2-135m-instruct\navs:\n  medical: {AVS / 'medical.g
 
 
 def save(mf, name, coefs, decode=None):
-    from avgguf.modelfile import save_profile
+    from avgguf.config.profile_save import save_profile
 
     return save_profile(mf, name, coefs, decode)
 
@@ -161,7 +161,7 @@ def test_coefficients_are_written_exactly(folder):
 
 def test_a_write_that_does_not_read_back_is_undone(folder, monkeypatch):
     """After writing, the file is read back; a difference restores the old text and raises."""
-    from avgguf import profile_save
+    from avgguf.config import profile_save
 
     path = write(folder, HEAD + "profiles:\n  a: {medical: 1.0}\n")
     before = path.read_bytes()
@@ -180,8 +180,8 @@ def test_a_write_that_does_not_read_back_is_undone(folder, monkeypatch):
 
 SAVER = """
 import sys, time
-from avgguf.modelfile import load_modelfile
-from avgguf.profile_save import save_profile
+from avgguf.config.modelfile import load_modelfile
+from avgguf.config.profile_save import save_profile
 path, prefix, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 mf = load_modelfile(path)
 for i in range(n):
@@ -227,9 +227,9 @@ def test_two_processes_saving_at_once_lose_nothing(folder, tiny_base):
 def _app(mf):
     from fastapi import FastAPI
 
-    from avgguf.server_web import web
+    from avgguf.server.web import web
 
-    from avgguf.server_schemas import APIError, error_response
+    from avgguf.server.protocol import APIError, error_response
 
     app = FastAPI()
     app.include_router(web)
@@ -301,7 +301,7 @@ def test_server_save_runs_off_the_event_loop(folder, tiny_base):
 
 
 def test_an_unwritable_file_is_a_clear_error(folder, monkeypatch):
-    from avgguf import profile_save
+    from avgguf.config import profile_save
 
     path = write(folder, HEAD)
     before = path.read_text()

@@ -13,9 +13,10 @@ import pytest
 import yaml
 
 from avgguf.cli import main
-from avgguf.engine import Engine
-from avgguf.modelfile import ModelfileError, load_modelfile
-from avgguf.runtime import GenerationRequest, Runtime
+from avgguf.runtime.engine import Engine
+from avgguf.runtime.llama import load_llama
+from avgguf.config.modelfile import ModelfileError, load_modelfile
+from avgguf.runtime.session import GenerationRequest, Runtime
 from conftest import F32, TOKENS, assert_logits_close, logits, make_pair, merged_logits
 from synthetic import Spec
 
@@ -92,7 +93,7 @@ def test_the_stale_kv_trap_is_real(kit):
     want_logits = fresh.next_logits(prompt)
     fresh.close()
 
-    llm = llama_cpp.Llama(model_path=str(p.base_gguf), n_ctx=64, type_k=F32, type_v=F32, verbose=False)
+    llm = load_llama(p.base_gguf, n_ctx=64, type_k=F32, type_v=F32, verbose=False)
     try:
         h = llama_cpp.llama_adapter_lora_init(llm.model, str(root / "medical.gguf").encode())
         llm.eval(prompt)  # K/V under scale 0

@@ -22,11 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from avgguf import fusion, hot
-from avgguf.batching import (DEFAULT_MAX_QUEUE, BatchRequest, Batcher, BusyError, Sampling, StopMatcher,
+from avgguf.runtime import fused as fusion, merged as hot, scratch
+import avgguf.export.bake
+from avgguf.runtime.batching import (DEFAULT_MAX_QUEUE, BatchRequest, Batcher, BusyError, Sampling, StopMatcher,
                              default_max_queue)
-from avgguf.modelfile import load_modelfile
-from avgguf.runtime import GenerationRequest, Runtime
+from avgguf.config.modelfile import load_modelfile
+from avgguf.runtime.session import GenerationRequest, Runtime
 
 MIXED = "mixed"  # the tiny modelfile's profile with two AVs (medical 0.5, legal -1.0): fused when built
 
@@ -36,7 +37,7 @@ def private_scratch(tmp_path, monkeypatch):
     """Scratch of these tests in their own directories (never the machine's /dev/shm or ~/.cache)."""
     shm, cache = tmp_path / "shm", tmp_path / "cache"
     shm.mkdir()
-    monkeypatch.setattr(fusion, "SHM_DIR", shm, raising=False)
+    monkeypatch.setattr(fusion, "SHM_DIR", shm)
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
     return shm, cache / "avgguf"
 
@@ -316,7 +317,7 @@ def test_the_wait_list_is_finite_by_default_and_refuses_before_any_event(rt):
 # --- fused builds off the scheduler thread (findings 6, 14) ------------------------------------------------
 
 class SlowBuild:
-    """avgguf.fusion.write_fused, held until released: how a multi-second build looks to the scheduler."""
+    """avgguf.gguf.fuse.write_fused, held until released: how a multi-second build looks to the scheduler."""
 
     def __init__(self, monkeypatch, fail: OSError | None = None):
         self.entered, self.release, self.fail, self.calls = threading.Event(), threading.Event(), fail, 0
@@ -463,7 +464,7 @@ def test_real_enospc_everywhere_falls_back_to_the_separate_adapters(rt, tiny_kit
     cache = tiny_tmpfs("cache-tiny")
     monkeypatch.setattr(fusion, "SHM_DIR", shm)
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
-    monkeypatch.setattr(fusion, "free_bytes", lambda path: 1 << 40, raising=False)
+    monkeypatch.setattr(fusion, "free_bytes", lambda path: 1 << 40)
     batcher = Batcher(rt.engine, n_seq=2)
     spy = Spy(batcher)
     try:
@@ -493,7 +494,7 @@ def dead_pid() -> int:
 def test_scratch_names_carry_the_pid_and_dead_processes_scratch_is_removed_at_start(rt, tiny_kit,
                                                                                      private_scratch, monkeypatch):
     shm, cache = private_scratch
-    monkeypatch.setattr(fusion, "_cleaned", set(), raising=False)  # "at start": as in a fresh process
+    monkeypatch.setattr(scratch, "_cleaned", set())  # "at start": as in a fresh process
     root, p, _ = tiny_kit
     cache.mkdir(parents=True)
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -540,7 +541,7 @@ class Item:
 def test_a_merge_is_refused_when_memory_or_disk_is_short(tiny_kit, monkeypatch, caplog):
     root, p, _ = tiny_kit
     key = (("medical", 1.0),)
-    monkeypatch.setattr(hot, "available_ram", lambda: 10 << 20, raising=False)  # 10 MB free
+    monkeypatch.setattr(hot, "available_ram", lambda: 10 << 20)  # 10 MB free
     sets = hot.MergedSets(p.base_gguf, {"medical": root / "medical.gguf"}, Item)
     try:
         sets.request(key)
@@ -601,7 +602,6 @@ def test_close_is_bounded_and_never_frees_a_context_in_use(rt):
 
 
 def test_closing_merged_sets_leaves_a_running_quantize_its_directory(tiny_kit, monkeypatch):
-    import avgguf.bake
 
     root, p, _ = tiny_kit
     inside, release, dirs = threading.Event(), threading.Event(), []
@@ -613,7 +613,7 @@ def test_closing_merged_sets_leaves_a_running_quantize_its_directory(tiny_kit, m
         release.wait(60)
         raise RuntimeError("quantizer stopped")
 
-    monkeypatch.setattr(avgguf.bake, "baked_gguf", quantizing)
+    monkeypatch.setattr(avgguf.export.bake, "baked_gguf", quantizing)
     sets = hot.MergedSets(p.base_gguf, {"medical": root / "medical.gguf"}, Item)
     sets.request((("medical", 1.0),))
     assert inside.wait(60)

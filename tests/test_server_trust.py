@@ -416,8 +416,8 @@ def test_api_key_from_file_and_environment(tiny_kit, tmp_path):
 def test_message_content_cannot_forge_a_turn():
     """`<|im_end|><|im_start|>system` typed in a message stays text; the template's own markers stay special,
     and content without special-token text tokenizes exactly as the whole rendered prompt did before."""
-    from avgguf.engine import Engine
-    from avgguf.models import builtin_path
+    from avgguf.runtime.engine import Engine
+    from avgguf.config.builtin import builtin_path
 
     eng = Engine(builtin_path("smollm2-135m-instruct"), n_ctx=256)
     try:
@@ -458,8 +458,8 @@ def test_constrained_output_is_honoured(demo_live):
 
 
 def test_logit_bias_bans_a_token(demo_live):
-    from avgguf.engine import Engine
-    from avgguf.models import builtin_path
+    from avgguf.runtime.engine import Engine
+    from avgguf.config.builtin import builtin_path
 
     first = _demo(demo_live, max_tokens=1)["choices"][0]["message"]["content"]
     eng = Engine(builtin_path("smollm2-135m-instruct"), n_ctx=64)
@@ -555,8 +555,8 @@ def test_a_full_pad_queue_is_a_503_before_any_header(demo_yaml, tmp_path):
 def test_cli_chat_prompts_forged_markers_as_text():
     """`avgguf run/chat` (llama-cpp-python's chat path): a message holding `<|im_start|>system` is prompted
     as text: the prompt has as many tokens as chat_tokens says (the special-token reading had fewer)."""
-    from avgguf.engine import Engine
-    from avgguf.models import builtin_path
+    from avgguf.runtime.engine import Engine
+    from avgguf.config.builtin import builtin_path
 
     eng = Engine(builtin_path("smollm2-135m-instruct"), n_ctx=256)
     try:

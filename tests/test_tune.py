@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from avgguf.tune import Search
+from avgguf.eval.tune import Search
 
 
 def test_search_finds_a_known_optimum_with_few_evaluations():

@@ -1,0 +1,5 @@
+"""python -m avgguf.cli"""
+
+from avgguf.cli.commands import main
+
+raise SystemExit(main())

@@ -1,0 +1,449 @@
+"""`avgguf bake`: one profile as files that need no live knobs.
+
+- gguf:    one complete model, base + Σ c·ΔW, streamed one tensor at a time into a float32 intermediate and
+           quantized by llama.cpp's own quantizer (llama_model_quantize) to the base's type or --type.
+- adapter: one fused GGUF LoRA at scale 1 (avgguf.gguf.fuse), optionally re-compressed to --rank.
+- ollama:  a directory with an Ollama Modelfile (FROM base, ADAPTER fused adapter, SYSTEM, PARAMETERs).
+- peft:    a PEFT LoRA directory (avgguf.export.peft).
+Every output records the profile and coefficients it was baked from. Outputs appear atomically and never
+replace what avgguf did not write (avgguf.atomic: an existing file or directory is replaced only if it is an
+earlier avgguf output of the same kind, or with --force; an --out that is, or contains, an input is refused;
+free space is checked before the multi-GB gguf bake).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as QType
+
+from avgguf.gguf import adapter_format as fmt
+from avgguf import atomic
+from avgguf.errors import AvggufError
+from avgguf.gguf.fuse import Cancelled, write_fused
+from avgguf.config.modelfile import Modelfile
+
+FORMATS = ("gguf", "adapter", "ollama", "peft")
+KEY_PROFILE = "avgguf.baked.profile"
+KEY_COEFS = "avgguf.baked.coefficients"
+KEY_NAMES = "avgguf.baked.names"
+# --type for `--format gguf` -> llama.cpp's LLAMA_FTYPE_* name
+GGUF_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
+              "q6_k": "MOSTLY_Q6_K", "q5_k_m": "MOSTLY_Q5_K_M", "q5_k_s": "MOSTLY_Q5_K_S", "q5_1": "MOSTLY_Q5_1",
+              "q5_0": "MOSTLY_Q5_0", "q4_k_m": "MOSTLY_Q4_K_M", "q4_k_s": "MOSTLY_Q4_K_S", "q4_1": "MOSTLY_Q4_1",
+              "q4_0": "MOSTLY_Q4_0", "q3_k_m": "MOSTLY_Q3_K_M", "q2_k": "MOSTLY_Q2_K"}
+# bytes per weight of each --type (K_M mixes keep some tensors one type up: about 10 % more), for the
+# free-space check before a gguf bake
+BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q6_k": 210 / 256,
+                    "q5_k_m": 176 / 256 * 1.1, "q5_k_s": 176 / 256, "q5_1": 24 / 32, "q5_0": 22 / 32,
+                    "q4_k_m": 144 / 256 * 1.1, "q4_k_s": 144 / 256, "q4_1": 20 / 32, "q4_0": 18 / 32,
+                    "q3_k_m": 110 / 256 * 1.1, "q2_k": 84 / 256 * 1.2}
+
+
+@dataclass
+class Bake:
+    modelfile: Modelfile
+    profile: str | None
+    coefficients: dict[str, float]
+    sources: dict = None  # AV name -> (base, aligned) TensorSource: bake the full delta, not the adapter
+    force: bool = False   # replace an existing --out avgguf did not write (--force)
+
+    @property
+    def active(self) -> list[tuple[str, Path, float]]:
+        return [(n, self.modelfile.av_paths[n], c) for n, c in self.coefficients.items() if c != 0.0]
+
+    @property
+    def label(self) -> str:
+        return self.profile or "custom"
+
+    @property
+    def full_base(self):
+        """The full-precision base to merge into: the --source base when every active AV has a --source and
+        they name one base (the GGUF's own 4-bit rounding is then not compounded: bench/bake_source.py); else
+        None. The default type stays q8_0 for a 4-bit base even so: the demo's DPO effect is below 4-bit
+        rounding from any start (quantizing the full-precision aligned model to Q4_1 kept 0.07-0.11 of it)."""
+        sources = self.sources or {}
+        if not self.active or any(name not in sources for name, _, _ in self.active):
+            return None
+        bases = {Path(sources[name][0].path).resolve() for name, _, _ in self.active}
+        return sources[self.active[0][0]][0] if len(bases) == 1 else None
+
+    def metadata(self) -> dict:
+        return {KEY_PROFILE: self.label, KEY_NAMES: list(self.coefficients),
+                KEY_COEFS: [float(v) for v in self.coefficients.values()]}
+
+    def inputs(self) -> list[Path]:
+        """Every file the bake reads: --out may be none of them (nor a directory holding one)."""
+        mf = self.modelfile
+        paths = [mf.path, mf.base_path, *mf.av_paths.values(), *mf.baked_paths.values()]
+        for base, aligned in (self.sources or {}).values():
+            paths += [Path(base.path), Path(aligned.path)]
+        return paths
+
+    def file_policy(self, kind: str) -> dict:
+        """avgguf.atomic's rule for a file output of `kind` ('adapter' or 'model')."""
+        return {"force": self.force, "previous": lambda p: fmt.written_by_avgguf(p, kind), "inputs": self.inputs(),
+                "what": "adapter" if kind == "adapter" else "baked GGUF"}
+
+
+# --- shared helpers ----------------------------------------------------------------------------------------
+
+def fused_adapter(bake: Bake, out: Path, rank: int | None = None) -> Path:
+    """The profile as one adapter at scale 1 (exact concatenation; --rank: re-compressed by SVD)."""
+    if not bake.active:
+        raise AvggufError(f"profile {bake.label!r} has every coefficient at 0: nothing to bake into an adapter "
+                          f"(the base model alone is the result)")
+    arch = fmt.read_base_model(bake.modelfile.base_path).arch
+    with atomic.output_file(out, **bake.file_policy("adapter")) as tmp:
+        if rank is None:
+            write_fused(bake.active, tmp, arch, extra=bake.metadata())
+        else:
+            with atomic.scratch_dir(out) as scratch:
+                exact = write_fused(bake.active, scratch / "exact.gguf", arch)
+                recompress(exact, tmp, arch, rank, bake.metadata())
+    return out
+
+
+def recompress(src: Path, out: Path, arch: str, rank: int, extra: dict) -> None:
+    """Each pair's B @ A truncated to `rank` by an exact SVD of the product (QR of both factors first)."""
+    info = fmt.read_adapter(src)
+    tensors = {t.name: t for t in gguf.GGUFReader(src).tensors}
+    writer = fmt.AdapterWriter(out, arch, f"{info.name} rank {rank}")
+    try:
+        for base in info.pairs:
+            a, b = (fmt.tensor_floats(tensors[base + s], np.float64) for s in (fmt.LORA_A, fmt.LORA_B))
+            delta_left, delta_right = (a, b.T) if base == fmt.TOKEN_EMBD else (b, a)  # delta = left @ right
+            left, right = _truncated_product(delta_left, delta_right, rank)
+            la, lb = fmt.pair_from_factors(base, left, right)
+            writer.add_pair(base, la, lb, "f16")
+        for key, value in extra.items():
+            writer.add_metadata(key, value)
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _truncated_product(left: np.ndarray, right: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    ql, rl = np.linalg.qr(left)
+    qr_, rr = np.linalg.qr(right.T)
+    u, s, vt = np.linalg.svd(rl @ rr.T)
+    k = min(rank, len(s))
+    root = np.sqrt(s[:k])
+    return (ql @ u[:, :k]) * root, (root[:, None] * vt[:k]) @ qr_.T
+
+
+# --- gguf ---------------------------------------------------------------------------------------------------
+
+def _ftype(type_: str) -> int:
+    import llama_cpp
+
+    return getattr(llama_cpp, f"LLAMA_FTYPE_{GGUF_TYPES[type_]}")
+
+
+# Re-quantizing a base that is already below 8 bits after adding a small delta snaps most weights back
+# onto the old grid: SmolLM2 Q4_1 + the demo profile baked to Q4_1 kept 0.10 of the profile's effect, to
+# Q8_0 0.98 (bench/bake_speed.py). So the default keeps 8-bit-or-better bases' type and otherwise uses q8_0.
+KEEPS_EFFECT = ("ALL_F32", "MOSTLY_F16", "MOSTLY_BF16", "MOSTLY_Q8_0")
+
+
+def stored_ftype(reader: gguf.GGUFReader) -> int | None:
+    """The base's general.file_type (llama.cpp's LLAMA_FTYPE_*), if it records one."""
+    field = reader.get_field(gguf.Keys.General.FILE_TYPE)
+    return None if field is None else int(field.contents())
+
+
+def default_ftype(reader: gguf.GGUFReader) -> int:
+    import llama_cpp
+
+    stored = stored_ftype(reader)
+    keeps = {getattr(llama_cpp, f"LLAMA_FTYPE_{name}") for name in KEEPS_EFFECT}
+    return stored if stored in keeps else llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+
+
+def _merged(reader_tensors: dict, name: str, sources: list[tuple[fmt.AdapterInfo, dict, float]],
+            full: list[tuple[object, object, float]] = (), full_base=None) -> np.ndarray:
+    w = fmt.tensor_floats(reader_tensors[name])
+    if full_base is not None and name in full_base.names():
+        w = _same_model(full_base.load(name).astype(np.float32), w, name)
+    for base, aligned, c in full:
+        if name in base.names() and name in aligned.names():
+            delta = aligned.load(name) - base.load(name)
+            if delta.shape != w.shape:
+                raise AvggufError(f"--source: tensor {name!r} has shape {delta.shape} there but {w.shape} in the base "
+                                  f"GGUF; the source is another model")
+            w += np.float32(c) * delta.astype(np.float32)
+    for info, tensors, c in sources:
+        if name in info.pairs:
+            a, b = (fmt.tensor_floats(tensors[name + suffix], np.float64) for suffix in (fmt.LORA_A, fmt.LORA_B))
+            scale = c * (info.alpha / info.pairs[name].rank if info.alpha else 1.0)
+            w += (scale * fmt.delta_from_pair(name, a, b)).astype(np.float32)
+    return w
+
+
+def _same_model(full: np.ndarray, stored: np.ndarray, name: str) -> np.ndarray:
+    """The --source base's tensor, once it is seen to be the base GGUF's before quantization (4-bit rounding
+    moves a tensor by ~10 % of its norm; another model's differs by about its whole norm)."""
+    if full.shape != stored.shape:
+        raise AvggufError(f"--source: tensor {name!r} has shape {full.shape} there but {stored.shape} in the base "
+                          f"GGUF; the source is another model")
+    rel = float(np.linalg.norm(full - stored) / max(float(np.linalg.norm(full)), 1e-30))
+    if rel > 0.5:
+        raise AvggufError(f"--source: the base checkpoint's {name!r} differs from the base GGUF's by {rel:.0%} of "
+                          f"its norm (quantization moves it by ~10 %); give the checkpoint the base GGUF was made "
+                          f"from")
+    return full
+
+
+def _open_sources(bake: Bake) -> tuple[list, list]:
+    """(adapter sources [(info, tensors, c)], full sources [(base, aligned, c)]) of the active AVs."""
+    full_sources = bake.sources or {}
+    sources, full = [], []
+    for name, path, c in bake.active:
+        if name in full_sources:
+            full.append((*full_sources[name], c))
+            continue
+        info = fmt.read_adapter(path)
+        sources.append((info, {t.name: t for t in gguf.GGUFReader(path).tensors}, c))
+    return sources, full
+
+
+def _touched(tensors: dict, sources: list, full: list) -> set[str]:
+    touched = {name for info, _, _ in sources for name in info.pairs}
+    return touched | {n for base, aligned, _ in full for n in tensors if n in base.names() and n in aligned.names()}
+
+
+def bake_bytes(reader: gguf.GGUFReader, touched: set[str], type_name: str) -> tuple[int, int]:
+    """(float32 intermediate, quantized output) sizes in bytes, estimated from the base's header."""
+    merged = output = int(reader.data_offset)
+    per_weight = BYTES_PER_WEIGHT.get(type_name, 4.0)
+    for t in reader.tensors:
+        merged += int(t.n_elements) * 4 if t.name in touched else int(t.n_bytes)
+        output += int(int(t.n_elements) * per_weight) if len(t.shape) >= 2 else int(t.n_elements) * 4
+    return merged, output
+
+
+def write_merged_f32(bake: Bake, out: Path, progress: bool = False, stop=None) -> Path:
+    """base + Σ c·ΔW as a GGUF: merged tensors in float32, all others exactly as stored; streamed. `stop()`
+    true between tensors raises avgguf.gguf.fuse.Cancelled."""
+    from tqdm import tqdm
+
+    reader = gguf.GGUFReader(bake.modelfile.base_path)
+    arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
+    sources, full = _open_sources(bake)
+    tensors = {t.name: t for t in reader.tensors}
+    touched = _touched(tensors, sources, full)
+    writer = gguf.GGUFWriter(None, arch)
+    fmt.copy_metadata(reader, writer)
+    for key, value in bake.metadata().items():
+        _add_meta(writer, key, value)
+    for t in reader.tensors:
+        if t.name in touched:
+            shape = fmt.numpy_shape(t)
+            writer.add_tensor_info(t.name, shape, np.dtype(np.float32), int(np.prod(shape)) * 4)
+        else:
+            writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, raw_dtype=t.tensor_type)
+    writer.write_header_to_file(out)
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in tqdm(reader.tensors, desc="merge", unit="tensor", disable=not progress):
+        if stop is not None and stop():
+            writer.close()
+            raise Cancelled
+        data = _merged(tensors, t.name, sources, full, bake.full_base) if t.name in touched else np.asarray(t.data)
+        writer.write_tensor_data(data)
+    writer.close()
+    return out
+
+
+def _add_meta(writer: gguf.GGUFWriter, key: str, value) -> None:
+    if isinstance(value, str):
+        writer.add_string(key, value)
+    elif value and isinstance(value[0], str):
+        writer.add_array(key, value)
+    else:
+        writer.add_key_value(key, [float(v) for v in value], gguf.GGUFValueType.ARRAY,
+                             sub_type=gguf.GGUFValueType.FLOAT32)
+
+
+def baked_gguf(bake: Bake, out: Path, type_: str | None = None, progress: bool = False,
+               threads: int | None = None, stop=None) -> dict:
+    """The whole model with the profile merged in, quantized by llama.cpp to `type_` (default: see
+    default_ftype) on `threads` threads (default: all cores); tensors the profile does not touch keep their
+    stored type where that type is chosen. `stop`: see write_merged_f32 (checked before quantizing too).
+    The float32 intermediate lives in a scratch directory beside `out`; both sizes are checked against the
+    free space there first."""
+    import llama_cpp
+
+    base_reader = gguf.GGUFReader(bake.modelfile.base_path)
+    ftype = _ftype(type_) if type_ else default_ftype(base_reader)
+    sources, full = _open_sources(bake)
+    merged_size, out_size = bake_bytes(base_reader, _touched({t.name: t for t in base_reader.tensors}, sources, full),
+                                       type_ or _type_name(ftype))
+    del sources, full
+    with atomic.output_file(out, needed_bytes=merged_size + out_size, **bake.file_policy("model")) as partial, \
+            atomic.scratch_dir(out) as tmp:
+        merged = write_merged_f32(bake, tmp / "merged-f32.gguf", progress, stop)
+        if stop is not None and stop():
+            raise Cancelled
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = ftype
+        params.nthread = threads or os.cpu_count() or 1
+        params.allow_requantize = True
+        touched = {name for _, path, _ in bake.active for name in fmt.read_adapter(path).pairs}
+        types = {t.name: t.tensor_type for t in base_reader.tensors}
+        if type_ is None:  # embeddings the profile does not touch keep the base's own types
+            if fmt.TOKEN_EMBD in types and fmt.TOKEN_EMBD not in touched:
+                params.token_embedding_type = int(types[fmt.TOKEN_EMBD])
+            if fmt.OUTPUT in types and fmt.OUTPUT not in touched:
+                params.output_tensor_type = int(types[fmt.OUTPUT])
+        rc = llama_cpp.llama_model_quantize(str(merged).encode(), str(partial).encode(), params)
+        if rc != 0:
+            raise AvggufError(f"llama.cpp's quantizer failed on the merged model (code {rc}); try another --type")
+    return {"format": "gguf", "type": type_ or _type_name(ftype), "bytes": out.stat().st_size}
+
+
+def _type_name(ftype: int) -> str:
+    import llama_cpp
+
+    return next((k for k, v in GGUF_TYPES.items() if getattr(llama_cpp, f"LLAMA_FTYPE_{v}") == ftype), str(ftype))
+
+
+# --- ollama -------------------------------------------------------------------------------------------------
+
+OLLAMA_PARAMETERS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+                     "repeat_penalty": "repeat_penalty", "seed": "seed", "n_ctx": "num_ctx",
+                     "max_tokens": "num_predict"}
+
+
+OLLAMA_FILES = ("Modelfile", "adapter.gguf", atomic.MARKER)
+
+
+def ollama_system(system: str, where: str) -> str:
+    """The SYSTEM instruction for `system`; refused where it would end Ollama's \"\"\"-string early (and let the
+    rest of the text inject Modelfile instructions)."""
+    if '"""' in system or system.endswith('"'):
+        raise AvggufError(f"{where}: system: contains '\"\"\"' (or ends in '\"'), which would end the SYSTEM string "
+                          f"of the Ollama Modelfile and let the rest be read as instructions; reword it (e.g. "
+                          f"use single quotes) and bake again")
+    return f'SYSTEM """{system}"""'
+
+
+def ollama_base_name(base: Path) -> str:
+    """The name the base gets inside the Ollama directory: its own, unless unprintable or taken by ours."""
+    name = base.name
+    return name if name.isprintable() and name not in OLLAMA_FILES and name.strip() == name else "base.gguf"
+
+
+def ollama_modelfile(bake: Bake, base_name: str, adapter_name: str | None) -> str:
+    mf = bake.modelfile
+    coefs = " ".join(f"{k}={v:g}" for k, v in bake.coefficients.items())
+    label = "".join(ch if ch.isprintable() else "?" for ch in f"{mf.name}:{bake.label} ({coefs})")
+    lines = [f"# avgguf bake of {label}; Ollama applies the adapter at scale 1",
+             f"FROM ./{base_name}"]
+    if adapter_name:
+        lines.append(f"ADAPTER ./{adapter_name}")
+    if mf.spec.system:
+        lines.append(ollama_system(mf.spec.system, str(mf.path)))
+    defaults = mf.spec.defaults.model_dump()
+    for ours, theirs in OLLAMA_PARAMETERS.items():
+        if defaults.get(ours) is not None:
+            lines.append(f"PARAMETER {theirs} {defaults[ours]}")
+    return "\n".join(lines) + "\n"
+
+
+def ollama_dir(bake: Bake, out: Path) -> dict:
+    """FROM the base (hard-linked where the file system allows: in-place edits of either name change both;
+    else copied), ADAPTER the fused profile, SYSTEM and PARAMETERs; avgguf.json marks the directory as ours."""
+    base = bake.modelfile.base_path
+    fmt.read_base_model(base)  # a real GGUF model, AVs active or not (`base: /etc/passwd` is refused)
+    base_name = ollama_base_name(base)
+    adapter = "adapter.gguf" if bake.active else None
+    text = ollama_modelfile(bake, base_name, adapter)
+    with atomic.output_dir(out, "ollama", force=bake.force, inputs=bake.inputs()) as d:
+        try:
+            os.link(base, d.path / base_name)  # no copy where the file system allows
+            how = "hard-linked"
+        except OSError:
+            atomic.check_free_space(d.path, base.stat().st_size + (1 << 20), f"--out {str(out)!r} (a copy of the base)")
+            shutil.copy2(base, d.path / base_name)
+            how = "copied"
+        if adapter:
+            fused_adapter(bake, d.path / adapter)
+        (d.path / "Modelfile").write_text(text, encoding="utf-8")
+        d.meta.update(bake.metadata())
+        d.meta["base_gguf"] = str(base)
+        files = sorted(p.name for p in d.path.iterdir()) + [atomic.MARKER]
+    return {"format": "ollama", "files": sorted(files), "base": how, "base_file": base_name}
+
+
+# --- entry point --------------------------------------------------------------------------------------------
+
+def open_sources(specs: list[str], mf: Modelfile) -> dict:
+    """--source NAME=BASE,ALIGNED (HF directories or GGUFs): the full AV, checked against the base GGUF."""
+    from avgguf.converters.sources import open_source
+
+    out = {}
+    base_info = fmt.read_base_model(mf.base_path)
+    for spec in specs:
+        name, sep, pair = spec.partition("=")
+        parts = pair.split(",")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise AvggufError(f"--source {spec!r}: expected NAME=BASE,ALIGNED (the fine-tune's base and aligned "
+                              f"checkpoints: HF directories or .gguf files)")
+        if name not in mf.av_paths:
+            raise AvggufError(f"--source {spec!r}: no AV named {name!r}; AVs: {', '.join(mf.av_paths) or 'none'}")
+        base, aligned = open_source(parts[0], "--source base"), open_source(parts[1], "--source aligned")
+        if aligned.arch.gguf_name != base_info.arch or base.n_layer != aligned.n_layer:
+            raise AvggufError(f"--source {spec!r}: {aligned.arch.gguf_name} with {aligned.n_layer} layers does not "
+                              f"match the base GGUF ({base_info.arch}, {base_info.block_count} layers)")
+        out[name] = (base, aligned)
+    return out
+
+
+def bake(mf: Modelfile, profile: str | None, coefficients: dict[str, float], out: str | Path, format_: str,
+         type_: str | None = None, rank: int | None = None, progress: bool = False, sources: dict | None = None,
+         force: bool = False) -> dict:
+    """Bake into `out`; `force`: replace an existing output avgguf did not write (a directory output keeps the
+    other files it holds)."""
+    out = Path(out)
+    if sources and format_ != "gguf":
+        raise AvggufError("--source applies to --format gguf (the other formats are adapters)")
+    if format_ not in FORMATS:
+        raise AvggufError(f"--format {format_!r}: choose one of {', '.join(FORMATS)}")
+    if type_ is not None and format_ != "gguf":
+        raise AvggufError("--type applies to --format gguf (adapters keep their factor types; see --rank)")
+    if rank is not None and format_ != "adapter":
+        raise AvggufError("--rank applies to --format adapter")
+    job = Bake(mf, profile, coefficients, sources, force)
+    if format_ in ("gguf", "adapter"):  # before any heavy work (output_file checks again when publishing)
+        atomic.check_output_file(out, **job.file_policy("model" if format_ == "gguf" else "adapter"))
+    if format_ == "gguf":
+        report = baked_gguf(job, out, type_, progress)
+    elif format_ == "adapter":
+        fused_adapter(job, out, rank)
+        report = {"format": "adapter", "bytes": out.stat().st_size, "rank": rank or "exact"}
+    elif format_ == "ollama":
+        report = ollama_dir(job, out)
+    else:
+        from avgguf.export.peft import peft_dir
+
+        report = peft_dir(job, out)
+    return {**report, "out": str(out), "profile": job.label, "coefficients": coefficients}
+
+
+def check_type(type_: str | None) -> None:
+    if type_ is not None and type_ not in GGUF_TYPES:
+        raise AvggufError(f"--type {type_!r}: choose one of {', '.join(GGUF_TYPES)}")
+
+
+def describe_types() -> str:
+    return ", ".join(GGUF_TYPES)
+
+
+__all__ = ["FORMATS", "GGUF_TYPES", "Bake", "QType", "bake"]

@@ -1,0 +1,147 @@
+"""Extra llama.cpp contexts on an already loaded model: the weights are shared, each context has its own
+adapter set and its own KV cache (what decoding-time alignment needs: one context per policy)."""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+
+import numpy as np
+
+from avgguf.errors import AvggufError
+
+
+class SideContext:
+    """A llama_context on `model` with fixed adapters; tokens are appended (KV kept), last logits read."""
+
+    def __init__(self, model, params, n_vocab: int, n_ctx: int, adapters: Sequence[tuple[object, float]] = ()):
+        """`params`: a llama_context_params (a copy of the main context's, so KV types etc. match)."""
+        import llama_cpp
+
+        self._ctx = llama_cpp.llama_init_from_model(model, params)
+        if not self._ctx:
+            raise AvggufError(f"llama.cpp could not create a context of {n_ctx} tokens (out of memory?)")
+        self.n_vocab, self.n_ctx, self.n_past = n_vocab, n_ctx, 0
+        self._batch_size = max(1, min(params.n_batch, n_ctx))
+        n = len(adapters)
+        # the arrays must stay alive while the context uses them
+        self._handles = (llama_cpp.llama_adapter_lora_p_ctypes * max(n, 1))(*[h for h, _ in adapters])
+        self._scales = (ctypes.c_float * max(n, 1))(*[s for _, s in adapters])
+        if n and llama_cpp.llama_set_adapters_lora(self._ctx, self._handles, n, self._scales) != 0:
+            raise AvggufError("llama.cpp could not set the adapters of a side context")
+
+    def eval(self, tokens: Sequence[int]) -> None:
+        import llama_cpp
+
+        if self.n_past + len(tokens) > self.n_ctx:
+            raise AvggufError(f"context full: {self.n_past} + {len(tokens)} tokens > {self.n_ctx}")
+        for start in range(0, len(tokens), self._batch_size):
+            chunk = list(tokens[start:start + self._batch_size])
+            arr = (llama_cpp.llama_token * len(chunk))(*chunk)
+            rc = llama_cpp.llama_decode(self._ctx, llama_cpp.llama_batch_get_one(arr, len(chunk)))
+            if rc != 0:
+                raise AvggufError(f"llama_decode failed in a side context (code {rc})")
+            self.n_past += len(chunk)
+
+    def logits(self) -> np.ndarray:
+        import llama_cpp
+
+        ptr = llama_cpp.llama_get_logits_ith(self._ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()  # float32, owned
+
+    def reset(self) -> None:
+        import llama_cpp
+
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
+        self.n_past = 0
+
+    def close(self) -> None:
+        import llama_cpp
+
+        if self._ctx:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+
+
+class BatchContext:
+    """A llama_context decoding several sequences per step (continuous batching), each token tagged with its
+    sequence so attention never crosses sequences. K/V: a stream of `n_ctx_seq` cells per sequence, so a
+    sequence's attention sums run over its own cells only and its answer does not depend on the others (nor
+    on batching: the same as the one-request context's); or (`unified`, llama-server's --kv-unified) one
+    buffer of n_seq x n_ctx_seq cells shared by all, with flash attention: faster here, but where a
+    sequence's cells lie changes float rounding (measured: greedy answers differ from solo ones).
+    The adapter set is the context's and may change between steps: K/V already stored for a sequence stays
+    the one computed under that sequence's own set."""
+
+    def __init__(self, model, params, n_vocab: int, n_seq: int, n_ctx_seq: int, unified: bool = False):
+        import llama_cpp
+
+        params.n_seq_max = n_seq
+        params.n_ctx = n_seq * n_ctx_seq
+        params.n_outputs_max, params.n_outputs_max_per_seq = n_seq, 1  # one logits row per sequence and step
+        params.kv_unified = unified
+        if unified:  # throughput mode: llama-server's flash attention too (other rounding than `avgguf run`)
+            params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
+        self._ctx = llama_cpp.llama_init_from_model(model, params)
+        if not self._ctx:
+            raise AvggufError(f"llama.cpp could not create a context of {n_seq} x {n_ctx_seq} tokens "
+                              f"(out of memory? lower --parallel or --n-ctx)")
+        self.n_vocab, self.n_seq, self.capacity = n_vocab, n_seq, max(1, params.n_batch)
+        self._batch = llama_cpp.llama_batch_init(self.capacity, 0, 1)
+        self._keep: tuple = ()
+
+    def set_adapters(self, pairs: Sequence[tuple[object, float]]) -> None:
+        """The adapter set for the next decode steps ((handle, scale) pairs)."""
+        import llama_cpp
+
+        n = len(pairs)
+        handles = (llama_cpp.llama_adapter_lora_p_ctypes * max(n, 1))(*[h for h, _ in pairs])
+        scales = (ctypes.c_float * max(n, 1))(*[s for _, s in pairs])
+        if llama_cpp.llama_set_adapters_lora(self._ctx, handles if n else None, n, scales if n else None) != 0:
+            raise AvggufError("llama.cpp could not set the adapters of the batch context")
+        self._keep = (handles, scales)  # alive while the context uses them
+
+    def decode(self, tokens: Sequence[tuple[int, int, int, bool]]) -> None:
+        """One step: (token, position, sequence, wants logits) for at most `capacity` tokens."""
+        import llama_cpp
+
+        b = self._batch
+        for i, (tok, pos, seq, logits) in enumerate(tokens):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, logits
+            b.seq_id[i][0] = seq
+        b.n_tokens = len(tokens)
+        rc = llama_cpp.llama_decode(self._ctx, b)
+        if rc != 0:
+            raise AvggufError(f"llama_decode failed for a batch of {len(tokens)} tokens (code {rc})")
+
+    @property
+    def ctx(self):
+        """The llama_context pointer, for llama.cpp's samplers."""
+        return self._ctx
+
+    def logits(self, index: int) -> np.ndarray:
+        """Logits of the batch entry `index` of the last step (a view, valid until the next step)."""
+        import llama_cpp
+
+        ptr = llama_cpp.llama_get_logits_ith(self._ctx, index)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def forget(self, seq: int, keep: int = 0) -> bool:
+        """Drop a sequence's K/V from position `keep` on; False where the memory cannot cut a sequence
+        (recurrent state), then only keep=0 works."""
+        import llama_cpp
+
+        return bool(llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx), seq, keep, -1))
+
+    def set_threads(self, n: int) -> None:
+        import llama_cpp
+
+        llama_cpp.llama_set_n_threads(self._ctx, n, n)
+
+    def close(self) -> None:
+        import llama_cpp
+
+        if self._ctx:
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None

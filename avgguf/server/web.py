@@ -1,0 +1,113 @@
+"""The desktop chat page (GET /, shipped in the package, no CDN) and the two routes it needs beyond the
+OpenAI API: what each model's knobs are, and saving the knobs as a profile (only with --allow-write)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from importlib import resources
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import HTMLResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from avgguf.errors import AvggufError
+from avgguf.config.modelfile import PROFILE_NAME
+from avgguf.config.profile_save import ModelfileBusy, save_profile
+from avgguf.server.protocol import APIError, parse_body
+
+web = APIRouter()
+STATIC = {"app.js": "text/javascript", "style.css": "text/css"}
+PUBLIC = ("/", "/static/")  # served without the API key: the page asks for it and sends it with every call
+
+
+def _registry(request: Request):
+    return request.app.state.registry
+
+
+RegistryDep = Annotated[object, Depends(_registry)]
+
+
+def _asset(name: str) -> bytes:
+    return resources.files("avgguf.server").joinpath("static", name).read_bytes()
+
+
+@web.get("/", response_class=HTMLResponse)
+async def page():
+    return HTMLResponse(_asset("index.html"))
+
+
+@web.get("/static/{name}")
+async def static(name: str):
+    if name not in STATIC:
+        raise APIError(404, f"no static file {name!r}", code="not_found")
+    return Response(_asset(name), media_type=STATIC[name])
+
+
+@web.get("/avgguf/models")
+async def knobs(registry: RegistryDep):
+    """Each model's AVs (slider order), profiles with their coefficients and decoding modes."""
+    data = []
+    for name, served in registry.models.items():
+        mf = served.modelfile
+        data.append({"id": name, "avs": list(mf.av_paths), "profiles": {p: mf.coefficients(p) for p in mf.spec.profiles},
+                     "default_profile": mf.spec.default_profile, "decode": dict(mf.spec.profile_decode),
+                     "writable": registry.allow_write})
+    return {"object": "list", "data": data}
+
+
+class Session(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    code: str = Field(max_length=256)
+
+
+@web.post("/avgguf/session")
+async def session(request: Request, registry: RegistryDep):
+    """The page `desktop` opened trades its one-time code (URL fragment) for the API key, once."""
+    body = await parse_body(request, Session)
+    key = registry.handoff.redeem(body.code) if registry.handoff is not None else None
+    if key is None:
+        raise APIError(403, "this code is used, expired or wrong: start `avgguf desktop` again, or type the API "
+                       "key into the page", code="invalid_code", type_="permission_error")
+    return {"key": key}
+
+
+class SaveProfile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    name: str = Field(pattern=f"^{PROFILE_NAME}$")
+    coefficients: dict[str, float]
+    decode: Literal["weights", "pad", "pad-full"] = "weights"
+
+
+_SAVE_LOCK = threading.Lock()  # one save at a time in this process (across processes: the modelfile's flock)
+
+
+def _save_and_update(served, body: SaveProfile):
+    """On a worker thread: write the profile, then set it in the served modelfile in memory. Only that profile
+    changes in memory; other edits made to the file since the start (avs, base, system) wait for a restart,
+    as the loaded adapters do."""
+    with _SAVE_LOCK:
+        saved = save_profile(served.modelfile, body.name, body.coefficients, body.decode)
+        served.modelfile = served.modelfile.with_saved_profile(saved.name, saved.coefficients, saved.decode)
+        return saved
+
+
+@web.post("/avgguf/profiles")
+async def save(request: Request, registry: RegistryDep):
+    if not registry.allow_write:
+        raise APIError(403, "saving profiles is off: start the server with --allow-write", code="read_only",
+                       type_="permission_error")
+    body = await parse_body(request, SaveProfile)
+    served = registry.models.get(body.model)
+    if served is None:
+        raise APIError(404, f"model {body.model!r} does not exist; models: {list(registry.models)}", param="model")
+    try:
+        saved = await asyncio.to_thread(_save_and_update, served, body)
+    except ModelfileBusy as exc:
+        raise APIError(409, str(exc), code="busy") from None
+    except AvggufError as exc:
+        raise APIError(400, str(exc)) from None
+    return {"saved": saved.name, "modelfile": str(served.modelfile.path), "coefficients": saved.coefficients,
+            "decode": saved.decode, "replaced": saved.replaced}
