@@ -25,8 +25,16 @@ __all__ = ["Model", "open", "convert", "bake_to"]
 class Model:
     """One base GGUF loaded once with its AVs; coefficients change live (no reload, no stale K/V)."""
 
-    def __init__(self, target: str | Path, avs: Sequence[str | Path] | None = None, *, n_ctx: int | None = None,
-                 n_gpu_layers: int | None = None, threads: int | None = None, verbose: bool = False):
+    def __init__(
+        self,
+        target: str | Path,
+        avs: Sequence[str | Path] | None = None,
+        *,
+        n_ctx: int | None = None,
+        n_gpu_layers: int | None = None,
+        threads: int | None = None,
+        verbose: bool = False,
+    ):
         """`target`: a modelfile (`demo.yaml` or `demo.yaml:PROFILE`), a base `.gguf` or `builtin:NAME`;
         `avs`: adapter paths for a bare base GGUF (named as `avgguf profiles` shows: `Model.avs`)."""
         from avgguf.config.modelfile import open_target
@@ -34,8 +42,7 @@ class Model:
 
         self.modelfile, self.profile = open_target(str(target), [f"{p}=0" for p in avs or []])
         self.coefficients: dict[str, float] = self.modelfile.coefficients(self.profile)
-        self._rt = Runtime(self.modelfile, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, threads=threads, verbose=verbose,
-                           merge="off")
+        self._rt = Runtime(self.modelfile, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, threads=threads, verbose=verbose, merge="off")
 
     @property
     def avs(self) -> list[str]:
@@ -88,21 +95,45 @@ def open(target: str | Path, avs: Sequence[str | Path] | None = None, **kwargs: 
     return Model(target, avs, **kwargs)
 
 
-def convert(base: str | Path, aligned: str | Path, out: str | Path, *, name: str, rank: int = 16,
-            dtype: str = "f16", force: bool = False, **kwargs: Any) -> dict:
+def convert(
+    base: str | Path,
+    aligned: str | Path,
+    out: str | Path,
+    *,
+    name: str,
+    rank: int = 16,
+    dtype: str = "f16",
+    force: bool = False,
+    **kwargs: Any,
+) -> dict:
     """The AV aligned − base (two Hugging Face checkpoints or two GGUFs) as a GGUF LoRA adapter at `out`,
     rank `rank`; returns the conversion report. Needs the `convert` extra (torch)."""
     from avgguf.converters.convert import convert_pair
     from avgguf.converters.lowrank import RankPolicy
     from avgguf.converters.sources import open_source
 
-    report = convert_pair(open_source(base, "base"), open_source(aligned, "aligned"), out, name=name,
-                          policy=RankPolicy(rank=rank), dtype=dtype, force=force, **kwargs)
+    report = convert_pair(
+        open_source(base, "base"),
+        open_source(aligned, "aligned"),
+        out,
+        name=name,
+        policy=RankPolicy(rank=rank),
+        dtype=dtype,
+        force=force,
+        **kwargs,
+    )
     return report.to_dict()
 
 
-def bake_to(target: str, out: str | Path, *, format: str = "gguf", coefficients: Mapping[str, float] | None = None,  # noqa: A002
-         force: bool = False, **kwargs: Any) -> dict:
+def bake_to(
+    target: str,
+    out: str | Path,
+    *,
+    format: str = "gguf",
+    coefficients: Mapping[str, float] | None = None,  # noqa: A002
+    force: bool = False,
+    **kwargs: Any,
+) -> dict:
     """`avgguf bake`: a profile (`modelfile:profile`) or coefficients baked to `format` (gguf, adapter, ollama,
     peft) at `out`. (Not `bake`: that name is the avgguf.bake module.)"""
     from avgguf.export.bake import bake as bake_profile

@@ -29,9 +29,9 @@ from typing import Callable, Iterable, Iterator
 
 from avgguf.errors import AvggufError
 
-MARKER = "avgguf.json"          # written into every directory output; names its kind and its files
-KEY_KIND = "avgguf.output"      # marker key: the kind of output ("ollama", "peft", ...)
-KEY_FILES = "avgguf.files"      # marker key: the files avgguf wrote there
+MARKER = "avgguf.json"  # written into every directory output; names its kind and its files
+KEY_KIND = "avgguf.output"  # marker key: the kind of output ("ollama", "peft", ...)
+KEY_FILES = "avgguf.files"  # marker key: the files avgguf wrote there
 _TEMP = re.compile(r"\.avgguf-(\d+)(?:-\d+)?\.(?:tmp|scratch)$")
 _counter = itertools.count()
 
@@ -41,6 +41,7 @@ class OutputError(AvggufError):
 
 
 # --- permissions -------------------------------------------------------------------------------------------
+
 
 def _read_umask() -> int:
     try:
@@ -81,6 +82,7 @@ def _keep_owner_and_mode(fd: int, st: os.stat_result | None, default_mode: int) 
 
 # --- paths -------------------------------------------------------------------------------------------------
 
+
 def resolve_target(path: str | os.PathLike) -> Path:
     """The file a write to `path` must replace: symlinks followed (a dangling link names its target)."""
     return Path(os.path.realpath(os.fspath(path)))
@@ -109,8 +111,7 @@ def process_started(pid: int) -> float | None:
     """When process `pid` started (seconds since the epoch, from /proc), or None where unknown."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime"))
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime"))
         return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, StopIteration):
         return None
@@ -167,16 +168,20 @@ def check_not_input(out: str | os.PathLike, inputs: Iterable[str | os.PathLike |
         inside = src.is_dir() and _within(target, src) and os.path.lexists(target)  # a file of an input dir
         if _within(src, target) or inside:
             what = "is" if src == target else ("is a file of" if inside else "contains")
-            raise OutputError(f"{flag} {os.fspath(out)!r} {what} the input {os.fspath(given)!r} "
-                              f"({src}); writing there would destroy it. Choose another {flag}")
+            raise OutputError(
+                f"{flag} {os.fspath(out)!r} {what} the input {os.fspath(given)!r} "
+                f"({src}); writing there would destroy it. Choose another {flag}"
+            )
 
 
 def check_free_space(directory: str | os.PathLike, needed: int, what: str) -> None:
     """Raise OutputError unless `directory`'s file system has `needed` bytes free."""
     free = shutil.disk_usage(directory).free
     if free < needed:
-        raise OutputError(f"{what}: needs about {_size(needed)} in {os.fspath(directory)!r} but only {_size(free)} "
-                          f"is free; free some space or choose an --out on another disk")
+        raise OutputError(
+            f"{what}: needs about {_size(needed)} in {os.fspath(directory)!r} but only {_size(free)} "
+            f"is free; free some space or choose an --out on another disk"
+        )
 
 
 def _size(n: int) -> str:
@@ -215,14 +220,15 @@ def _stat(path: Path) -> os.stat_result | None:
 def _check_parent(target: Path, given: str | os.PathLike, flag: str) -> None:
     parent = target.parent
     if not parent.is_dir():
-        raise OutputError(f"{flag} {os.fspath(given)!r}: directory {str(parent)!r} does not exist; create it or "
-                          f"choose another {flag}")
+        raise OutputError(
+            f"{flag} {os.fspath(given)!r}: directory {str(parent)!r} does not exist; create it or choose another {flag}"
+        )
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"{flag} {os.fspath(given)!r}: directory {str(parent)!r} is not writable; choose "
-                          f"another {flag}")
+        raise OutputError(f"{flag} {os.fspath(given)!r}: directory {str(parent)!r} is not writable; choose another {flag}")
 
 
 # --- files -------------------------------------------------------------------------------------------------
+
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes, mode: int | None = None) -> None:
     """Replace `path` (through symlinks) by `data`, all or nothing, durable; owner/mode of an existing file
@@ -235,7 +241,7 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes, mode: int | None = 
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             _keep_owner_and_mode(fd, st, new_file_mode() if mode is None else mode)
             os.fsync(fd)
         finally:
@@ -251,9 +257,15 @@ def write_text_atomic(path: str | os.PathLike, text: str, encoding: str = "utf-8
     write_bytes_atomic(path, text.encode(encoding), mode)
 
 
-def check_output_file(path: str | os.PathLike, *, force: bool = False,
-                      previous: Callable[[Path], bool] | None = None, inputs: Iterable[str | os.PathLike | None] = (),
-                      what: str = "output", flag: str = "--out") -> Path:
+def check_output_file(
+    path: str | os.PathLike,
+    *,
+    force: bool = False,
+    previous: Callable[[Path], bool] | None = None,
+    inputs: Iterable[str | os.PathLike | None] = (),
+    what: str = "output",
+    flag: str = "--out",
+) -> Path:
     """The file a write to `path` will replace (symlinks followed), once it is safe to write: its directory
     exists and is writable, it is no directory and none of `inputs`, and it is new, or `previous(target)` says
     avgguf wrote it (same kind), or `force`. Call before heavy work; output_file checks again."""
@@ -263,16 +275,25 @@ def check_output_file(path: str | os.PathLike, *, force: bool = False,
         raise OutputError(f"{flag} {os.fspath(path)!r} is a directory; give a file name")
     check_not_input(path, inputs, flag)
     if target.exists() and not force and not (previous is not None and _safe(previous, target)):
-        raise OutputError(f"{flag} {os.fspath(path)!r} already exists and is not an earlier avgguf {what}; "
-                          f"avgguf does not overwrite files it did not write. Choose another {flag}, or add "
-                          f"--force to replace it")
+        raise OutputError(
+            f"{flag} {os.fspath(path)!r} already exists and is not an earlier avgguf {what}; "
+            f"avgguf does not overwrite files it did not write. Choose another {flag}, or add "
+            f"--force to replace it"
+        )
     return target
 
 
 @contextlib.contextmanager
-def output_file(path: str | os.PathLike, *, force: bool = False, previous: Callable[[Path], bool] | None = None,
-                inputs: Iterable[str | os.PathLike | None] = (), needed_bytes: int | None = None,
-                what: str = "output", flag: str = "--out") -> Iterator[Path]:
+def output_file(
+    path: str | os.PathLike,
+    *,
+    force: bool = False,
+    previous: Callable[[Path], bool] | None = None,
+    inputs: Iterable[str | os.PathLike | None] = (),
+    needed_bytes: int | None = None,
+    what: str = "output",
+    flag: str = "--out",
+) -> Iterator[Path]:
     """A temp path (beside the target, pid in the name) to write one output file to; published (fsync,
     rename, fsync of the directory; an existing file's mode and owner kept) when the block ends normally,
     removed on any exception, KeyboardInterrupt included.
@@ -318,9 +339,11 @@ def scratch_dir(beside: str | os.PathLike) -> Iterator[Path]:
 
 # --- directories -------------------------------------------------------------------------------------------
 
+
 @dataclass
 class DirOutput:
     """A directory being built: write files into `path`; `meta` goes into the marker (avgguf.json)."""
+
     path: Path
     kind: str
     meta: dict = field(default_factory=dict)
@@ -355,9 +378,15 @@ def _foreign_entries(directory: Path, kind: str) -> list[str] | None:
 
 
 @contextlib.contextmanager
-def output_dir(path: str | os.PathLike, kind: str, *, force: bool = False,
-               inputs: Iterable[str | os.PathLike | None] = (), needed_bytes: int | None = None,
-               flag: str = "--out") -> Iterator[DirOutput]:
+def output_dir(
+    path: str | os.PathLike,
+    kind: str,
+    *,
+    force: bool = False,
+    inputs: Iterable[str | os.PathLike | None] = (),
+    needed_bytes: int | None = None,
+    flag: str = "--out",
+) -> Iterator[DirOutput]:
     """A temp directory to build a directory output in; published when the block ends normally, removed on
     any exception.
 
@@ -375,13 +404,17 @@ def output_dir(path: str | os.PathLike, kind: str, *, force: bool = False,
     if foreign and not force:
         marker = read_marker(target)
         if marker is not None and marker.get(KEY_KIND) != kind and not set(foreign) - set(marker[KEY_FILES]) - {MARKER}:
-            raise OutputError(f"{flag} {os.fspath(path)!r} is an earlier avgguf {marker.get(KEY_KIND)!r} output, not "
-                              f"{kind!r}; avgguf replaces an output only with one of the same format. Choose another "
-                              f"{flag}, or add --force to write the {kind} files into it (the others are kept)")
+            raise OutputError(
+                f"{flag} {os.fspath(path)!r} is an earlier avgguf {marker.get(KEY_KIND)!r} output, not "
+                f"{kind!r}; avgguf replaces an output only with one of the same format. Choose another "
+                f"{flag}, or add --force to write the {kind} files into it (the others are kept)"
+            )
         shown = ", ".join(repr(e) for e in foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise OutputError(f"{flag} {os.fspath(path)!r} is a non-empty directory avgguf did not write (it holds "
-                          f"{shown}); avgguf only replaces an earlier {kind!r} output of its own. Choose a new or "
-                          f"empty directory, or add --force to write avgguf's files into it (other files are kept)")
+        raise OutputError(
+            f"{flag} {os.fspath(path)!r} is a non-empty directory avgguf did not write (it holds "
+            f"{shown}); avgguf only replaces an earlier {kind!r} output of its own. Choose a new or "
+            f"empty directory, or add --force to write avgguf's files into it (other files are kept)"
+        )
     remove_stale(target.parent)
     if needed_bytes:
         check_free_space(target.parent, needed_bytes, f"{flag} {os.fspath(path)!r}")
@@ -394,7 +427,7 @@ def output_dir(path: str | os.PathLike, kind: str, *, force: bool = False,
         marker = {**out.meta, KEY_KIND: kind, KEY_FILES: files}
         (tmp / MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
         for name in files + [MARKER]:  # durable before publishing (modes are the writers' own: a hard-linked
-            _fsync(tmp / name)          # base keeps its mode)
+            _fsync(tmp / name)  # base keeps its mode)
         st = _stat(target)
         os.chmod(tmp, (st.st_mode & 0o777) if st is not None else 0o777 & ~umask())
         fsync_dir(tmp)
@@ -464,7 +497,23 @@ def _exchange(a: Path, b: Path) -> bool:
     return rc == 0
 
 
-__all__ = ["MARKER", "DirOutput", "OutputError", "check_free_space", "check_not_input", "check_output_file",
-           "fsync_dir", "output_dir",
-           "output_file", "pid_alive", "read_marker", "remove_stale", "resolve_target", "scratch_dir", "temp_path",
-           "umask", "write_bytes_atomic", "write_text_atomic"]
+__all__ = [
+    "MARKER",
+    "DirOutput",
+    "OutputError",
+    "check_free_space",
+    "check_not_input",
+    "check_output_file",
+    "fsync_dir",
+    "output_dir",
+    "output_file",
+    "pid_alive",
+    "read_marker",
+    "remove_stale",
+    "resolve_target",
+    "scratch_dir",
+    "temp_path",
+    "umask",
+    "write_bytes_atomic",
+    "write_text_atomic",
+]

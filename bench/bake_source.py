@@ -67,10 +67,12 @@ def main() -> None:
         work = Path(tmp)
         paths = {"base": (mf.base_path, {}, {}), "live adapter": (mf.base_path, avs, {name: 1.0})}
         seconds = {}
-        for label, kind, srcs, type_ in (("bake from the adapter", Bake, None, None),
-                                         ("bake --source, added to the GGUF's 4-bit weights", FromGGUF, sources, None),
-                                         ("bake --source (from the base checkpoint)", Bake, sources, None),
-                                         ("bake --source --type q4_1", Bake, sources, "q4_1")):
+        for label, kind, srcs, type_ in (
+            ("bake from the adapter", Bake, None, None),
+            ("bake --source, added to the GGUF's 4-bit weights", FromGGUF, sources, None),
+            ("bake --source (from the base checkpoint)", Bake, sources, None),
+            ("bake --source --type q4_1", Bake, sources, "q4_1"),
+        ):
             out = work / f"{len(paths)}.gguf"
             t0 = time.perf_counter()
             report = baked_gguf(kind(mf, "expert", coefs, srcs), out, type_)
@@ -81,8 +83,11 @@ def main() -> None:
             label = "stock: convert_hf_to_gguf (aligned, f32) + quantize [q8_0]"
             t0 = time.perf_counter()
             f32 = work / "stock-f32.gguf"
-            subprocess.run([sys.executable, args.convert, sources[name][1].path, "--outtype", "f32", "--outfile",
-                            str(f32)], check=True, capture_output=True)
+            subprocess.run(
+                [sys.executable, args.convert, sources[name][1].path, "--outtype", "f32", "--outfile", str(f32)],
+                check=True,
+                capture_output=True,
+            )
             paths[label] = (quantize(f32, work / "stock-q8_0.gguf", "MOSTLY_Q8_0"), {}, {})
             seconds[label] = time.perf_counter() - t0
             f32.unlink()
@@ -103,15 +108,19 @@ def main() -> None:
             rows.append((label, mean_kl(ref, eng, texts), margins(eng, items)))
             eng.close()
     kl_base, m_base = rows[0][1], rows[0][2]
-    print(f"SmolLM2-135M Q4_1 + {name} at 1 ({args.tokens} tokens greedy, median of {args.repeats}, alternating); "
-          f"reference: the full-precision aligned model\n")
+    print(
+        f"SmolLM2-135M Q4_1 + {name} at 1 ({args.tokens} tokens greedy, median of {args.repeats}, alternating); "
+        f"reference: the full-precision aligned model\n"
+    )
     print("| path | gen tok/s | vs base | bake s | KL kept | margin kept |")
     print("|---|---|---|---|---|---|")
     base_tps = measured["base"][0]
     for label, kl, m in rows:
         secs = f"{seconds[label]:.1f}" if label in seconds else ""
-        print(f"| {label} | {measured[label][0]:.1f} | {measured[label][0] / base_tps:.2f} | {secs} | "
-              f"{1 - kl / kl_base:.3f} | {(m - m_base) / (m_fp - m_base):.3f} |")
+        print(
+            f"| {label} | {measured[label][0]:.1f} | {measured[label][0] / base_tps:.2f} | {secs} | "
+            f"{1 - kl / kl_base:.3f} | {(m - m_base) / (m_fp - m_base):.3f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ PROMPT = "<|im_start|>user\nWhat should I do about a persistent cough?<|im_end|>
 
 # --- measurements -------------------------------------------------------------------------------------------
 
+
 def gen_tps(eng: Engine, tokens: int) -> tuple[float, float]:
     """(generation tok/s from llama.cpp's timers, prompt tok/s timed around one fresh prompt evaluation)."""
     eng.reset()
@@ -89,11 +90,13 @@ def knob_ms(eng: Engine, names: list[str]) -> float:
 
 # --- effect kept --------------------------------------------------------------------------------------------
 
+
 def eval_tokens(eng: Engine, n: int = 12) -> list[list[int]]:
     rows = [json.loads(line) for line in (ROOT / "data" / "preferences" / "eval.jsonl").read_text().splitlines()]
     rows = rows[:: max(1, len(rows) // n)][:n]
-    return [eng.tokenize(eng.format_chat([{"role": "user", "content": r["query"]}]) + r["responses"]["expert"])[:160]
-            for r in rows]
+    return [
+        eng.tokenize(eng.format_chat([{"role": "user", "content": r["query"]}]) + r["responses"]["expert"])[:160] for r in rows
+    ]
 
 
 def log_probs(eng: Engine, toks: list[int]) -> np.ndarray:
@@ -112,6 +115,7 @@ def mean_kl(ref: list[np.ndarray], eng: Engine, texts: list[list[int]]) -> float
 
 # --- the stock path -----------------------------------------------------------------------------------------
 
+
 def export_lora(tool: str, base: Path, adapters: list[tuple[Path, float]], out: Path, work: Path) -> Path:
     """llama-export-lora refuses quantized LoRAs: give it exact f16 copies of ours first."""
     floats = []
@@ -119,8 +123,11 @@ def export_lora(tool: str, base: Path, adapters: list[tuple[Path, float]], out: 
     for i, (path, scale) in enumerate(adapters):
         f16 = write_fused([("av", path, 1.0)], work / f"f16-{i}.gguf", arch, float_type=gguf.GGMLQuantizationType.F16)
         floats.append(f"{f16}:{scale}")
-    subprocess.run([tool, "-m", str(base), "--lora-scaled", ",".join(floats), "-o", str(out), "-t",
-                    str(os.cpu_count())], check=True, capture_output=True)
+    subprocess.run(
+        [tool, "-m", str(base), "--lora-scaled", ",".join(floats), "-o", str(out), "-t", str(os.cpu_count())],
+        check=True,
+        capture_output=True,
+    )
     return out
 
 
@@ -138,6 +145,7 @@ def quantize(src: Path, out: Path, ftype_name: str) -> Path:
 
 # --- models -------------------------------------------------------------------------------------------------
 
+
 def synthetic_1b(work: Path) -> Path:
     """A llama-shaped 1.2B model with random weights, written f16 then quantized to Q4_0 by llama.cpp."""
     from synthetic import Spec, add_vocab
@@ -147,24 +155,41 @@ def synthetic_1b(work: Path) -> Path:
     f16 = work / "synthetic-1b-f16.gguf"
     w = gguf.GGUFWriter(str(f16), "llama")
     w.add_name("synthetic-1b")
-    for add, value in ((w.add_context_length, 2048), (w.add_embedding_length, spec.n_embd),
-                       (w.add_block_count, spec.n_layer), (w.add_feed_forward_length, spec.n_ff),
-                       (w.add_head_count, spec.n_head), (w.add_head_count_kv, spec.n_head_kv),
-                       (w.add_rope_dimension_count, spec.head_dim), (w.add_vocab_size, spec.n_vocab)):
+    for add, value in (
+        (w.add_context_length, 2048),
+        (w.add_embedding_length, spec.n_embd),
+        (w.add_block_count, spec.n_layer),
+        (w.add_feed_forward_length, spec.n_ff),
+        (w.add_head_count, spec.n_head),
+        (w.add_head_count_kv, spec.n_head_kv),
+        (w.add_rope_dimension_count, spec.head_dim),
+        (w.add_vocab_size, spec.n_vocab),
+    ):
         add(value)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_freq_base(10000.0)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
     add_vocab(w, spec.n_vocab)
     kv = spec.n_head_kv * spec.head_dim
-    shapes = {"token_embd.weight": (spec.n_vocab, spec.n_embd), "output_norm.weight": (spec.n_embd,),
-              "output.weight": (spec.n_vocab, spec.n_embd)}
+    shapes = {
+        "token_embd.weight": (spec.n_vocab, spec.n_embd),
+        "output_norm.weight": (spec.n_embd,),
+        "output.weight": (spec.n_vocab, spec.n_embd),
+    }
     for i in range(spec.n_layer):
-        shapes.update({f"blk.{i}.attn_norm.weight": (spec.n_embd,), f"blk.{i}.ffn_norm.weight": (spec.n_embd,),
-                       f"blk.{i}.attn_q.weight": (spec.n_embd, spec.n_embd), f"blk.{i}.attn_k.weight": (kv, spec.n_embd),
-                       f"blk.{i}.attn_v.weight": (kv, spec.n_embd), f"blk.{i}.attn_output.weight": (spec.n_embd, spec.n_embd),
-                       f"blk.{i}.ffn_gate.weight": (spec.n_ff, spec.n_embd), f"blk.{i}.ffn_up.weight": (spec.n_ff, spec.n_embd),
-                       f"blk.{i}.ffn_down.weight": (spec.n_embd, spec.n_ff)})
+        shapes.update(
+            {
+                f"blk.{i}.attn_norm.weight": (spec.n_embd,),
+                f"blk.{i}.ffn_norm.weight": (spec.n_embd,),
+                f"blk.{i}.attn_q.weight": (spec.n_embd, spec.n_embd),
+                f"blk.{i}.attn_k.weight": (kv, spec.n_embd),
+                f"blk.{i}.attn_v.weight": (kv, spec.n_embd),
+                f"blk.{i}.attn_output.weight": (spec.n_embd, spec.n_embd),
+                f"blk.{i}.ffn_gate.weight": (spec.n_ff, spec.n_embd),
+                f"blk.{i}.ffn_up.weight": (spec.n_ff, spec.n_embd),
+                f"blk.{i}.ffn_down.weight": (spec.n_embd, spec.n_ff),
+            }
+        )
     for name, shape in shapes.items():
         dtype = np.float32 if len(shape) == 1 else np.float16
         w.add_tensor_info(name, shape, np.dtype(dtype), int(np.prod(shape)) * np.dtype(dtype).itemsize)
@@ -188,13 +213,18 @@ def random_av(base: Path, rank: int, seed: int, out: Path) -> Path:
     writer = fmt.AdapterWriter(out, info.arch, out.stem)
     for name, shape in info.shapes.items():
         if name.startswith("blk.") and len(shape) == 2:
-            writer.add_pair(name, rng.standard_normal((rank, shape[1]), dtype=np.float32) * 0.01,
-                            rng.standard_normal((shape[0], rank), dtype=np.float32) * 0.01, "f16")
+            writer.add_pair(
+                name,
+                rng.standard_normal((rank, shape[1]), dtype=np.float32) * 0.01,
+                rng.standard_normal((shape[0], rank), dtype=np.float32) * 0.01,
+                "f16",
+            )
     writer.commit()
     return out
 
 
 # --- one model ----------------------------------------------------------------------------------------------
+
 
 def run_model(label: str, base: Path, sets: dict[str, dict[str, Path]], args, work: Path, fidelity: bool) -> list:
     """One group per AV set (its own base row, so every ratio comes from the same run; engines of one group
@@ -214,8 +244,10 @@ def run_model(label: str, base: Path, sets: dict[str, dict[str, Path]], args, wo
 def run_set(label: str, base: Path, set_name: str, avs: dict[str, Path], args, work: Path) -> list:
     tool = args.export_lora if args.export_lora and Path(args.export_lora).exists() else None
     coefs = {n: 1.0 for n in avs}
-    engines = {f"{set_name}: base": open_engine(base, {}, {}, "off"),
-               f"{set_name}: separate adapters": open_engine(base, avs, coefs, "off")}
+    engines = {
+        f"{set_name}: base": open_engine(base, {}, {}, "off"),
+        f"{set_name}: separate adapters": open_engine(base, avs, coefs, "off"),
+    }
     extra: dict[str, dict] = {}
     if len(avs) > 1:
         fused = open_engine(base, avs, {}, "sync")
@@ -226,7 +258,7 @@ def run_set(label: str, base: Path, set_name: str, avs: dict[str, Path], args, w
     hot_key = f"{set_name}: live, merged hot set"
     engines[hot_key], extra[hot_key] = hot_engine(base, avs, coefs)
     mf = modelfile_from_gguf(base, [(p, 1.0) for p in avs.values()])
-    for type_ in ([None, "q4_1"] if "Q4_1" in label else [None]):
+    for type_ in [None, "q4_1"] if "Q4_1" in label else [None]:
         out = work / f"baked-{type_}.gguf"
         t0 = time.perf_counter()
         report = baked_gguf(Bake(mf, "lora", mf.coefficients()), out, type_)
@@ -243,8 +275,7 @@ def run_set(label: str, base: Path, set_name: str, avs: dict[str, Path], args, w
         t0 = time.perf_counter()
         requant = quantize(merged, work / "export-q8_0.gguf", "MOSTLY_Q8_0")
         key = f"{set_name}: llama-export-lora + quantize q8_0"
-        extra[key] = {"seconds": seconds + time.perf_counter() - t0, "bytes": requant.stat().st_size,
-                      "_file": str(requant)}
+        extra[key] = {"seconds": seconds + time.perf_counter() - t0, "bytes": requant.stat().st_size, "_file": str(requant)}
         engines[key] = open_engine(requant, {}, {}, "off")
     measured = speeds(engines, args.tokens, args.repeats)
     extra[f"{set_name}: separate adapters"] = {"knob_ms": knob_ms(engines[f"{set_name}: separate adapters"], list(avs))}
@@ -252,8 +283,10 @@ def run_set(label: str, base: Path, set_name: str, avs: dict[str, Path], args, w
     for eng in engines.values():
         eng.close()
     base_gen, base_prompt = measured[f"{set_name}: base"]
-    return [{"model": label, "path": k, "gen_tps": g, "gen_rel": g / base_gen, "prompt_rel": p / base_prompt,
-             **extra.get(k, {})} for k, (g, p) in measured.items()]
+    return [
+        {"model": label, "path": k, "gen_tps": g, "gen_rel": g / base_gen, "prompt_rel": p / base_prompt, **extra.get(k, {})}
+        for k, (g, p) in measured.items()
+    ]
 
 
 def hot_engine(base: Path, avs: dict[str, Path], coefs: dict[str, float], **kw) -> tuple[Engine, dict]:
@@ -325,12 +358,16 @@ def render(rows: list) -> str:
     head = "| model | path | gen tok/s | vs base | prompt vs base | knob change / build | file | KL kept | margin kept |"
     lines = [head, "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        cost = " / ".join(([f"knob {r['knob_ms']:.0f} ms"] if "knob_ms" in r else [])
-                          + ([f"build {r['seconds']:.1f} s"] if "seconds" in r else []))
+        cost = " / ".join(
+            ([f"knob {r['knob_ms']:.0f} ms"] if "knob_ms" in r else [])
+            + ([f"build {r['seconds']:.1f} s"] if "seconds" in r else [])
+        )
         size = f"{r['bytes'] / 1e6:.0f} MB" if "bytes" in r else ""
         kept = " | ".join(f"{r[k]:.3f}" if k in r else "" for k in ("effect_kept", "margin_kept"))
-        lines.append(f"| {r['model']} | {r['path']} | {r['gen_tps']:.1f} | {r['gen_rel']:.2f} | {r['prompt_rel']:.2f} | "
-                     f"{cost} | {size} | {kept} |")
+        lines.append(
+            f"| {r['model']} | {r['path']} | {r['gen_tps']:.1f} | {r['gen_rel']:.2f} | {r['prompt_rel']:.2f} | "
+            f"{cost} | {size} | {kept} |"
+        )
     return "\n".join(lines)
 
 
@@ -350,8 +387,14 @@ def main() -> None:
             mf = load_modelfile(ROOT / "modelfiles" / "demo.yaml")
             avs = dict(mf.av_paths)
             first = next(iter(avs))
-            rows += run_model("SmolLM2-135M Q4_1", mf.base_path, {"1 demo AV": {first: avs[first]}, "3 demo AVs": avs},
-                              args, work, fidelity=True)
+            rows += run_model(
+                "SmolLM2-135M Q4_1",
+                mf.base_path,
+                {"1 demo AV": {first: avs[first]}, "3 demo AVs": avs},
+                args,
+                work,
+                fidelity=True,
+            )
         if "synthetic-1b" in args.models:
             base = synthetic_1b(work)
             sets = {}
@@ -360,8 +403,10 @@ def main() -> None:
                 sets[f"1 AV rank {rank}"] = {k: avs[k] for k in list(avs)[:1]}
                 sets[f"3 AVs rank {rank}"] = avs
             rows += run_model("synthetic 1.2B Q4_0", base, sets, args, work, fidelity=False)
-    print(f"\nGeneration speed relative to the base in the same run ({args.tokens} tokens greedy, median of "
-          f"{args.repeats}, paths alternating, {os.cpu_count()} threads):\n")
+    print(
+        f"\nGeneration speed relative to the base in the same run ({args.tokens} tokens greedy, median of "
+        f"{args.repeats}, paths alternating, {os.cpu_count()} threads):\n"
+    )
     print(render(rows))
     if args.json:
         Path(args.json).write_text(json.dumps([{k: v for k, v in r.items() if k != "_file"} for r in rows], indent=1))

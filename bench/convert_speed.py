@@ -22,9 +22,11 @@ import torch
 from safetensors.torch import save_file
 
 # VmHWM (this process image's peak RSS), not ru_maxrss: Linux carries the parent's peak across fork + exec.
-CHILD = ("import json, sys; from avgguf.cli import main; rc = main(sys.argv[1:]); "
-         "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1]; "
-         "print('BENCH', json.dumps({'rc': rc, 'maxrss_kb': int(hwm)}))")
+CHILD = (
+    "import json, sys; from avgguf.cli import main; rc = main(sys.argv[1:]); "
+    "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1]; "
+    "print('BENCH', json.dumps({'rc': rc, 'maxrss_kb': int(hwm)}))"
+)
 
 SHAPES = {
     # name: (n_embd, n_ff, n_head, n_head_kv, n_vocab, tied)
@@ -43,22 +45,40 @@ def write_checkpoint(path: Path, shape, n_layer: int, seed: int, base: dict | No
         shapes["lm_head.weight"] = (n_vocab, n_embd)
     for i in range(n_layer):
         p = f"model.layers.{i}."
-        shapes.update({p + "input_layernorm.weight": (n_embd,), p + "post_attention_layernorm.weight": (n_embd,),
-                       p + "self_attn.q_proj.weight": (n_embd, n_embd), p + "self_attn.k_proj.weight": (kv, n_embd),
-                       p + "self_attn.v_proj.weight": (kv, n_embd), p + "self_attn.o_proj.weight": (n_embd, n_embd),
-                       p + "mlp.gate_proj.weight": (n_ff, n_embd), p + "mlp.up_proj.weight": (n_ff, n_embd),
-                       p + "mlp.down_proj.weight": (n_embd, n_ff)})
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (n_embd,),
+                p + "post_attention_layernorm.weight": (n_embd,),
+                p + "self_attn.q_proj.weight": (n_embd, n_embd),
+                p + "self_attn.k_proj.weight": (kv, n_embd),
+                p + "self_attn.v_proj.weight": (kv, n_embd),
+                p + "self_attn.o_proj.weight": (n_embd, n_embd),
+                p + "mlp.gate_proj.weight": (n_ff, n_embd),
+                p + "mlp.up_proj.weight": (n_ff, n_embd),
+                p + "mlp.down_proj.weight": (n_embd, n_ff),
+            }
+        )
     if base is None:
         tensors = {k: (torch.randn(*s, generator=g) * 0.02).to(torch.bfloat16) for k, s in shapes.items()}
     else:  # aligned = base + a small dense delta
-        tensors = {k: (base[k].float() + torch.randn(*s, generator=g) * 0.001).to(torch.bfloat16)
-                   for k, s in shapes.items()}
+        tensors = {k: (base[k].float() + torch.randn(*s, generator=g) * 0.001).to(torch.bfloat16) for k, s in shapes.items()}
     path.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path / "model.safetensors"))
-    (path / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "hidden_size": n_embd, "intermediate_size": n_ff,
-        "num_hidden_layers": n_layer, "num_attention_heads": n_head, "num_key_value_heads": n_kv,
-        "vocab_size": n_vocab, "tie_word_embeddings": tied, "torch_dtype": "bfloat16"}))
+    (path / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "hidden_size": n_embd,
+                "intermediate_size": n_ff,
+                "num_hidden_layers": n_layer,
+                "num_attention_heads": n_head,
+                "num_key_value_heads": n_kv,
+                "vocab_size": n_vocab,
+                "tie_word_embeddings": tied,
+                "torch_dtype": "bfloat16",
+            }
+        )
+    )
     return tensors
 
 
@@ -80,8 +100,11 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="avgguf-bench-"))
     rows = []
     try:
-        cases = [("smollm2-size", 30, ["--rank", "16"]), ("smollm2-size", 30, ["--rank", "16", "--svd", "full"]),
-                 ("smollm2-size", 30, ["--energy", "0.5", "--max-rank", "64"])]
+        cases = [
+            ("smollm2-size", 30, ["--rank", "16"]),
+            ("smollm2-size", 30, ["--rank", "16", "--svd", "full"]),
+            ("smollm2-size", 30, ["--energy", "0.5", "--max-rank", "64"]),
+        ]
         cases += [("large", n, ["--rank", "16"]) for n in args.large_layers]
         made = {}
         for name, n_layer, conv in cases:
@@ -94,8 +117,7 @@ def main() -> None:
                 del base
                 made = {key: sum(f.stat().st_size for f in (work / "base").iterdir())}
             out = work / "av.gguf"
-            wall, rss = run_convert(["--base", str(work / "base"), "--aligned", str(work / "aligned"),
-                                     "--out", str(out), *conv])
+            wall, rss = run_convert(["--base", str(work / "base"), "--aligned", str(work / "aligned"), "--out", str(out), *conv])
             rows.append((name, n_layer, made[key] / 1e9, " ".join(conv), wall, rss, out.stat().st_size / 1e6))
             print(f"  {rows[-1]}", file=sys.stderr)
     finally:

@@ -29,8 +29,14 @@ from avgguf.runtime.engine import Engine  # noqa: E402
 from avgguf.eval.judge import Judge, read_eval_data  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "preferences" / "eval.jsonl"
-SETTINGS = [["--rank", "4", "--dtype", "f16"], ["--rank", "8", "--dtype", "f16"], ["--rank", "16", "--dtype", "q8_0"],
-            ["--rank", "16", "--dtype", "f16"], ["--rank", "64", "--dtype", "f16"], ["--energy", "0.9", "--dtype", "f16"]]
+SETTINGS = [
+    ["--rank", "4", "--dtype", "f16"],
+    ["--rank", "8", "--dtype", "f16"],
+    ["--rank", "16", "--dtype", "q8_0"],
+    ["--rank", "16", "--dtype", "f16"],
+    ["--rank", "64", "--dtype", "f16"],
+    ["--energy", "0.9", "--dtype", "f16"],
+]
 
 
 def measure(model: Path, adapter: Path | None, rows: list[dict]) -> tuple[float, float, list[np.ndarray]]:
@@ -44,8 +50,7 @@ def measure(model: Path, adapter: Path | None, rows: list[dict]) -> tuple[float,
         s = judge.scores(r)
         margins.append(s[2] - (s[0] + s[1]) / 2)
         experts.append(int(np.argmax(s) == 2))
-        tokens = judge.tokens(eng.format_chat([{"role": "user", "content": r["query"]}])) + \
-            judge.tokens(r["responses"]["expert"])
+        tokens = judge.tokens(eng.format_chat([{"role": "user", "content": r["query"]}])) + judge.tokens(r["responses"]["expert"])
         dists.append(eng.all_logits(tokens))
     eng.close()
     return float(np.mean(margins)), float(np.mean(experts)), dists
@@ -56,8 +61,9 @@ def main() -> None:
     ap.add_argument("--runs", type=Path, required=True, help="directory with <domain>/base and <domain>/aligned")
     ap.add_argument("--domains", nargs="+", default=["medical"])
     ap.add_argument("--limit", type=int, default=16)
-    ap.add_argument("--shipped-only", action="store_true",
-                    help="score only the shipped modelfiles/avs/<domain>.gguf (no conversions)")
+    ap.add_argument(
+        "--shipped-only", action="store_true", help="score only the shipped modelfiles/avs/<domain>.gguf (no conversions)"
+    )
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="avgguf-demo-fid-"))
     print("| domain | adapter | size (MB) | AV energy kept | margin kept | KL(merged ‖ adapter) | expert share |")
@@ -80,19 +86,40 @@ def main() -> None:
 
         kept = fmt.read_adapter(shipped).meta[fmt.KEY_ENERGY_KEPT]
         m, e, d = measure(base_gguf, shipped, rows)
-        print(f"| {domain} | shipped `modelfiles/avs/{domain}.gguf` | {shipped.stat().st_size / 1e6:.1f} | {kept:.1%} | "
-              f"{(m - m_base) / (m_merged - m_base):.0%} | {kl_to_merged(d):.4f} | {e:.2f} |", flush=True)
-        for conv in ([] if args.shipped_only else SETTINGS):
+        print(
+            f"| {domain} | shipped `modelfiles/avs/{domain}.gguf` | {shipped.stat().st_size / 1e6:.1f} | {kept:.1%} | "
+            f"{(m - m_base) / (m_merged - m_base):.0%} | {kl_to_merged(d):.4f} | {e:.2f} |",
+            flush=True,
+        )
+        for conv in [] if args.shipped_only else SETTINGS:
             out = work / "av.gguf"
             t0 = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "avgguf.cli", "convert", "--base", str(base_dir), "--aligned",
-                            str(aligned_dir), "--out", str(out), *conv], check=True, capture_output=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "avgguf.cli",
+                    "convert",
+                    "--base",
+                    str(base_dir),
+                    "--aligned",
+                    str(aligned_dir),
+                    "--out",
+                    str(out),
+                    *conv,
+                ],
+                check=True,
+                capture_output=True,
+            )
             from avgguf.gguf import adapter_format as fmt
 
             kept = fmt.read_adapter(out).meta[fmt.KEY_ENERGY_KEPT]
             m, e, d = measure(base_gguf, out, rows)
-            print(f"| {domain} | `{' '.join(conv)}` | {out.stat().st_size / 1e6:.1f} | {kept:.1%} | "
-                  f"{(m - m_base) / (m_merged - m_base):.0%} | {kl_to_merged(d):.4f} | {e:.2f} |", flush=True)
+            print(
+                f"| {domain} | `{' '.join(conv)}` | {out.stat().st_size / 1e6:.1f} | {kept:.1%} | "
+                f"{(m - m_base) / (m_merged - m_base):.0%} | {kl_to_merged(d):.4f} | {e:.2f} |",
+                flush=True,
+            )
             print(f"  ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
         print(f"| {domain} | full-precision fine-tune (merged) | - | 100% | 100% | 0 | {e_merged:.2f} |", flush=True)
 

@@ -35,9 +35,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # gguf_copy: the merged-weights GGUF writer the tests use
 DATA = ROOT / "data" / "preferences" / "eval.jsonl"
 # runs a command as a child and reports its peak RSS (the largest child's, in KB)
-RSS_WRAPPER = ("import resource, subprocess, sys\np = subprocess.run(sys.argv[1:])\n"
-               "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)\n"
-               "sys.exit(p.returncode)")
+RSS_WRAPPER = (
+    "import resource, subprocess, sys\np = subprocess.run(sys.argv[1:])\n"
+    "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)\n"
+    "sys.exit(p.returncode)"
+)
 SPEED_PROMPT = "<|im_start|>user\nWhat should I do about a persistent cough?<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -126,19 +128,45 @@ def mergekit_adapter(pair: Path, rank: int, out: Path, bin_dir: Path, convert_lo
     """mergekit-extract-lora -> llama.cpp convert_lora_to_gguf.py (the community pipeline): seconds, peak RSS.
     `-e embed_tokens -e lm_head`: without them llama.cpp refuses (or crashes on) the tied-embedding result."""
     work = out.parent / f"mk-r{rank}"
-    s1, r1 = timed([str(bin_dir / "mergekit-extract-lora"), "--model", str(pair / "aligned"), "--base-model",
-                    str(pair / "base"), "--out-path", str(work), "--max-rank", str(rank),
-                    "-e", "embed_tokens", "-e", "lm_head"])
-    s2, r2 = timed([str(bin_dir / "python"), str(convert_lora), str(work), "--base", str(pair / "base"),
-                    "--outtype", "f16", "--outfile", str(out)])
+    s1, r1 = timed(
+        [
+            str(bin_dir / "mergekit-extract-lora"),
+            "--model",
+            str(pair / "aligned"),
+            "--base-model",
+            str(pair / "base"),
+            "--out-path",
+            str(work),
+            "--max-rank",
+            str(rank),
+            "-e",
+            "embed_tokens",
+            "-e",
+            "lm_head",
+        ]
+    )
+    s2, r2 = timed(
+        [
+            str(bin_dir / "python"),
+            str(convert_lora),
+            str(work),
+            "--base",
+            str(pair / "base"),
+            "--outtype",
+            "f16",
+            "--outfile",
+            str(out),
+        ]
+    )
     return s1 + s2, max(r1, r2)
 
 
 RANK_FOR_BUDGET = {"2.5MB": 4, "5MB": 8, "10MB": 16, "20MB": 32}  # largest uniform f16 rank within the budget
 
 
-def settings(budgets: list[str], distill_budgets: list[str], steps: int,
-             calibration: str | None) -> list[tuple[str, str, list[str]]]:
+def settings(
+    budgets: list[str], distill_budgets: list[str], steps: int, calibration: str | None
+) -> list[tuple[str, str, list[str]]]:
     fit = ["--fit", "distill", "--fit-steps", str(steps)] + (["--calibration", calibration] if calibration else [])
     out = []
     for b in budgets:
@@ -157,8 +185,13 @@ def main() -> None:
     ap.add_argument("--domain", default="medical")
     ap.add_argument("--limit", type=int, default=16, help="eval queries (evenly spaced)")
     ap.add_argument("--budgets", nargs="+", default=list(RANK_FOR_BUDGET), choices=list(RANK_FOR_BUDGET))
-    ap.add_argument("--distill-budgets", nargs="*", default=list(RANK_FOR_BUDGET), choices=list(RANK_FOR_BUDGET),
-                    help="budgets that also get the two --fit distill rows (each costs minutes)")
+    ap.add_argument(
+        "--distill-budgets",
+        nargs="*",
+        default=list(RANK_FOR_BUDGET),
+        choices=list(RANK_FOR_BUDGET),
+        help="budgets that also get the two --fit distill rows (each costs minutes)",
+    )
     ap.add_argument("--fit-steps", type=int, default=200)
     ap.add_argument("--calibration", help="--calibration for the distill rows (default: the built-in set)")
     ap.add_argument("--speed-repeats", type=int, default=3)
@@ -179,23 +212,31 @@ def main() -> None:
     m_base, d_base = measure(base_gguf, None, rows)
     m_aligned, d_aligned = measure(aligned_gguf, None, rows)
     kl_base = float(np.mean([kl(a, b) for a, b in zip(d_aligned, d_base)]))
-    print(f"{args.domain}, {len(rows)} held-out queries: margin base {m_base:.3f}, aligned {m_aligned:.3f}; "
-          f"KL(aligned || base) {kl_base:.4f} nats/token", file=sys.stderr)
+    print(
+        f"{args.domain}, {len(rows)} held-out queries: margin base {m_base:.3f}, aligned {m_aligned:.3f}; "
+        f"KL(aligned || base) {kl_base:.4f} nats/token",
+        file=sys.stderr,
+    )
 
     def score(label: str, budget: str, adapter: Path, secs: float, rss: float) -> dict:
         m, d = measure(base_gguf, adapter, rows)
-        row = {"budget": budget, "method": label, "size_mb": adapter.stat().st_size / 1e6,
-               "margin_recovery": (m - m_base) / (m_aligned - m_base),
-               "kl_ratio": float(np.mean([kl(a, b) for a, b in zip(d_aligned, d)])) / kl_base,
-               "convert_s": secs, "peak_rss_mb": rss, "speed": speed_ratio(adapter, args.speed_repeats),
-               "fit": fmt.read_adapter(adapter).meta.get(fmt.KEY_FIT_KL_AFTER)}
+        row = {
+            "budget": budget,
+            "method": label,
+            "size_mb": adapter.stat().st_size / 1e6,
+            "margin_recovery": (m - m_base) / (m_aligned - m_base),
+            "kl_ratio": float(np.mean([kl(a, b) for a, b in zip(d_aligned, d)])) / kl_base,
+            "convert_s": secs,
+            "peak_rss_mb": rss,
+            "speed": speed_ratio(adapter, args.speed_repeats),
+            "fit": fmt.read_adapter(adapter).meta.get(fmt.KEY_FIT_KL_AFTER),
+        }
         print(f"  {row}", file=sys.stderr, flush=True)
         return row
 
     results = []
     common = ["--base", str(args.pair / "base"), "--aligned", str(args.pair / "aligned")]
-    for budget, label, conv in settings(args.budgets, args.distill_budgets, args.fit_steps,
-                                           args.calibration):
+    for budget, label, conv in settings(args.budgets, args.distill_budgets, args.fit_steps, args.calibration):
         out = work / "av.gguf"
         secs, rss = run_convert([*common, "--out", str(out), *conv])
         results.append(score(f"`{' '.join(conv)}` ({label})", budget, out, secs, rss))
@@ -203,21 +244,32 @@ def main() -> None:
         for rank in (16, 64):
             out = work / f"mk{rank}.gguf"
             secs, rss = mergekit_adapter(args.pair, rank, out, args.mergekit_bin, args.convert_lora)
-            results.append(score(f"mergekit-extract-lora → convert_lora_to_gguf.py, rank {rank} f16", "-", out,
-                                 secs, rss))
+            results.append(score(f"mergekit-extract-lora → convert_lora_to_gguf.py, rank {rank} f16", "-", out, secs, rss))
     if args.full_rank:
         out = work / "full.gguf"
         secs, rss = run_convert([*common, "--out", str(out), "--rank", "576", "--dtype", "f32"])
         results.append(score("full rank f32", "-", out, secs, rss))
 
-    print("| budget | adapter | size (MB) | margin recovery | KL ratio | convert (s) | peak RSS (MB) | "
-          "tok/s vs base |")
+    print("| budget | adapter | size (MB) | margin recovery | KL ratio | convert (s) | peak RSS (MB) | tok/s vs base |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['budget']} | {r['method']} | {r['size_mb']:.2f} | {r['margin_recovery']:.3f} | "
-              f"{r['kl_ratio']:.3f} | {r['convert_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['speed']:.2f} |")
-    args.out.write_text(json.dumps({"domain": args.domain, "n_queries": len(rows), "kl_aligned_base": kl_base,
-                                    "margin_base": m_base, "margin_aligned": m_aligned, "rows": results}, indent=1))
+        print(
+            f"| {r['budget']} | {r['method']} | {r['size_mb']:.2f} | {r['margin_recovery']:.3f} | "
+            f"{r['kl_ratio']:.3f} | {r['convert_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['speed']:.2f} |"
+        )
+    args.out.write_text(
+        json.dumps(
+            {
+                "domain": args.domain,
+                "n_queries": len(rows),
+                "kl_aligned_base": kl_base,
+                "margin_base": m_base,
+                "margin_aligned": m_aligned,
+                "rows": results,
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ def rewrite_adapter(src: Path, dst: Path, qkv: bool = False, q8: bool = False) -
             b = np.zeros((sum(p.shape[0] for p in b_parts), sum(p.shape[1] for p in b_parts)), np.float32)
             r = c = 0
             for p in b_parts:
-                b[r:r + p.shape[0], c:c + p.shape[1]] = p
+                b[r : r + p.shape[0], c : c + p.shape[1]] = p
                 r, c = r + p.shape[0], c + p.shape[1]
             a = np.concatenate(a_parts).astype(np.float16)
             writer.add_raw_pair(base.replace("attn_q", "attn_qkv"), a, QType.F16, b.astype(np.float16), QType.F16)
@@ -96,17 +96,22 @@ def main() -> None:
         fused = write_fused([(n, p, 1.0) for n, p in mf.av_paths.items()], tmp / "fused.gguf", "llama")
         base_qkv = qkv_base(mf.base_path, tmp / "base-qkv.gguf")
         medical = mf.av_paths["medical"]
-        cases = {"base": (mf.base_path, None), "base, fused QKV": (base_qkv, None),
-                 "1 AV (medical)": (mf.base_path, medical),
-                 "1 AV, fused QKV": (base_qkv, rewrite_adapter(medical, tmp / "med-qkv.gguf", qkv=True)),
-                 "3 AVs fused (avgguf: native q4_0)": (mf.base_path, fused),
-                 "3 AVs fused, factors q8_0": (mf.base_path, rewrite_adapter(fused, tmp / "f-q8.gguf", q8=True)),
-                 "3 AVs fused, fused QKV": (base_qkv, rewrite_adapter(fused, tmp / "f-qkv.gguf", qkv=True))}
+        cases = {
+            "base": (mf.base_path, None),
+            "base, fused QKV": (base_qkv, None),
+            "1 AV (medical)": (mf.base_path, medical),
+            "1 AV, fused QKV": (base_qkv, rewrite_adapter(medical, tmp / "med-qkv.gguf", qkv=True)),
+            "3 AVs fused (avgguf: native q4_0)": (mf.base_path, fused),
+            "3 AVs fused, factors q8_0": (mf.base_path, rewrite_adapter(fused, tmp / "f-q8.gguf", q8=True)),
+            "3 AVs fused, fused QKV": (base_qkv, rewrite_adapter(fused, tmp / "f-qkv.gguf", qkv=True)),
+        }
         engines = {label: adapter_engine(model, adapter, args.threads) for label, (model, adapter) in cases.items()}
         runs = alternate(engines, args.tokens, args.repeats)
     base = statistics.median(runs["base"])
-    print(f"SmolLM2 Q4_1 and the demo AVs at 1, {args.threads} threads, {args.tokens} tokens greedy, median of "
-          f"{args.repeats}, alternating:\n")
+    print(
+        f"SmolLM2 Q4_1 and the demo AVs at 1, {args.threads} threads, {args.tokens} tokens greedy, median of "
+        f"{args.repeats}, alternating:\n"
+    )
     print("| layout | gen tok/s | vs base |")
     print("|---|---|---|")
     for label, values in runs.items():

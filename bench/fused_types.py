@@ -71,8 +71,10 @@ def main() -> None:
         engines["base"] = adapter_engine(mf.base_path, None, args.threads)
         runs = alternate(engines, args.tokens, args.repeats)
     base = statistics.median(runs["base"])
-    print(f"Three demo AVs at 1 on SmolLM2 Q4_1, {args.threads} threads, {args.tokens} tokens greedy, median of "
-          f"{args.repeats}, alternating:\n")
+    print(
+        f"Three demo AVs at 1 on SmolLM2 Q4_1, {args.threads} threads, {args.tokens} tokens greedy, median of "
+        f"{args.repeats}, alternating:\n"
+    )
     print("| path | gen tok/s | vs base | adapter file |")
     print("|---|---|---|---|")
     for label, values in runs.items():

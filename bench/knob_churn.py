@@ -34,8 +34,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--changes", type=int, default=1000)
     ap.add_argument("--fuse", default="async", choices=["async", "sync", "off"])
-    ap.add_argument("--pause", type=float, default=0.0, help="seconds between an answer and the next change "
-                    "(a person reading; 0 = knobs moving non-stop, the worst case)")
+    ap.add_argument(
+        "--pause",
+        type=float,
+        default=0.0,
+        help="seconds between an answer and the next change (a person reading; 0 = knobs moving non-stop, the worst case)",
+    )
     args = ap.parse_args()
     mf = load_modelfile(ROOT / "modelfiles" / "demo.yaml")
     eng = Engine(mf.base_path, n_ctx=256, fuse=args.fuse)
@@ -58,9 +62,11 @@ def main() -> None:
             marks[i + 1] = rss_mb()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     eng.close()
-    print(f"{args.changes} knob changes, fuse={args.fuse}, pause {args.pause:g} s, 3 demo AVs: requests served fused "
-          f"{fused}/{args.changes}; knob change to first token median {statistics.median(first_token):.0f} ms, "
-          f"p95 {sorted(first_token)[int(0.95 * len(first_token))]:.0f} ms\n")
+    print(
+        f"{args.changes} knob changes, fuse={args.fuse}, pause {args.pause:g} s, 3 demo AVs: requests served fused "
+        f"{fused}/{args.changes}; knob change to first token median {statistics.median(first_token):.0f} ms, "
+        f"p95 {sorted(first_token)[int(0.95 * len(first_token))]:.0f} ms\n"
+    )
     print("| after changes | " + " | ".join(str(k) for k in marks) + " | peak |")
     print("|---" * (len(marks) + 2) + "|")
     print("| RSS (MB) | " + " | ".join(f"{v:.0f}" for v in marks.values()) + f" | {peak:.0f} |")

@@ -45,9 +45,12 @@ def child(setting: str, answers: int) -> dict[str, float]:
 
     a, b = Batcher(rt.engine, n_seq=8), Batcher(rt.engine, n_seq=8)
     answer(a)  # warm-up
-    out = {"A alone": [answer(a) for _ in range(answers)], "B after A": [answer(b) for _ in range(answers)],
-           "A after B": [answer(a) for _ in range(answers)],
-           "A and B in turn": [answer(x) for _ in range(answers) for x in (a, b)]}
+    out = {
+        "A alone": [answer(a) for _ in range(answers)],
+        "B after A": [answer(b) for _ in range(answers)],
+        "A after B": [answer(a) for _ in range(answers)],
+        "A and B in turn": [answer(x) for _ in range(answers) for x in (a, b)],
+    }
     a.close()
     b.close()
     rt.close()
@@ -65,8 +68,13 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     rows = {}
     for setting in ("libgomp defaults", "avgguf: OMP_WAIT_POLICY=active GOMP_SPINCOUNT=300000"):
-        out = subprocess.run([sys.executable, __file__, "--child", setting, "--answers", str(args.answers)], env=env,
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", setting, "--answers", str(args.answers)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         rows[setting] = json.loads(out.strip().splitlines()[-1])
     print(f"SmolLM2 Q4_1 (no AVs), 2 threads, 32-token greedy answers, seconds, median of {args.answers}:\n")
     print("| OpenMP | " + " | ".join(PHASES) + " |")

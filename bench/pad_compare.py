@@ -35,8 +35,9 @@ def generate(rt: Runtime, rows: list[dict], method: str, av: str, w: float, zero
     decode = method if method in ("pad", "pad-full") else "weights"
     before = rss_mb()
     for row in rows:
-        messages = ([{"role": "system", "content": EXPERT_PROMPT}] if method == "prompting" else []) + \
-            [{"role": "user", "content": row["query"]}]
+        messages = ([{"role": "system", "content": EXPERT_PROMPT}] if method == "prompting" else []) + [
+            {"role": "user", "content": row["query"]}
+        ]
         req = GenerationRequest(messages=messages, max_tokens=max_tokens, temperature=0.0, seed=0, repeat_penalty=1.0)
         t0 = time.perf_counter()
         pieces = []
@@ -79,22 +80,30 @@ def main() -> None:
             drows = drows[:: max(1, len(drows) // args.queries)][: args.queries]
             for method in METHODS:
                 answers, tps, extra = generate(rt, drows, method, domain, args.weight, zero, args.max_tokens)
-                table.append((domain, method, clf.shares(answers)["expert"],
-                              reference_share(eng, drows, method, domain, args.weight, zero), tps, extra))
+                table.append(
+                    (
+                        domain,
+                        method,
+                        clf.shares(answers)["expert"],
+                        reference_share(eng, drows, method, domain, args.weight, zero),
+                        tps,
+                        extra,
+                    )
+                )
                 print(f"{domain} {method}: {table[-1][2:]}", flush=True)
     finally:
         rt.close()
         eng.close()
     base_tps = {d: tps for d, m, _, _, tps, _ in table if m == "base"}
-    print(f"\nDemo AVs, λ = w = {args.weight:g} for the domain's AV, {args.queries} held-out queries per domain, greedy "
-          f"{args.max_tokens} tokens; level classifier accuracy on held-out references "
-          f"{clf.accuracy(rows):.2f}:\n")
-    print("| domain | method | expert share, generated | expert share, references | gen tok/s | vs base | "
-          "extra memory |")
+    print(
+        f"\nDemo AVs, λ = w = {args.weight:g} for the domain's AV, {args.queries} held-out queries per domain, greedy "
+        f"{args.max_tokens} tokens; level classifier accuracy on held-out references "
+        f"{clf.accuracy(rows):.2f}:\n"
+    )
+    print("| domain | method | expert share, generated | expert share, references | gen tok/s | vs base | extra memory |")
     print("|---|---|---|---|---|---|---|")
     for domain, method, gen, ref, tps, extra in table:
-        print(f"| {domain} | {method} | {gen:.2f} | {ref:.2f} | {tps:.1f} | {tps / base_tps[domain]:.2f} | "
-              f"{extra:.0f} MB |")
+        print(f"| {domain} | {method} | {gen:.2f} | {ref:.2f} | {tps:.1f} | {tps / base_tps[domain]:.2f} | {extra:.0f} MB |")
 
 
 if __name__ == "__main__":

@@ -45,8 +45,9 @@ def free_port() -> int:
 
 def start(args: list[str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "avgguf.cli", *args, "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "avgguf.cli", *args, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     url = f"http://127.0.0.1:{port}"
     for _ in range(900):
         try:
@@ -72,10 +73,17 @@ def normal_clients(url: str, seconds: float, n: int = 8) -> float:
     def client(i: int) -> None:
         with httpx.Client(timeout=120) as c:
             while time.monotonic() < stop:
-                r = c.post(url + "/v1/chat/completions", json={
-                    "model": "demo", "max_tokens": 32, "temperature": 0, "seed": i,
-                    "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
-                    "avgguf": {"coefficients": {"medical": 1.0}}})
+                r = c.post(
+                    url + "/v1/chat/completions",
+                    json={
+                        "model": "demo",
+                        "max_tokens": 32,
+                        "temperature": 0,
+                        "seed": i,
+                        "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+                        "avgguf": {"coefficients": {"medical": 1.0}},
+                    },
+                )
                 done[i] += r.status_code == 200
 
     t0 = time.monotonic()
@@ -89,8 +97,14 @@ def hostile(url: str, stop: threading.Event, pause: float) -> dict[str, list[int
     flood): what status each of their attempts got."""
     host, port = url.removeprefix("http://").split(":")
     seen: dict[str, list[int]] = {"64k stops": [], "16 MiB chunked": [], "slowloris": []}
-    body = json.dumps({"model": "demo", "max_tokens": 900, "stop": [f"{i:011d}e" for i in range(64000)],
-                       "messages": [{"role": "user", "content": "write a story"}]}).encode()
+    body = json.dumps(
+        {
+            "model": "demo",
+            "max_tokens": 900,
+            "stop": [f"{i:011d}e" for i in range(64000)],
+            "messages": [{"role": "user", "content": "write a story"}],
+        }
+    ).encode()
 
     def many_stops():
         with httpx.Client(timeout=60) as c:
@@ -103,8 +117,10 @@ def hostile(url: str, stop: threading.Event, pause: float) -> dict[str, list[int
         piece = b"10000\r\n" + b" " * 65536 + b"\r\n"
         while not stop.is_set():
             with socket.create_connection((host, int(port))) as s:
-                s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
-                          b"\r\nTransfer-Encoding: chunked\r\n\r\n")
+                s.sendall(
+                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
+                    b"\r\nTransfer-Encoding: chunked\r\n\r\n"
+                )
                 try:
                     for _ in range(256):
                         s.sendall(piece)
@@ -138,8 +154,11 @@ def hostile(url: str, stop: threading.Event, pause: float) -> dict[str, list[int
 
 def hostile_process(url: str, seconds: float, pause: float) -> subprocess.Popen:
     """The hostile clients in a process of their own (they must not share the normal clients' GIL)."""
-    return subprocess.Popen([sys.executable, __file__, "--hostile", url, "--seconds", str(seconds), "--pause",
-                             str(pause)], stdout=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, __file__, "--hostile", url, "--seconds", str(seconds), "--pause", str(pause)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
 
 
 def run_hostile(url: str, seconds: float, pause: float) -> None:
@@ -155,8 +174,9 @@ def load_table(seconds: float, rounds: int, pauses: list[float]) -> None:
     mf = ROOT / "bench" / "out" / "robustness" / "demo.yaml"
     mf.parent.mkdir(parents=True, exist_ok=True)
     avs = {n: str(ROOT / "modelfiles" / "avs" / f"{n}.gguf") for n in ("medical", "legal", "financial")}
-    mf.write_text(json.dumps({"base": "builtin:smollm2-135m-instruct", "avs": avs,
-                              "defaults": {"n_ctx": 1024, "temperature": 0.0}}))
+    mf.write_text(
+        json.dumps({"base": "builtin:smollm2-135m-instruct", "avs": avs, "defaults": {"n_ctx": 1024, "temperature": 0.0}})
+    )
     # --threads 2: every core, as bench/server_load.py (the adaptive policy would yield cores to the clients)
     proc, url = start(["serve", str(mf), "--parallel", "8", "--merge", "off", "--threads", str(os.cpu_count())])
     try:
@@ -173,17 +193,18 @@ def load_table(seconds: float, rounds: int, pauses: list[float]) -> None:
                     outcomes.setdefault(k, []).extend(v)
         alone.append(normal_clients(url, seconds))
         a = statistics.median(alone)
-        print(f"\n8 normal clients (32 tokens each, SmolLM2-135M + 3 AVs, serve --parallel 8 --threads "
-              f"{os.cpu_count()}), {rounds} rounds of {seconds:.0f} s, medians; the hostile clients run in a "
-              f"process of their own on the same {os.cpu_count()} cores")
+        print(
+            f"\n8 normal clients (32 tokens each, SmolLM2-135M + 3 AVs, serve --parallel 8 --threads "
+            f"{os.cpu_count()}), {rounds} rounds of {seconds:.0f} s, medians; the hostile clients run in a "
+            f"process of their own on the same {os.cpu_count()} cores"
+        )
         print(f"| {'clients':<62} | req/s | vs alone |\n|{'-' * 64}|------:|---------:|")
         print(f"| {'8 normal alone':<62} | {a:5.2f} | {1:8.2f} |")
         for pause, xs in mixed.items():
             m = statistics.median(xs)
             how = f"each again {pause:g} s after its answer" if pause else "each as fast as it can (a flood)"
             print(f"| {'+ 64k stops, 16 MiB chunked, slowloris: ' + how:<62} | {m:5.2f} | {m / a:8.2f} |")
-        print("\nhostile clients' answers: " + "; ".join(
-            f"{k}: {len(v)} tries, {_statuses(v)}" for k, v in outcomes.items()))
+        print("\nhostile clients' answers: " + "; ".join(f"{k}: {len(v)} tries, {_statuses(v)}" for k, v in outcomes.items()))
         print(f"server alive after the mix: {proc.poll() is None}")
     finally:
         proc.terminate()

@@ -18,8 +18,10 @@ HONEST = "constrained or logit_bias or allows_no or weight_zero or run_with_pad 
 SURFACES = {
     "HTTP API (bad requests, bodies, headers, grammars)": ("tests/test_server_trust.py", HTTP_BAD),
     "API honesty (constraints, PAD at weight 0, no forged turns)": ("tests/test_server_trust.py", HONEST),
-    "HTTP faults (leaving clients, SIGTERM, desktop, keys)": ("tests/test_server_trust.py",
-                                                              f"not ({HTTP_BAD}) and not ({HONEST})"),
+    "HTTP faults (leaving clients, SIGTERM, desktop, keys)": (
+        "tests/test_server_trust.py",
+        f"not ({HTTP_BAD}) and not ({HONEST})",
+    ),
     "browser (CSRF page, key handoff)": ("tests/test_web_trust.py", None),
     "modelfile YAML": ("tests/test_modelfile_errors.py", None),
     "profile saves": ("tests/test_profile_save.py", None),

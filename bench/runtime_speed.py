@@ -71,15 +71,20 @@ def main() -> None:
 
     eng = engine()
     rows = []
-    for label, coefs in [("base (AVs loaded, all 0)", {}), ("1 AV (medical=1)", {names[0]: 1.0}),
-                         ("3 AVs (all 1)", {n: 1.0 for n in names}),
-                         ("3 AVs (0.8, -0.5, 0.3)", dict(zip(names, (0.8, -0.5, 0.3))))]:
+    for label, coefs in [
+        ("base (AVs loaded, all 0)", {}),
+        ("1 AV (medical=1)", {names[0]: 1.0}),
+        ("3 AVs (all 1)", {n: 1.0 for n in names}),
+        ("3 AVs (0.8, -0.5, 0.3)", dict(zip(names, (0.8, -0.5, 0.3)))),
+    ]:
         eng.set_coefficients(coefs)
         gen, prompt = tokens_per_second(eng, args.tokens, args.repeats)
         rows.append((label, gen, prompt))
     base_gen = rows[0][1]
-    print(f"Generation speed, SmolLM2-135M-Instruct Q4_1, {args.threads} threads, {args.tokens} tokens greedy, "
-          f"median of {args.repeats}:\n")
+    print(
+        f"Generation speed, SmolLM2-135M-Instruct Q4_1, {args.threads} threads, {args.tokens} tokens greedy, "
+        f"median of {args.repeats}:\n"
+    )
     print("| setting | generation tok/s | relative | prompt tok/s |")
     print("|---|---|---|---|")
     for label, gen, prompt in rows:
@@ -158,8 +163,13 @@ def _measure(policy: str, tokens: int) -> dict:
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_", "AVGGUF_THREADS"))}
     env.update(POLICIES[policy][1])
-    out = subprocess.run([sys.executable, __file__, "--child", policy, "--tokens", str(tokens)], env=env,
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", policy, "--tokens", str(tokens)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -181,16 +191,19 @@ def under_load(tokens: int, repeats: int) -> None:
                 h.wait()
     med = {k: {m: statistics.median(r[m] for r in v) for m in ("gen_tps", "e2e_tps")} for k, v in results.items()}
     old_idle = med[("old", "idle")]["gen_tps"]
-    print(f"Generation under load: SmolLM2-135M-Instruct Q4_1, {tokens} tokens greedy, chat prompt, "
-          f"{os.cpu_count()} cores; loaded = two other processes spinning; median of {repeats} fresh processes "
-          f"per cell, policies alternating:\n")
-    print("| thread policy | idle tok/s | loaded tok/s | loaded / idle | idle vs old default | "
-          "loaded end-to-end tok/s |")
+    print(
+        f"Generation under load: SmolLM2-135M-Instruct Q4_1, {tokens} tokens greedy, chat prompt, "
+        f"{os.cpu_count()} cores; loaded = two other processes spinning; median of {repeats} fresh processes "
+        f"per cell, policies alternating:\n"
+    )
+    print("| thread policy | idle tok/s | loaded tok/s | loaded / idle | idle vs old default | loaded end-to-end tok/s |")
     print("|---|---|---|---|---|---|")
     for policy, (label, _, _) in POLICIES.items():
         idle, loaded = med[(policy, "idle")], med[(policy, "loaded")]
-        print(f"| {label} | {idle['gen_tps']:.1f} | {loaded['gen_tps']:.1f} | {loaded['gen_tps'] / idle['gen_tps']:.2f} | "
-              f"{idle['gen_tps'] / old_idle:.2f} | {loaded['e2e_tps']:.1f} |")
+        print(
+            f"| {label} | {idle['gen_tps']:.1f} | {loaded['gen_tps']:.1f} | {loaded['gen_tps'] / idle['gen_tps']:.2f} | "
+            f"{idle['gen_tps'] / old_idle:.2f} | {loaded['e2e_tps']:.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -30,8 +30,12 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-QUESTIONS = ["What should I do about a cough?", "Can my landlord keep my deposit?", "How do index funds work?",
-             "Is ibuprofen safe with lisinopril?"]
+QUESTIONS = [
+    "What should I do about a cough?",
+    "Can my landlord keep my deposit?",
+    "How do index funds work?",
+    "Is ibuprofen safe with lisinopril?",
+]
 SETS = [[1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [-1.0, 0.0, 1.0], [0.5, 0.5, 0.5]]  # expert-all, expert-medical,
 # cautious-medical-expert-finance, gentle (AV order: medical, legal, financial)
 
@@ -61,9 +65,17 @@ def wait_up(url: str, proc: subprocess.Popen) -> None:
 
 def ask(url: str, i: int, scales: list[float], max_tokens: int) -> tuple[float, int, str]:
     t0 = time.perf_counter()
-    r = httpx.post(url + "/v1/chat/completions", timeout=600, json={
-        "model": "demo", "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
-        "max_tokens": max_tokens, "temperature": 0.0, "lora": [{"id": k, "scale": v} for k, v in enumerate(scales)]})
+    r = httpx.post(
+        url + "/v1/chat/completions",
+        timeout=600,
+        json={
+            "model": "demo",
+            "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "lora": [{"id": k, "scale": v} for k, v in enumerate(scales)],
+        },
+    )
     r.raise_for_status()
     body = r.json()
     return time.perf_counter() - t0, body["usage"]["completion_tokens"], body["choices"][0]["message"]["content"]
@@ -112,26 +124,45 @@ def main() -> None:
     args = ap.parse_args()
     from avgguf.config.builtin import builtin_path
 
-    avgguf = [sys.executable, "-m", "avgguf.cli", "serve", str(ROOT / "modelfiles" / "demo.yaml"),
-              "--threads", str(os.cpu_count())]
+    avgguf = [
+        sys.executable,
+        "-m",
+        "avgguf.cli",
+        "serve",
+        str(ROOT / "modelfiles" / "demo.yaml"),
+        "--threads",
+        str(os.cpu_count()),
+    ]
     counts = args.parallel.split(",")
     last = ["--parallel", counts[-1]]
     off = ["--merge", "off"]
     servers = [(f"avgguf serve --parallel {n} --merge off", [*avgguf, "--parallel", n, *off]) for n in counts]
-    servers += [(f"avgguf serve --parallel {counts[-1]} --contexts 2 --merge off", [*avgguf, *last, "--contexts", "2", *off]),
-                (f"avgguf serve --parallel {counts[-1]} (default: merge auto)", [*avgguf, *last]),
-                (f"avgguf serve --parallel {counts[-1]} --kv-unified (merge auto)", [*avgguf, *last, "-kvu"])]
+    servers += [
+        (f"avgguf serve --parallel {counts[-1]} --contexts 2 --merge off", [*avgguf, *last, "--contexts", "2", *off]),
+        (f"avgguf serve --parallel {counts[-1]} (default: merge auto)", [*avgguf, *last]),
+        (f"avgguf serve --parallel {counts[-1]} --kv-unified (merge auto)", [*avgguf, *last, "-kvu"]),
+    ]
     if args.llama_server:
         avs = ",".join(f"{ROOT / 'modelfiles' / 'avs' / n}.gguf:0" for n in ("medical", "legal", "financial"))
-        stock = [args.llama_server, "-m", str(builtin_path()), "--lora-scaled", avs, "--parallel", "8",
-                 "-t", str(os.cpu_count()), "-c", "8192"]
+        stock = [
+            args.llama_server,
+            "-m",
+            str(builtin_path()),
+            "--lora-scaled",
+            avs,
+            "--parallel",
+            "8",
+            "-t",
+            str(os.cpu_count()),
+            "-c",
+            "8192",
+        ]
         servers += [("llama-server --parallel 8", stock), ("llama-server --parallel 8 --kv-unified", [*stock, "-kvu"])]
     procs, urls = [], {}
     try:
         for label, cmd in servers:  # all up at once (idle servers use no CPU); measured one at a time
             port = free_port()
-            procs.append(subprocess.Popen([*cmd, "--port", str(port)], stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.DEVNULL))
+            procs.append(subprocess.Popen([*cmd, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             urls[label] = f"http://127.0.0.1:{port}"
             wait_up(urls[label], procs[-1])
         for label, url in urls.items():  # warm-up: one-set traffic (makes that set hot where merging is on)
@@ -151,9 +182,11 @@ def main() -> None:
         for proc in procs:
             proc.terminate()
             proc.wait(timeout=30)
-    print(f"SmolLM2-135M Q4_1 + the 3 demo AVs, {args.requests} greedy chat requests per cell, max_tokens "
-          f"{args.max_tokens}, {os.cpu_count()} cores; servers alternate within each cell, median of "
-          f"{args.rounds} rounds. One set: expert-all (all three AVs at 1); alternating: 4 profiles.\n")
+    print(
+        f"SmolLM2-135M Q4_1 + the 3 demo AVs, {args.requests} greedy chat requests per cell, max_tokens "
+        f"{args.max_tokens}, {os.cpu_count()} cores; servers alternate within each cell, median of "
+        f"{args.rounds} rounds. One set: expert-all (all three AVs at 1); alternating: 4 profiles.\n"
+    )
     print("| server | clients | coefficient sets | requests/s | generated tok/s | p50 latency (s) | p99 latency (s) |")
     print("|---|---|---|---|---|---|---|")
     for cell in cells:

@@ -16,14 +16,30 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MIXES = ["legal=expert,financial=avoidance,medical=generic", "medical=expert,legal=expert,financial=expert",
-         "medical=avoidance,legal=generic,financial=expert"]
+MIXES = [
+    "legal=expert,financial=avoidance,medical=generic",
+    "medical=expert,legal=expert,financial=expert",
+    "medical=avoidance,legal=generic,financial=expert",
+]
 
 
 def run(*args: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "avgguf.cli", "tune", str(ROOT / "modelfiles" / "demo.yaml"),
-                          "--data", str(ROOT / "data" / "preferences" / "eval.jsonl"), *args, "--json"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "avgguf.cli",
+            "tune",
+            str(ROOT / "modelfiles" / "demo.yaml"),
+            "--data",
+            str(ROOT / "data" / "preferences" / "eval.jsonl"),
+            *args,
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout)
 
 
@@ -47,8 +63,11 @@ def main() -> None:
         for label, r in results.items():
             shares = [r["achieved"][d][lvl] for d, lvl in targets(mix)]
             coefs = " ".join(f"{k}={v:g}" for k, v in r["coefficients"].items())
-            print(f"| {mix} | {label} | {r['evaluations']} | {r['seconds']:.0f} | "
-                  f"{' / '.join(f'{s:.2f}' for s in shares)} | {sum(shares) / len(shares):.2f} | {coefs} |", flush=True)
+            print(
+                f"| {mix} | {label} | {r['evaluations']} | {r['seconds']:.0f} | "
+                f"{' / '.join(f'{s:.2f}' for s in shares)} | {sum(shares) / len(shares):.2f} | {coefs} |",
+                flush=True,
+            )
         per_eval = results["grid"]["seconds"] / results["grid"]["evaluations"]
         print(f"| {mix} | paper's grid 21^3 (extrapolated) | 9261 | {9261 * per_eval:.0f} | | | |", flush=True)
 

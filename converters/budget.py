@@ -23,9 +23,9 @@ from avgguf.errors import ConversionError
 
 RANKS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 TYPES = ("f32", "f16", "q8_0", "q5_0", "q4_0")
-BUDGET_CAP_RANK = 128        # largest rank --max-size considers unless --max-rank says otherwise
-FILE_OVERHEAD = 16384        # GGUF header, standard keys and avgguf.* scalars, with room to spare
-PAIR_OVERHEAD = 320          # per pair: two tensor infos, alignment padding, bookkeeping arrays
+BUDGET_CAP_RANK = 128  # largest rank --max-size considers unless --max-rank says otherwise
+FILE_OVERHEAD = 16384  # GGUF header, standard keys and avgguf.* scalars, with room to spare
+PAIR_OVERHEAD = 320  # per pair: two tensor infos, alignment padding, bookkeeping arrays
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -35,8 +35,9 @@ def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text or "")
     unit = m.group(2).upper() if m else None
     if m is None or unit not in _UNITS:
-        raise ConversionError(f"--max-size {text!r}: expected a size such as 2.5MB, 800KB or 1GB "
-                              f"(units B, KB, MB, GB, KiB, MiB, GiB)")
+        raise ConversionError(
+            f"--max-size {text!r}: expected a size such as 2.5MB, 800KB or 1GB (units B, KB, MB, GB, KiB, MiB, GiB)"
+        )
     return int(float(m.group(1)) * _UNITS[unit])
 
 
@@ -50,7 +51,7 @@ class Choice:
     type_a: str
     type_b: str
     nbytes: int
-    error: float     # expected squared Frobenius error (absolute)
+    error: float  # expected squared Frobenius error (absolute)
 
 
 def _quant_error(arr: np.ndarray, dtype: str) -> float:
@@ -62,8 +63,9 @@ def _quant_error(arr: np.ndarray, dtype: str) -> float:
     return float(np.sum((seen - arr) ** 2, dtype=np.float64) / max(np.sum(arr.astype(np.float64) ** 2), 1e-300))
 
 
-def candidates(name: str, shape: tuple[int, int], lora_a: np.ndarray, lora_b: np.ndarray,
-               s2: np.ndarray, total: float, types=TYPES) -> list[Choice]:
+def candidates(
+    name: str, shape: tuple[int, int], lora_a: np.ndarray, lora_b: np.ndarray, s2: np.ndarray, total: float, types=TYPES
+) -> list[Choice]:
     """Every (rank, type_a, type_b) worth considering for one tensor. lora_a/lora_b are the pair at the
     largest rank (len(s2)), s2 the squared singular values, total the delta's energy."""
     cap = len(s2)
@@ -78,8 +80,9 @@ def candidates(name: str, shape: tuple[int, int], lora_a: np.ndarray, lora_b: np
             for tb in types:
                 if not fmt.fits_type(fmt.DTYPES[tb], r) or not fmt.fits_type(fmt.DTYPES[ta], a_shape[-1]):
                     continue
-                nbytes = (fmt.stored_bytes(fmt.DTYPES[ta], a_shape) + fmt.stored_bytes(fmt.DTYPES[tb], b_shape)
-                          + pair_overhead(name))
+                nbytes = (
+                    fmt.stored_bytes(fmt.DTYPES[ta], a_shape) + fmt.stored_bytes(fmt.DTYPES[tb], b_shape) + pair_overhead(name)
+                )
                 err = max(total - kept, 0.0) + kept * (qa[ta] + qb[tb])
                 out.append(Choice(r, ta, tb, nbytes, err))
     return _pareto(out)
@@ -100,8 +103,10 @@ def allocate(options: dict[str, list[Choice]], budget: int, fixed_overhead: int 
     room = budget - fixed_overhead
     smallest = sum(opts[0].nbytes for opts in options.values())
     if room < smallest:
-        raise ConversionError(f"--max-size {budget} bytes is too small: even rank 1 in the smallest types needs "
-                              f"{smallest + fixed_overhead} bytes for {len(options)} tensors; raise --max-size")
+        raise ConversionError(
+            f"--max-size {budget} bytes is too small: even rank 1 in the smallest types needs "
+            f"{smallest + fixed_overhead} bytes for {len(options)} tensors; raise --max-size"
+        )
 
     def pick(mu: float) -> dict[str, Choice]:
         return {n: min(opts, key=lambda c: c.error + mu * c.nbytes) for n, opts in options.items()}
@@ -144,4 +149,3 @@ def _fill(options: dict[str, list[Choice]], sel: dict[str, Choice], room: int) -
             return sel
         left -= best[1].nbytes - sel[best[0]].nbytes
         sel[best[0]] = best[1]
-

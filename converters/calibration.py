@@ -27,10 +27,10 @@ BUILTIN = Path(__file__).with_name("calibration.jsonl")
 
 @dataclass
 class Row:
-    messages: list[dict] | None = None      # chat prompt (ends with a user turn)
+    messages: list[dict] | None = None  # chat prompt (ends with a user turn)
     answers: list[str] = field(default_factory=list)  # given assistant answers to the prompt
     text: str | None = None
-    tokens: list[int] | None = None         # complete sequence
+    tokens: list[int] | None = None  # complete sequence
     prompt_tokens: list[int] | None = None  # a prompt to answer
 
     @property
@@ -66,9 +66,11 @@ def _row(obj, where: str) -> Row:
         return Row(text=_strings(obj["text"], where, "text")[0])
     if "messages" in obj:
         msgs = obj["messages"]
-        if not isinstance(msgs, list) or not msgs or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in msgs):
+        if (
+            not isinstance(msgs, list)
+            or not msgs
+            or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs)
+        ):
             raise ConversionError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
         if msgs[-1]["role"] == "assistant":
             if len(msgs) == 1:
@@ -77,8 +79,10 @@ def _row(obj, where: str) -> Row:
         return Row(messages=msgs)
     prompt_key = "prompt" if "prompt" in obj else "query" if "query" in obj else None
     if prompt_key is None:
-        raise ConversionError(f"{where}: no known key; expected one of 'prompt', 'query', 'messages', 'text', "
-                              f"'tokens', 'prompt_tokens' (see `avgguf convert --help`)")
+        raise ConversionError(
+            f"{where}: no known key; expected one of 'prompt', 'query', 'messages', 'text', "
+            f"'tokens', 'prompt_tokens' (see `avgguf convert --help`)"
+        )
     prompt = _strings(obj[prompt_key], where, prompt_key)[0]
     answers = []
     for key in ("chosen", "rejected", "response", "responses"):
@@ -104,10 +108,13 @@ def read_calibration(path: str | Path | None) -> tuple[list[Row], str]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ConversionError(f"--calibration {str(p)!r} line {i}: not valid JSON ({exc.msg} at column "
-                                  f"{exc.colno}); each line must be one JSON object") from None
+            raise ConversionError(
+                f"--calibration {str(p)!r} line {i}: not valid JSON ({exc.msg} at column "
+                f"{exc.colno}); each line must be one JSON object"
+            ) from None
         rows.append(_row(obj, f"--calibration {str(p)!r} line {i}"))
     if not rows:
-        raise ConversionError(f"--calibration {str(p)!r} is empty; give at least one row such as "
-                              f'{{"prompt": "How is asthma treated?"}}')
+        raise ConversionError(
+            f'--calibration {str(p)!r} is empty; give at least one row such as {{"prompt": "How is asthma treated?"}}'
+        )
     return rows, label

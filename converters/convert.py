@@ -24,10 +24,10 @@ class TensorRecord:
     shape: tuple[int, ...]
     rank: int
     energy: float
-    kept: float        # energy fraction in the kept singular values
-    rel_error: float   # ||delta - written pair|| / ||delta|| after dtype rounding
+    kept: float  # energy fraction in the kept singular values
+    rel_error: float  # ||delta - written pair|| / ||delta|| after dtype rounding
     method: str
-    types: str = ""    # lora_a/lora_b storage types
+    types: str = ""  # lora_a/lora_b storage types
 
 
 @dataclass
@@ -61,17 +61,22 @@ class ConversionReport:
         return sum(r.energy * r.kept for r in self.records) / total if total else 1.0
 
     def to_dict(self) -> dict:
-        return {"out": self.out, "total_energy": self.total_energy, "kept_fraction": self.kept_fraction,
-                "unapplied_fraction": self.unapplied_fraction, "zero_tensors": self.zero_tensors,
-                "fit": self.fit, "tensors": [asdict(r) for r in self.records],
-                "skipped": [asdict(s) for s in self.skipped]}
+        return {
+            "out": self.out,
+            "total_energy": self.total_energy,
+            "kept_fraction": self.kept_fraction,
+            "unapplied_fraction": self.unapplied_fraction,
+            "zero_tensors": self.zero_tensors,
+            "fit": self.fit,
+            "tensors": [asdict(r) for r in self.records],
+            "skipped": [asdict(s) for s in self.skipped],
+        }
 
 
 class AdapterBuild:
     """Collects factored tensors into an adapter file plus the avgguf.* bookkeeping."""
 
-    def __init__(self, out: str | Path, arch: str, name: str, dtype: str, *, force: bool = False,
-                 inputs: tuple = ()):
+    def __init__(self, out: str | Path, arch: str, name: str, dtype: str, *, force: bool = False, inputs: tuple = ()):
         """`out` is checked at once (avgguf.atomic): an existing file is replaced only if avgguf wrote it as an
         adapter, or with `force`; it may be none of `inputs`."""
         if dtype not in fmt.DTYPES:
@@ -80,8 +85,14 @@ class AdapterBuild:
         self.dtype = dtype
         self.report = ConversionReport(str(out))
 
-    def add(self, name: str, delta_shape: tuple[int, ...], f: Factors, delta: np.ndarray | None = None,
-            types: tuple[str, str] | None = None) -> None:
+    def add(
+        self,
+        name: str,
+        delta_shape: tuple[int, ...],
+        f: Factors,
+        delta: np.ndarray | None = None,
+        types: tuple[str, str] | None = None,
+    ) -> None:
         type_a, type_b = types or (self.dtype, self.dtype)
         lora_a, lora_b = fmt.pair_from_factors(name, f.left, f.right)
         a_seen, b_seen = self.writer.add_pair(name, lora_a, lora_b, type_a, type_b)
@@ -90,8 +101,7 @@ class AdapterBuild:
             delta = f.left @ f.right
         err = float(np.linalg.norm(delta - applied) / max(np.linalg.norm(delta), 1e-30))
         stored = "/".join(fmt.type_name(fmt.storage_type(t, arr)) for t, arr in ((type_a, lora_a), (type_b, lora_b)))
-        self.report.records.append(TensorRecord(name, tuple(delta_shape), f.rank, f.energy, f.kept, err, f.method,
-                                                stored))
+        self.report.records.append(TensorRecord(name, tuple(delta_shape), f.rank, f.energy, f.kept, err, f.method, stored))
 
     def skip(self, name: str, energy: float, reason: str) -> None:
         log.info("not applied by llama.cpp: %s (%s), %.3g of delta energy", name, reason, energy)
@@ -102,8 +112,9 @@ class AdapterBuild:
         if not rep.records:
             self.writer.abort()
             reasons = "; ".join(f"{s.name}: {s.reason}" for s in rep.skipped[:5]) or "every delta is zero"
-            raise ConversionError(f"nothing llama.cpp can apply: {reasons}. Check that --aligned differs "
-                                  f"from --base in its attention/MLP weights")
+            raise ConversionError(
+                f"nothing llama.cpp can apply: {reasons}. Check that --aligned differs from --base in its attention/MLP weights"
+            )
         w = self.writer
         w.add_metadata(fmt.KEY_VERSION, __version__)
         for key, value in meta.items():
@@ -126,14 +137,21 @@ class AdapterBuild:
 
 
 def check_compatible(base: TensorSource, aligned: TensorSource) -> None:
-    for attr, label in (("arch", "architecture"), ("n_layer", "block count"), ("n_embd", "hidden size"),
-                        ("n_head", "attention heads"), ("n_head_kv", "KV heads")):
+    for attr, label in (
+        ("arch", "architecture"),
+        ("n_layer", "block count"),
+        ("n_embd", "hidden size"),
+        ("n_head", "attention heads"),
+        ("n_head_kv", "KV heads"),
+    ):
         b, a = getattr(base, attr), getattr(aligned, attr)
         if attr == "arch":
             b, a = b.gguf_name, a.gguf_name
         if b != a:
-            raise ConversionError(f"--base and --aligned are different models: {label} {b} in {base.path} "
-                                  f"vs {a} in {aligned.path}; the aligned model must be a fine-tune of the base")
+            raise ConversionError(
+                f"--base and --aligned are different models: {label} {b} in {base.path} "
+                f"vs {a} in {aligned.path}; the aligned model must be a fine-tune of the base"
+            )
     bn, an = set(base.names()), set(aligned.names())
     for missing, have, lacks in ((sorted(bn - an), base, aligned), (sorted(an - bn), aligned, base)):
         if missing:
@@ -141,13 +159,15 @@ def check_compatible(base: TensorSource, aligned: TensorSource) -> None:
             raise ConversionError(f"tensor {missing[0]!r}{more} is in {have.path} but missing from {lacks.path}")
     for name in base.names():
         if base.shape(name) != aligned.shape(name):
-            raise ConversionError(f"tensor {name!r}: shape {base.shape(name)} in {base.path} vs "
-                                  f"{aligned.shape(name)} in {aligned.path}")
+            raise ConversionError(
+                f"tensor {name!r}: shape {base.shape(name)} in {base.path} vs {aligned.shape(name)} in {aligned.path}"
+            )
 
 
 @dataclass
 class Planned:
     """One tensor's factors and storage types, chosen before anything is written."""
+
     shape: tuple[int, ...]
     factors: Factors
     types: tuple[str, str]
@@ -160,8 +180,9 @@ def _deltas(base: TensorSource, aligned: TensorSource, build: AdapterBuild, prog
         delta = aligned.load(tname)
         delta -= base.load(tname)
         if not np.all(np.isfinite(delta)):
-            raise ConversionError(f"tensor {tname!r}: the delta has NaN/Inf values "
-                                  f"({base.path} vs {aligned.path}); check both checkpoints")
+            raise ConversionError(
+                f"tensor {tname!r}: the delta has NaN/Inf values ({base.path} vs {aligned.path}); check both checkpoints"
+            )
         energy = float(np.sum(np.square(delta, dtype=np.float64)))
         if energy == 0.0:
             build.report.zero_tensors += 1
@@ -173,8 +194,16 @@ def _deltas(base: TensorSource, aligned: TensorSource, build: AdapterBuild, prog
         yield tname, delta
 
 
-def _plan(base: TensorSource, aligned: TensorSource, build: AdapterBuild, policy: RankPolicy, device: str,
-          progress: bool, max_size: int | None, types: tuple[str, ...]) -> dict[str, Planned]:
+def _plan(
+    base: TensorSource,
+    aligned: TensorSource,
+    build: AdapterBuild,
+    policy: RankPolicy,
+    device: str,
+    progress: bool,
+    max_size: int | None,
+    types: tuple[str, ...],
+) -> dict[str, Planned]:
     """Pass 1: factor every delta up to the policy's cap; then, under --max-size, choose rank and
     types per tensor (converters.budget)."""
     from . import budget
@@ -192,8 +221,9 @@ def _plan(base: TensorSource, aligned: TensorSource, build: AdapterBuild, policy
         return plans
     overhead = budget.FILE_OVERHEAD + sum(24 + len(s.name) + len(s.reason) for s in build.report.skipped)
     chosen = budget.allocate(options, max_size, overhead)
-    return {n: Planned(p.shape, p.factors.truncated(chosen[n].rank), (chosen[n].type_a, chosen[n].type_b))
-            for n, p in plans.items()}
+    return {
+        n: Planned(p.shape, p.factors.truncated(chosen[n].rank), (chosen[n].type_a, chosen[n].type_b)) for n, p in plans.items()
+    }
 
 
 def _write_planned(base: TensorSource, aligned: TensorSource, build: AdapterBuild, plans: dict[str, Planned]) -> None:
@@ -203,11 +233,22 @@ def _write_planned(base: TensorSource, aligned: TensorSource, build: AdapterBuil
         build.add(tname, p.shape, p.factors, delta, p.types)
 
 
-def convert_pair(base: TensorSource, aligned: TensorSource, out: str | Path, *, name: str,
-                 domain: str | None = None, policy: RankPolicy = RankPolicy(rank=16),
-                 dtype: str = "f16", device: str = "cpu", progress: bool = False,
-                 max_size: int | None = None, types: tuple[str, ...] | None = None,
-                 fit=None, force: bool = False) -> ConversionReport:
+def convert_pair(
+    base: TensorSource,
+    aligned: TensorSource,
+    out: str | Path,
+    *,
+    name: str,
+    domain: str | None = None,
+    policy: RankPolicy = RankPolicy(rank=16),
+    dtype: str = "f16",
+    device: str = "cpu",
+    progress: bool = False,
+    max_size: int | None = None,
+    types: tuple[str, ...] | None = None,
+    fit=None,
+    force: bool = False,
+) -> ConversionReport:
     """Write the AV aligned - base as a GGUF LoRA adapter at `out` (published atomically; an existing `out`
     is replaced only if avgguf wrote it, or with `force`; `out` may not be --base or --aligned, or hold them).
 
@@ -220,10 +261,17 @@ def convert_pair(base: TensorSource, aligned: TensorSource, out: str | Path, *, 
             log.warning("%s is quantized: its quantization noise enters the alignment vector", src.path)
     build = AdapterBuild(out, base.arch.gguf_name, name, dtype, force=force, inputs=(base.path, aligned.path))
     try:
-        meta = {fmt.KEY_NAME: name, fmt.KEY_DOMAIN: domain or name, fmt.KEY_SOURCE_KIND: "pair",
-                fmt.KEY_SOURCE_BASE: str(base.path), fmt.KEY_SOURCE_ALIGNED: str(aligned.path),
-                fmt.KEY_RANK_POLICY: policy.describe(), fmt.KEY_SVD: policy.svd,
-                fmt.KEY_BASE_N_LAYER: base.n_layer, fmt.KEY_BASE_N_EMBD: base.n_embd}
+        meta = {
+            fmt.KEY_NAME: name,
+            fmt.KEY_DOMAIN: domain or name,
+            fmt.KEY_SOURCE_KIND: "pair",
+            fmt.KEY_SOURCE_BASE: str(base.path),
+            fmt.KEY_SOURCE_ALIGNED: str(aligned.path),
+            fmt.KEY_RANK_POLICY: policy.describe(),
+            fmt.KEY_SVD: policy.svd,
+            fmt.KEY_BASE_N_LAYER: base.n_layer,
+            fmt.KEY_BASE_N_EMBD: base.n_embd,
+        }
         if max_size is None and fit is None:
             for tname, delta in _deltas(base, aligned, build, progress, "converting"):
                 build.add(tname, delta.shape, factorize(delta, policy, device), delta)
@@ -239,12 +287,15 @@ def convert_pair(base: TensorSource, aligned: TensorSource, out: str | Path, *, 
                 fitted, fit_meta = distill(base, aligned, {n: p.factors for n, p in plans.items()}, fit, progress)
                 plans = {n: Planned(p.shape, fitted[n], p.types) for n, p in plans.items()}
                 meta.update(fit_meta)
-                build.report.fit = {"kl_base": fit_meta[fmt.KEY_FIT_KL_BASE], "kl_before": fit_meta[fmt.KEY_FIT_KL_BEFORE],
-                                    "kl_after": fit_meta[fmt.KEY_FIT_KL_AFTER], "seconds": fit_meta[fmt.KEY_FIT_SECONDS]}
+                build.report.fit = {
+                    "kl_base": fit_meta[fmt.KEY_FIT_KL_BASE],
+                    "kl_before": fit_meta[fmt.KEY_FIT_KL_BEFORE],
+                    "kl_after": fit_meta[fmt.KEY_FIT_KL_AFTER],
+                    "seconds": fit_meta[fmt.KEY_FIT_SECONDS],
+                }
             _write_planned(base, aligned, build, plans)
         for hf_name in sorted(set(base.unmapped) & set(aligned.unmapped)):
-            energy = float(np.sum(np.square(aligned.load_unmapped(hf_name) - base.load_unmapped(hf_name),
-                                            dtype=np.float64)))
+            energy = float(np.sum(np.square(aligned.load_unmapped(hf_name) - base.load_unmapped(hf_name), dtype=np.float64)))
             if energy > 0:
                 build.skip(hf_name, energy, "no llama.cpp tensor for it")
         return build.commit(meta, max_size)

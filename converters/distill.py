@@ -41,19 +41,19 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DistillSettings:
-    steps: int = 200            # optimiser steps
-    lr: float = 0.02            # Adam step size relative to each factor's RMS
-    batch: int = 8              # sequences per step
-    max_len: int = 160          # tokens per sequence (prompt + answer), longer ones are cut
-    samples: int = 1            # answers sampled from the aligned model per prompt
-    new_tokens: int = 64        # length of each sampled answer
-    temperature: float = 1.0    # sampling temperature of those answers
-    top_k: int = 32             # teacher log-probs kept per position
-    holdout: float = 0.1        # share of sequences kept aside to measure the KL
+    steps: int = 200  # optimiser steps
+    lr: float = 0.02  # Adam step size relative to each factor's RMS
+    batch: int = 8  # sequences per step
+    max_len: int = 160  # tokens per sequence (prompt + answer), longer ones are cut
+    samples: int = 1  # answers sampled from the aligned model per prompt
+    new_tokens: int = 64  # length of each sampled answer
+    temperature: float = 1.0  # sampling temperature of those answers
+    top_k: int = 32  # teacher log-probs kept per position
+    holdout: float = 0.1  # share of sequences kept aside to measure the KL
     seed: int = 0
     device: str = "cpu"
-    calibration: str | None = None   # JSONL file; None = the built-in set
-    tokenizer: str | None = None     # HF tokenizer dir or .gguf; None = found beside --aligned/--base
+    calibration: str | None = None  # JSONL file; None = the built-in set
+    tokenizer: str | None = None  # HF tokenizer dir or .gguf; None = found beside --aligned/--base
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,8 +70,10 @@ def load_torch_model(src: TensorSource, device: str):
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **kw)
     except Exception as exc:  # transformers raises many types for unloadable checkpoints
-        raise ConversionError(f"--fit distill: transformers cannot load {str(src.path)!r} ({exc}); "
-                              f"distillation needs a checkpoint transformers can run") from None
+        raise ConversionError(
+            f"--fit distill: transformers cannot load {str(src.path)!r} ({exc}); "
+            f"distillation needs a checkpoint transformers can run"
+        ) from None
     model.eval().to(device)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -79,8 +81,7 @@ def load_torch_model(src: TensorSource, device: str):
 
 
 def _has_tokenizer(path: Path) -> bool:
-    return path.is_dir() and any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model",
-                                                                 "tokenizer_config.json"))
+    return path.is_dir() and any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
 
 
 def load_tokenizer(explicit: str | None, sources: tuple[TensorSource, ...]):
@@ -95,11 +96,11 @@ def load_tokenizer(explicit: str | None, sources: tuple[TensorSource, ...]):
             if _has_tokenizer(p):
                 return AutoTokenizer.from_pretrained(str(p))
         except Exception as exc:
-            raise ConversionError(f"--tokenizer {str(p)!r}: transformers cannot load a tokenizer from it ({exc})") \
-                from None
+            raise ConversionError(f"--tokenizer {str(p)!r}: transformers cannot load a tokenizer from it ({exc})") from None
     if explicit:
-        raise ConversionError(f"--tokenizer {explicit!r}: no tokenizer files (tokenizer.json / tokenizer_config.json) "
-                              f"and not a .gguf file")
+        raise ConversionError(
+            f"--tokenizer {explicit!r}: no tokenizer files (tokenizer.json / tokenizer_config.json) and not a .gguf file"
+        )
     return None
 
 
@@ -110,8 +111,10 @@ def _encode_row(tok, row: Row, where: str) -> tuple[list[int], bool]:
     if row.prompt_tokens is not None:
         return row.prompt_tokens, True
     if tok is None:
-        raise ConversionError(f"{where} holds text but no tokenizer was found beside --aligned/--base: give "
-                              f"--tokenizer DIR_OR_GGUF, or token ids as {{\"tokens\": [...]}} rows")
+        raise ConversionError(
+            f"{where} holds text but no tokenizer was found beside --aligned/--base: give "
+            f'--tokenizer DIR_OR_GGUF, or token ids as {{"tokens": [...]}} rows'
+        )
     if row.text is not None:
         return tok(row.text, add_special_tokens=False)["input_ids"], False
     if getattr(tok, "chat_template", None):
@@ -142,8 +145,7 @@ def build_sequences(rows: list[Row], tok, teacher, s: DistillSettings, progress:
             continue
         prompts.append(ids)
         for ans in row.answers:
-            seqs.append((ids + tok(ans, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else []))
-                        [: s.max_len])
+            seqs.append((ids + tok(ans, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else []))[: s.max_len])
     vocab = teacher.config.vocab_size
     bad = next((t for q in seqs + prompts for t in q if t >= vocab), None)
     if bad is not None:
@@ -153,21 +155,29 @@ def build_sequences(rows: list[Row], tok, teacher, s: DistillSettings, progress:
 
 
 @torch.no_grad()
-def sample_answers(teacher, prompts: list[list[int]], eos: int | None, s: DistillSettings,
-                   progress: bool) -> list[list[int]]:
+def sample_answers(teacher, prompts: list[list[int]], eos: int | None, s: DistillSettings, progress: bool) -> list[list[int]]:
     """The aligned model's own answers (sampled, left-padded batches with KV cache)."""
     out = []
     gen = torch.Generator(device="cpu").manual_seed(s.seed)
     pad = eos if eos is not None else 0
     todo = [p for p in prompts for _ in range(s.samples)]
     for start in tqdm(range(0, len(todo), 16), desc="sampling aligned answers", disable=not progress, leave=False):
-        chunk = todo[start: start + 16]
+        chunk = todo[start : start + 16]
         width = max(map(len, chunk))
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=s.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=s.device)
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-        res = teacher.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=s.temperature,
-                               top_k=0, top_p=1.0, max_new_tokens=s.new_tokens, pad_token_id=pad, eos_token_id=eos)
+        res = teacher.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=True,
+            temperature=s.temperature,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=s.new_tokens,
+            pad_token_id=pad,
+            eos_token_id=eos,
+        )
         for p, row in zip(chunk, res[:, width:].tolist()):
             if eos is not None and eos in row:
                 row = row[: row.index(eos) + 1]
@@ -177,7 +187,7 @@ def sample_answers(teacher, prompts: list[list[int]], eos: int | None, s: Distil
 
 def _batches(seqs: list[list[int]], size: int, device: str):
     for start in range(0, len(seqs), size):
-        chunk = seqs[start: start + size]
+        chunk = seqs[start : start + size]
         yield start, *_pad(chunk, device)
 
 
@@ -195,8 +205,9 @@ def _pad(chunk: list[list[int]], device: str) -> tuple[torch.Tensor, torch.Tenso
 def teacher_targets(teacher, seqs: list[list[int]], s: DistillSettings, progress: bool) -> list[tuple]:
     """Per sequence: top-k log-probs (float32) and their token ids, for positions 0..len-2."""
     out = []
-    for _, ids, mask in tqdm(list(_batches(seqs, s.batch, s.device)), desc="teacher log-probs",
-                             disable=not progress, leave=False):
+    for _, ids, mask in tqdm(
+        list(_batches(seqs, s.batch, s.device)), desc="teacher log-probs", disable=not progress, leave=False
+    ):
         logp = F.log_softmax(teacher(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
         vals, idx = torch.topk(logp, s.top_k, dim=-1)
         for i, n in enumerate(mask.sum(1).tolist()):
@@ -243,6 +254,7 @@ class Student:
             if embedding:  # token_embd: delta (n_vocab, n_embd) = left @ right, rows picked by token id
                 return output + F.embedding(inputs[0], left) @ right
             return output + (inputs[0] @ right.T) @ left.T
+
         return hook
 
     def _heads(self, name: str) -> tuple[int, int] | None:
@@ -259,8 +271,9 @@ class Student:
             heads = self._heads(name)
             l_np = np.ascontiguousarray(permute_rows(l_np, *heads) if heads else l_np)
             f = like[name]
-            out[name] = Factors(l_np, right.detach().cpu().numpy().copy(), f.rank, f.energy, f.kept,
-                                f.method + "+distill", f.spectrum)
+            out[name] = Factors(
+                l_np, right.detach().cpu().numpy().copy(), f.rank, f.energy, f.kept, f.method + "+distill", f.spectrum
+            )
         return out
 
 
@@ -290,8 +303,8 @@ def _mean_kl(student: Student, seqs, targets, s: DistillSettings) -> float:
     total, n = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(seqs), s.batch):
-            chunk = seqs[start: start + s.batch]
-            ids, mask, vals, idx, pmask = _collate(targets[start: start + s.batch], chunk, s.top_k, s.device)
+            chunk = seqs[start : start + s.batch]
+            ids, mask, vals, idx, pmask = _collate(targets[start : start + s.batch], chunk, s.top_k, s.device)
             logits = student.model(input_ids=ids, attention_mask=mask).logits[:, :-1]
             total += float(kl_loss(logits, vals, idx, pmask)) * float(pmask.sum())
             n += float(pmask.sum())
@@ -301,8 +314,9 @@ def _mean_kl(student: Student, seqs, targets, s: DistillSettings) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def distill(base: TensorSource, aligned: TensorSource, factors: dict[str, Factors], s: DistillSettings,
-            progress: bool = False) -> tuple[dict[str, Factors], dict]:
+def distill(
+    base: TensorSource, aligned: TensorSource, factors: dict[str, Factors], s: DistillSettings, progress: bool = False
+) -> tuple[dict[str, Factors], dict]:
     """Train the factors toward the aligned model; returns them (GGUF layout) and avgguf.fit.* metadata."""
     t0 = time.perf_counter()
     rng = random.Random(s.seed)
@@ -318,8 +332,12 @@ def distill(base: TensorSource, aligned: TensorSource, factors: dict[str, Factor
     targets = teacher_targets(teacher, seqs, s, progress)
     del teacher
     gc.collect()
-    log.info("distill: %d sequences (%.0f s to load and sample), teacher log-probs %.0f s", len(seqs),
-             t_sampled - t0, time.perf_counter() - t_sampled)
+    log.info(
+        "distill: %d sequences (%.0f s to load and sample), teacher log-probs %.0f s",
+        len(seqs),
+        t_sampled - t0,
+        time.perf_counter() - t_sampled,
+    )
 
     n_hold = max(1, int(round(len(seqs) * s.holdout))) if len(seqs) > 1 else 0
     train_idx = list(range(n_hold, len(seqs))) or list(range(len(seqs)))
@@ -332,8 +350,11 @@ def distill(base: TensorSource, aligned: TensorSource, factors: dict[str, Factor
     kl_before = _mean_kl(student, hold_seqs, hold_targets, s)
     start = student.factors(factors)
 
-    groups = [{"params": [p], "lr": s.lr * max(float(p.detach().pow(2).mean().sqrt()), 1e-8)}
-              for pair in student.params.values() for p in pair]
+    groups = [
+        {"params": [p], "lr": s.lr * max(float(p.detach().pow(2).mean().sqrt()), 1e-8)}
+        for pair in student.params.values()
+        for p in pair
+    ]
     opt = torch.optim.Adam(groups)
     base_lrs = [g["lr"] for g in groups]
     warm = max(1, s.steps // 20)
@@ -356,16 +377,25 @@ def distill(base: TensorSource, aligned: TensorSource, factors: dict[str, Factor
     kl_after = _mean_kl(student, hold_seqs, hold_targets, s)
     fitted = student.factors(factors)
     if not kl_after < kl_before:  # never hand back something worse than the SVD start
-        log.warning("distillation did not lower the held-out KL (%.4g -> %.4g); keeping the SVD factors",
-                    kl_before, kl_after)
+        log.warning("distillation did not lower the held-out KL (%.4g -> %.4g); keeping the SVD factors", kl_before, kl_after)
         fitted, kl_after = start, kl_before
     n_tokens = sum(len(q) - 1 for q in seqs)
-    log.info("distill: KL(aligned || base) %.4g, SVD start %.4g, fitted %.4g on %d held-out sequences",
-             kl_base, kl_before, kl_after, len(hold_seqs))
+    log.info(
+        "distill: KL(aligned || base) %.4g, SVD start %.4g, fitted %.4g on %d held-out sequences",
+        kl_base,
+        kl_before,
+        kl_after,
+        len(hold_seqs),
+    )
     settings = {k: v for k, v in asdict(s).items() if k not in ("calibration", "tokenizer", "device")}
-    meta = {fmt.KEY_FIT: "distill", fmt.KEY_FIT_SETTINGS: json.dumps(settings, sort_keys=True),
-            fmt.KEY_FIT_CALIBRATION: f"{label} ({len(rows)} rows, {len(seqs)} sequences)",
-            fmt.KEY_FIT_TOKENS: int(n_tokens), fmt.KEY_FIT_KL_BASE: float(kl_base),
-            fmt.KEY_FIT_KL_BEFORE: float(kl_before), fmt.KEY_FIT_KL_AFTER: float(kl_after),
-            fmt.KEY_FIT_SECONDS: float(round(time.perf_counter() - t0, 1))}
+    meta = {
+        fmt.KEY_FIT: "distill",
+        fmt.KEY_FIT_SETTINGS: json.dumps(settings, sort_keys=True),
+        fmt.KEY_FIT_CALIBRATION: f"{label} ({len(rows)} rows, {len(seqs)} sequences)",
+        fmt.KEY_FIT_TOKENS: int(n_tokens),
+        fmt.KEY_FIT_KL_BASE: float(kl_base),
+        fmt.KEY_FIT_KL_BEFORE: float(kl_before),
+        fmt.KEY_FIT_KL_AFTER: float(kl_after),
+        fmt.KEY_FIT_SECONDS: float(round(time.perf_counter() - t0, 1)),
+    }
     return fitted, meta

@@ -23,10 +23,10 @@ def sketch_width(cap: int) -> int:
 
 @dataclass(frozen=True)
 class RankPolicy:
-    rank: int | None = None        # uniform rank (capped by each tensor's smaller dimension)
-    energy: float | None = None    # smallest rank keeping this fraction of each tensor's energy
-    max_rank: int | None = None    # cap for the energy policy
-    svd: str = "auto"              # auto | full | randomized
+    rank: int | None = None  # uniform rank (capped by each tensor's smaller dimension)
+    energy: float | None = None  # smallest rank keeping this fraction of each tensor's energy
+    max_rank: int | None = None  # cap for the energy policy
+    svd: str = "auto"  # auto | full | randomized
 
     def describe(self) -> str:
         if self.energy is not None:
@@ -41,22 +41,20 @@ class RankPolicy:
 
 @dataclass
 class Factors:
-    left: np.ndarray     # (out, r) = U sqrt(S)
-    right: np.ndarray    # (r, in)  = sqrt(S) Vh
+    left: np.ndarray  # (out, r) = U sqrt(S)
+    right: np.ndarray  # (r, in)  = sqrt(S) Vh
     rank: int
-    energy: float        # ||delta||_F^2
-    kept: float          # fraction of energy in the kept singular values
-    method: str          # full | gram | randomized
+    energy: float  # ||delta||_F^2
+    kept: float  # fraction of energy in the kept singular values
+    method: str  # full | gram | randomized
     spectrum: np.ndarray | None = None  # squared singular values up to the policy's cap (rank budgeting)
 
     def truncated(self, r: int) -> "Factors":
         """The leading r components (left/right are U sqrt(S) / sqrt(S) Vh, so columns stay paired)."""
         if r >= self.rank:
             return self
-        kept = float(np.sum(self.spectrum[:r], dtype=np.float64)) / self.energy if self.spectrum is not None \
-            else float("nan")
-        return Factors(self.left[:, :r].copy(), self.right[:r].copy(), r, self.energy, min(kept, 1.0),
-                       self.method, self.spectrum)
+        kept = float(np.sum(self.spectrum[:r], dtype=np.float64)) / self.energy if self.spectrum is not None else float("nan")
+        return Factors(self.left[:, :r].copy(), self.right[:r].copy(), r, self.energy, min(kept, 1.0), self.method, self.spectrum)
 
 
 def _choose_rank(s2: torch.Tensor, total: float, policy: RankPolicy, cap: int) -> int:
@@ -108,7 +106,7 @@ def factorize(delta: np.ndarray, policy: RankPolicy, device: str = "cpu") -> Fac
         u, s, vh = _gram_svd(m, min_dim if policy.energy is not None else cap)
     else:
         u, s, vh = torch.linalg.svd(m, full_matrices=False)
-    s2 = s ** 2
+    s2 = s**2
     r = _choose_rank(s2, total, policy, cap)
     root = torch.sqrt(s[:r])
     left = (u[:, :r] * root).cpu().numpy()
@@ -117,8 +115,7 @@ def factorize(delta: np.ndarray, policy: RankPolicy, device: str = "cpu") -> Fac
     return Factors(left, right, r, total, min(kept, 1.0), method, s2[:cap].double().cpu().numpy())
 
 
-def factorize_product(left: np.ndarray, right: np.ndarray, policy: RankPolicy | None,
-                      device: str = "cpu") -> Factors:
+def factorize_product(left: np.ndarray, right: np.ndarray, policy: RankPolicy | None, device: str = "cpu") -> Factors:
     """Re-factor an existing low-rank delta left @ right (e.g. a PEFT LoRA) without forming it:
     QR of both sides, SVD of the small core. policy None keeps the full existing rank."""
     b = torch.from_numpy(np.ascontiguousarray(left, dtype=np.float32)).to(device).double()
@@ -126,7 +123,7 @@ def factorize_product(left: np.ndarray, right: np.ndarray, policy: RankPolicy | 
     qb, rb = torch.linalg.qr(b)
     qa, ra = torch.linalg.qr(a.T)
     uc, s, vch = torch.linalg.svd(rb @ ra.T)
-    s2 = s ** 2
+    s2 = s**2
     total = float(torch.sum(s2))
     n = s.numel()
     if policy is None:

@@ -18,8 +18,10 @@ from .lowrank import RankPolicy, factorize_product
 from .sources import TensorSource
 
 PREFIX = "base_model.model."
-KEY_RE = re.compile(r"^(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
-                    r"(?:\.[A-Za-z0-9_]+)?(?:\.weight)?$")
+KEY_RE = re.compile(
+    r"^(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
+    r"(?:\.[A-Za-z0-9_]+)?(?:\.weight)?$"
+)
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -41,8 +43,10 @@ def read_peft_config(path: Path) -> dict:
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ConversionError(f"--peft {str(cfg_path)!r}: peft_type {cfg.get('peft_type')!r}; only LORA is supported")
     if cfg.get("use_dora"):
-        raise ConversionError(f"--peft {str(cfg_path)!r}: DoRA adapters (use_dora) are not supported; "
-                              f"merge the adapter and convert the merged model with --aligned")
+        raise ConversionError(
+            f"--peft {str(cfg_path)!r}: DoRA adapters (use_dora) are not supported; "
+            f"merge the adapter and convert the merged model with --aligned"
+        )
     for key in ("r", "lora_alpha"):
         if not isinstance(cfg.get(key), (int, float)):
             raise ConversionError(f"--peft {str(cfg_path)!r}: key {key!r} missing or not a number")
@@ -55,8 +59,10 @@ def _read_factors(path: Path) -> dict[str, dict[str, np.ndarray]]:
 
     st = path / "adapter_model.safetensors"
     if not st.is_file():
-        raise ConversionError(f"--peft {str(path)!r}: adapter_model.safetensors not found "
-                              f"(adapter_model.bin is not supported: save with safe_serialization=True)")
+        raise ConversionError(
+            f"--peft {str(path)!r}: adapter_model.safetensors not found "
+            f"(adapter_model.bin is not supported: save with safe_serialization=True)"
+        )
     modules: dict[str, dict[str, np.ndarray]] = {}
     try:
         handle = safe_open(str(st), framework="pt")
@@ -64,17 +70,29 @@ def _read_factors(path: Path) -> dict[str, dict[str, np.ndarray]]:
     except Exception as exc:
         raise ConversionError(f"--peft {str(st)!r} is not a readable safetensors file ({exc})") from None
     for key in keys:
-        m = KEY_RE.match(key[len(PREFIX):] if key.startswith(PREFIX) else key)
+        m = KEY_RE.match(key[len(PREFIX) :] if key.startswith(PREFIX) else key)
         if m is None:
-            raise ConversionError(f"--peft {str(st)!r}: tensor {key!r} is not a LoRA factor (modules_to_save and "
-                                  f"other extras are not supported); merge the adapter and use --aligned")
+            raise ConversionError(
+                f"--peft {str(st)!r}: tensor {key!r} is not a LoRA factor (modules_to_save and "
+                f"other extras are not supported); merge the adapter and use --aligned"
+            )
         modules.setdefault(m["module"], {})[m["kind"]] = handle.get_tensor(key).to(torch.float32).numpy()
     return modules
 
 
-def convert_peft(peft_dir: str | Path, base: TensorSource, out: str | Path, *, name: str, domain: str | None = None,
-                 policy: RankPolicy | None = None, dtype: str = "f16", device: str = "cpu",
-                 progress: bool = False, force: bool = False) -> ConversionReport:
+def convert_peft(
+    peft_dir: str | Path,
+    base: TensorSource,
+    out: str | Path,
+    *,
+    name: str,
+    domain: str | None = None,
+    policy: RankPolicy | None = None,
+    dtype: str = "f16",
+    device: str = "cpu",
+    progress: bool = False,
+    force: bool = False,
+) -> ConversionReport:
     path = Path(peft_dir)
     if not path.is_dir():
         raise ConversionError(f"--peft {str(path)!r} is not a directory")
@@ -88,29 +106,33 @@ def convert_peft(peft_dir: str | Path, base: TensorSource, out: str | Path, *, n
             embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
             ka, kb = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
             if ka not in parts or kb not in parts:
-                raise ConversionError(f"--peft: module {module!r} has only {sorted(parts)}; "
-                                      f"{ka} and {kb} come in pairs")
+                raise ConversionError(f"--peft: module {module!r} has only {sorted(parts)}; {ka} and {kb} come in pairs")
             a, b = parts[ka], parts[kb]
             gguf_name = tmap.get_name(module + ".weight", try_suffixes=(".weight",))
             if gguf_name is None or gguf_name not in base.names():
-                raise ConversionError(f"--peft: module {module!r} has no tensor in base {base.path} "
-                                      f"({base.arch.gguf_name}); is the adapter for another model?")
+                raise ConversionError(
+                    f"--peft: module {module!r} has no tensor in base {base.path} "
+                    f"({base.arch.gguf_name}); is the adapter for another model?"
+                )
             r = a.shape[0]
             rank_cfg = _pattern_value(cfg.get("rank_pattern"), module, cfg["r"])
             alpha = _pattern_value(cfg.get("alpha_pattern"), module, cfg["lora_alpha"])
             if int(rank_cfg) != r:
-                raise ConversionError(f"--peft: module {module!r} has rank {r} in its tensors but "
-                                      f"{rank_cfg} in adapter_config.json")
+                raise ConversionError(
+                    f"--peft: module {module!r} has rank {r} in its tensors but {rank_cfg} in adapter_config.json"
+                )
             scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
             if embedding:  # PEFT: delta_E (vocab, embd) = scaling * (B @ A).T with A (r, vocab), B (embd, r)
                 left, right = a.T * scaling, b.T
-            else:          # delta_W (out, in) = scaling * B @ A
+            else:  # delta_W (out, in) = scaling * B @ A
                 left, right = b * scaling, a
             shape = (left.shape[0], right.shape[1])
             if tuple(base.shape(gguf_name)) != shape:
-                raise ConversionError(f"--peft: module {module!r}: the LoRA gives a delta of shape {shape} but base "
-                                      f"tensor {gguf_name!r} is {tuple(base.shape(gguf_name))}; the adapter was "
-                                      f"trained on another model")
+                raise ConversionError(
+                    f"--peft: module {module!r}: the LoRA gives a delta of shape {shape} but base "
+                    f"tensor {gguf_name!r} is {tuple(base.shape(gguf_name))}; the adapter was "
+                    f"trained on another model"
+                )
             heads = qk_heads(base.arch, gguf_name, base.n_head, base.n_head_kv)
             if heads:
                 left = permute_rows(left, *heads)
@@ -122,10 +144,17 @@ def convert_peft(peft_dir: str | Path, base: TensorSource, out: str | Path, *, n
                 build.skip(gguf_name, factors.energy, reason)
                 continue
             build.add(gguf_name, shape, factors, (left @ right) if policy is not None else None)
-        meta = {fmt.KEY_NAME: name, fmt.KEY_DOMAIN: domain or name, fmt.KEY_SOURCE_KIND: "peft",
-                fmt.KEY_SOURCE_BASE: str(base.path), fmt.KEY_SOURCE_ALIGNED: str(path),
-                fmt.KEY_RANK_POLICY: policy.describe() if policy else "peft ranks",
-                fmt.KEY_SVD: "product-svd", fmt.KEY_BASE_N_LAYER: base.n_layer, fmt.KEY_BASE_N_EMBD: base.n_embd}
+        meta = {
+            fmt.KEY_NAME: name,
+            fmt.KEY_DOMAIN: domain or name,
+            fmt.KEY_SOURCE_KIND: "peft",
+            fmt.KEY_SOURCE_BASE: str(base.path),
+            fmt.KEY_SOURCE_ALIGNED: str(path),
+            fmt.KEY_RANK_POLICY: policy.describe() if policy else "peft ranks",
+            fmt.KEY_SVD: "product-svd",
+            fmt.KEY_BASE_N_LAYER: base.n_layer,
+            fmt.KEY_BASE_N_EMBD: base.n_embd,
+        }
         return build.commit(meta)
     except BaseException:
         build.writer.abort()

@@ -55,8 +55,9 @@ def open_source(path: str | Path, role: str) -> TensorSource:
         return HFCheckpoint(p, role)
     if p.is_file():
         return GGUFModel(p, role)
-    raise ConversionError(f"{role} {str(p)!r} not found: give a Hugging Face checkpoint directory "
-                          f"(config.json + *.safetensors) or a .gguf file")
+    raise ConversionError(
+        f"{role} {str(p)!r} not found: give a Hugging Face checkpoint directory (config.json + *.safetensors) or a .gguf file"
+    )
 
 
 class HFCheckpoint(TensorSource):
@@ -66,8 +67,10 @@ class HFCheckpoint(TensorSource):
         self.path, self.role = path, role
         cfg_path = path / "config.json"
         if not cfg_path.is_file():
-            raise ConversionError(f"{role} {str(path)!r}: config.json not found; a Hugging Face checkpoint "
-                                  f"directory needs config.json and *.safetensors")
+            raise ConversionError(
+                f"{role} {str(path)!r}: config.json not found; a Hugging Face checkpoint "
+                f"directory needs config.json and *.safetensors"
+            )
         try:
             self.config = json.loads(cfg_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -79,8 +82,10 @@ class HFCheckpoint(TensorSource):
             self.n_head = int(self.config["num_attention_heads"])
             self.n_head_kv = int(self.config.get("num_key_value_heads") or self.n_head)
         except (KeyError, TypeError, ValueError) as exc:
-            raise ConversionError(f"{role} {str(cfg_path)!r}: missing or bad key {exc}; expected "
-                                  f"num_hidden_layers, hidden_size, num_attention_heads") from None
+            raise ConversionError(
+                f"{role} {str(cfg_path)!r}: missing or bad key {exc}; expected "
+                f"num_hidden_layers, hidden_size, num_attention_heads"
+            ) from None
 
         files = self._shard_files()
         tmap = gguf.get_tensor_name_map(self.arch.model_arch, self.n_layer)
@@ -119,8 +124,10 @@ class HFCheckpoint(TensorSource):
             return files
         files = sorted(self.path.glob("*.safetensors"))
         if not files:
-            raise ConversionError(f"{self.role} {str(self.path)!r}: no *.safetensors files "
-                                  f"(.bin checkpoints are not supported: re-save with safe_serialization=True)")
+            raise ConversionError(
+                f"{self.role} {str(self.path)!r}: no *.safetensors files "
+                f"(.bin checkpoints are not supported: re-save with safe_serialization=True)"
+            )
         return files
 
     def names(self) -> list[str]:

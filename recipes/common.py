@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 
-
 def load_smollm2():
     import torch
     from transformers import AutoModelForCausalLM
@@ -60,8 +59,7 @@ def save_hf(model, path: Path) -> None:
 
     path.mkdir(parents=True, exist_ok=True)
     tied = bool(model.config.tie_word_embeddings)
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()
-               if not (tied and k == "lm_head.weight")}
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
     save_file(tensors, str(path / "model.safetensors"))
     cfg = model.config.to_dict()
     cfg["architectures"] = ["LlamaForCausalLM"]

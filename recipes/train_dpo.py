@@ -28,8 +28,15 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from recipes.common import (load_smollm2, prompt_tokens, read_jsonl, response_tokens, save_hf,  # noqa: E402
-                            save_hf_tokenizer, tokenizer)
+from recipes.common import (
+    load_smollm2,
+    prompt_tokens,
+    read_jsonl,
+    response_tokens,
+    save_hf,  # noqa: E402
+    save_hf_tokenizer,
+    tokenizer,
+)
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "preferences"
 
@@ -54,22 +61,20 @@ def batch_logps(model, seqs: list[tuple[list[int], list[int]]]) -> torch.Tensor:
     for i, (p, c) in enumerate(seqs):
         ids[i, : len(p) + len(c)] = torch.tensor(p + c)
         mask[i, : len(p) + len(c)] = 1
-        target[i, len(p): len(p) + len(c)] = True
+        target[i, len(p) : len(p) + len(c)] = True
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
     logp = torch.gather(F.log_softmax(logits.float(), -1), 2, ids[:, 1:, None]).squeeze(-1)
     return (logp * target[:, 1:]).sum(-1)
 
 
-def train(domain: str, out: Path, steps: int, batch: int, lr: float, beta: float, seed: int,
-          all_tensors: bool = False) -> dict:
+def train(domain: str, out: Path, steps: int, batch: int, lr: float, beta: float, seed: int, all_tensors: bool = False) -> dict:
     torch.manual_seed(seed)
     rng = random.Random(seed)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     tok = tokenizer()
     rows = read_jsonl(DATA / "train.jsonl", domain)
     if not rows:
-        raise SystemExit(f"no training rows for domain {domain!r} in {DATA}/train.jsonl "
-                         f"(run recipes/make_preferences.py)")
+        raise SystemExit(f"no training rows for domain {domain!r} in {DATA}/train.jsonl (run recipes/make_preferences.py)")
     pairs = build_pairs(rows, tok)
     model = load_smollm2()
     save_hf(model, out / "base")
@@ -78,7 +83,7 @@ def train(domain: str, out: Path, steps: int, batch: int, lr: float, beta: float
 
     t0 = time.perf_counter()
     reference = copy.deepcopy(model).eval()  # the initial policy, frozen
-    ref: dict[int, torch.Tensor] = {}        # pair index -> (chosen, rejected) log-probs, computed when first used
+    ref: dict[int, torch.Tensor] = {}  # pair index -> (chosen, rejected) log-probs, computed when first used
     ref_s = 0.0
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
@@ -108,15 +113,27 @@ def train(domain: str, out: Path, steps: int, batch: int, lr: float, beta: float
         opt.zero_grad()
         acc = float((margin > 0).float().mean())
         log.append({"step": step + 1, "loss": float(loss), "reward_acc": acc, "margin": float(margin.mean())})
-        print(f"  {domain} step {step + 1}/{steps} loss {float(loss):.4f} acc {acc:.2f} "
-              f"margin {float(margin.mean()):.3f}", file=sys.stderr, flush=True)
+        print(
+            f"  {domain} step {step + 1}/{steps} loss {float(loss):.4f} acc {acc:.2f} margin {float(margin.mean()):.3f}",
+            file=sys.stderr,
+            flush=True,
+        )
     model.eval()
     save_hf(model, out / "aligned")
     for sub in ("base", "aligned"):
         save_hf_tokenizer(out / sub)
-    summary = {"domain": domain, "pairs": len(pairs), "steps": steps, "batch": batch, "lr": lr, "beta": beta,
-               "reference_seconds": round(ref_s, 1), "train_seconds": round(time.perf_counter() - t0 - ref_s, 1),
-               "final": log[-1], "log": log}
+    summary = {
+        "domain": domain,
+        "pairs": len(pairs),
+        "steps": steps,
+        "batch": batch,
+        "lr": lr,
+        "beta": beta,
+        "reference_seconds": round(ref_s, 1),
+        "train_seconds": round(time.perf_counter() - t0 - ref_s, 1),
+        "final": log[-1],
+        "log": log,
+    }
     (out / "train_log.json").write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -133,9 +150,11 @@ def main() -> None:
     ap.add_argument("--all-tensors", action="store_true", help="train every tensor (embeddings and norms too)")
     args = ap.parse_args()
     s = train(args.domain, args.out, args.steps, args.batch, args.lr, args.beta, args.seed, args.all_tensors)
-    print(f"{args.domain}: {s['pairs']} pairs, {s['steps']} steps in {s['train_seconds']} s "
-          f"(+{s['reference_seconds']} s reference), final loss {s['final']['loss']:.4f}, "
-          f"reward accuracy {s['final']['reward_acc']:.2f}")
+    print(
+        f"{args.domain}: {s['pairs']} pairs, {s['steps']} steps in {s['train_seconds']} s "
+        f"(+{s['reference_seconds']} s reference), final loss {s['final']['loss']:.4f}, "
+        f"reward accuracy {s['final']['reward_acc']:.2f}"
+    )
 
 
 if __name__ == "__main__":

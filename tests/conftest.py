@@ -10,8 +10,16 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from synthetic import (Delta, Spec, hf_weights, random_delta, representable, to_gguf_tensors,  # noqa: E402
-                       write_gguf, write_hf)
+from synthetic import (
+    Delta,
+    Spec,
+    hf_weights,
+    random_delta,
+    representable,
+    to_gguf_tensors,  # noqa: E402
+    write_gguf,
+    write_hf,
+)
 
 F32 = 0  # GGML_TYPE_F32
 TOKENS = [1, 270, 280, 290, 65, 100, 200, 150, 33, 299]
@@ -20,6 +28,7 @@ TOKENS = [1, 270, 280, 290, 65, 100, 200, 150, 33, 299]
 @dataclass
 class Pair:
     """A tiny base model (HF dir + GGUF) and an aligned variant with a known delta."""
+
     spec: Spec
     weights: dict[str, np.ndarray]
     delta: Delta
@@ -95,11 +104,30 @@ def tiny_kit(tmp_path_factory):
     p = make_pair(root / "med", Spec("llama"), delta_seed=1, include_norms=False)
     q = make_pair(root / "leg", Spec("llama"), delta_seed=2, include_norms=False)
     for pair, name in ((p, "medical"), (q, "legal")):
-        assert main(["convert", "--base", str(pair.base_hf), "--aligned", str(pair.aligned_hf),
-                     "--out", str(root / f"{name}.gguf"), "--rank", "4096", "--dtype", "f32"]) == 0
-    mf = {"base": "med/base.gguf", "avs": {"medical": "medical.gguf", "legal": {"path": "legal.gguf"}},
-          "profiles": {"expert-medical": {"medical": 1.0, "legal": 0.0}, "mixed": {"medical": 0.5, "legal": -1.0}},
-          "defaults": {"max_tokens": 12, "temperature": 0.0, "seed": 0, "n_ctx": 128}}
+        assert (
+            main(
+                [
+                    "convert",
+                    "--base",
+                    str(pair.base_hf),
+                    "--aligned",
+                    str(pair.aligned_hf),
+                    "--out",
+                    str(root / f"{name}.gguf"),
+                    "--rank",
+                    "4096",
+                    "--dtype",
+                    "f32",
+                ]
+            )
+            == 0
+        )
+    mf = {
+        "base": "med/base.gguf",
+        "avs": {"medical": "medical.gguf", "legal": {"path": "legal.gguf"}},
+        "profiles": {"expert-medical": {"medical": 1.0, "legal": 0.0}, "mixed": {"medical": 0.5, "legal": -1.0}},
+        "defaults": {"max_tokens": 12, "temperature": 0.0, "seed": 0, "n_ctx": 128},
+    }
     (root / "tiny.yaml").write_text(yaml.safe_dump(mf, sort_keys=False))
     return root, p, q
 

@@ -18,12 +18,12 @@ N_VOCAB = 300  # 3 control tokens + 256 byte tokens + 41 pieces
 
 @dataclass
 class Spec:
-    arch: str = "llama"          # llama | qwen2
+    arch: str = "llama"  # llama | qwen2
     tied: bool = False
     n_layer: int = 2
     n_embd: int = 64
     n_head: int = 4
-    n_head_kv: int = 2            # GQA
+    n_head_kv: int = 2  # GQA
     n_ff: int = 96
     n_vocab: int = N_VOCAB
     seed: int = 0
@@ -62,8 +62,10 @@ def hf_weights(spec: Spec) -> dict[str, np.ndarray]:
     def mat(out, inp, scale=None):
         return (rng.standard_normal((out, inp)) * (scale or 1.0 / np.sqrt(inp))).astype(np.float32)
 
-    w = {"model.embed_tokens.weight": mat(spec.n_vocab, spec.n_embd, 0.5),
-         "model.norm.weight": (1 + 0.1 * rng.standard_normal(spec.n_embd)).astype(np.float32)}
+    w = {
+        "model.embed_tokens.weight": mat(spec.n_vocab, spec.n_embd, 0.5),
+        "model.norm.weight": (1 + 0.1 * rng.standard_normal(spec.n_embd)).astype(np.float32),
+    }
     if not spec.tied:
         w["lm_head.weight"] = mat(spec.n_vocab, spec.n_embd)
     for i in range(spec.n_layer):
@@ -120,8 +122,11 @@ def add_vocab(w: gguf.GGUFWriter, n_vocab: int) -> None:
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
     pieces = [f"\u2581{chr(ord('a') + i % 26)}{i // 26 or ''}" for i in range(n_vocab - len(tokens))]
     tokens += pieces
-    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL] + \
-        [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.NORMAL] * len(pieces)
+    types = (
+        [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+        + [gguf.TokenType.BYTE] * 256
+        + [gguf.TokenType.NORMAL] * len(pieces)
+    )
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
     w.add_token_scores([0.0] * 3 + [-1000.0] * 256 + [-float(i) for i in range(len(pieces))])
@@ -129,8 +134,10 @@ def add_vocab(w: gguf.GGUFWriter, n_vocab: int) -> None:
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_unk_token_id(0)
-    w.add_chat_template("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-                        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    w.add_chat_template(
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
 
 
 def write_gguf(path: Path, spec: Spec, gguf_tensors: dict[str, np.ndarray], dtype=np.float32) -> Path:
@@ -161,6 +168,7 @@ def write_gguf(path: Path, spec: Spec, gguf_tensors: dict[str, np.ndarray], dtyp
 @dataclass
 class Delta:
     """A known alignment vector in HF layout: dense random deltas on chosen tensors."""
+
     tensors: dict[str, np.ndarray] = field(default_factory=dict)
 
     def applied_to(self, weights: dict[str, np.ndarray], lam: float = 1.0) -> dict[str, np.ndarray]:
@@ -170,8 +178,14 @@ class Delta:
         return out
 
 
-def random_delta(spec: Spec, weights: dict[str, np.ndarray], seed: int, scale: float = 0.05,
-                 include_norms: bool = True, rank: int | None = None) -> Delta:
+def random_delta(
+    spec: Spec,
+    weights: dict[str, np.ndarray],
+    seed: int,
+    scale: float = 0.05,
+    include_norms: bool = True,
+    rank: int | None = None,
+) -> Delta:
     """Delta on every weight (optionally low-rank), on norms and biases too (those llama.cpp cannot apply)."""
     rng = np.random.default_rng(seed)
     d = {}
@@ -196,4 +210,3 @@ def representable(spec: Spec, delta: Delta) -> Delta:
             continue
         keep[k] = d
     return Delta(keep)
-

@@ -27,14 +27,25 @@ from avgguf.errors import AdapterError
 
 RNG = np.random.default_rng(0)
 # byte offsets of the f16 scale fields in one block, from ggml's block_* structs (ggml-common.h)
-SCALE_OFFSETS = {Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q8_0: (0,), Q.Q2_K: (80, 82),
-                 Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
+SCALE_OFFSETS = {
+    Q.Q4_0: (0,),
+    Q.Q4_1: (0, 2),
+    Q.Q5_0: (0,),
+    Q.Q5_1: (0, 2),
+    Q.Q8_0: (0,),
+    Q.Q2_K: (80, 82),
+    Q.Q3_K: (108,),
+    Q.Q4_K: (0, 2),
+    Q.Q5_K: (0, 2),
+    Q.Q6_K: (208,),
+}
 ATTN_Q = "blk.0.attn_q.weight"  # (64, 64) in the tiny llama base: lora_a (r, 64), lora_b (64, r)
 
 
 @dataclass
 class Raw:
     """A tensor stored as `qtype` from raw bytes; `shape` is the element shape (numpy order)."""
+
     qtype: Q
     shape: tuple[int, ...]
     data: np.ndarray  # uint8
@@ -49,21 +60,27 @@ def k_quant(shape: tuple[int, int], qtype: Q) -> Raw:
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     blocks = RNG.integers(0, 256, (shape[0] * shape[1] // block, size), dtype=np.uint8)
     for offset in SCALE_OFFSETS[qtype]:
-        blocks[:, offset:offset + 2] = np.full((len(blocks), 1), 1e-3, np.float16).view(np.uint8)
+        blocks[:, offset : offset + 2] = np.full((len(blocks), 1), 1e-3, np.float16).view(np.uint8)
     return Raw(qtype, shape, blocks.reshape(shape[0], -1))
 
 
 def pair(r: int = 4, a_dtype=np.float32, b_dtype=np.float32, name: str = ATTN_Q, cols: int = 64, rows: int = 64):
-    return {name + ".lora_a": (0.01 * RNG.standard_normal((r, cols))).astype(a_dtype),
-            name + ".lora_b": (0.01 * RNG.standard_normal((rows, r))).astype(b_dtype)}
+    return {
+        name + ".lora_a": (0.01 * RNG.standard_normal((r, cols))).astype(a_dtype),
+        name + ".lora_b": (0.01 * RNG.standard_normal((rows, r))).astype(b_dtype),
+    }
 
 
 def write_adapter(path: Path, tensors: dict, *, arch: str = "llama", kv: dict | None = None) -> Path:
     """An adapter as a GGUF: the standard keys (overridden or dropped, value None, by `kv`: key -> (value,
     GGUFValueType)), then `tensors` (numpy arrays in their own type, or Raw)."""
     w = gguf.GGUFWriter(None, arch)
-    keys = {"general.type": ("adapter", V.STRING), "adapter.type": ("lora", V.STRING),
-            "adapter.lora.alpha": (0.0, V.FLOAT32), **(kv or {})}
+    keys = {
+        "general.type": ("adapter", V.STRING),
+        "adapter.type": ("lora", V.STRING),
+        "adapter.lora.alpha": (0.0, V.FLOAT32),
+        **(kv or {}),
+    }
     if "general.architecture" in keys:
         w.kv_data[0].pop("general.architecture")
     for key, spec in keys.items():
@@ -93,7 +110,7 @@ def with_scale(raw: Raw, offset: int, value: float) -> Raw:
     """A quantized tensor with the f16 field at `offset` of its first block set to `value`."""
     size = gguf.GGML_QUANT_SIZES[raw.qtype][1]
     blocks = raw.data.reshape(-1, size).copy()
-    blocks[0, offset:offset + 2] = np.array([value], np.float16).view(np.uint8)
+    blocks[0, offset : offset + 2] = np.array([value], np.float16).view(np.uint8)
     return Raw(raw.qtype, raw.shape, blocks.reshape(raw.data.shape))
 
 
@@ -136,31 +153,53 @@ CASES = [
     ("i64-factor", adapter(lambda: pair(b_dtype=np.int64)), [B, "I64"], True),
     ("f64-factor", adapter(lambda: pair(a_dtype=np.float64, b_dtype=np.float64)), [A, "F64"], True),
     # Q8_1 is an activation format: there is no matmul with it as the weight
-    ("q8_1-factor", adapter(lambda: {A: Raw(Q.Q8_1, (32, 64), np.zeros((32, 80), np.uint8)), B: pair(32)[B]}),
-     [A, "Q8_1"], True),
+    ("q8_1-factor", adapter(lambda: {A: Raw(Q.Q8_1, (32, 64), np.zeros((32, 80), np.uint8)), B: pair(32)[B]}), [A, "Q8_1"], True),
     # a K-quant whose rows (64) are no multiple of its 256-value block (gguf-py refuses it already)
-    ("q4_k-row-64", adapter(lambda: {A: Raw(Q.Q4_K, (1, 64), np.zeros((1, 36), np.uint8)), B: pair(1)[B]}),
-     ["Q4_K", "256"], True),
+    (
+        "q4_k-row-64",
+        adapter(lambda: {A: Raw(Q.Q4_K, (1, 64), np.zeros((1, 36), np.uint8)), B: pair(1)[B]}),
+        ["Q4_K", "256"],
+        True,
+    ),
     # non-finite factor values, float types (the row is named)
     ("nan-f32", adapter(lambda: with_value(pair(), A, (2, 7), np.nan)), [A, "NaN", "row 2"], True),
     ("+inf-f32", adapter(lambda: with_value(pair(), B, (9, 1), np.inf)), [B, "+Inf", "row 9"], True),
     ("-inf-f32", adapter(lambda: with_value(pair(), A, (0, 0), -np.inf)), [A, "-Inf", "row 0"], True),
-    ("nan-f16", adapter(lambda: with_value(pair(a_dtype=np.float16, b_dtype=np.float16), B, (63, 3), np.nan)),
-     [B, "NaN", "row 63"], True),
+    (
+        "nan-f16",
+        adapter(lambda: with_value(pair(a_dtype=np.float16, b_dtype=np.float16), B, (63, 3), np.nan)),
+        [B, "NaN", "row 63"],
+        True,
+    ),
     ("-inf-f16", adapter(lambda: with_value(pair(b_dtype=np.float16), B, (5, 0), -np.inf)), [B, "-Inf"], True),
     # bf16: a NaN in the top half of an f32
-    ("nan-bf16", adapter(lambda: {**pair(), A: quant(with_value(pair(), A, (1, 1), np.nan)[A], Q.BF16)}),
-     [A, "NaN", "row 1"], True),
+    (
+        "nan-bf16",
+        adapter(lambda: {**pair(), A: quant(with_value(pair(), A, (1, 1), np.nan)[A], Q.BF16)}),
+        [A, "NaN", "row 1"],
+        True,
+    ),
     # quantized factors: a NaN block scale (d), an Inf minimum (m) of a *_1 type, a NaN K-quant scale
-    ("nan-q8_0-scale", adapter(lambda: {**quant_pair(Q.Q8_0), A: with_scale(quant_pair(Q.Q8_0)[A], 0, np.nan)}),
-     [A, "NaN"], True),
-    ("inf-q4_1-min", adapter(lambda: {**quant_pair(Q.Q4_1), B: with_scale(quant_pair(Q.Q4_1)[B], 2, np.inf)}),
-     [B, "+Inf"], True),
-    ("nan-q6_k-scale", adapter(lambda: {EA: with_scale(k_quant((300, 256), Q.Q6_K), 208, np.nan),
-                                        EB: k_quant((64, 256), Q.Q6_K)}), [EA, "NaN"], True),
+    (
+        "nan-q8_0-scale",
+        adapter(lambda: {**quant_pair(Q.Q8_0), A: with_scale(quant_pair(Q.Q8_0)[A], 0, np.nan)}),
+        [A, "NaN"],
+        True,
+    ),
+    ("inf-q4_1-min", adapter(lambda: {**quant_pair(Q.Q4_1), B: with_scale(quant_pair(Q.Q4_1)[B], 2, np.inf)}), [B, "+Inf"], True),
+    (
+        "nan-q6_k-scale",
+        adapter(lambda: {EA: with_scale(k_quant((300, 256), Q.Q6_K), 208, np.nan), EB: k_quant((64, 256), Q.Q6_K)}),
+        [EA, "NaN"],
+        True,
+    ),
     # a NaN in a token_embd pair (get_rows, not a matmul: garbage logits all the same)
-    ("nan-token-embd", adapter(lambda: with_value({EA: zeros(300, 4), EB: zeros(64, 4)}, EB, (3, 3), np.nan)),
-     [EB, "NaN", "row 3"], True),
+    (
+        "nan-token-embd",
+        adapter(lambda: with_value({EA: zeros(300, 4), EB: zeros(64, 4)}, EB, (3, 3), np.nan)),
+        [EB, "NaN", "row 3"],
+        True,
+    ),
     # alpha: wrong GGUF type (llama.cpp asserts), NaN, missing
     ("alpha-uint32", with_keys(adapter__lora__alpha=(8, V.UINT32)), ["adapter.lora.alpha", "UINT32", "FLOAT32"], True),
     ("alpha-nan", with_keys(adapter__lora__alpha=(float("nan"), V.FLOAT32)), ["adapter.lora.alpha", "finite"], True),
@@ -179,8 +218,7 @@ CASES = [
     # lora_a says rank 4, lora_b rank 3
     ("rank-mismatch", adapter(lambda: {A: zeros(4, 64), B: zeros(64, 3)}), [ATTN_Q, "rank"], True),
     # token_embd's flipped layout with different ranks (llama.cpp: GGML_ASSERT at the first decode)
-    ("token-embd-rank-mismatch", adapter(lambda: {EA: zeros(300, 4), EB: zeros(64, 3)}), ["token_embd.weight", "rank"],
-     True),
+    ("token-embd-rank-mismatch", adapter(lambda: {EA: zeros(300, 4), EB: zeros(64, 3)}), ["token_embd.weight", "rank"], True),
     # 3-D and 1-D factors
     ("3d-factor", adapter(lambda: {A: zeros(2, 4, 64), B: zeros(64, 4)}), [ATTN_Q, "2-D"], True),
     ("1d-factor", adapter(lambda: {A: zeros(64), B: zeros(64, 1)}), [ATTN_Q, "2-D"], True),
@@ -192,16 +230,23 @@ CASES = [
     ("empty-file", lambda p: (p.write_bytes(b""), p)[1], ["not a readable GGUF"], True),
     # --- fine as a file, wrong for this base ---
     # a pair on a 1-D base tensor (a norm): avgguf supports 2-D matmul weights only
-    ("pair-on-1d-base", adapter(lambda: pair(name="output_norm.weight", cols=1, rows=64)),
-     ["output_norm.weight", "1-D", "2-D matmul weights only"], False),
+    (
+        "pair-on-1d-base",
+        adapter(lambda: pair(name="output_norm.weight", cols=1, rows=64)),
+        ["output_norm.weight", "1-D", "2-D matmul weights only"],
+        False,
+    ),
     # a pair on a 3-D (MoE expert) base tensor (base3d has one)
-    ("pair-on-3d-base", adapter(lambda: pair(name="blk.0.ffn_gate_exps.weight", cols=64, rows=96)),
-     ["blk.0.ffn_gate_exps.weight", "3-D", "2-D matmul weights only"], False),
+    (
+        "pair-on-3d-base",
+        adapter(lambda: pair(name="blk.0.ffn_gate_exps.weight", cols=64, rows=96)),
+        ["blk.0.ffn_gate_exps.weight", "3-D", "2-D matmul weights only"],
+        False,
+    ),
     # an adapter for another architecture
     ("wrong-arch", adapter(pair, arch="qwen2"), ["'qwen2'", "'llama'"], False),
     # a pair on a tensor the base does not have
-    ("tensor-not-in-base", adapter(lambda: pair(name="blk.9.attn_q.weight")), ["blk.9.attn_q.weight", "does not exist"],
-     False),
+    ("tensor-not-in-base", adapter(lambda: pair(name="blk.9.attn_q.weight")), ["blk.9.attn_q.weight", "does not exist"], False),
     # shapes of another model (n_embd 32)
     ("shape-mismatch", adapter(lambda: pair(cols=32, rows=32)), [ATTN_Q, "expected (4, 64) / (64, 4)"], False),
 ]
@@ -215,8 +260,10 @@ GOOD = {
     "bf16": adapter(lambda: {k: quant(v, Q.BF16) for k, v in pair().items()}),
     **{q.name.lower(): adapter(lambda q=q: quant_pair(q)) for q in (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0)},
     # K-quants on token_embd, the only tensor with rows of 256 here (rank 256: lora_a (300, 256), lora_b (64, 256))
-    **{q.name.lower(): adapter(lambda q=q: {EA: k_quant((300, 256), q), EB: k_quant((64, 256), q)})
-       for q in (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)},
+    **{
+        q.name.lower(): adapter(lambda q=q: {EA: k_quant((300, 256), q), EB: k_quant((64, 256), q)})
+        for q in (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+    },
 }
 
 
@@ -268,7 +315,7 @@ def test_scale_offsets_match_gguf_py_dequantize(qtype):
     assert fmt._first_non_finite(raw, qtype) is None
     for offset in SCALE_OFFSETS[qtype]:
         bad = raw.reshape(-1, size).copy()
-        bad[1, offset:offset + 2] = np.array([np.nan], np.float16).view(np.uint8)
+        bad[1, offset : offset + 2] = np.array([np.nan], np.float16).view(np.uint8)
         bad = bad.reshape(raw.shape)
         assert not np.isfinite(gguf.quants.dequantize(bad, qtype)).all()
         assert fmt._first_non_finite(bad, qtype) == (0 if raw.shape[1] // size > 1 else 1, "NaN")
@@ -313,8 +360,13 @@ def test_real_llama_cpp_survives_every_case_and_multiplies_every_whitelisted_typ
     base, _ = bases
     bad = {case: str(make(tmp_path / f"{case}.gguf")) for case, make, _, _ in CASES if case != "pair-on-3d-base"}
     good = {name: str(make(tmp_path / f"good-{name}.gguf")) for name, make in GOOD.items()}
-    r = subprocess.run([sys.executable, "-c", SURVIVE, str(base), json.dumps(bad), json.dumps(good)],
-                       capture_output=True, text=True, timeout=600, check=False)
+    r = subprocess.run(
+        [sys.executable, "-c", SURVIVE, str(base), json.dumps(bad), json.dumps(good)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert r.returncode == 0, (r.returncode, r.stderr[-3000:])
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["refused"] == {case: True for case in bad}
@@ -324,8 +376,9 @@ def test_real_llama_cpp_survives_every_case_and_multiplies_every_whitelisted_typ
 def test_inspect_escapes_terminal_control_characters(bases, tmp_path, capsys):
     """finding 25: metadata and tensor names are printed with control characters escaped (no OSC 52 / title)."""
     evil = "\x1b]52;c;ZWNobyBwd25lZA==\x07\x1b]0;owned\x07\u202e"
-    path = write_adapter(tmp_path / "evil.gguf", pair(), kv={"avgguf.av.domain": (evil, V.STRING),
-                                                             "general.name": ("x\x1b[2J", V.STRING)})
+    path = write_adapter(
+        tmp_path / "evil.gguf", pair(), kv={"avgguf.av.domain": (evil, V.STRING), "general.name": ("x\x1b[2J", V.STRING)}
+    )
     assert main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out
     assert not any(ch in out for ch in "\x1b\x07\u202e"), repr(out)

@@ -23,13 +23,13 @@ def client(tiny_kit):
     rt.close()
 
 
-BODY = {"model": "tiny:mixed", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8,
-        "temperature": 0}
+BODY = {"model": "tiny:mixed", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8, "temperature": 0}
 
 
 def stream(client, body) -> list[dict]:
-    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True,
-                                                             "stream_options": {"include_usage": True}}) as r:
+    with client.stream(
+        "POST", "/v1/chat/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}}
+    ) as r:
         assert r.status_code == 200
         lines = [ln[6:] for ln in r.iter_lines() if ln.startswith("data: ")]
     assert lines[-1] == "[DONE]"
@@ -99,8 +99,9 @@ def test_logprobs_are_the_models_own(client, tiny_kit):
         assert [t["token"] for t in e["top_logprobs"]][0] == e["token"] and len(e["top_logprobs"]) == 3
         assert np.allclose([t["logprob"] for t in e["top_logprobs"]], np.sort(lp)[::-1][:3], atol=1e-3)
     eng.close()
-    legacy = client.post("/v1/completions", json={"model": "tiny", "prompt": "hello", "max_tokens": 3,
-                                                  "temperature": 0, "logprobs": 2}).json()["choices"][0]["logprobs"]
+    legacy = client.post(
+        "/v1/completions", json={"model": "tiny", "prompt": "hello", "max_tokens": 3, "temperature": 0, "logprobs": 2}
+    ).json()["choices"][0]["logprobs"]
     assert len(legacy["tokens"]) == len(legacy["token_logprobs"]) == len(legacy["top_logprobs"]) == 3
     assert all(len(t) <= 2 for t in legacy["top_logprobs"])
 
@@ -140,8 +141,11 @@ def test_parallel_slots_answer_as_solo_and_the_queue_is_bounded(tiny_kit):
     with __import__("socket").socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "avgguf.cli", "serve", str(root / "tiny.yaml"), "--port", str(port),
-                             "--parallel", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "avgguf.cli", "serve", str(root / "tiny.yaml"), "--port", str(port), "--parallel", "2"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     try:
         for _ in range(300):
@@ -152,8 +156,12 @@ def test_parallel_slots_answer_as_solo_and_the_queue_is_bounded(tiny_kit):
                 time.sleep(0.1)
 
         def ask(i: int) -> str:
-            body = {"model": ["tiny", "tiny:mixed", "tiny:expert-medical"][i % 3], "max_tokens": 12, "temperature": 0,
-                    "messages": [{"role": "user", "content": f"question {i}"}]}
+            body = {
+                "model": ["tiny", "tiny:mixed", "tiny:expert-medical"][i % 3],
+                "max_tokens": 12,
+                "temperature": 0,
+                "messages": [{"role": "user", "content": f"question {i}"}],
+            }
             return httpx.post(url, json=body, timeout=120).json()["choices"][0]["message"]["content"]
 
         solo = [ask(i) for i in range(8)]
@@ -169,9 +177,9 @@ def test_parallel_slots_answer_as_solo_and_the_queue_is_bounded(tiny_kit):
 
     async def queue():
         served = Served(mf, rt, max_queue=1)
-        first = await served.acquire()           # the only slot
+        first = await served.acquire()  # the only slot
         waiting = asyncio.create_task(served.acquire())
-        await asyncio.sleep(0.01)                # one request waits: the queue is full
+        await asyncio.sleep(0.01)  # one request waits: the queue is full
         try:
             await served.acquire()
         except APIError as exc:

@@ -49,8 +49,11 @@ def fx(tmp_path_factory):
         c["num_hidden_layers"] = 3
 
     cases = {
-        "nan": variant("nan", nan), "missing": variant("missing", drop), "shape": variant("shape", reshape),
-        "gpt2": variant("gpt2", gpt2), "layers": variant("layers", layers),
+        "nan": variant("nan", nan),
+        "missing": variant("missing", drop),
+        "shape": variant("shape", reshape),
+        "gpt2": variant("gpt2", gpt2),
+        "layers": variant("layers", layers),
     }
     no_cfg = bad / "no_config"
     shutil.copytree(p.aligned_hf, no_cfg)
@@ -63,11 +66,14 @@ def fx(tmp_path_factory):
     peft = bad / "peft_other"
     peft.mkdir()
     (peft / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
-    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.ones((2, 128), np.float32),
-               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": np.ones((128, 2), np.float32)},
-              str(peft / "adapter_model.safetensors"))
-    cases.update(no_cfg=no_cfg, corrupt=corrupt, corrupt_gguf=bad / "corrupt.gguf", peft_other=peft,
-                 qwen=q.aligned_hf, empty=bad)
+    save_file(
+        {
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.ones((2, 128), np.float32),
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": np.ones((128, 2), np.float32),
+        },
+        str(peft / "adapter_model.safetensors"),
+    )
+    cases.update(no_cfg=no_cfg, corrupt=corrupt, corrupt_gguf=bad / "corrupt.gguf", peft_other=peft, qwen=q.aligned_hf, empty=bad)
     return p, cases
 
 
@@ -86,8 +92,11 @@ CASES = [
     # config says 3 layers, checkpoint has 2
     ("config-mismatch", ["--base", "{base}", "--aligned", "{layers}"], ["different models", "block count"]),
     # architecture avgguf does not convert: the error lists the supported ones
-    ("unsupported-arch", ["--base", "{base}", "--aligned", "{gpt2}"], ["GPT2LMHeadModel", "LlamaForCausalLM",
-                                                                      "Qwen2ForCausalLM"]),
+    (
+        "unsupported-arch",
+        ["--base", "{base}", "--aligned", "{gpt2}"],
+        ["GPT2LMHeadModel", "LlamaForCausalLM", "Qwen2ForCausalLM"],
+    ),
     # a tensor present in the base only
     ("missing-tensor", ["--base", "{base}", "--aligned", "{missing}"], ["blk.0.attn_v.weight", "missing from"]),
     # same name, other shape
@@ -95,8 +104,7 @@ CASES = [
     # NaN in the aligned weights
     ("nan-delta", ["--base", "{base}", "--aligned", "{nan}"], ["blk.1.ffn_up.weight", "NaN/Inf"]),
     # output directory that does not exist
-    ("unwritable-out", ["--base", "{base}", "--aligned", "{aligned}", "--out", "{root}/no/such/dir/x.gguf"],
-     ["does not exist"]),
+    ("unwritable-out", ["--base", "{base}", "--aligned", "{aligned}", "--out", "{root}/no/such/dir/x.gguf"], ["does not exist"]),
     # --max-rank without --energy
     ("max-rank-alone", ["--base", "{base}", "--aligned", "{aligned}", "--max-rank", "4"], ["--max-rank", "--energy"]),
     # a PEFT adapter for a model with n_embd 128
@@ -109,8 +117,7 @@ CASES = [
 @pytest.mark.parametrize("case,argv,words", CASES, ids=[c[0] for c in CASES])
 def test_bad_convert_input(fx, tmp_path, capsys, case, argv, words):
     p, cases = fx
-    fill = {"root": str(tmp_path), "base": str(p.base_hf), "aligned": str(p.aligned_hf),
-            **{k: str(v) for k, v in cases.items()}}
+    fill = {"root": str(tmp_path), "base": str(p.base_hf), "aligned": str(p.aligned_hf), **{k: str(v) for k, v in cases.items()}}
     argv = [a.format(**fill) for a in argv]
     if "--out" not in argv:
         argv += ["--out", str(tmp_path / "out.gguf")]
@@ -134,8 +141,7 @@ def test_inspect_rejects_non_adapter(fx, capsys):
 def test_argparse_rejects_bad_energy(fx, capsys):
     p, _ = fx
     with pytest.raises(SystemExit) as exc:
-        main(["convert", "--base", str(p.base_hf), "--aligned", str(p.aligned_hf), "--out", "x.gguf",
-              "--energy", "1.5"])
+        main(["convert", "--base", str(p.base_hf), "--aligned", str(p.aligned_hf), "--out", "x.gguf", "--energy", "1.5"])
     assert exc.value.code == 2
     assert "expected a number in (0, 1]" in capsys.readouterr().err
 

@@ -21,8 +21,9 @@ PROFILE = {"medical": 0.5, "legal": -1.0}  # tiny.yaml's "mixed"
 
 
 def bake(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "avgguf.cli", "bake", *args], capture_output=True, text=True,
-                          check=False, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "avgguf.cli", "bake", *args], capture_output=True, text=True, check=False, timeout=300
+    )
 
 
 def live_logits(root) -> np.ndarray:
@@ -113,8 +114,9 @@ def test_ollama_directory_names_files_that_exist(tiny_kit, tmp_path):
     assert_logits_close(logits(out / named["FROM"], {adapter: 1.0}), live_logits(root))
 
 
-@pytest.mark.parametrize("case", ["unknown profile", "out of range", "missing directory", "type for adapter",
-                                  "rank for gguf", "all zero", "bad type"])
+@pytest.mark.parametrize(
+    "case", ["unknown profile", "out of range", "missing directory", "type for adapter", "rank for gguf", "all zero", "bad type"]
+)
 def test_bad_input_is_one_clear_error(tiny_kit, tmp_path, case):
     root, *_ = tiny_kit
     mf = str(root / "tiny.yaml")
@@ -122,10 +124,11 @@ def test_bad_input_is_one_clear_error(tiny_kit, tmp_path, case):
     args, words = {
         "unknown profile": ((mf + ":nope", "--out", out, "--format", "gguf"), "no profile 'nope'"),
         "out of range": ((mf, "--set", "medical=5", "--out", out, "--format", "adapter"), "outside [-2, 2]"),
-        "missing directory": ((mf + ":mixed", "--out", str(tmp_path / "no" / "x.gguf"), "--format", "gguf"),
-                              "does not exist"),
-        "type for adapter": ((mf + ":mixed", "--out", out, "--format", "adapter", "--type", "q8_0"),
-                             "--type applies to --format gguf"),
+        "missing directory": ((mf + ":mixed", "--out", str(tmp_path / "no" / "x.gguf"), "--format", "gguf"), "does not exist"),
+        "type for adapter": (
+            (mf + ":mixed", "--out", out, "--format", "adapter", "--type", "q8_0"),
+            "--type applies to --format gguf",
+        ),
         "rank for gguf": ((mf + ":mixed", "--out", out, "--format", "gguf", "--rank", "4"), "--rank applies"),
         "all zero": ((mf, "--out", out, "--format", "adapter"), "every coefficient at 0"),
         "bad type": ((mf + ":mixed", "--out", out, "--format", "gguf", "--type", "q9"), "invalid choice"),
@@ -150,8 +153,12 @@ def test_modelfile_serves_a_baked_profile(tiny_kit, tmp_path):
     spec = yaml.safe_load((root / "tiny.yaml").read_text())
     spec["baked"] = {"fast-mixed": baked.name}
     (root / "tiny-baked.yaml").write_text(yaml.safe_dump(spec))
-    listed = subprocess.run([sys.executable, "-m", "avgguf.cli", "profiles", str(root / "tiny-baked.yaml")],
-                            capture_output=True, text=True, check=False)
+    listed = subprocess.run(
+        [sys.executable, "-m", "avgguf.cli", "profiles", str(root / "tiny-baked.yaml")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert "fast-mixed" in listed.stdout and "baked" in listed.stdout
     fast, _ = open_target(str(root / "tiny-baked.yaml") + ":fast-mixed")
     live, profile = open_target(str(root / "tiny.yaml") + ":mixed")
@@ -166,8 +173,12 @@ def test_modelfile_serves_a_baked_profile(tiny_kit, tmp_path):
         client = TestClient(app, base_url="http://127.0.0.1")  # a loopback Host (the server refuses others)
         ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
         assert "tiny-baked:fast-mixed" in ids and "tiny-baked:mixed" in ids
-        body = {"model": "tiny-baked:fast-mixed", "messages": [{"role": "user", "content": "hello"}],
-                "max_tokens": 8, "temperature": 0}
+        body = {
+            "model": "tiny-baked:fast-mixed",
+            "messages": [{"role": "user", "content": "hello"}],
+            "max_tokens": 8,
+            "temperature": 0,
+        }
         r = client.post("/v1/chat/completions", json=body)
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == want
         r = client.post("/v1/chat/completions", json={**body, "avgguf": {"coefficients": {"medical": 1.0}}})
@@ -181,12 +192,28 @@ def test_bake_from_the_full_sources(tiny_kit, tmp_path):
     """--source: the full fine-tune deltas instead of the adapters (here full rank anyway: same model)."""
     root, p, q = tiny_kit
     out = tmp_path / "full.gguf"
-    r = bake(str(root / "tiny.yaml") + ":mixed", "--out", str(out), "--format", "gguf",
-             "--source", f"medical={p.base_hf},{p.aligned_hf}", "--source", f"legal={q.base_hf},{q.aligned_hf}")
+    r = bake(
+        str(root / "tiny.yaml") + ":mixed",
+        "--out",
+        str(out),
+        "--format",
+        "gguf",
+        "--source",
+        f"medical={p.base_hf},{p.aligned_hf}",
+        "--source",
+        f"legal={q.base_hf},{q.aligned_hf}",
+    )
     assert r.returncode == 0, r.stderr
     assert_logits_close(logits(out), merged_logits(p, q, 0.5, -1.0))
-    bad = bake(str(root / "tiny.yaml") + ":mixed", "--out", str(out), "--format", "gguf",
-               "--source", f"cardio={p.base_hf},{p.aligned_hf}")
+    bad = bake(
+        str(root / "tiny.yaml") + ":mixed",
+        "--out",
+        str(out),
+        "--format",
+        "gguf",
+        "--source",
+        f"cardio={p.base_hf},{p.aligned_hf}",
+    )
     assert bad.returncode == 2 and "no AV named 'cardio'" in bad.stderr
 
 
@@ -197,8 +224,15 @@ def test_a_source_of_another_model_is_refused(tiny_kit, tmp_path):
     root, *_ = tiny_kit
     wide = make_pair(tmp_path / "wide", Spec("llama", n_embd=96, n_head=4, n_head_kv=2))
     out = tmp_path / "x.gguf"
-    r = bake(str(root / "tiny.yaml") + ":mixed", "--out", str(out), "--format", "gguf",
-             "--source", f"medical={wide.base_hf},{wide.aligned_hf}")
+    r = bake(
+        str(root / "tiny.yaml") + ":mixed",
+        "--out",
+        str(out),
+        "--format",
+        "gguf",
+        "--source",
+        f"medical={wide.base_hf},{wide.aligned_hf}",
+    )
     assert r.returncode == 2 and "the source is another model" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not out.exists() and not list(tmp_path.glob(".avgguf-*"))
 
@@ -223,22 +257,26 @@ def test_a_source_bake_starts_from_the_full_precision_base(tiny_kit, tmp_path):
     q4_base = _q4_0(p.base_gguf, tmp_path / "base-q4_0.gguf")
     aligned = write_gguf(tmp_path / "aligned.gguf", p.spec, to_gguf_tensors(p.spec, p.delta.applied_to(p.weights)))
     want, plain = logits(_q4_0(aligned, tmp_path / "aligned-q4_0.gguf")), logits(q4_base)
-    (tmp_path / "q4.yaml").write_text(yaml.safe_dump({"base": str(q4_base), "avs": {"medical": str(root / "medical.gguf")},
-                                                      "profiles": {"expert": {"medical": 1.0}}}))
+    (tmp_path / "q4.yaml").write_text(
+        yaml.safe_dump(
+            {"base": str(q4_base), "avs": {"medical": str(root / "medical.gguf")}, "profiles": {"expert": {"medical": 1.0}}}
+        )
+    )
     out, snapped = tmp_path / "expert.gguf", tmp_path / "snapped.gguf"
     source = f"medical={p.base_hf},{p.aligned_hf}"
-    r = bake(str(tmp_path / "q4.yaml") + ":expert", "--out", str(out), "--format", "gguf", "--source", source,
-             "--type", "q4_0")
+    r = bake(str(tmp_path / "q4.yaml") + ":expert", "--out", str(out), "--format", "gguf", "--source", source, "--type", "q4_0")
     assert r.returncode == 0, r.stderr
     assert {t.tensor_type.name for t in gguf.GGUFReader(out).tensors if t.name.endswith("attn_q.weight")} == {"Q4_0"}
-    assert bake(str(tmp_path / "q4.yaml") + ":expert", "--out", str(snapped), "--format", "gguf",
-                "--type", "q4_0").returncode == 0
+    assert (
+        bake(str(tmp_path / "q4.yaml") + ":expert", "--out", str(snapped), "--format", "gguf", "--type", "q4_0").returncode == 0
+    )
     effect = np.abs(plain - want).mean()
     assert np.abs(logits(out) - want).mean() < 0.05 * effect
     assert np.abs(logits(snapped) - want).mean() > 0.5 * effect
     default = tmp_path / "default.gguf"
-    assert bake(str(tmp_path / "q4.yaml") + ":expert", "--out", str(default), "--format", "gguf",
-                "--source", source).returncode == 0
+    assert (
+        bake(str(tmp_path / "q4.yaml") + ":expert", "--out", str(default), "--format", "gguf", "--source", source).returncode == 0
+    )
     assert {t.tensor_type.name for t in gguf.GGUFReader(default).tensors if t.name.endswith("attn_q.weight")} == {"Q8_0"}
 
 
@@ -249,7 +287,14 @@ def test_a_source_base_of_another_model_is_refused(tiny_kit, tmp_path):
     root, *_ = tiny_kit
     other = make_pair(tmp_path / "other", Spec("llama", seed=7))  # same shapes, other weights
     out = tmp_path / "x.gguf"
-    r = bake(str(root / "tiny.yaml") + ":expert-medical", "--out", str(out), "--format", "gguf",
-             "--source", f"medical={other.base_hf},{other.aligned_hf}")
+    r = bake(
+        str(root / "tiny.yaml") + ":expert-medical",
+        "--out",
+        str(out),
+        "--format",
+        "gguf",
+        "--source",
+        f"medical={other.base_hf},{other.aligned_hf}",
+    )
     assert r.returncode == 2 and "differs from the base GGUF's" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not out.exists() and not list(tmp_path.glob(".avgguf-*"))

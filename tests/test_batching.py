@@ -28,12 +28,21 @@ def submit(batcher, rt, text, profile, max_tokens=10, **kw):
         while (ev := events.get(timeout=timeout)).kind == "piece":
             parts.append(ev.text)
         return "".join(parts), ev
+
     result.req = req
     return result
 
 
-JOBS = [("hello", None), ("what is law", "expert-medical"), ("tell me", "mixed"), ("a question", "expert-medical"),
-        ("more words here", "mixed"), ("hi", None), ("again", "mixed"), ("money", "expert-medical")]
+JOBS = [
+    ("hello", None),
+    ("what is law", "expert-medical"),
+    ("tell me", "mixed"),
+    ("a question", "expert-medical"),
+    ("more words here", "mixed"),
+    ("hi", None),
+    ("again", "mixed"),
+    ("money", "expert-medical"),
+]
 
 
 def test_concurrent_mixed_sets_equal_solo_and_the_runtime_path(rt):
@@ -42,7 +51,7 @@ def test_concurrent_mixed_sets_equal_solo_and_the_runtime_path(rt):
         solo = [submit(batcher, rt, t, p, temperature=0)()[0] for t, p in JOBS]
         waits = [submit(batcher, rt, t, p, temperature=0) for t, p in JOBS]  # all at once
         together = [w()[0] for w in waits]
-        sampled = [submit(batcher, rt, t, p, temperature=0.9, seed=i)() [0] for i, (t, p) in enumerate(JOBS)]
+        sampled = [submit(batcher, rt, t, p, temperature=0.9, seed=i)()[0] for i, (t, p) in enumerate(JOBS)]
         waits = [submit(batcher, rt, t, p, temperature=0.9, seed=i) for i, (t, p) in enumerate(JOBS)]
         sampled_together = [w()[0] for w in waits]
     finally:
@@ -53,12 +62,17 @@ def test_concurrent_mixed_sets_equal_solo_and_the_runtime_path(rt):
     mf = rt.modelfile
     for (text, profile), want, sampled_want, seed in zip(JOBS, solo, sampled, range(len(JOBS))):
         for temperature, expect in ((0.0, want), (0.9, sampled_want)):
-            req = GenerationRequest(messages=[{"role": "user", "content": text}], max_tokens=10,
-                                    temperature=temperature, seed=seed, repeat_penalty=1.1)
+            req = GenerationRequest(
+                messages=[{"role": "user", "content": text}],
+                max_tokens=10,
+                temperature=temperature,
+                seed=seed,
+                repeat_penalty=1.1,
+            )
             out = rt.chat(req, mf.resolver.resolve(profile), reuse_prefix=False)
             got = out["choices"][0]["message"]["content"]
             if out["usage"]["completion_tokens"] > 10:  # llama-cpp-python runs past max_tokens to end a character
-                got = got[:len(expect)]
+                got = got[: len(expect)]
             assert got == expect, (text, profile, temperature)
 
 
@@ -112,8 +126,12 @@ def test_a_failing_request_does_not_take_the_others_down(rt):
     try:
         good = submit(batcher, rt, "fine", None, temperature=0)
         events: queue.Queue = queue.Queue()
-        bad = BatchRequest([rt.engine.n_vocab + 5], rt.engine.coefficient_key(rt.modelfile.resolver.resolve("mixed")),
-                           Sampling(max_tokens=4), events.put)  # a token id outside the vocabulary
+        bad = BatchRequest(
+            [rt.engine.n_vocab + 5],
+            rt.engine.coefficient_key(rt.modelfile.resolver.resolve("mixed")),
+            Sampling(max_tokens=4),
+            events.put,
+        )  # a token id outside the vocabulary
         batcher.submit(bad)
         assert events.get(timeout=30).kind == "error"
         assert good()[1].kind == "done"
@@ -137,7 +155,7 @@ def test_stop_string_cuts_the_answer(rt):
         text, done = submit(batcher, rt, "stop test", None, max_tokens=12, temperature=0, stop=[stop])()
     finally:
         batcher.close()
-    assert text == full[:full.find(stop)] and done.finish == "stop"
+    assert text == full[: full.find(stop)] and done.finish == "stop"
 
 
 def test_kv_unified_mode_serves_with_the_same_distribution(rt):
@@ -179,8 +197,12 @@ def test_two_contexts_route_a_set_together_and_answer_as_solo(tiny_kit):
         client = TestClient(create_app(registry), base_url="http://127.0.0.1")  # a loopback Host
 
         def ask(job):
-            body = {"model": f"tiny:{job[1]}" if job[1] else "tiny", "max_tokens": 10, "temperature": 0,
-                    "messages": [{"role": "user", "content": job[0]}]}
+            body = {
+                "model": f"tiny:{job[1]}" if job[1] else "tiny",
+                "max_tokens": 10,
+                "temperature": 0,
+                "messages": [{"role": "user", "content": job[0]}],
+            }
             return client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
 
         solo = [ask(job) for job in JOBS]

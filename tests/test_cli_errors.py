@@ -27,8 +27,14 @@ def kit(tmp_path_factory) -> dict[str, str]:
     (root / "notes.txt").write_text("just notes\n")
     row = {"query": "q", "responses": {"avoidance": "no", "generic": "maybe", "expert": "yes"}}
     (root / "eval.jsonl").write_text("".join(json.dumps({**row, "domain": d}) + "\n" for d in ("medical", "legal")))
-    return {"root": str(root), "base": str(root / "base.gguf"), "hf": str(root / "hf"),
-            "notes": str(root / "notes.txt"), "data": str(root / "eval.jsonl"), "out": str(root / "out.gguf")}
+    return {
+        "root": str(root),
+        "base": str(root / "base.gguf"),
+        "hf": str(root / "hf"),
+        "notes": str(root / "notes.txt"),
+        "data": str(root / "eval.jsonl"),
+        "out": str(root / "out.gguf"),
+    }
 
 
 # (case, argv with {placeholders} from kit, words stderr must hold: the flag and what is wrong). A comment per case.
@@ -50,8 +56,7 @@ CASES = [
     # --set with text for the value
     ("run: --set not a number", ["run", DEMO, "hi", "--set", "medical=high"], ["--set: medical: expected a number"]),
     # --set naming an AV the modelfile lacks
-    ("run: --set unknown AV", ["run", DEMO, "hi", "--set", "surgery=1"],
-     ["--set", "unknown alignment vector 'surgery'"]),
+    ("run: --set unknown AV", ["run", DEMO, "hi", "--set", "surgery=1"], ["--set", "unknown alignment vector 'surgery'"]),
     # --set out of [-2, 2]
     ("run: --set out of range", ["run", DEMO, "hi", "--set", "medical=5"], ["--set", "outside [-2, 2]"]),
     # --set NaN
@@ -115,44 +120,79 @@ CASES = [
     # bake: rank 0
     ("bake: rank 0", ["bake", DEMO, "--format", "adapter", "--out", "{out}", "--rank", "0"], ["--rank", "got 0"]),
     # bake: --source without NAME=BASE,ALIGNED
-    ("bake: bad source", ["bake", DEMO, "--format", "gguf", "--out", "{out}", "--source", "bogus"],
-     ["--source 'bogus'", "NAME=BASE,ALIGNED"]),
+    (
+        "bake: bad source",
+        ["bake", DEMO, "--format", "gguf", "--out", "{out}", "--source", "bogus"],
+        ["--source 'bogus'", "NAME=BASE,ALIGNED"],
+    ),
     # bake: --set out of range
-    ("bake: --set out of range", ["bake", DEMO, "--format", "gguf", "--out", "{out}", "--set", "medical=9"],
-     ["--set", "outside"]),
+    (
+        "bake: --set out of range",
+        ["bake", DEMO, "--format", "gguf", "--out", "{out}", "--set", "medical=9"],
+        ["--set", "outside"],
+    ),
     # convert: the base is not there
-    ("convert: missing base", ["convert", "--base", "{root}/nope", "--aligned", "{hf}", "--out", "{out}"],
-     ["--base", "nope' not found"]),
+    (
+        "convert: missing base",
+        ["convert", "--base", "{root}/nope", "--aligned", "{hf}", "--out", "{out}"],
+        ["--base", "nope' not found"],
+    ),
     # convert: neither --aligned nor --peft
     ("convert: no source", ["convert", "--base", "{hf}", "--out", "{out}"], ["one of the arguments --aligned --peft"]),
     # convert: both --aligned and --peft
-    ("convert: aligned and peft", ["convert", "--base", "{hf}", "--aligned", "{hf}", "--peft", "{hf}",
-                                   "--out", "{out}"],
-     ["--peft", "not allowed with argument --aligned"]),
+    (
+        "convert: aligned and peft",
+        ["convert", "--base", "{hf}", "--aligned", "{hf}", "--peft", "{hf}", "--out", "{out}"],
+        ["--peft", "not allowed with argument --aligned"],
+    ),
     # convert: --rank and --energy together
-    ("convert: rank and energy", ["convert", "--base", "{hf}", "--aligned", "{hf}", "--out", "{out}", "--rank", "4",
-                                  "--energy", "0.5"], ["--energy", "not allowed with argument --rank"]),
+    (
+        "convert: rank and energy",
+        ["convert", "--base", "{hf}", "--aligned", "{hf}", "--out", "{out}", "--rank", "4", "--energy", "0.5"],
+        ["--energy", "not allowed with argument --rank"],
+    ),
     # convert: energy above 1
-    ("convert: energy above 1", ["convert", "--base", "{hf}", "--aligned", "{hf}", "--out", "{out}", "--energy", "1.5"],
-     ["--energy", "(0, 1]"]),
+    (
+        "convert: energy above 1",
+        ["convert", "--base", "{hf}", "--aligned", "{hf}", "--out", "{out}", "--energy", "1.5"],
+        ["--energy", "(0, 1]"],
+    ),
     # convert: a size that is not one (said before torch is even imported)
-    ("convert: bad max-size", ["convert", "--base", "{hf}", "--aligned", "{hf}", "--out", "{out}", "--max-size", "big"],
-     ["--max-size 'big'", "2.5MB"]),
+    (
+        "convert: bad max-size",
+        ["convert", "--base", "{hf}", "--aligned", "{hf}", "--out", "{out}", "--max-size", "big"],
+        ["--max-size 'big'", "2.5MB"],
+    ),
     # convert: --max-rank without --energy/--max-size
-    ("convert: max-rank alone", ["convert", "--base", "{hf}", "--aligned", "{hf}", "--out", "{out}", "--max-rank", "8"],
-     ["--max-rank only applies"]),
+    (
+        "convert: max-rank alone",
+        ["convert", "--base", "{hf}", "--aligned", "{hf}", "--out", "{out}", "--max-rank", "8"],
+        ["--max-rank only applies"],
+    ),
     # convert: negative fit samples
-    ("convert: fit-samples negative", ["convert", "--base", "{hf}", "--aligned", "{hf}", "--out", "{out}",
-                                       "--fit-samples", "-1"], ["--fit-samples", "got -1"]),
+    (
+        "convert: fit-samples negative",
+        ["convert", "--base", "{hf}", "--aligned", "{hf}", "--out", "{out}", "--fit-samples", "-1"],
+        ["--fit-samples", "got -1"],
+    ),
     # convert: calibration without --fit distill
-    ("convert: calibration without distill", ["convert", "--base", "{hf}", "--aligned", "{hf}", "--out", "{out}",
-                                              "--calibration", "{data}"], ["--calibration/--tokenizer only apply"]),
+    (
+        "convert: calibration without distill",
+        ["convert", "--base", "{hf}", "--aligned", "{hf}", "--out", "{out}", "--calibration", "{data}"],
+        ["--calibration/--tokenizer only apply"],
+    ),
     # convert: an output directory that does not exist
-    ("convert: out dir missing", ["convert", "--base", "{hf}", "--aligned", "{hf}", "--out", "{root}/no/dir/o.gguf"],
-     ["--out", "does not exist"]),
+    (
+        "convert: out dir missing",
+        ["convert", "--base", "{hf}", "--aligned", "{hf}", "--out", "{root}/no/dir/o.gguf"],
+        ["--out", "does not exist"],
+    ),
     # convert: a factor type that does not exist
-    ("convert: bad dtype", ["convert", "--base", "{hf}", "--aligned", "{hf}", "--out", "{out}", "--dtype", "q3"],
-     ["--dtype", "invalid choice: 'q3'"]),
+    (
+        "convert: bad dtype",
+        ["convert", "--base", "{hf}", "--aligned", "{hf}", "--out", "{out}", "--dtype", "q3"],
+        ["--dtype", "invalid choice: 'q3'"],
+    ),
     # eval without --data
     ("eval: no data", ["eval", DEMO], ["required: --data"]),
     # eval: data missing
@@ -162,36 +202,37 @@ CASES = [
     # eval: lambdas outside [-2, 2]
     ("eval: lambdas out of range", ["eval", DEMO, "--data", "{data}", "--lambdas", "-3:1:1"], ["--lambdas", "outside"]),
     # eval: a step that would build a list of billions (a hang / MemoryError before)
-    ("eval: lambdas too many", ["eval", DEMO, "--data", "{data}", "--lambdas", "-1:1:1e-9"],
-     ["--lambdas", "at most 201"]),
+    ("eval: lambdas too many", ["eval", DEMO, "--data", "{data}", "--lambdas", "-1:1:1e-9"], ["--lambdas", "at most 201"]),
     # eval: a zero step
     ("eval: lambdas zero step", ["eval", DEMO, "--data", "{data}", "--lambdas", "0:1:0"], ["--lambdas", "STEP"]),
     # eval: limit 0
     ("eval: limit 0", ["eval", DEMO, "--data", "{data}", "--limit", "0"], ["--limit", "got 0"]),
     # eval: --transfer that is not a model (checked only after the sweeps before)
-    ("eval: transfer not a model", ["eval", DEMO, "--data", "{data}", "--transfer", "{notes}"],
-     ["--transfer", "expected a GGUF model"]),
+    (
+        "eval: transfer not a model",
+        ["eval", DEMO, "--data", "{data}", "--transfer", "{notes}"],
+        ["--transfer", "expected a GGUF model"],
+    ),
     # eval: --generate without classifier rows (checked only after the sweeps before)
-    ("eval: generate without judge data", ["eval", DEMO, "--data", "{data}", "--generate", "2"],
-     ["--judge-data", "not found"]),
+    ("eval: generate without judge data", ["eval", DEMO, "--data", "{data}", "--generate", "2"], ["--judge-data", "not found"]),
     # tune without --target
     ("tune: no target", ["tune", DEMO, "--data", "{data}"], ["required: --target"]),
     # tune: target without a level
-    ("tune: target without level", ["tune", DEMO, "--data", "{data}", "--target", "legal"],
-     ["--target 'legal'", "DOMAIN=LEVEL"]),
+    ("tune: target without level", ["tune", DEMO, "--data", "{data}", "--target", "legal"], ["--target 'legal'", "DOMAIN=LEVEL"]),
     # tune: a level that does not exist
     ("tune: unknown level", ["tune", DEMO, "--data", "{data}", "--target", "legal=genius"], ["unknown level 'genius'"]),
     # tune: a domain the data lacks
     ("tune: unknown domain", ["tune", DEMO, "--data", "{data}", "--target", "tax=expert"], ["unknown domain 'tax'"]),
     # tune: grid step 0
-    ("tune: grid 0", ["tune", DEMO, "--data", "{data}", "--target", "legal=expert", "--grid", "0"],
-     ["--grid", "(0, 4]"]),
+    ("tune: grid 0", ["tune", DEMO, "--data", "{data}", "--target", "legal=expert", "--grid", "0"], ["--grid", "(0, 4]"]),
     # tune: budget 0
-    ("tune: budget 0", ["tune", DEMO, "--data", "{data}", "--target", "legal=expert", "--budget", "0"],
-     ["--budget", "got 0"]),
+    ("tune: budget 0", ["tune", DEMO, "--data", "{data}", "--target", "legal=expert", "--budget", "0"], ["--budget", "got 0"]),
     # tune: a profile name that cannot be saved (refused before the tuning, not after it)
-    ("tune: bad save-profile", ["tune", DEMO, "--data", "{data}", "--target", "legal=expert", "--save-profile",
-                                "bad name!"], ["--save-profile: profile name 'bad name!'", "letters, digits"]),
+    (
+        "tune: bad save-profile",
+        ["tune", DEMO, "--data", "{data}", "--target", "legal=expert", "--save-profile", "bad name!"],
+        ["--save-profile: profile name 'bad name!'", "letters, digits"],
+    ),
     # inspect: the file is not there
     ("inspect: missing", ["inspect", "{root}/gone.gguf"], ["gone.gguf' not found"]),
     # inspect: a text file
@@ -211,8 +252,18 @@ def _argv(kit: dict[str, str], argv: list[str]) -> list[str]:
 
 def test_the_table_is_large_enough():
     assert len(CASES) >= 30 and len({c[0] for c in CASES}) == len(CASES)
-    assert {c[1][0] for c in CASES if c[1]} >= {"run", "chat", "serve", "desktop", "bake", "convert", "eval", "tune",
-                                                 "inspect", "profiles"}
+    assert {c[1][0] for c in CASES if c[1]} >= {
+        "run",
+        "chat",
+        "serve",
+        "desktop",
+        "bake",
+        "convert",
+        "eval",
+        "tune",
+        "inspect",
+        "profiles",
+    }
 
 
 @pytest.mark.parametrize("case,argv,words", CASES, ids=[c[0] for c in CASES])

@@ -51,8 +51,9 @@ def test_default_svd_is_exact_on_a_flat_spectrum():
     assert rand.method == "randomized" and rand.kept >= full.kept * 0.99, (rand.kept, full.kept)
 
 
-@pytest.mark.parametrize("text,want", [
-    ("10MB", 10_000_000), ("2.5MB", 2_500_000), ("800KB", 800_000), ("1GiB", 2**30), ("512", 512)])
+@pytest.mark.parametrize(
+    "text,want", [("10MB", 10_000_000), ("2.5MB", 2_500_000), ("800KB", 800_000), ("1GiB", 2**30), ("512", 512)]
+)
 def test_parse_size(text, want):
     assert parse_size(text) == want
 
@@ -61,15 +62,13 @@ def test_parse_size(text, want):
 def test_size_budget_holds_and_mixed_types_match_numpy(dense_pair, budget, tmp_path):
     p = dense_pair
     out = tmp_path / "budget.gguf"
-    assert convert("--base", p.base_hf, "--aligned", p.aligned_hf, "--out", out, "--max-size", budget,
-                   "--max-rank", 64) == 0
+    assert convert("--base", p.base_hf, "--aligned", p.aligned_hf, "--out", out, "--max-size", budget, "--max-rank", 64) == 0
     assert out.stat().st_size <= budget
     info = fmt.read_adapter(out)
     assert info.meta[fmt.KEY_SIZE_BUDGET] == budget
     # numpy reference: base + every stored pair, dequantized exactly as llama.cpp reads it
     reader = gguf.GGUFReader(out)
-    stored = {t.name: fmt.decode(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
-              for t in reader.tensors}
+    stored = {t.name: fmt.decode(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist()))) for t in reader.tensors}
     merged = to_gguf_tensors(p.spec, p.weights)
     for name in info.pairs:
         merged[name] = merged[name] + fmt.delta_from_pair(name, stored[name + fmt.LORA_A], stored[name + fmt.LORA_B])
@@ -92,18 +91,18 @@ def test_size_budget_uses_low_bit_types_and_more_energy_than_uniform_rank(dense_
     assert types & {"Q4_0", "Q5_0", "Q8_0"}, types
     kept = [fmt.read_adapter(f).meta[fmt.KEY_ENERGY_KEPT] for f in (uniform, mixed)]
     assert kept[1] > kept[0] + 0.05, kept
+
     # the squared error of the whole stored AV (as llama.cpp reads it) against the real delta is lower
     def error_energy(path):
         meta = fmt.read_adapter(path).meta
-        return sum(e * err ** 2 for e, err in zip(meta[fmt.KEY_T_ENERGY], meta[fmt.KEY_T_ERROR]))
+        return sum(e * err**2 for e, err in zip(meta[fmt.KEY_T_ENERGY], meta[fmt.KEY_T_ERROR]))
 
     assert error_energy(mixed) < 0.5 * error_energy(uniform)
 
 
 def test_size_budget_too_small_is_a_clear_error(dense_pair, tmp_path, capsys):
     out = tmp_path / "tiny.gguf"
-    assert convert("--base", dense_pair.base_hf, "--aligned", dense_pair.aligned_hf, "--out", out,
-                   "--max-size", "2KB") != 0
+    assert convert("--base", dense_pair.base_hf, "--aligned", dense_pair.aligned_hf, "--out", out, "--max-size", "2KB") != 0
     err = capsys.readouterr().err
     assert "too small" in err and "Traceback" not in err
     assert not out.exists()
@@ -122,8 +121,27 @@ def test_distill_gets_closer_to_the_aligned_model_than_svd(dense_pair, tmp_path)
     cal.write_text("\n".join(json.dumps(r) for r in calibration_rows(p.spec, 48, seed=0)))
     svd, fit = tmp_path / "svd.gguf", tmp_path / "fit.gguf"
     assert convert("--base", p.base_hf, "--aligned", p.aligned_hf, "--out", svd, "--rank", 2, "--dtype", "f32") == 0
-    assert convert("--base", p.base_hf, "--aligned", p.aligned_hf, "--out", fit, "--rank", 2, "--dtype", "f32",
-                   "--fit", "distill", "--calibration", cal, "--fit-steps", 150) == 0
+    assert (
+        convert(
+            "--base",
+            p.base_hf,
+            "--aligned",
+            p.aligned_hf,
+            "--out",
+            fit,
+            "--rank",
+            2,
+            "--dtype",
+            "f32",
+            "--fit",
+            "distill",
+            "--calibration",
+            cal,
+            "--fit-steps",
+            150,
+        )
+        == 0
+    )
     # held-out token sequences, the aligned model with everything it trained (norms included)
     aligned = p.gguf_of(p.delta.applied_to(p.weights), "aligned-all.gguf")
     rng = np.random.default_rng(99)
@@ -150,27 +168,61 @@ def test_distill_with_size_budget(dense_pair, tmp_path):
     cal = tmp_path / "cal.jsonl"
     cal.write_text("\n".join(json.dumps(r) for r in calibration_rows(p.spec, 16, seed=1)))
     out = tmp_path / "both.gguf"
-    assert convert("--base", p.base_hf, "--aligned", p.aligned_hf, "--out", out, "--max-size", "40KB",
-                   "--fit", "distill", "--calibration", cal, "--fit-steps", 20) == 0
+    assert (
+        convert(
+            "--base",
+            p.base_hf,
+            "--aligned",
+            p.aligned_hf,
+            "--out",
+            out,
+            "--max-size",
+            "40KB",
+            "--fit",
+            "distill",
+            "--calibration",
+            cal,
+            "--fit-steps",
+            20,
+        )
+        == 0
+    )
     assert out.stat().st_size <= 40_000
     logits(p.base_gguf, {out: 1.0})  # llama.cpp loads and runs it
 
 
-@pytest.mark.parametrize("content,message", [
-    (None, "not found"),                                   # missing file
-    ('{"prompt": "hi"}\n{oops\n', "line 2: not valid JSON"),  # broken JSON on one line
-    ("\n\n", "is empty"),                                  # no rows
-    ('{"colour": "red"}\n', "no known key"),               # rows of an unknown shape
-    ('{"tokens": [1, -5]}\n', "non-negative integers"),   # bad token ids
-    ('{"prompt": "hi"}\n', "no tokenizer"),                # text, but the pair has no tokenizer
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (None, "not found"),  # missing file
+        ('{"prompt": "hi"}\n{oops\n', "line 2: not valid JSON"),  # broken JSON on one line
+        ("\n\n", "is empty"),  # no rows
+        ('{"colour": "red"}\n', "no known key"),  # rows of an unknown shape
+        ('{"tokens": [1, -5]}\n', "non-negative integers"),  # bad token ids
+        ('{"prompt": "hi"}\n', "no tokenizer"),  # text, but the pair has no tokenizer
+    ],
+)
 def test_bad_calibration_is_one_clear_error(dense_pair, tmp_path, capsys, content, message):
     cal = tmp_path / "cal.jsonl"
     if content is not None:
         cal.write_text(content)
     out = tmp_path / "out.gguf"
-    rc = convert("--base", dense_pair.base_hf, "--aligned", dense_pair.aligned_hf, "--out", out, "--rank", 2,
-                 "--fit", "distill", "--calibration", cal, "--fit-steps", 1)
+    rc = convert(
+        "--base",
+        dense_pair.base_hf,
+        "--aligned",
+        dense_pair.aligned_hf,
+        "--out",
+        out,
+        "--rank",
+        2,
+        "--fit",
+        "distill",
+        "--calibration",
+        cal,
+        "--fit-steps",
+        1,
+    )
     err = capsys.readouterr().err
     assert rc != 0 and message in err and "Traceback" not in err, err
     assert not out.exists() and not list(tmp_path.glob(".avgguf-*"))

@@ -38,8 +38,7 @@ def test_unapplicable_energy_is_reported(pair):
         convert("--base", pair.base_hf, "--aligned", pair.aligned_hf, "--out", out, "--rank", 4096, "--dtype", "f32")
     meta = fmt.read_adapter(out).meta
     total = sum(float(np.sum(d.astype(np.float64) ** 2)) for d in pair.delta.tensors.values())
-    lost = total - sum(float(np.sum(d.astype(np.float64) ** 2))
-                       for d in representable(pair.spec, pair.delta).tensors.values())
+    lost = total - sum(float(np.sum(d.astype(np.float64) ** 2)) for d in representable(pair.spec, pair.delta).tensors.values())
     assert meta[fmt.KEY_ENERGY_TOTAL] == pytest.approx(total, rel=1e-5)
     assert meta[fmt.KEY_ENERGY_UNAPPLIED] == pytest.approx(lost / total, rel=1e-4)
     skipped = set(meta[fmt.KEY_S_NAME])
@@ -51,7 +50,7 @@ def test_unapplicable_energy_is_reported(pair):
 
 def truncated(delta: np.ndarray, r: int) -> tuple[np.ndarray, float]:
     u, s, vh = np.linalg.svd(delta.astype(np.float64), full_matrices=False)
-    return ((u[:, :r] * s[:r]) @ vh[:r]).astype(np.float32), float(np.sum(s[:r] ** 2) / np.sum(s ** 2))
+    return ((u[:, :r] * s[:r]) @ vh[:r]).astype(np.float32), float(np.sum(s[:r] ** 2) / np.sum(s**2))
 
 
 def test_rank_r_error_matches_svd_truncation(llama_pair):
@@ -82,8 +81,12 @@ def test_two_adapters_equal_the_sum(llama_pair, tmp_path):
     out1, out2 = tmp_path / "a1.gguf", tmp_path / "a2.gguf"
     convert("--base", p.base_hf, "--aligned", p.aligned_hf, "--out", out1, "--rank", 4096, "--dtype", "f32")
     convert("--base", second.base_hf, "--aligned", second.aligned_hf, "--out", out2, "--rank", 4096, "--dtype", "f32")
-    both = Delta({k: 0.8 * representable(p.spec, p.delta).tensors[k] - 0.5 * second.delta.tensors[k]
-                  for k in representable(p.spec, p.delta).tensors})
+    both = Delta(
+        {
+            k: 0.8 * representable(p.spec, p.delta).tensors[k] - 0.5 * second.delta.tensors[k]
+            for k in representable(p.spec, p.delta).tensors
+        }
+    )
     merged = write_gguf(tmp_path / "merged_sum.gguf", p.spec, to_gguf_tensors(p.spec, both.applied_to(p.weights)))
     assert_logits_close(logits(p.base_gguf, {out1: 0.8, out2: -0.5}), logits(merged))
 
@@ -137,12 +140,12 @@ def test_sharded_bf16_checkpoint(tmp_path):
             weight_map.update({k: fname for k in names[i::3]})
         (dst / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     out = tmp_path / "bf16.gguf"
-    convert("--base", tmp_path / "base16", "--aligned", tmp_path / "aligned16", "--out", out, "--rank", 4096,
-            "--dtype", "f32")
+    convert("--base", tmp_path / "base16", "--aligned", tmp_path / "aligned16", "--out", out, "--rank", 4096, "--dtype", "f32")
     # reference: the bf16-rounded weights, merged
     rounded = {k: torch.from_numpy(v).to(torch.bfloat16).float().numpy() for k, v in p.weights.items()}
-    aligned_rounded = {k: torch.from_numpy(v).to(torch.bfloat16).float().numpy()
-                       for k, v in p.delta.applied_to(p.weights).items()}
+    aligned_rounded = {
+        k: torch.from_numpy(v).to(torch.bfloat16).float().numpy() for k, v in p.delta.applied_to(p.weights).items()
+    }
     base_gguf = write_gguf(tmp_path / "base16.gguf", spec, to_gguf_tensors(spec, rounded))
     merged = write_gguf(tmp_path / "merged16.gguf", spec, to_gguf_tensors(spec, aligned_rounded))
     assert_logits_close(logits(base_gguf, {out: 1.0}), logits(merged))
@@ -175,10 +178,15 @@ def test_real_smollm2_round_trip(tmp_path):
     reader = gguf.GGUFReader(src)
     rng = np.random.default_rng(0)
     names = ["blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.5.ffn_down.weight", "blk.29.attn_output.weight"]
-    base_w = {t.name: gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
-              for t in reader.tensors}
-    delta = {k: (rng.standard_normal((base_w[k].shape[0], 8)) @ rng.standard_normal((8, base_w[k].shape[1]))
-                 * 0.02 * base_w[k].std()).astype(np.float32) for k in names}
+    base_w = {
+        t.name: gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist()))) for t in reader.tensors
+    }
+    delta = {
+        k: (
+            rng.standard_normal((base_w[k].shape[0], 8)) @ rng.standard_normal((8, base_w[k].shape[1])) * 0.02 * base_w[k].std()
+        ).astype(np.float32)
+        for k in names
+    }
     del reader
     base = copy_gguf(src, tmp_path / "base.gguf", base_w)
     aligned = copy_gguf(src, tmp_path / "aligned.gguf", {**base_w, **{k: base_w[k] + delta[k] for k in names}})
@@ -187,8 +195,11 @@ def test_real_smollm2_round_trip(tmp_path):
     assert {pi.rank for pi in fmt.read_adapter(out).pairs.values()} == {8}
     tokens = [1, 504, 3458, 314, 260, 5549, 30, 2]
     for lam in (1.0, -1.0):
-        merged = aligned if lam == 1.0 else copy_gguf(src, tmp_path / "merged.gguf",
-                                                      {**base_w, **{k: base_w[k] + lam * delta[k] for k in names}})
+        merged = (
+            aligned
+            if lam == 1.0
+            else copy_gguf(src, tmp_path / "merged.gguf", {**base_w, **{k: base_w[k] + lam * delta[k] for k in names}})
+        )
         want = logits(merged, tokens=tokens)
         got = logits(base, {out: lam}, tokens=tokens)
         assert_logits_close(got, want, rel=1e-5)

@@ -23,26 +23,51 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def avgguf(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "avgguf.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=ENV, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "avgguf.cli", *args], capture_output=True, text=True, timeout=timeout, env=ENV, check=False
+    )
 
 
 # --- bare GGUF --------------------------------------------------------------------------------------------
 
+
 def test_bare_gguf_with_lora_equals_the_modelfile(tiny_kit):
     root, p, _ = tiny_kit
-    via_modelfile = avgguf("run", str(root / "tiny.yaml") + ":mixed", "hello", "--max-tokens", "8",
-                           "--temperature", "0")
-    bare = avgguf("run", str(p.base_gguf), "hello", "--max-tokens", "8", "--temperature", "0",
-                  "--lora", f"{root / 'medical.gguf'}=0.5", "--lora-scaled", str(root / "legal.gguf"), "-1")
+    via_modelfile = avgguf("run", str(root / "tiny.yaml") + ":mixed", "hello", "--max-tokens", "8", "--temperature", "0")
+    bare = avgguf(
+        "run",
+        str(p.base_gguf),
+        "hello",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0",
+        "--lora",
+        f"{root / 'medical.gguf'}=0.5",
+        "--lora-scaled",
+        str(root / "legal.gguf"),
+        "-1",
+    )
     assert via_modelfile.returncode == 0 and bare.returncode == 0, bare.stderr
     assert bare.stdout == via_modelfile.stdout
     plain = avgguf("run", str(p.base_gguf), "hello", "--max-tokens", "8", "--temperature", "0")
     assert plain.returncode == 0 and plain.stdout != bare.stdout
     # --set on top of --lora scales, names from the adapters' avgguf.av.name
-    overridden = avgguf("run", str(p.base_gguf), "hello", "--max-tokens", "8", "--temperature", "0",
-                        "--lora", str(root / "medical.gguf"), "--lora", str(root / "legal.gguf"),
-                        "--set", "medical=0.5 legal=-1")
+    overridden = avgguf(
+        "run",
+        str(p.base_gguf),
+        "hello",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0",
+        "--lora",
+        str(root / "medical.gguf"),
+        "--lora",
+        str(root / "legal.gguf"),
+        "--set",
+        "medical=0.5 legal=-1",
+    )
     assert overridden.stdout == via_modelfile.stdout, overridden.stderr
     listed = avgguf("profiles", str(p.base_gguf), "--lora", f"{root / 'medical.gguf'}=0.5")
     assert "medical" in listed.stdout and "lora" in listed.stdout and "medical=0.5" in listed.stdout
@@ -61,6 +86,7 @@ def test_builtin_bases_listed_and_runnable():
 
 
 # --- clear errors -----------------------------------------------------------------------------------------
+
 
 def _busy_port() -> tuple[socket.socket, int]:
     s = socket.socket()
@@ -82,8 +108,11 @@ def error_cases(root, p):
         ("port out of range", ("serve", mf, "--port", "80800"), "expected a TCP port 1-65535, got 80800"),
         ("max-tokens 0", ("run", mf, "hi", "--max-tokens", "0"), "expected a positive integer, got 0"),
         ("temperature -1", ("run", mf, "hi", "--temperature", "-1"), "expected a temperature in [0, 5]"),
-        ("typo in defaults", ("run", str(typo), "hi"),
-         "unknown key 'defaults.max_token' (did you mean 'max_tokens'?); allowed defaults keys: max_tokens, temp"),
+        (
+            "typo in defaults",
+            ("run", str(typo), "hi"),
+            "unknown key 'defaults.max_token' (did you mean 'max_tokens'?); allowed defaults keys: max_tokens, temp",
+        ),
         ("adapter as the model", ("run", adapter, "hi"), "is a LoRA adapter, not a base model"),
         ("adapter to serve", ("serve", adapter), "is a LoRA adapter, not a base model"),
         ("binary file", ("run", str(junk), "hi"), "is not a text file"),
@@ -93,8 +122,18 @@ def error_cases(root, p):
         ("lora scale out of range", ("run", str(p.base_gguf), "hi", "--lora", f"{adapter}=5"), "outside [-2, 2]"),
         ("bad set in one string", ("run", mf, "hi", "--set", "medical=0.8 legal"), "expected NAME=VALUE"),
         # a real data file: the message must be about the range (it used to stop at a missing file)
-        ("lambdas out of range", ("eval", mf, "--data", str(Path(__file__).parent.parent / "data" / "preferences" /
-                                                           "eval.jsonl"), "--lambdas", "-3:1:1"), "-3 is outside [-2, 2]"),
+        (
+            "lambdas out of range",
+            (
+                "eval",
+                mf,
+                "--data",
+                str(Path(__file__).parent.parent / "data" / "preferences" / "eval.jsonl"),
+                "--lambdas",
+                "-3:1:1",
+            ),
+            "-3 is outside [-2, 2]",
+        ),
     ]
 
 
@@ -129,8 +168,9 @@ def test_forms_that_used_to_fail_now_work(tiny_kit):
     two = avgguf("run", mf, "hi", "--max-tokens", "6", "--set", "medical=0.5", "--set", "legal=-1")
     assert one.returncode == 0 and one.stdout == two.stdout, one.stderr
     data = root / "eval.jsonl"
-    data.write_text('{"domain": "medical", "query": "q", "responses": {"avoidance": "no", "generic": "maybe", '
-                    '"expert": "yes"}}\n')
+    data.write_text(
+        '{"domain": "medical", "query": "q", "responses": {"avoidance": "no", "generic": "maybe", "expert": "yes"}}\n'
+    )
     r = avgguf("eval", mf, "--data", str(data), "--lambdas", "-1:1:1", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["sweeps"][0]["lambdas"] == [-1.0, 0.0, 1.0]
@@ -138,24 +178,32 @@ def test_forms_that_used_to_fail_now_work(tiny_kit):
 
 def test_convert_without_torch_names_the_fix(tiny_kit, tmp_path):
     _, p, _ = tiny_kit
-    code = ("import sys; sys.modules['torch'] = None; from avgguf.cli import main; "
-            f"sys.exit(main(['convert', '--base', {str(p.base_hf)!r}, '--aligned', {str(p.aligned_hf)!r}, "
-            f"'--out', {str(tmp_path / 'x.gguf')!r}]))")
+    code = (
+        "import sys; sys.modules['torch'] = None; from avgguf.cli import main; "
+        f"sys.exit(main(['convert', '--base', {str(p.base_hf)!r}, '--aligned', {str(p.aligned_hf)!r}, "
+        f"'--out', {str(tmp_path / 'x.gguf')!r}]))"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert r.returncode == 2 and "download.pytorch.org/whl/cpu" in r.stderr and "Traceback" not in r.stderr
-    missing = avgguf("convert", "--base", str(tmp_path / "nope"), "--aligned", str(p.aligned_hf),
-                     "--out", str(tmp_path / "x.gguf"))
+    missing = avgguf(
+        "convert", "--base", str(tmp_path / "nope"), "--aligned", str(p.aligned_hf), "--out", str(tmp_path / "x.gguf")
+    )
     assert missing.returncode == 2 and "--base" in missing.stderr and "not found" in missing.stderr
     assert not (tmp_path / "x.gguf").exists()
 
 
 # --- chat -------------------------------------------------------------------------------------------------
 
+
 def test_chat_ctrl_c_stops_the_answer_and_keeps_the_chat(tmp_path):
     pexpect = pytest.importorskip("pexpect")
-    child = pexpect.spawn(sys.executable, ["-m", "avgguf.cli", "chat", "builtin:smollm2-135m-instruct",
-                                           "--max-tokens", "1500", "--temperature", "0"],
-                          encoding="utf-8", timeout=90, env={**ENV, "HOME": str(tmp_path)})
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "avgguf.cli", "chat", "builtin:smollm2-135m-instruct", "--max-tokens", "1500", "--temperature", "0"],
+        encoding="utf-8",
+        timeout=90,
+        env={**ENV, "HOME": str(tmp_path)},
+    )
     try:
         child.expect("> ")
         child.sendline("/help")
@@ -165,14 +213,14 @@ def test_chat_ctrl_c_stops_the_answer_and_keeps_the_chat(tmp_path):
         child.sendline('"""')
         child.sendline("Write a long essay about the history of Rome,")
         child.sendline('from its founding to the fall of the empire."""')
-        child.expect(r'empire\."""\r\n')          # our own input echoed; the answer follows
-        child.expect(r"\S+ \S+ \S+ \S+ \S+")    # the answer is streaming (it runs for hundreds of tokens)
-        child.sendintr()                       # Ctrl-C mid-answer
+        child.expect(r'empire\."""\r\n')  # our own input echoed; the answer follows
+        child.expect(r"\S+ \S+ \S+ \S+ \S+")  # the answer is streaming (it runs for hundreds of tokens)
+        child.sendintr()  # Ctrl-C mid-answer
         child.expect(r"\[stopped\]")
         child.expect("> ")
         child.sendline("/show")
         child.expect("system: You are a historian")
-        child.expect("turns: 1")               # the interrupted turn is kept
+        child.expect("turns: 1")  # the interrupted turn is kept
         child.sendline("/quit")
         child.expect(pexpect.EOF)
     finally:
@@ -182,31 +230,38 @@ def test_chat_ctrl_c_stops_the_answer_and_keeps_the_chat(tmp_path):
 
 # --- one owner per rule -----------------------------------------------------------------------------------
 
-RESOLVER = Resolver(("medical", "legal", "financial"),
-                    {"expert": {"medical": 1.0}, "mix": {"medical": 0.5, "legal": -1.0}}, default_profile="mix")
+RESOLVER = Resolver(
+    ("medical", "legal", "financial"), {"expert": {"medical": 1.0}, "mix": {"medical": 0.5, "legal": -1.0}}, default_profile="mix"
+)
 
 
-@pytest.mark.parametrize("kwargs,want", [
-    ({}, {"medical": 0.5, "legal": -1.0, "financial": 0.0}),                                  # default profile
-    ({"profile": "expert"}, {"medical": 1.0, "legal": 0.0, "financial": 0.0}),                # named profile
-    ({"global_scales": {"financial": 0.3}}, {"medical": 0.5, "legal": -1.0, "financial": 0.3}),  # server scales
-    ({"profile": "expert", "global_scales": {"financial": 0.3}}, {"medical": 1.0, "legal": 0.0, "financial": 0.0}),
-    ({"lora": [(2, 0.7)]}, {"medical": 0.0, "legal": 0.0, "financial": 0.7}),                 # lora replaces all
-    ({"lora": [(2, 0.7)], "overrides": {"legal": 0.2}}, {"medical": 0.0, "legal": 0.2, "financial": 0.7}),
-    ({"profile": "expert", "overrides": {"legal": -0.5}}, {"medical": 1.0, "legal": -0.5, "financial": 0.0}),
-])
+@pytest.mark.parametrize(
+    "kwargs,want",
+    [
+        ({}, {"medical": 0.5, "legal": -1.0, "financial": 0.0}),  # default profile
+        ({"profile": "expert"}, {"medical": 1.0, "legal": 0.0, "financial": 0.0}),  # named profile
+        ({"global_scales": {"financial": 0.3}}, {"medical": 0.5, "legal": -1.0, "financial": 0.3}),  # server scales
+        ({"profile": "expert", "global_scales": {"financial": 0.3}}, {"medical": 1.0, "legal": 0.0, "financial": 0.0}),
+        ({"lora": [(2, 0.7)]}, {"medical": 0.0, "legal": 0.0, "financial": 0.7}),  # lora replaces all
+        ({"lora": [(2, 0.7)], "overrides": {"legal": 0.2}}, {"medical": 0.0, "legal": 0.2, "financial": 0.7}),
+        ({"profile": "expert", "overrides": {"legal": -0.5}}, {"medical": 1.0, "legal": -0.5, "financial": 0.0}),
+    ],
+)
 def test_resolver_precedence(kwargs, want):
     assert RESOLVER.resolve(**kwargs) == want
 
 
-@pytest.mark.parametrize("kwargs,words", [
-    ({"profile": "nope"}, "no profile 'nope'"),
-    ({"overrides": {"cardio": 1.0}}, "unknown alignment vector 'cardio'"),
-    ({"overrides": {"legal": 2.5}}, "outside [-2, 2]"),
-    ({"overrides": {"legal": float("nan")}}, "outside [-2, 2]"),
-    ({"lora": [(3, 1.0)]}, "lora id 3 does not exist"),
-    ({"lora": [(0, -9.0)]}, "outside [-2, 2]"),
-])
+@pytest.mark.parametrize(
+    "kwargs,words",
+    [
+        ({"profile": "nope"}, "no profile 'nope'"),
+        ({"overrides": {"cardio": 1.0}}, "unknown alignment vector 'cardio'"),
+        ({"overrides": {"legal": 2.5}}, "outside [-2, 2]"),
+        ({"overrides": {"legal": float("nan")}}, "outside [-2, 2]"),
+        ({"lora": [(3, 1.0)]}, "lora id 3 does not exist"),
+        ({"lora": [(0, -9.0)]}, "outside [-2, 2]"),
+    ],
+)
 def test_resolver_errors(kwargs, words):
     with pytest.raises(CoefficientError, match=None) as exc:
         RESOLVER.resolve(**kwargs)
@@ -236,10 +291,12 @@ def test_runtime_and_server_import_without_torch():
     from test_layers import modules
 
     names = [n for n in modules() if not n.startswith("avgguf.converters") and not n.endswith("__main__")]
-    code = ("import importlib, sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
-            f"for name in {names!r}: importlib.import_module(name)\n"
-            "from avgguf.server.app import create_app, Registry; create_app(Registry({}))\n"
-            "print('ok')")
+    code = (
+        "import importlib, sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
+        f"for name in {names!r}: importlib.import_module(name)\n"
+        "from avgguf.server.app import create_app, Registry; create_app(Registry({}))\n"
+        "print('ok')"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
     assert len(names) > 40
@@ -250,9 +307,7 @@ def llama_cpp_permute(weights, n_head: int, n_head_kv: int | None):
     llama-cpp-python 0.3.36; formerly convert_hf_to_gguf.py). Do not edit: it pins our permute_rows."""
     if n_head_kv is not None and n_head != n_head_kv:
         n_head = n_head_kv
-    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
-            .swapaxes(1, 2)
-            .reshape(weights.shape))
+    return weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
 
 
 @pytest.mark.parametrize("n_head,n_head_kv,rows", [(9, 3, 3 * 64), (9, 9, 9 * 64), (4, None, 4 * 16), (32, 8, 8 * 128)])
@@ -266,6 +321,7 @@ def test_permutation_pinned_to_llama_cpp(n_head, n_head_kv, rows):
 
 
 # --- thread policy ----------------------------------------------------------------------------------------
+
 
 def test_thread_policy_sees_a_busy_process(monkeypatch):
     monkeypatch.delenv("AVGGUF_THREADS", raising=False)

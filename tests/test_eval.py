@@ -12,17 +12,24 @@ from avgguf.runtime.engine import Engine
 from avgguf.eval.judge import LEVELS, Judge, parse_lambdas
 from avgguf.errors import AvggufError
 
-ROWS = [{"domain": "medical", "query": q, "responses": {"avoidance": "I can't help with that.",
-                                                         "generic": "It depends on many things.",
-                                                         "expert": "Take 200 mg and check ferritin."}}
-        for q in ("What about a cough?", "Is my rash bad?", "Fever again?")]
+ROWS = [
+    {
+        "domain": "medical",
+        "query": q,
+        "responses": {
+            "avoidance": "I can't help with that.",
+            "generic": "It depends on many things.",
+            "expert": "Take 200 mg and check ferritin.",
+        },
+    }
+    for q in ("What about a cough?", "Is my rash bad?", "Fever again?")
+]
 
 
 def direct_score(eng: Engine, prompt: list[int], response: list[int]) -> float:
     """Mean log p(response | prompt) from one full evaluation of prompt + response."""
     logits = eng.all_logits(prompt + response).astype(np.float64)
-    logp = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) \
-        - logits.max(1, keepdims=True)
+    logp = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) - logits.max(1, keepdims=True)
     n = len(prompt)
     return float(np.mean([logp[n - 1 + j, t] for j, t in enumerate(response)]))
 
@@ -38,8 +45,7 @@ def test_judge_matches_direct_log_probabilities(tiny_kit):
             for row in ROWS:
                 got = judge.scores(row)
                 prompt = judge.tokens(eng.format_chat([{"role": "user", "content": row["query"]}]))
-                want = [direct_score(eng, prompt, judge.tokens(row["responses"][lvl]) + [eng.eos])
-                        for lvl in LEVELS]
+                want = [direct_score(eng, prompt, judge.tokens(row["responses"][lvl]) + [eng.eos]) for lvl in LEVELS]
                 np.testing.assert_allclose(got, want, atol=1e-4)
     finally:
         eng.close()
@@ -50,15 +56,29 @@ def test_eval_cli_end_to_end(tiny_kit, tmp_path, capsys):
     data = tmp_path / "eval.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     plot = tmp_path / "sweep.png"
-    assert main(["eval", str(root / "tiny.yaml"), "--data", str(data), "--lambdas=-1:1:1", "--cross",
-                 "--prompting", "--plot", str(plot), "--json"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(root / "tiny.yaml"),
+                "--data",
+                str(data),
+                "--lambdas=-1:1:1",
+                "--cross",
+                "--prompting",
+                "--plot",
+                str(plot),
+                "--json",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     sweep = out["sweeps"][0]
     assert sweep["av"] == "medical" and sweep["lambdas"] == [-1.0, 0.0, 1.0]
     for shares in sweep["shares"]:
         assert sum(shares[lvl] for lvl in LEVELS) == pytest.approx(1.0) and shares["n"] == 3
-    assert [c["setting"] for c in out["cross"]] == ["base", "medical=1", "legal=1", "profile expert-medical",
-                                                    "profile mixed"]
+    assert [c["setting"] for c in out["cross"]] == ["base", "medical=1", "legal=1", "profile expert-medical", "profile mixed"]
     assert {"base", "prompting", "av"} <= set(out["prompting"][0])
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -42,9 +42,9 @@ def test_async_fusion_swaps_in_at_the_next_call(tiny_kit):
     eng = engine(root, p, "async")
     try:
         assert eng.set_coefficients({"medical": 0.5, "legal": -1.0})
-        assert not eng.fused                      # separate adapters serve at once
+        assert not eng.fused  # separate adapters serve at once
         before = eng.all_logits(TOKENS)
-        eng.settle()                              # the answer is done: build in the background now
+        eng.settle()  # the answer is done: build in the background now
         eng.wait_fused(timeout=60)
         assert eng.set_coefficients({"medical": 0.5, "legal": -1.0})  # same set: the fused one comes in
         assert eng.fused
@@ -75,8 +75,24 @@ def test_quantized_factors_fuse_natively(tiny_kit, tmp_path):
     paths = []
     for pair, name, dtype in ((p, "medical", "q4_0"), (q, "legal", "q4_0")):
         out = tmp_path / f"{name}-{dtype}.gguf"
-        assert main(["convert", "--base", str(pair.base_hf), "--aligned", str(pair.aligned_hf), "--out", str(out),
-                     "--rank", "32", "--dtype", dtype]) == 0
+        assert (
+            main(
+                [
+                    "convert",
+                    "--base",
+                    str(pair.base_hf),
+                    "--aligned",
+                    str(pair.aligned_hf),
+                    "--out",
+                    str(out),
+                    "--rank",
+                    "32",
+                    "--dtype",
+                    dtype,
+                ]
+            )
+            == 0
+        )
         paths.append(out)
     fused = write_fused([("medical", paths[0], 0.7), ("legal", paths[1], -1.2)], tmp_path / "fused.gguf", "llama")
     info = fmt.read_adapter(fused)
@@ -91,8 +107,10 @@ def test_quantized_factors_fuse_natively(tiny_kit, tmp_path):
 def delta(path, base: str) -> np.ndarray:
     tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
     a, b = tensors[base + fmt.LORA_A], tensors[base + fmt.LORA_B]
+
     def shape(t):
         return tuple(int(x) for x in reversed(t.shape.tolist()))
+
     fa = fmt.decode(np.asarray(a.data), a.tensor_type).reshape(shape(a)).astype(np.float64)
     fb = fmt.decode(np.asarray(b.data), b.tensor_type).reshape(shape(b)).astype(np.float64)
     return fmt.delta_from_pair(base, fa, fb)
@@ -101,8 +119,13 @@ def delta(path, base: str) -> np.ndarray:
 def test_scaled_blocks_multiplies_values():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((4, 64)).astype(np.float32)
-    for qtype in (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0,
-                  gguf.GGMLQuantizationType.Q5_0, gguf.GGMLQuantizationType.Q5_1):
+    for qtype in (
+        gguf.GGMLQuantizationType.Q4_0,
+        gguf.GGMLQuantizationType.Q4_1,
+        gguf.GGMLQuantizationType.Q8_0,
+        gguf.GGMLQuantizationType.Q5_0,
+        gguf.GGMLQuantizationType.Q5_1,
+    ):
         raw = gguf.quants.quantize(x, qtype)
         got = gguf.quants.dequantize(scaled_blocks(raw, qtype, -0.37), qtype)
         want = -0.37 * gguf.quants.dequantize(raw, qtype)  # block scales rounded to f16 once

@@ -43,16 +43,16 @@ def test_a_settled_set_runs_on_merged_weights(tiny_kit):
     try:
         assert eng.set_coefficients(MIXED) and not eng.merged  # adapters serve at once
         before = eng.all_logits(TOKENS)
-        eng.settle()                                            # an answer is done: bake in the background
+        eng.settle()  # an answer is done: bake in the background
         eng.wait_merged(timeout=120)
-        assert eng.set_coefficients(MIXED) and eng.merged      # the next request runs on merged weights
-        assert not eng.set_coefficients(MIXED)                 # and stays there, no reset
+        assert eng.set_coefficients(MIXED) and eng.merged  # the next request runs on merged weights
+        assert not eng.set_coefficients(MIXED)  # and stays there, no reset
         merged = eng.all_logits(TOKENS)
         assert_logits_close(merged, merged_logits(p, q, 0.5, -1.0))
         assert_logits_close(merged, before)
         assert eng.set_coefficients({"medical": 1.0}) and not eng.merged  # another set: adapters at once
         assert_logits_close(eng.all_logits(TOKENS), merged_logits(p, q, 1.0, 0.0))
-        assert eng.set_coefficients(MIXED) and eng.merged       # the hot set's model was kept
+        assert eng.set_coefficients(MIXED) and eng.merged  # the hot set's model was kept
         assert eng.set_coefficients({}) and not eng.merged
         eng.settle()
         eng.wait_merged(timeout=120)
@@ -99,7 +99,7 @@ def test_merged_sets_keep_capacity_and_spare_what_is_in_use(tiny_kit):
     sets = MergedSets(p.base_gguf, {"medical": root / "medical.gguf", "legal": root / "legal.gguf"}, Item)
     one, two = (("medical", 1.0),), (("legal", 0.5), ("medical", -1.0))
     try:
-        assert sets.take(one) is None                # nothing baked yet
+        assert sets.take(one) is None  # nothing baked yet
         sets.request(one)
         sets.wait(timeout=120)
         a = sets.take(one)
@@ -138,9 +138,9 @@ def test_auto_merges_where_it_measured_faster(tiny_kit, tmp_path):
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
     assert llama_cpp.llama_model_quantize(str(p.base_gguf).encode(), str(q4).encode(), params) == 0
-    assert merge_pays(q4, 135_000_000, 0)            # small and on the CPU: q8_0 merged outruns adapters
-    assert not merge_pays(q4, 1_200_000_000, 0)      # memory-bound: 8-bit weights cost more than adapters
-    assert not merge_pays(q4, 135_000_000, -1)       # offloaded to a GPU: memory-bound too
+    assert merge_pays(q4, 135_000_000, 0)  # small and on the CPU: q8_0 merged outruns adapters
+    assert not merge_pays(q4, 1_200_000_000, 0)  # memory-bound: 8-bit weights cost more than adapters
+    assert not merge_pays(q4, 135_000_000, -1)  # offloaded to a GPU: memory-bound too
     with pytest.raises(AvggufError, match="merge must be one of auto, on, off, got 'fast'"):
         check_mode("fast")
 
@@ -189,13 +189,13 @@ def test_server_routes_a_hot_set_to_its_merged_model(tiny_kit):
         assert asked == () and batcher not in served.batchers and batcher in served.peers
         # the bake ran niced, the merged model's decoding thread did not inherit that
         assert os.getpriority(os.PRIO_PROCESS, batcher.native_id) == os.getpriority(os.PRIO_PROCESS, 0)
-        assert ask(batcher, rt, asked) == want              # the merged model answers as the adapters did
-        assert served.route(other)[1] == other              # a set asked for less stays on adapters
-        assert served.route(())[1] == ()                    # and the base is the base
+        assert ask(batcher, rt, asked) == want  # the merged model answers as the adapters did
+        assert served.route(other)[1] == other  # a set asked for less stays on adapters
+        assert served.route(())[1] == ()  # and the base is the base
     finally:
         served.close()
         rt.close()
-    assert served.peers == served.batchers                  # the merged context was freed
+    assert served.peers == served.batchers  # the merged context was freed
 
 
 def test_openmp_defaults_are_set_before_llama_cpp_loads_and_yield_to_the_user(monkeypatch):

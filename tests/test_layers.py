@@ -90,8 +90,12 @@ def graph() -> dict[str, set[str]]:
 
 
 def upward_edges(edges: dict[str, set[str]]) -> list[str]:
-    return [f"{a} ({LAYERS[layer(a)][0]}) imports {b} ({LAYERS[layer(b)][0]})"
-            for a in sorted(edges) for b in sorted(edges[a]) if layer(b) < layer(a)]
+    return [
+        f"{a} ({LAYERS[layer(a)][0]}) imports {b} ({LAYERS[layer(b)][0]})"
+        for a in sorted(edges)
+        for b in sorted(edges[a])
+        if layer(b) < layer(a)
+    ]
 
 
 def cycles(edges: dict[str, set[str]]) -> list[list[str]]:

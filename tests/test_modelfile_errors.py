@@ -55,15 +55,17 @@ CASES = [
     # a typo in defaults
     ("unknown defaults key", "base: base.gguf\ndefaults: {max_token: 5}\n", ["'defaults.max_token'", "'max_tokens'"]),
     # temperature given as text
-    ("temperature not a number", "base: base.gguf\ndefaults: {temperature: hot}\n",
-     ["defaults.temperature", "valid number", "'hot'"]),
+    (
+        "temperature not a number",
+        "base: base.gguf\ndefaults: {temperature: hot}\n",
+        ["defaults.temperature", "valid number", "'hot'"],
+    ),
     # `true` is not a temperature (strict: YAML booleans are not numbers)
     ("temperature boolean", "base: base.gguf\ndefaults: {temperature: true}\n", ["defaults.temperature", "number"]),
     # temperature out of range
     ("temperature out of range", "base: base.gguf\ndefaults: {temperature: 9}\n", ["defaults.temperature", "5"]),
     # NaN in defaults
-    ("repeat_penalty NaN", "base: base.gguf\ndefaults: {repeat_penalty: .nan}\n",
-     ["defaults.repeat_penalty", "finite"]),
+    ("repeat_penalty NaN", "base: base.gguf\ndefaults: {repeat_penalty: .nan}\n", ["defaults.repeat_penalty", "finite"]),
     # max_tokens 0
     ("max_tokens zero", "base: base.gguf\ndefaults: {max_tokens: 0}\n", ["defaults.max_tokens", "greater than"]),
     # n_ctx as a string
@@ -81,11 +83,17 @@ CASES = [
     # an AV named `decode` would be read as a profile's decoding mode
     ("AV named decode", f"base: {SMOL}\navs: {{decode: {MED}}}\n", ["avs: an AV may not be named 'decode'"]),
     # the same AV name twice (PyYAML keeps the last one silently)
-    ("AV name clash", f"base: {SMOL}\navs:\n  medical: {MED}\n  medical: {LEG}\n",
-     ["duplicate key 'medical'", "line 3", "remove or rename"]),
+    (
+        "AV name clash",
+        f"base: {SMOL}\navs:\n  medical: {MED}\n  medical: {LEG}\n",
+        ["duplicate key 'medical'", "line 3", "remove or rename"],
+    ),
     # an unknown key inside an AV
-    ("AV unknown key", f"base: {SMOL}\navs:\n  medical: {{path: {MED}, scale: 1}}\n",
-     ["unknown key 'avs.medical.scale'", "path, description"]),
+    (
+        "AV unknown key",
+        f"base: {SMOL}\navs:\n  medical: {{path: {MED}, scale: 1}}\n",
+        ["unknown key 'avs.medical.scale'", "path, description"],
+    ),
     # a profile naming an AV the file does not have
     ("profile unknown AV", smol("profiles: {p: {surgery: 1}}\n"), ["profiles.p", "unknown alignment vector 'surgery'"]),
     # a coefficient outside [-2, 2]
@@ -101,13 +109,11 @@ CASES = [
     # a profile that is a number instead of a mapping
     ("profile not a mapping", smol("profiles: {p: 1.0}\n"), ["profiles.p", "valid dictionary"]),
     # a profile name YAML reads as a boolean (audit 26)
-    ("profile name boolean", smol("profiles: {yes: {medical: 1}}\n"),
-     ["profiles: a name YAML reads as bool", "quote it"]),
+    ("profile name boolean", smol("profiles: {yes: {medical: 1}}\n"), ["profiles: a name YAML reads as bool", "quote it"]),
     # a decode mode that does not exist
     ("bad decode", smol("profiles: {p: {medical: 1, decode: fast}}\n"), ["profiles.p.decode", "'pad'", "'fast'"]),
     # default_profile not among the profiles
-    ("default_profile unknown", smol("profiles: {p: {medical: 1}}\ndefault_profile: q\n"),
-     ["default_profile 'q'", "['p']"]),
+    ("default_profile unknown", smol("profiles: {p: {medical: 1}}\ndefault_profile: q\n"), ["default_profile 'q'", "['p']"]),
     # a baked profile whose GGUF is missing
     ("baked missing", "base: base.gguf\nbaked: {fast: fast.gguf}\n", ["baked.fast", "not found", "avgguf bake"]),
     # a baked profile with the name of a live one
@@ -143,8 +149,11 @@ CASES = [
     # far larger than any modelfile
     ("huge file", "# " + "x" * 78 + "\n" + ("#" * 99 + "\n") * 22000, ["MiB", "a modelfile is a short YAML file"]),
     # a huge value in a key that fails validation: the message quotes a short prefix (audit 19)
-    ("huge value in message", "base: base.gguf\ndescription: [" + "aaaa, " * 30000 + "]\n",
-     ["description", "valid string", "..."]),
+    (
+        "huge value in message",
+        "base: base.gguf\ndescription: [" + "aaaa, " * 30000 + "]\n",
+        ["description", "valid string", "..."],
+    ),
     # more values than any modelfile holds, without aliases
     ("too many values", "base: base.gguf\nx: [" + "1," * 150000 + "]\n", ["refused", "more than 100,000 values"]),
     # unknown profile_decode written by hand as a list (a TypeError in the validator before)
@@ -210,8 +219,10 @@ def test_alias_bomb_is_refused_fast_with_a_short_message(kit):
 
 def test_small_aliases_and_merge_keys_still_work(kit):
     path = kit / "aliases.yaml"
-    path.write_text(f"base: {SMOL}\navs:\n  medical: {MED}\n  legal: {LEG}\n"
-                    "profiles:\n  a: &common {medical: 0.5}\n  b: {<<: *common, legal: 1.0}\n")
+    path.write_text(
+        f"base: {SMOL}\navs:\n  medical: {MED}\n  legal: {LEG}\n"
+        "profiles:\n  a: &common {medical: 0.5}\n  b: {<<: *common, legal: 1.0}\n"
+    )
     mf = load_modelfile(path)
     assert mf.coefficients("a") == {"medical": 0.5, "legal": 0.0}
     assert mf.coefficients("b") == {"medical": 0.5, "legal": 1.0}
@@ -222,11 +233,13 @@ def test_no_home_directory_does_not_break_the_cli(kit, monkeypatch):
     import subprocess
     import sys
 
-    code = ("import pathlib, sys\n"
-            "def no_home(*a): raise RuntimeError('Could not determine home directory.')\n"
-            "pathlib.Path.home = classmethod(no_home)\n"
-            "from avgguf.cli import main\n"
-            f"sys.exit(main(['profiles', {str(_write(kit, 'home', 'base: base.gguf'))!r}]))\n")
+    code = (
+        "import pathlib, sys\n"
+        "def no_home(*a): raise RuntimeError('Could not determine home directory.')\n"
+        "pathlib.Path.home = classmethod(no_home)\n"
+        "from avgguf.cli import main\n"
+        f"sys.exit(main(['profiles', {str(_write(kit, 'home', 'base: base.gguf'))!r}]))\n"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     from avgguf.cli import repl as chat_repl
@@ -244,24 +257,45 @@ def test_history_is_bounded():
 SYSTEM = "Answer as a careful physician."
 
 
-@pytest.mark.parametrize("policy,messages,want", [
-    # default: the modelfile's system prompt when the client sends none
-    ("default", [{"role": "user", "content": "hi"}],
-     [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hi"}]),
-    # default: a client's system message replaces it (today's behaviour, as llama-server)
-    ("default", [{"role": "system", "content": "be a pirate"}, {"role": "user", "content": "hi"}],
-     [{"role": "system", "content": "be a pirate"}, {"role": "user", "content": "hi"}]),
-    # enforce: the modelfile's comes first, the client's is appended in the same turn
-    ("enforce", [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
-     [{"role": "system", "content": SYSTEM + "\n\nbe brief"}, {"role": "user", "content": "hi"}]),
-    # enforce: developer turns and later system turns join it too (one system turn, first)
-    ("enforce", [{"role": "user", "content": "hi"}, {"role": "developer", "content": [{"type": "text", "text": "x"}]},
-                 {"role": "system", "content": "y"}],
-     [{"role": "system", "content": SYSTEM + "\n\nx\n\ny"}, {"role": "user", "content": "hi"}]),
-    # enforce without any client system turn: just the modelfile's
-    ("enforce", [{"role": "user", "content": "hi"}],
-     [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hi"}]),
-])
+@pytest.mark.parametrize(
+    "policy,messages,want",
+    [
+        # default: the modelfile's system prompt when the client sends none
+        (
+            "default",
+            [{"role": "user", "content": "hi"}],
+            [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hi"}],
+        ),
+        # default: a client's system message replaces it (today's behaviour, as llama-server)
+        (
+            "default",
+            [{"role": "system", "content": "be a pirate"}, {"role": "user", "content": "hi"}],
+            [{"role": "system", "content": "be a pirate"}, {"role": "user", "content": "hi"}],
+        ),
+        # enforce: the modelfile's comes first, the client's is appended in the same turn
+        (
+            "enforce",
+            [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+            [{"role": "system", "content": SYSTEM + "\n\nbe brief"}, {"role": "user", "content": "hi"}],
+        ),
+        # enforce: developer turns and later system turns join it too (one system turn, first)
+        (
+            "enforce",
+            [
+                {"role": "user", "content": "hi"},
+                {"role": "developer", "content": [{"type": "text", "text": "x"}]},
+                {"role": "system", "content": "y"},
+            ],
+            [{"role": "system", "content": SYSTEM + "\n\nx\n\ny"}, {"role": "user", "content": "hi"}],
+        ),
+        # enforce without any client system turn: just the modelfile's
+        (
+            "enforce",
+            [{"role": "user", "content": "hi"}],
+            [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hi"}],
+        ),
+    ],
+)
 def test_system_policy(kit, policy, messages, want):
     """Audit 12 (modelfile half): `system_policy: enforce` keeps the operator's system prompt."""
     path = kit / f"sys-{policy}.yaml"

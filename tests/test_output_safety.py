@@ -50,6 +50,7 @@ def profile_of(out: Path, format_: str) -> str:
 
 # --- directory outputs ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("format_", DIR_FORMATS)
 def test_a_directory_avgguf_did_not_write_is_refused_and_its_files_survive(tiny_kit, tmp_path, capsys, format_):
     """finding 1: `--out Documents` deleted Documents/thesis.txt (exit 0)."""
@@ -129,6 +130,7 @@ def test_force_writes_into_a_foreign_directory_and_keeps_its_files(tiny_kit, tmp
 
 # --- file outputs --------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("format_", ["gguf", "adapter"])
 def test_a_file_avgguf_did_not_write_is_refused_unless_forced(tiny_kit, tmp_path, capsys, format_):
     root, *_ = tiny_kit
@@ -160,9 +162,17 @@ def _input_cases(root: Path, tmp_path: Path) -> dict:
     }
 
 
-@pytest.mark.parametrize("case", ["gguf over the base", "adapter over an AV", "adapter through a symlink to an AV",
-                                  "gguf over the modelfile", "ollama into the modelfile's directory",
-                                  "peft into the base's directory"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "gguf over the base",
+        "adapter over an AV",
+        "adapter through a symlink to an AV",
+        "gguf over the modelfile",
+        "ollama into the modelfile's directory",
+        "peft into the base's directory",
+    ],
+)
 def test_an_out_that_is_or_holds_an_input_is_refused_even_with_force(tiny_kit, tmp_path, capsys, case):
     root, *_ = tiny_kit
     format_, out = _input_cases(root, tmp_path)[case]
@@ -214,9 +224,14 @@ def test_convert_keeps_mode_and_refuses_to_overwrite_its_base(llama_pair, tmp_pa
 
 # --- Ollama specifics (finding 20) ------------------------------------------------------------------------------
 
+
 def _modelfile(root: Path, tmp_path: Path, **spec) -> Path:
-    mf = {"base": str(root / "med" / "base.gguf"), "avs": {"medical": str(root / "medical.gguf")},
-          "profiles": {"p": {"medical": 1.0}}, **spec}
+    mf = {
+        "base": str(root / "med" / "base.gguf"),
+        "avs": {"medical": str(root / "medical.gguf")},
+        "profiles": {"p": {"medical": 1.0}},
+        **spec,
+    }
     path = tmp_path / "m.yaml"
     path.write_text(yaml.safe_dump(mf))
     return path
@@ -254,6 +269,7 @@ def test_ollama_report_says_the_base_is_hard_linked(tiny_kit, tmp_path, capsys):
 
 # --- space, umask, stale temps ------------------------------------------------------------------------------------
 
+
 def test_free_space_is_checked_before_a_gguf_bake(tiny_kit, tmp_path, capsys, monkeypatch):
     root, *_ = tiny_kit
     real = atomic.shutil.disk_usage
@@ -284,8 +300,7 @@ def test_no_write_changes_the_process_umask(tmp_path, monkeypatch):
 
 def test_stale_temps_of_dead_processes_are_removed_live_ones_kept(tiny_kit, tmp_path, capsys):
     root, *_ = tiny_kit
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True, check=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
     dead_pid = int(dead.stdout)
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -370,15 +385,20 @@ def _state(out: Path):
 
 
 @pytest.mark.parametrize("case,command,where,when,earlier", KILLS, ids=[k[0] for k in KILLS])
-def test_kill_9_mid_write_leaves_no_partial_output_and_the_rerun_succeeds(tiny_kit, tmp_path, capsys, case, command,
-                                                                         where, when, earlier):
+def test_kill_9_mid_write_leaves_no_partial_output_and_the_rerun_succeeds(
+    tiny_kit, tmp_path, capsys, case, command, where, when, earlier
+):
     root, p, _ = tiny_kit
     out = tmp_path / ("out" if command in DIR_FORMATS else "out.gguf")
     if earlier:
         assert main(_argv(command, root, p, out, "expert-medical")) == 0
     before = _state(out)
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, where, when, *_argv(command, root, p, out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, where, when, *_argv(command, root, p, out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 180
     try:
         while not hidden(tmp_path) or (command == "peft" and not _temp_has(tmp_path, "fused.gguf")):

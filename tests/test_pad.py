@@ -60,8 +60,10 @@ def reference(root, p, weights: dict[str, float], mode: str, n: int) -> list[int
     return out
 
 
-@pytest.mark.parametrize("mode,weights", [("pad", {"medical": 1.5}), ("pad-full", {"medical": 0.8, "legal": -1.2}),
-                                          ("pad", {"medical": -2.0, "legal": 1.0})])
+@pytest.mark.parametrize(
+    "mode,weights",
+    [("pad", {"medical": 1.5}), ("pad-full", {"medical": 0.8, "legal": -1.2}), ("pad", {"medical": -2.0, "legal": 1.0})],
+)
 def test_pad_equals_the_numpy_reference(tiny_kit, mode, weights):
     root, p, _ = tiny_kit
     eng = engine(root, p)
@@ -105,16 +107,14 @@ def test_runtime_chat_pad_and_the_judge_rule(tiny_kit):
     root, *_ = tiny_kit
     mf = load_modelfile(root / "tiny.yaml")
     rt = Runtime(mf)
-    req = GenerationRequest(messages=[{"role": "user", "content": "hello"}], max_tokens=6, temperature=0.0,
-                            repeat_penalty=1.0)
+    req = GenerationRequest(messages=[{"role": "user", "content": "hello"}], max_tokens=6, temperature=0.0, repeat_penalty=1.0)
     try:
         base = "".join(rt.stream_chat_text(req, {"medical": 0.0, "legal": 0.0}))
         assert "".join(rt.stream_chat_text(req, {"medical": 0.0, "legal": 0.0}, decode="pad")) == base
         out = rt.chat_pad(req, {"medical": 1.0}, "pad")
         assert out["object"] == "chat.completion" and out["usage"]["completion_tokens"] <= 6
         chunks = list(rt.chat_pad(req, {"medical": 1.0}, "pad", stream=True))
-        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == \
-            out["choices"][0]["message"]["content"]
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == out["choices"][0]["message"]["content"]
     finally:
         rt.close()
     rng = np.random.default_rng(0)
@@ -160,10 +160,16 @@ def test_cli_server_and_eval_accept_the_mode(tiny_kit, tmp_path):
     finally:
         rt.close()
     data = tmp_path / "eval.jsonl"
-    data.write_text(json.dumps({"domain": "medical", "query": "q", "responses": {"avoidance": "no", "generic": "maybe",
-                                                                                "expert": "yes"}}) + "\n")
-    r = subprocess.run([sys.executable, "-m", "avgguf.cli", "eval", mf, "--data", str(data), "--decode", "pad",
-                        "--lambdas", "-1,0,1", "--json"], capture_output=True, text=True, check=False)
+    data.write_text(
+        json.dumps({"domain": "medical", "query": "q", "responses": {"avoidance": "no", "generic": "maybe", "expert": "yes"}})
+        + "\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "avgguf.cli", "eval", mf, "--data", str(data), "--decode", "pad", "--lambdas", "-1,0,1", "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["decode"] == "pad" and out["sweeps"][0]["lambdas"] == [-1.0, 0.0, 1.0]

@@ -24,13 +24,21 @@ PREFIX = "base_model.model."
 def write_peft(path, spec: Spec, seed: int, use_rslora: bool) -> Delta:
     """A PEFT LoRA with per-module rank/alpha patterns and an embedding LoRA; returns its delta (HF layout)."""
     rng = np.random.default_rng(seed)
-    cfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_rslora": use_rslora,
-           "rank_pattern": {"model.layers.0.self_attn.q_proj": 3}, "alpha_pattern": {"down_proj": 2},
-           "target_modules": ["q_proj", "k_proj", "down_proj", "embed_tokens"]}
+    cfg = {
+        "peft_type": "LORA",
+        "r": 4,
+        "lora_alpha": 8,
+        "use_rslora": use_rslora,
+        "rank_pattern": {"model.layers.0.self_attn.q_proj": 3},
+        "alpha_pattern": {"down_proj": 2},
+        "target_modules": ["q_proj", "k_proj", "down_proj", "embed_tokens"],
+    }
     kv = spec.n_head_kv * spec.head_dim
-    modules = {"model.layers.0.self_attn.q_proj": (spec.n_embd, spec.n_embd),
-               "model.layers.1.self_attn.k_proj": (kv, spec.n_embd),
-               "model.layers.1.mlp.down_proj": (spec.n_embd, spec.n_ff)}
+    modules = {
+        "model.layers.0.self_attn.q_proj": (spec.n_embd, spec.n_embd),
+        "model.layers.1.self_attn.k_proj": (kv, spec.n_embd),
+        "model.layers.1.mlp.down_proj": (spec.n_embd, spec.n_ff),
+    }
     tensors, delta = {}, {}
     for module, (out, inp) in modules.items():
         r = 3 if module.endswith("layers.0.self_attn.q_proj") else 4
@@ -40,8 +48,8 @@ def write_peft(path, spec: Spec, seed: int, use_rslora: bool) -> Delta:
         tensors[f"{PREFIX}{module}.lora_A.weight"], tensors[f"{PREFIX}{module}.lora_B.weight"] = a, b
         scaling = alpha / (np.sqrt(r) if use_rslora else r)
         delta[module + ".weight"] = (scaling * b @ a).astype(np.float32)
-    a = (rng.standard_normal((4, spec.n_vocab)) * 0.1).astype(np.float32)      # lora_embedding_A (r, vocab)
-    b = (rng.standard_normal((spec.n_embd, 4)) * 0.1).astype(np.float32)       # lora_embedding_B (embd, r)
+    a = (rng.standard_normal((4, spec.n_vocab)) * 0.1).astype(np.float32)  # lora_embedding_A (r, vocab)
+    b = (rng.standard_normal((spec.n_embd, 4)) * 0.1).astype(np.float32)  # lora_embedding_B (embd, r)
     tensors[f"{PREFIX}model.embed_tokens.lora_embedding_A"] = a
     tensors[f"{PREFIX}model.embed_tokens.lora_embedding_B"] = b
     delta["model.embed_tokens.weight"] = ((8 / (2.0 if use_rslora else 4)) * (b @ a).T).astype(np.float32)
@@ -56,16 +64,14 @@ def test_peft_adapter_reproduces_its_delta(llama_pair, tmp_path, use_rslora):
     p = llama_pair
     delta = write_peft(tmp_path / "peft", p.spec, seed=3, use_rslora=use_rslora)
     out = tmp_path / "peft.gguf"
-    assert main(["convert", "--peft", str(tmp_path / "peft"), "--base", str(p.base_hf), "--out", str(out),
-                 "--dtype", "f32"]) == 0
+    assert main(["convert", "--peft", str(tmp_path / "peft"), "--base", str(p.base_hf), "--out", str(out), "--dtype", "f32"]) == 0
     info = fmt.read_adapter(out)
     assert info.pairs["blk.0.attn_q.weight"].rank == 3 and info.pairs["token_embd.weight"].rank == 4
     merged = write_gguf(tmp_path / "merged.gguf", p.spec, to_gguf_tensors(p.spec, delta.applied_to(p.weights)))
     assert_logits_close(logits(p.base_gguf, {out: 1.0}), logits(merged))
     # the base may also be the GGUF, and a lower --rank re-factors the product exactly by SVD
     low = tmp_path / "peft-r2.gguf"
-    assert main(["convert", "--peft", str(tmp_path / "peft"), "--base", str(p.base_gguf), "--out", str(low),
-                 "--rank", "2"]) == 0
+    assert main(["convert", "--peft", str(tmp_path / "peft"), "--base", str(p.base_gguf), "--out", str(low), "--rank", "2"]) == 0
     ranks = {name: pi.rank for name, pi in fmt.read_adapter(low).pairs.items()}
     assert set(ranks.values()) == {2}
     kept = fmt.read_adapter(low).meta[fmt.KEY_T_KEPT]
@@ -75,8 +81,26 @@ def test_peft_adapter_reproduces_its_delta(llama_pair, tmp_path, use_rslora):
 def test_inspect_table_and_json(llama_pair, tmp_path, capsys):
     p = llama_pair
     out = tmp_path / "medical.gguf"
-    assert main(["convert", "--base", str(p.base_hf), "--aligned", str(p.aligned_hf), "--out", str(out),
-                 "--energy", "0.9", "--max-rank", "16", "--domain", "medical"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "--base",
+                str(p.base_hf),
+                "--aligned",
+                str(p.aligned_hf),
+                "--out",
+                str(out),
+                "--energy",
+                "0.9",
+                "--max-rank",
+                "16",
+                "--domain",
+                "medical",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["inspect", str(out), "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
@@ -133,15 +157,13 @@ def test_validation_rejects_what_llama_cpp_would_abort_on(llama_pair, tmp_path):
         # an adapter for a wider llama
         wide = make_pair(tmp_path / "wide", Spec("llama", n_embd=96, n_head=4, n_head_kv=2))
         wide_av = tmp_path / "wide.gguf"
-        assert main(["convert", "--base", str(wide.base_hf), "--aligned", str(wide.aligned_hf),
-                     "--out", str(wide_av)]) == 0
+        assert main(["convert", "--base", str(wide.base_hf), "--aligned", str(wide.aligned_hf), "--out", str(wide_av)]) == 0
         with pytest.raises(AdapterError, match="built for another model"):
             eng.load_adapter("wide", wide_av)
         # an adapter for qwen2
         qwen = make_pair(tmp_path / "qwen", Spec("qwen2"))
         qwen_av = tmp_path / "qwen.gguf"
-        assert main(["convert", "--base", str(qwen.base_hf), "--aligned", str(qwen.aligned_hf),
-                     "--out", str(qwen_av)]) == 0
+        assert main(["convert", "--base", str(qwen.base_hf), "--aligned", str(qwen.aligned_hf), "--out", str(qwen_av)]) == 0
         with pytest.raises(AdapterError, match="architecture 'qwen2'"):
             eng.load_adapter("qwen", qwen_av)
         assert eng.adapters == {}

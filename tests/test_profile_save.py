@@ -69,8 +69,9 @@ def test_symlinked_modelfile_keeps_the_link_and_writes_the_target(folder):
 
 def test_a_column_0_comment_inside_profiles_does_not_end_the_block(folder):
     """Audit 10: the entry went above the comment, the old one stayed below it and won (a silent wrong save)."""
-    path = write(folder, HEAD + "profiles:\n  a: {medical: 1.0}\n# --- team profiles ---\n  b: {legal: 1.0}\n"
-                               "defaults:\n  max_tokens: 5\n")
+    path = write(
+        folder, HEAD + "profiles:\n  a: {medical: 1.0}\n# --- team profiles ---\n  b: {legal: 1.0}\ndefaults:\n  max_tokens: 5\n"
+    )
     save(load_modelfile(path), "b", {"legal": -0.5}, "pad")
     mf = load_modelfile(path)
     assert mf.coefficients("b") == {"medical": 0.0, "legal": -0.5} and mf.decode_mode("b") == "pad"
@@ -80,8 +81,7 @@ def test_a_column_0_comment_inside_profiles_does_not_end_the_block(folder):
 
 
 def test_a_new_profile_goes_after_the_last_entry_and_keeps_comments_in_place(folder):
-    path = write(folder, HEAD + "profiles:\n  a: {medical: 1.0}   # mine\n\n# --- generation ---\ndefaults:\n"
-                               "  max_tokens: 5\n")
+    path = write(folder, HEAD + "profiles:\n  a: {medical: 1.0}   # mine\n\n# --- generation ---\ndefaults:\n  max_tokens: 5\n")
     save(load_modelfile(path), "c", {"medical": 0.25})
     lines = path.read_text().splitlines()
     assert lines[lines.index("  a: {medical: 1.0}   # mine") + 1].startswith("  c: {")
@@ -191,8 +191,9 @@ print("done", flush=True)
 
 
 def _saver(path: Path, prefix: str, n: int) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", SAVER, str(path), prefix, str(n)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", SAVER, str(path), prefix, str(n)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def test_a_save_waits_for_another_process_holding_the_lock(folder, tiny_base):
@@ -223,6 +224,7 @@ def test_two_processes_saving_at_once_lose_nothing(folder, tiny_base):
 
 
 # --- the server route ---------------------------------------------------------------------------------------
+
 
 def _app(mf):
     from fastapi import FastAPI
@@ -260,8 +262,7 @@ def test_server_save_is_fast_and_updates_only_that_profile_in_memory(folder):
     app, served = _app(mf)
     path.write_text(path.read_text().replace("description: ", "system: edited on disk meanwhile\ndescription: ", 1))
     t0 = time.perf_counter()
-    r = asyncio.run(_post(app, {"model": "demo", "name": "gentle", "coefficients": {"medical": 0.25},
-                                "decode": "pad"}))
+    r = asyncio.run(_post(app, {"model": "demo", "name": "gentle", "coefficients": {"medical": 0.25}, "decode": "pad"}))
     elapsed = time.perf_counter() - t0
     assert r.status_code == 200, r.text
     assert r.json()["replaced"] is True and r.json()["coefficients"]["medical"] == 0.25

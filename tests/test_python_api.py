@@ -27,8 +27,7 @@ def test_convert_open_set_chat_equals_the_cli(tiny_kit, tmp_path):
         assert model.set(mine=0.8) == {"mine": 0.8}
         got = model.chat("hello", max_tokens=8, temperature=0.0, seed=0)
         streamed = "".join(model.stream("hello", max_tokens=8, temperature=0.0, seed=0))
-    want = cli("run", str(p.base_gguf), "hello", "--lora", f"{out}=0.8", "--max-tokens", "8", "--temperature", "0",
-               "--seed", "0")
+    want = cli("run", str(p.base_gguf), "hello", "--lora", f"{out}=0.8", "--max-tokens", "8", "--temperature", "0", "--seed", "0")
     assert got == streamed == want.rstrip("\n")
 
 

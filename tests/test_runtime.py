@@ -67,14 +67,14 @@ def test_no_stale_kv_after_a_change(kit):
     eng = Engine(p.base_gguf, n_ctx=64, type_k=F32, type_v=F32)
     eng.load_adapter("medical", root / "medical.gguf")
     try:
-        before = generate(eng, prompt)              # K/V of the prompt cached under medical = 0
+        before = generate(eng, prompt)  # K/V of the prompt cached under medical = 0
         eng.set_coefficients({"medical": 1.0})
         assert generate(eng, prompt) == want_tokens  # would reuse that prefix without the reset
         assert before != want_tokens
 
         eng.set_coefficients({"medical": 0.0})
         eng.reset()
-        eng.set_coefficients({"medical": 1.0})      # through the engine: reset, so no mixing
+        eng.set_coefficients({"medical": 1.0})  # through the engine: reset, so no mixing
         np.testing.assert_allclose(eng.next_logits(prompt), want_logits, atol=1e-5)
     finally:
         eng.close()
@@ -97,8 +97,7 @@ def test_the_stale_kv_trap_is_real(kit):
     try:
         h = llama_cpp.llama_adapter_lora_init(llm.model, str(root / "medical.gguf").encode())
         llm.eval(prompt)  # K/V under scale 0
-        llama_cpp.llama_set_adapters_lora(llm.ctx, (llama_cpp.llama_adapter_lora_p_ctypes * 1)(h), 1,
-                                          (ctypes.c_float * 1)(1.0))
+        llama_cpp.llama_set_adapters_lora(llm.ctx, (llama_cpp.llama_adapter_lora_p_ctypes * 1)(h), 1, (ctypes.c_float * 1)(1.0))
         llm.n_tokens = len(prompt) - 1
         llm.eval(prompt[-1:])
         stale = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy()
@@ -160,8 +159,9 @@ def test_bad_modelfile(kit, case, content, words):
     root, *_ = kit
     if case == "other-base" and not (root / "qwen.gguf").exists():
         qp = make_pair(root / "qwen", Spec("qwen2"))
-        assert main(["convert", "--base", str(qp.base_hf), "--aligned", str(qp.aligned_hf),
-                     "--out", str(root / "qwen.gguf")]) == 0
+        assert (
+            main(["convert", "--base", str(qp.base_hf), "--aligned", str(qp.aligned_hf), "--out", str(root / "qwen.gguf")]) == 0
+        )
     path = root / f"bad-{case}.yaml"
     path.write_text(yaml.safe_dump(content))
     with pytest.raises(ModelfileError) as exc:
@@ -184,8 +184,7 @@ def test_shipped_modelfiles_validate_and_load(path):
     try:
         for profile in [None, *mf.spec.profiles]:
             rt.set_coefficients(mf.coefficients(profile))
-        out = rt.chat(GenerationRequest(messages=[{"role": "user", "content": "Hi"}], max_tokens=4, seed=0),
-                      mf.coefficients())
+        out = rt.chat(GenerationRequest(messages=[{"role": "user", "content": "Hi"}], max_tokens=4, seed=0), mf.coefficients())
         assert out["choices"][0]["message"]["content"] is not None
     finally:
         rt.close()
@@ -193,9 +192,9 @@ def test_shipped_modelfiles_validate_and_load(path):
 
 # --- CLI ------------------------------------------------------------------------------------------------
 
+
 def avgguf(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "avgguf.cli", *args], capture_output=True, text=True, input=stdin,
-                          timeout=120)
+    return subprocess.run([sys.executable, "-m", "avgguf.cli", *args], capture_output=True, text=True, input=stdin, timeout=120)
 
 
 def test_cli_run_profiles_and_errors(kit):
@@ -207,11 +206,13 @@ def test_cli_run_profiles_and_errors(kit):
     assert same.stdout == r.stdout  # the profile equals the same coefficients given with --set
     r = avgguf("profiles", mf)
     assert r.returncode == 0 and "expert-medical" in r.stdout and "medical=0.5 legal=-1" in r.stdout
-    for args, words in [((mf + ":nope", "hi"), "no profile 'nope'"),
-                        ((mf, "hi", "--set", "medical=9"), "outside [-2, 2]"),
-                        ((mf, "hi", "--set", "cardio=1"), "unknown alignment vector 'cardio'"),
-                        ((mf, "hi", "--set", "medical"), "expected NAME=VALUE"),
-                        (("missing.yaml", "hi"), "'missing.yaml' not found; expected a YAML modelfile")]:
+    for args, words in [
+        ((mf + ":nope", "hi"), "no profile 'nope'"),
+        ((mf, "hi", "--set", "medical=9"), "outside [-2, 2]"),
+        ((mf, "hi", "--set", "cardio=1"), "unknown alignment vector 'cardio'"),
+        ((mf, "hi", "--set", "medical"), "expected NAME=VALUE"),
+        (("missing.yaml", "hi"), "'missing.yaml' not found; expected a YAML modelfile"),
+    ]:
         r = avgguf("run", *args)
         assert r.returncode == 2, (args, r.stdout)
         assert words in r.stderr and "Traceback" not in r.stderr, r.stderr
@@ -221,9 +222,13 @@ def test_cli_run_profiles_and_errors(kit):
 def test_chat_repl_driven_like_a_user(kit):
     pexpect = pytest.importorskip("pexpect")
     root, *_ = kit
-    child = pexpect.spawn(sys.executable, ["-m", "avgguf.cli", "chat", str(root / "tiny.yaml") + ":expert-medical",
-                                           "--max-tokens", "6"], encoding="utf-8", timeout=60,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "avgguf.cli", "chat", str(root / "tiny.yaml") + ":expert-medical", "--max-tokens", "6"],
+        encoding="utf-8",
+        timeout=60,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         child.expect(r"\[medical=1 legal=0\]")
         child.expect("> ")
@@ -238,8 +243,10 @@ def test_chat_repl_driven_like_a_user(kit):
         child.sendline("/profile mixed")
         child.expect(r"\[mixed: medical=0.5 legal=-1\]")
         child.sendline("/show")
-        child.expect(r"profile: mixed\r\ncoefficients: medical=0.5 legal=-1\r\ndecode: weights\r\nsystem: \(none\)\r\n"
-                     r"turns: 1")
+        child.expect(
+            r"profile: mixed\r\ncoefficients: medical=0.5 legal=-1\r\ndecode: weights\r\nsystem: \(none\)\r\n"
+            r"turns: 1"
+        )
         child.sendline("/reset")
         child.expect("conversation cleared")
         child.sendline("/quit")

@@ -24,8 +24,7 @@ import pytest
 
 from avgguf.runtime import fused as fusion, merged as hot, scratch
 import avgguf.export.bake
-from avgguf.runtime.batching import (DEFAULT_MAX_QUEUE, BatchRequest, Batcher, BusyError, Sampling, StopMatcher,
-                             default_max_queue)
+from avgguf.runtime.batching import DEFAULT_MAX_QUEUE, BatchRequest, Batcher, BusyError, Sampling, StopMatcher, default_max_queue
 from avgguf.config.modelfile import load_modelfile
 from avgguf.runtime.session import GenerationRequest, Runtime
 
@@ -85,8 +84,9 @@ class Answer:
         self.spy, self.events, self.stamped = spy, queue.Queue(), []
         self.batcher, self.seq_slot = None, None
         kw.setdefault("temperature", 0.0)
-        self.req = BatchRequest(tokens_of(rt, text), key_of(rt, profile),
-                                Sampling(max_tokens=max_tokens, repeat_penalty=1.1, **kw), self._emit)
+        self.req = BatchRequest(
+            tokens_of(rt, text), key_of(rt, profile), Sampling(max_tokens=max_tokens, repeat_penalty=1.1, **kw), self._emit
+        )
 
     def _emit(self, ev):  # the scheduler thread
         if self.seq_slot is None and self.batcher is not None:
@@ -120,8 +120,9 @@ def runtime_answer(tiny_kit, text: str, profile: str | None, max_tokens: int, fu
     mf = load_modelfile(root / "tiny.yaml")
     runtime = Runtime(mf, fuse=fuse)
     try:
-        req = GenerationRequest(messages=[{"role": "user", "content": text}], max_tokens=max_tokens,
-                                temperature=0.0, repeat_penalty=1.1)
+        req = GenerationRequest(
+            messages=[{"role": "user", "content": text}], max_tokens=max_tokens, temperature=0.0, repeat_penalty=1.1
+        )
         return runtime.chat(req, mf.resolver.resolve(profile), reuse_prefix=False)["choices"][0]["message"]["content"]
     finally:
         runtime.close()
@@ -137,26 +138,26 @@ def wait_until(predicate, what: str, timeout: float = 60.0) -> None:
 
 # --- stop strings (finding 6) ------------------------------------------------------------------------------
 
+
 def reference_stop(pending: str, piece: str, stops: list[str]) -> tuple[int, int]:
     """The scan the scheduler used to run per token: every stop searched in the held-back text plus the new
     piece, then every prefix of every stop tried at its end."""
     text = pending + piece
     cut = min((i for i in (text.find(x) for x in stops if x) if i >= 0), default=-1)
-    hold = max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])),
-               default=0)
+    hold = max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])), default=0)
     return cut, hold
 
 
 STOP_CASES = [
-    (["world"], ["hello wor", "ld!"]),          # a stop split over two pieces
-    (["abcd", "bc"], ["ab", "cd"]),             # a longer stop that starts earlier wins
-    (["abcd", "bc"], ["abcd"]),                 # both in one piece: the earliest start
-    (["ab", "b!"], ["a", "b", "!"]),            # overlapping prefixes held back, then released
-    (["aaa"], ["aa", "aa"]),                    # self-overlapping stop
+    (["world"], ["hello wor", "ld!"]),  # a stop split over two pieces
+    (["abcd", "bc"], ["ab", "cd"]),  # a longer stop that starts earlier wins
+    (["abcd", "bc"], ["abcd"]),  # both in one piece: the earliest start
+    (["ab", "b!"], ["a", "b", "!"]),  # overlapping prefixes held back, then released
+    (["aaa"], ["aa", "aa"]),  # self-overlapping stop
     (["<|im_end|>"], ["<|im", "_", "end|>x"]),  # special-token text
     (["\u00e9t\u00e9"], ["\u00e9", "t\u00e9"]),  # non-ASCII characters
-    (["xyz"], ["no", " stop", " here"]),        # never found: nothing held
-    (["", "b"], ["ab"]),                        # an empty stop string is ignored
+    (["xyz"], ["no", " stop", " here"]),  # never found: nothing held
+    (["", "b"], ["ab"]),  # an empty stop string is ignored
 ]
 
 
@@ -171,7 +172,7 @@ def test_stop_matcher_agrees_with_the_full_scan(stops, pieces):
             return
         assert matcher.held == want_hold
         text = pending + piece
-        pending = text[len(text) - want_hold:] if want_hold else ""
+        pending = text[len(text) - want_hold :] if want_hold else ""
 
 
 def test_stop_matcher_agrees_with_the_full_scan_on_random_text():
@@ -188,7 +189,7 @@ def test_stop_matcher_agrees_with_the_full_scan_on_random_text():
                 break
             assert matcher.held == want_hold, (stops, pending, piece)
             text = pending + piece
-            pending = text[len(text) - want_hold:] if want_hold else ""
+            pending = text[len(text) - want_hold :] if want_hold else ""
 
 
 def test_stop_work_per_character_does_not_grow_with_the_stop_strings():
@@ -208,12 +209,13 @@ def test_stop_work_per_character_does_not_grow_with_the_stop_strings():
         matcher._step = counted
         text = "".join(rng.choices("abcdefgh ", k=4000))
         for i in range(0, len(text), 4):
-            assert matcher.feed(text[i:i + 4], 0) == -1
+            assert matcher.feed(text[i : i + 4], 0) == -1
         counts[n] = calls / len(text)
     assert counts[16] == counts[2000] == 1.0  # one transition per character
 
 
 # --- cancel, queue (finding 7) -----------------------------------------------------------------------------
+
 
 def test_a_cancelled_request_leaves_the_wait_list_within_one_step(rt):
     batcher = Batcher(rt.engine, n_seq=1)
@@ -226,7 +228,7 @@ def test_a_cancelled_request_leaves_the_wait_list_within_one_step(rt):
         batcher.submit(waiting.req)
         text, done = waiting.result()
         assert done.finish == "cancelled" and text == ""
-        assert waiting.end_step <= 5       # before: only once the running answer had ended (step 40)
+        assert waiting.end_step <= 5  # before: only once the running answer had ended (step 40)
         assert all(ev.kind == "piece" for _, ev in running.stamped) and batcher.waiting == 0  # still running
         _, end = running.result()
         assert end.finish == "length" and end.tokens == 40
@@ -316,6 +318,7 @@ def test_the_wait_list_is_finite_by_default_and_refuses_before_any_event(rt):
 
 # --- fused builds off the scheduler thread (findings 6, 14) ------------------------------------------------
 
+
 class SlowBuild:
     """avgguf.gguf.fuse.write_fused, held until released: how a multi-second build looks to the scheduler."""
 
@@ -351,7 +354,7 @@ def test_a_new_fused_set_does_not_stall_another_sets_decoding(rt, tiny_kit, monk
     finally:
         build.release.set()
         batcher.close()
-    assert text == runtime_answer(tiny_kit, "a new set", MIXED, 12, fuse="off")[:len(text)]
+    assert text == runtime_answer(tiny_kit, "a new set", MIXED, 12, fuse="off")[: len(text)]
 
 
 def test_a_set_switches_to_its_fused_adapter_only_at_a_request_boundary(rt, monkeypatch):
@@ -380,16 +383,19 @@ def test_a_set_switches_to_its_fused_adapter_only_at_a_request_boundary(rt, monk
         gate.set()
         batcher.close()
     assert first.seq_slot != second.seq_slot
+
     def adapters_during(ans: Answer) -> list[int]:  # adapters set at each step that evaluated this answer
         return [pairs for step, pairs, slots in spy.log if ans.seq_slot in slots and step <= ans.end_step]
 
-    assert set(adapters_during(first)) == {2}   # the separate adapters throughout, even once fused was ready
+    assert set(adapters_during(first)) == {2}  # the separate adapters throughout, even once fused was ready
     assert set(adapters_during(second)) == {1}  # the fused adapter from the first prompt token on
     assert done_a.evaluated == done_b.evaluated == len(second.req.tokens)
     assert third.seq_slot == second.seq_slot and done_c.evaluated == 1  # the fused K/V, not the separate one
     assert a == b == c and done_a.finish == done_b.finish
+
     def lps(ans):
         return [e["logprob"] for _, ev in ans.stamped if ev.logprobs for e in ev.logprobs]
+
     assert len(lps(first)) == done_a.tokens
     assert max(abs(x - y) for x, y in zip(lps(first), lps(second))) < 1e-3  # the f16 K/V cache's rounding
 
@@ -410,7 +416,7 @@ def test_a_failed_fused_build_serves_the_separate_adapters_with_the_same_tokens(
         batcher.close()
     assert [ev.kind for _, ev in (got0, got1)] == ["done", "done"]  # before: "error" ([Errno 28] ...)
     for (text, _), question in zip((got0, got1), ("first words", "second words")):
-        assert text == runtime_answer(tiny_kit, question, MIXED, 12, fuse="off")[:len(text)] and text
+        assert text == runtime_answer(tiny_kit, question, MIXED, 12, fuse="off")[: len(text)] and text
     assert "separate adapters serve it" in caplog.text
     assert build.calls == 2  # /dev/shm, then the user cache dir; then no retry for RETRY_AFTER seconds
 
@@ -425,8 +431,9 @@ def tiny_tmpfs(tmp_path):
         path = tmp_path / name
         path.mkdir()
         try:
-            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(path)], check=True,
-                           capture_output=True, timeout=30)
+            subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(path)], check=True, capture_output=True, timeout=30
+            )
         except (OSError, subprocess.SubprocessError):
             pytest.skip("cannot mount a tmpfs here (not root?)")
         mounted.append(path)
@@ -455,7 +462,7 @@ def test_a_full_dev_shm_builds_in_the_user_cache_dir(rt, tiny_kit, tiny_tmpfs, p
         batcher.close()
     assert [d.parent for d in dirs] == [private_scratch[1]] and not list(shm.iterdir())
     assert spy.pairs == 1 and done.finish in ("length", "stop")  # served fused, from the cache dir
-    assert text == runtime_answer(tiny_kit, "after the build", MIXED, 12, fuse="off")[:len(text)]
+    assert text == runtime_answer(tiny_kit, "after the build", MIXED, 12, fuse="off")[: len(text)]
 
 
 def test_real_enospc_everywhere_falls_back_to_the_separate_adapters(rt, tiny_kit, tiny_tmpfs, monkeypatch):
@@ -480,10 +487,11 @@ def test_real_enospc_everywhere_falls_back_to_the_separate_adapters(rt, tiny_kit
         batcher.close()
     assert isinstance(failure, Exception) and str(shm) in str(failure) and str(cache) in str(failure)
     assert done.kind == "done" and spy.pairs == 2  # the separate adapters
-    assert text == runtime_answer(tiny_kit, "full disks", MIXED, 12, fuse="off")[:len(text)]
+    assert text == runtime_answer(tiny_kit, "full disks", MIXED, 12, fuse="off")[: len(text)]
 
 
 # --- scratch: pid in the name, stale removed at start (findings 8, 23) -------------------------------------
+
 
 def dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -491,8 +499,7 @@ def dead_pid() -> int:
     return proc.pid
 
 
-def test_scratch_names_carry_the_pid_and_dead_processes_scratch_is_removed_at_start(rt, tiny_kit,
-                                                                                     private_scratch, monkeypatch):
+def test_scratch_names_carry_the_pid_and_dead_processes_scratch_is_removed_at_start(rt, tiny_kit, private_scratch, monkeypatch):
     shm, cache = private_scratch
     monkeypatch.setattr(scratch, "_cleaned", set())  # "at start": as in a fresh process
     root, p, _ = tiny_kit
@@ -500,10 +507,16 @@ def test_scratch_names_carry_the_pid_and_dead_processes_scratch_is_removed_at_st
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     dead = dead_pid()
     try:
-        stale = [shm / f"avgguf-fused-{dead}-abcd1234", cache / f"avgguf-merged-{dead}-abcd_123",
-                 p.base_gguf.parent / f".avgguf-merged-{dead}-zz9_zz9z"]
-        kept = [shm / f"avgguf-fused-{alive.pid}-abcd1234", shm / "avgguf-fused-oldname1",
-                p.base_gguf.parent / f"avgguf-merged-{dead}-notours1"]  # no dot beside a model: not ours
+        stale = [
+            shm / f"avgguf-fused-{dead}-abcd1234",
+            cache / f"avgguf-merged-{dead}-abcd_123",
+            p.base_gguf.parent / f".avgguf-merged-{dead}-zz9_zz9z",
+        ]
+        kept = [
+            shm / f"avgguf-fused-{alive.pid}-abcd1234",
+            shm / "avgguf-fused-oldname1",
+            p.base_gguf.parent / f"avgguf-merged-{dead}-notours1",
+        ]  # no dot beside a model: not ours
         for d in stale + kept:
             d.mkdir()
             (d / "merged-f32.gguf").write_bytes(b"x" * 100)
@@ -529,6 +542,7 @@ def test_scratch_names_carry_the_pid_and_dead_processes_scratch_is_removed_at_st
 
 
 # --- merges only where disk and memory allow (finding 13) --------------------------------------------------
+
 
 class Item:
     def __init__(self, path: Path):
@@ -567,8 +581,9 @@ def test_merge_scratch_is_never_on_a_ram_file_system(tiny_kit, tiny_tmpfs, monke
     monkeypatch.setenv("XDG_CACHE_HOME", str(tiny_tmpfs("cache-in-ram")))
     made = []
     real = hot.make_scratch
-    monkeypatch.setattr(hot, "make_scratch", lambda kind, parent, hidden=False: made.append((parent, hidden))
-                        or real(kind, parent, hidden))
+    monkeypatch.setattr(
+        hot, "make_scratch", lambda kind, parent, hidden=False: made.append((parent, hidden)) or real(kind, parent, hidden)
+    )
     sets = hot.MergedSets(p.base_gguf, {"medical": root / "medical.gguf"}, Item)
     try:
         sets.request((("medical", 1.0),))
@@ -582,6 +597,7 @@ def test_merge_scratch_is_never_on_a_ram_file_system(tiny_kit, tiny_tmpfs, monke
 
 # --- shutdown and eviction never block without bound (findings 11, 23) ------------------------------------
 
+
 def test_close_is_bounded_and_never_frees_a_context_in_use(rt):
     batcher = Batcher(rt.engine, n_seq=1)
     spy = Spy(batcher)
@@ -593,7 +609,7 @@ def test_close_is_bounded_and_never_frees_a_context_in_use(rt):
     ctx = batcher._ctx
     try:
         assert batcher.close(timeout=0.2) is False  # before: joined 30 s, then freed the context under it
-        assert ctx._ctx is not None                 # leaked, not freed
+        assert ctx._ctx is not None  # leaked, not freed
     finally:
         release.set()
     batcher._thread.join(60)
@@ -617,11 +633,11 @@ def test_closing_merged_sets_leaves_a_running_quantize_its_directory(tiny_kit, m
     sets = hot.MergedSets(p.base_gguf, {"medical": root / "medical.gguf"}, Item)
     sets.request((("medical", 1.0),))
     assert inside.wait(60)
-    assert sets.close(timeout=0.2) is False       # before: waited 120 s, then rmtree under the quantizer
+    assert sets.close(timeout=0.2) is False  # before: waited 120 s, then rmtree under the quantizer
     assert (dirs[0] / "merged-f32.gguf").exists()  # still there for the quantizer
     release.set()
     assert sets.wait(60)
-    assert not dirs[0].exists()                   # the worker removed it once the quantizer returned
+    assert not dirs[0].exists()  # the worker removed it once the quantizer returned
 
 
 def test_evicting_a_merged_set_does_not_wait_for_its_close(tiny_kit):

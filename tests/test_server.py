@@ -32,9 +32,13 @@ def server(tiny_kit, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     LOG["path"] = log
-    proc = subprocess.Popen([sys.executable, "-m", "avgguf.cli", "serve", str(root / "tiny.yaml"), "--port", str(port),
-                             "--api-key", KEY], stdout=log.open("w"), stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "avgguf.cli", "serve", str(root / "tiny.yaml"), "--port", str(port), "--api-key", KEY],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:
@@ -55,8 +59,14 @@ def client(server):
 
 
 def ask(client, model, content="hello", seed=0, temperature=0.0, max_tokens=8, **extra):
-    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}], seed=seed,
-                                       temperature=temperature, max_tokens=max_tokens, extra_body=extra or None)
+    r = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": content}],
+        seed=seed,
+        temperature=temperature,
+        max_tokens=max_tokens,
+        extra_body=extra or None,
+    )
     return r.choices[0].message.content
 
 
@@ -78,8 +88,7 @@ def test_profiles_overrides_and_lora_field(client):
 
 
 def test_usage_and_finish_reason(client):
-    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5,
-                                       temperature=0)
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=0)
     assert r.model == "tiny" and r.choices[0].finish_reason in ("length", "stop")
     assert r.usage.completion_tokens <= 5 and r.usage.prompt_tokens > 0
     c = client.completions.create(model="tiny:mixed", prompt="the", max_tokens=4, temperature=0)
@@ -90,9 +99,15 @@ def test_usage_and_finish_reason(client):
 
 def test_streaming_matches_non_streaming(client):
     full = ask(client, "tiny:mixed", max_tokens=10)
-    stream = client.chat.completions.create(model="tiny:mixed", messages=[{"role": "user", "content": "hello"}],
-                                            seed=0, temperature=0, max_tokens=10, stream=True,
-                                            stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model="tiny:mixed",
+        messages=[{"role": "user", "content": "hello"}],
+        seed=0,
+        temperature=0,
+        max_tokens=10,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     parts, finish = [], None
     for chunk in stream:
         if chunk.choices:
@@ -105,8 +120,16 @@ def test_streaming_matches_non_streaming(client):
 
 
 def test_concurrent_clients_match_solo_answers(client):
-    jobs = [("tiny", 1), ("tiny:expert-medical", 2), ("tiny:mixed", 3), ("tiny:expert-medical", 4),
-            ("tiny:mixed", 5), ("tiny", 6), ("tiny:mixed", 1), ("tiny:expert-medical", 1)]
+    jobs = [
+        ("tiny", 1),
+        ("tiny:expert-medical", 2),
+        ("tiny:mixed", 3),
+        ("tiny:expert-medical", 4),
+        ("tiny:mixed", 5),
+        ("tiny", 6),
+        ("tiny:mixed", 1),
+        ("tiny:expert-medical", 1),
+    ]
     solo = [ask(client, m, seed=s, temperature=0.9) for m, s in jobs]
     with ThreadPoolExecutor(8) as pool:
         together = list(pool.map(lambda job: ask(client, job[0], seed=job[1], temperature=0.9), jobs))
@@ -115,30 +138,89 @@ def test_concurrent_clients_match_solo_answers(client):
 
 # (case, method, path, body or raw bytes, headers, status, words in error.message)
 BAD = [
-    ("unknown model", "POST", "/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "x"}]},
-     None, 404, "does not exist"),
-    ("unknown profile", "POST", "/v1/chat/completions",
-     {"model": "tiny:nope", "messages": [{"role": "user", "content": "x"}]}, None, 404, "does not exist"),
-    ("path-like model", "POST", "/v1/chat/completions",
-     {"model": "../../etc/passwd", "messages": [{"role": "user", "content": "x"}]}, None, 404, "does not exist"),
+    (
+        "unknown model",
+        "POST",
+        "/v1/chat/completions",
+        {"model": "nope", "messages": [{"role": "user", "content": "x"}]},
+        None,
+        404,
+        "does not exist",
+    ),
+    (
+        "unknown profile",
+        "POST",
+        "/v1/chat/completions",
+        {"model": "tiny:nope", "messages": [{"role": "user", "content": "x"}]},
+        None,
+        404,
+        "does not exist",
+    ),
+    (
+        "path-like model",
+        "POST",
+        "/v1/chat/completions",
+        {"model": "../../etc/passwd", "messages": [{"role": "user", "content": "x"}]},
+        None,
+        404,
+        "does not exist",
+    ),
     ("malformed JSON", "POST", "/v1/chat/completions", b'{"model": "tiny", "messages": [', None, 400, "malformed JSON"),
-    ("wrong type", "POST", "/v1/chat/completions",
-     {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}, None, 400, "max_tokens"),
+    (
+        "wrong type",
+        "POST",
+        "/v1/chat/completions",
+        {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": "many"},
+        None,
+        400,
+        "max_tokens",
+    ),
     ("no messages", "POST", "/v1/chat/completions", {"model": "tiny", "messages": []}, None, 400, "messages"),
-    ("bad role", "POST", "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "robot", "content": "x"}]},
-     None, 400, "role"),
-    ("coefficient out of range", "POST", "/v1/chat/completions",
-     {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "avgguf": {"coefficients": {"medical": 9}}},
-     None, 400, "outside [-2, 2]"),
-    ("unknown AV", "POST", "/v1/chat/completions",
-     {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "avgguf": {"coefficients": {"tax": 1}}},
-     None, 400, "unknown alignment vector 'tax'"),
-    ("unknown lora id", "POST", "/v1/chat/completions",
-     {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "lora": [{"id": 7, "scale": 1}]},
-     None, 400, "lora id 7"),
-    ("max_tokens beyond context", "POST", "/v1/chat/completions",
-     {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 100000}, None, 400,
-     "exceeds the context"),
+    (
+        "bad role",
+        "POST",
+        "/v1/chat/completions",
+        {"model": "tiny", "messages": [{"role": "robot", "content": "x"}]},
+        None,
+        400,
+        "role",
+    ),
+    (
+        "coefficient out of range",
+        "POST",
+        "/v1/chat/completions",
+        {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "avgguf": {"coefficients": {"medical": 9}}},
+        None,
+        400,
+        "outside [-2, 2]",
+    ),
+    (
+        "unknown AV",
+        "POST",
+        "/v1/chat/completions",
+        {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "avgguf": {"coefficients": {"tax": 1}}},
+        None,
+        400,
+        "unknown alignment vector 'tax'",
+    ),
+    (
+        "unknown lora id",
+        "POST",
+        "/v1/chat/completions",
+        {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "lora": [{"id": 7, "scale": 1}]},
+        None,
+        400,
+        "lora id 7",
+    ),
+    (
+        "max_tokens beyond context",
+        "POST",
+        "/v1/chat/completions",
+        {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 100000},
+        None,
+        400,
+        "exceeds the context",
+    ),
     ("oversized body", "POST", "/v1/chat/completions", b"{" + b" " * (2 << 20) + b"}", None, 413, "over"),
     ("no API key", "GET", "/v1/models", None, {"Authorization": "Bearer wrong"}, 401, "API key"),
     ("bad lora-adapters body", "POST", "/lora-adapters", {"id": 0}, None, 400, "JSON list"),
@@ -159,13 +241,24 @@ def test_bad_requests_get_openai_errors(server, case, method, path, body, header
 def test_disconnect_mid_stream_frees_the_model(server, client):
     """One event read, then the client hangs up: the server ends that answer ("cancelled" in its access line,
     before its 100 tokens), and the next request is served."""
+
     def cancelled() -> int:
         return sum(" cancelled" in x for x in LOG["path"].read_text().splitlines() if x.startswith("access:"))
 
     before = cancelled()
-    with httpx.stream("POST", server + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
-                      json={"model": "tiny", "messages": [{"role": "user", "content": "go"}], "max_tokens": 100,
-                            "stream": True, "temperature": 1.0}, timeout=30) as r:
+    with httpx.stream(
+        "POST",
+        server + "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "go"}],
+            "max_tokens": 100,
+            "stream": True,
+            "temperature": 1.0,
+        },
+        timeout=30,
+    ) as r:
         for line in r.iter_lines():
             if line.startswith("data: "):
                 break  # read one event, then hang up

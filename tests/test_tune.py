@@ -29,17 +29,22 @@ def eval_rows(tiny_kit, tmp_path):
     rows = []
     for domain in ("medical", "legal"):
         for i in range(4):
-            rows.append({"domain": domain, "query": f"q{i} {domain}",
-                         "responses": {"avoidance": f"no {'a' * (i + 1)}", "generic": f"maybe b{i}",
-                                       "expert": f"yes c{i} d{i}"}})
+            rows.append(
+                {
+                    "domain": domain,
+                    "query": f"q{i} {domain}",
+                    "responses": {"avoidance": f"no {'a' * (i + 1)}", "generic": f"maybe b{i}", "expert": f"yes c{i} d{i}"},
+                }
+            )
     path = tmp_path / "eval.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
 def tune(*args):
-    return subprocess.run([sys.executable, "-m", "avgguf.cli", "tune", *args, "--json"], capture_output=True,
-                          text=True, check=False, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "avgguf.cli", "tune", *args, "--json"], capture_output=True, text=True, check=False, timeout=600
+    )
 
 
 def test_tune_matches_the_grid_with_fewer_evaluations(tiny_kit, tmp_path):
@@ -61,32 +66,39 @@ def test_tune_matches_the_grid_with_fewer_evaluations(tiny_kit, tmp_path):
     assert result["evaluations"] < grid["evaluations"]
     for domain, level in (("medical", "expert"), ("legal", "avoidance")):
         assert result["achieved"][domain][level] >= grid["achieved"][domain][level] - 0.05 - 1e-9, (result, grid)
-    listed = subprocess.run([sys.executable, "-m", "avgguf.cli", "profiles", str(mf)], capture_output=True, text=True,
-                            check=False)
+    listed = subprocess.run(
+        [sys.executable, "-m", "avgguf.cli", "profiles", str(mf)], capture_output=True, text=True, check=False
+    )
     want = " ".join(f"{k}={v:g}" for k, v in result["coefficients"].items())
     assert "tuned" in listed.stdout and want in listed.stdout, listed.stdout
     assert mf.read_text().startswith("# keep me")
 
 
-@pytest.mark.parametrize("target,words", [("cardio=expert", "unknown domain 'cardio'"),
-                                          ("medical=guru", "unknown level 'guru'"),
-                                          ("medical", "expected DOMAIN=LEVEL"),
-                                          ("financial=expert", "has no AV for domain 'financial'")])
+@pytest.mark.parametrize(
+    "target,words",
+    [
+        ("cardio=expert", "unknown domain 'cardio'"),
+        ("medical=guru", "unknown level 'guru'"),
+        ("medical", "expected DOMAIN=LEVEL"),
+        ("financial=expert", "has no AV for domain 'financial'"),
+    ],
+)
 def test_bad_targets_are_clear_errors(tiny_kit, tmp_path, target, words):
     root, *_ = tiny_kit
     data = eval_rows(tiny_kit, tmp_path)
     if target.startswith("financial"):
         with data.open("a") as f:
-            f.write(json.dumps({"domain": "financial", "query": "q", "responses": {"avoidance": "a", "generic": "b",
-                                                                                   "expert": "c"}}) + "\n")
+            f.write(
+                json.dumps({"domain": "financial", "query": "q", "responses": {"avoidance": "a", "generic": "b", "expert": "c"}})
+                + "\n"
+            )
     r = tune(str(root / "tiny.yaml"), "--data", str(data), "--target", target)
     assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_impossible_budget(tiny_kit, tmp_path):
     root, *_ = tiny_kit
-    r = tune(str(root / "tiny.yaml"), "--data", str(eval_rows(tiny_kit, tmp_path)), "--target", "medical=expert",
-             "--budget", "2")
+    r = tune(str(root / "tiny.yaml"), "--data", str(eval_rows(tiny_kit, tmp_path)), "--target", "medical=expert", "--budget", "2")
     assert r.returncode == 2 and "at least 3 evaluations" in r.stderr
 
 
@@ -98,17 +110,63 @@ def test_transfer_to_another_fine_tune(tiny_kit, tmp_path):
     other = tmp_path / "other-fine-tune.gguf"
     write_gguf(other, q.spec, to_gguf_tensors(q.spec, q.delta.applied_to(q.weights, 0.5)))
     data = eval_rows(tiny_kit, tmp_path)
-    r = subprocess.run([sys.executable, "-m", "avgguf.cli", "eval", str(root / "tiny.yaml"), "--data", str(data),
-                        "--lambdas", "0,1", "--transfer", str(other), "--json"], capture_output=True, text=True,
-                       check=False)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "avgguf.cli",
+            "eval",
+            str(root / "tiny.yaml"),
+            "--data",
+            str(data),
+            "--lambdas",
+            "0,1",
+            "--transfer",
+            str(other),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["transfer"]["model"] == str(other)
     assert [s["lambdas"] for s in out["transfer"]["sweeps"]] == [[0.0, 1.0], [0.0, 1.0]]
-    text = subprocess.run([sys.executable, "-m", "avgguf.cli", "eval", str(root / "tiny.yaml"), "--data", str(data),
-                           "--lambdas", "0,1", "--transfer", str(other)], capture_output=True, text=True, check=False)
+    text = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "avgguf.cli",
+            "eval",
+            str(root / "tiny.yaml"),
+            "--data",
+            str(data),
+            "--lambdas",
+            "0,1",
+            "--transfer",
+            str(other),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert "expert (other)" in text.stdout
     wider = make_pair(tmp_path / "wide", Spec("llama", n_embd=96, n_head=4, n_head_kv=2))
-    r = subprocess.run([sys.executable, "-m", "avgguf.cli", "eval", str(root / "tiny.yaml"), "--data", str(data),
-                        "--transfer", str(wider.base_gguf)], capture_output=True, text=True, check=False)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "avgguf.cli",
+            "eval",
+            str(root / "tiny.yaml"),
+            "--data",
+            str(data),
+            "--transfer",
+            str(wider.base_gguf),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert r.returncode == 2 and "does not fit" in r.stderr and "Traceback" not in r.stderr, r.stderr

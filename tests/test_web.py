@@ -19,8 +19,9 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 DRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER),
-                                reason="no browser here: apt-get install chromium chromium-driver (see .ci/run)")
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and DRIVER), reason="no browser here: apt-get install chromium chromium-driver (see .ci/run)"
+)
 
 
 def free_port() -> int:
@@ -31,8 +32,12 @@ def free_port() -> int:
 
 def start(modelfile: Path, *extra: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "avgguf.cli", "serve", str(modelfile), "--port", str(port), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "avgguf.cli", "serve", str(modelfile), "--port", str(port), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:
@@ -49,10 +54,18 @@ def start(modelfile: Path, *extra: str) -> tuple[subprocess.Popen, str]:
 def modelfile(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("web") / "desk.yaml"
     avs = {n: str(ROOT / "modelfiles" / "avs" / f"{n}.gguf") for n in ("medical", "legal", "financial")}
-    path.write_text("# a modelfile for the browser test; its comments must survive saving a profile\n" + yaml.safe_dump(
-        {"base": "builtin:smollm2-135m-instruct", "avs": avs,
-         "profiles": {"expert-medical": {"medical": 1.0}},
-         "defaults": {"max_tokens": 160, "temperature": 0.0, "seed": 0, "n_ctx": 1024}}, sort_keys=False))
+    path.write_text(
+        "# a modelfile for the browser test; its comments must survive saving a profile\n"
+        + yaml.safe_dump(
+            {
+                "base": "builtin:smollm2-135m-instruct",
+                "avs": avs,
+                "profiles": {"expert-medical": {"medical": 1.0}},
+                "defaults": {"max_tokens": 160, "temperature": 0.0, "seed": 0, "n_ctx": 1024},
+            },
+            sort_keys=False,
+        )
+    )
     return path
 
 
@@ -94,8 +107,12 @@ def open_page(browser, url):
 
 
 def set_slider(browser, name: str, value: float) -> None:
-    browser.execute_script("const r = document.querySelector(`input[type=range][data-av='${arguments[0]}']`);"
-                           "r.value = arguments[1]; r.dispatchEvent(new Event('input'));", name, value)
+    browser.execute_script(
+        "const r = document.querySelector(`input[type=range][data-av='${arguments[0]}']`);"
+        "r.value = arguments[1]; r.dispatchEvent(new Event('input'));",
+        name,
+        value,
+    )
 
 
 def ask(browser, text: str) -> None:
@@ -106,8 +123,9 @@ def ask(browser, text: str) -> None:
 
 
 def done(browser) -> bool:
-    return browser.find_element("css selector", "button#send").is_enabled() and \
-        not browser.find_elements("css selector", ".message.assistant.streaming")
+    return browser.find_element("css selector", "button#send").is_enabled() and not browser.find_elements(
+        "css selector", ".message.assistant.streaming"
+    )
 
 
 def answers(browser):
@@ -142,8 +160,14 @@ def test_sliders_steer_the_next_answer(browser, server):
 def test_streaming_and_stop(browser, server):
     open_page(browser, server)
     ask(browser, "Write a long essay about the history of medicine.")
-    streaming = wait(lambda: [e for e in browser.find_elements("css selector", ".message.assistant.streaming")
-                              if e.find_element("css selector", ".text").text.strip()], what="streamed text")
+    streaming = wait(
+        lambda: [
+            e
+            for e in browser.find_elements("css selector", ".message.assistant.streaming")
+            if e.find_element("css selector", ".text").text.strip()
+        ],
+        what="streamed text",
+    )
     partial = streaming[0].find_element("css selector", ".text").text
     browser.find_element("css selector", "button#stop").click()
     wait(lambda: done(browser), what="stop")
@@ -160,9 +184,17 @@ def test_compare_shows_two_answers(browser, server):
     set_slider(browser, "medical", 1.5)
     browser.find_element("css selector", "#compare").click()
     ask(browser, "Is it safe to take ibuprofen every day?")
-    wait(lambda: done(browser) and len(browser.find_elements("css selector", ".compare .message.assistant")) == 2
-         and all(e.find_elements("css selector", ".meta")
-                 for e in browser.find_elements("css selector", ".compare .message.assistant")), what="compare")
+    wait(
+        lambda: (
+            done(browser)
+            and len(browser.find_elements("css selector", ".compare .message.assistant")) == 2
+            and all(
+                e.find_elements("css selector", ".meta")
+                for e in browser.find_elements("css selector", ".compare .message.assistant")
+            )
+        ),
+        what="compare",
+    )
     a, b = browser.find_elements("css selector", ".compare .message.assistant")
     assert json.loads(a.get_attribute("data-coefficients"))["medical"] == 1.5
     assert json.loads(b.get_attribute("data-coefficients")) == {"medical": 0, "legal": 0, "financial": 0}
@@ -185,10 +217,10 @@ def test_save_as_profile(browser, server, modelfile):
     set_slider(browser, "financial", 0.75)
     browser.find_element("css selector", "#profile-name").send_keys("from-the-page")
     browser.find_element("css selector", "#save-profile").click()
-    wait(lambda: browser.find_element("css selector", "#status").text == "saved profile from-the-page",
-         what="saved")
-    listed = subprocess.run([sys.executable, "-m", "avgguf.cli", "profiles", str(modelfile)], capture_output=True,
-                            text=True, check=False)
+    wait(lambda: browser.find_element("css selector", "#status").text == "saved profile from-the-page", what="saved")
+    listed = subprocess.run(
+        [sys.executable, "-m", "avgguf.cli", "profiles", str(modelfile)], capture_output=True, text=True, check=False
+    )
     assert "from-the-page" in listed.stdout and "legal=-0.5 financial=0.75" in listed.stdout, listed.stdout
     assert modelfile.read_text().startswith("# a modelfile for the browser test")  # comments kept
     options = [o.get_attribute("value") for o in browser.find_elements("css selector", "select#model option")]

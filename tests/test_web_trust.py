@@ -19,8 +19,9 @@ import pytest
 from test_server_trust import free_port
 from test_web import CHROMIUM, DRIVER, start, wait
 
-pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER),
-                                reason="no browser here: apt-get install chromium chromium-driver (see .ci/run)")
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and DRIVER), reason="no browser here: apt-get install chromium chromium-driver (see .ci/run)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +31,7 @@ def browser():
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-background-networking",
-                "--no-first-run"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-background-networking", "--no-first-run"):
         opts.add_argument(arg)
     driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
     yield driver
@@ -45,13 +45,16 @@ def desktop(tiny_kit, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("desk")
     seen = tmp / "url.txt"
     browser = tmp / "browser.sh"
-    browser.write_text(f"#!/bin/sh\necho \"$1\" > {seen}\n")
+    browser.write_text(f'#!/bin/sh\necho "$1" > {seen}\n')
     browser.chmod(browser.stat().st_mode | stat.S_IEXEC)
     port = free_port()
     log = (tmp / "desktop.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "avgguf.cli", "desktop", str(root / "tiny.yaml"), "--port",
-                             str(port), "--allow-write"], stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "BROWSER": str(browser)})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "avgguf.cli", "desktop", str(root / "tiny.yaml"), "--port", str(port), "--allow-write"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "BROWSER": str(browser)},
+    )
     for _ in range(600):
         if seen.exists() and seen.read_text().strip():
             break
@@ -81,9 +84,13 @@ def open_server(tiny_kit, tmp_path):
     """`avgguf serve --allow-write` without a key: the audit's scenario (only the Origin/type rules guard it)."""
     root, *_ = tiny_kit
     modelfile = tmp_path / "open.yaml"
-    modelfile.write_text((root / "tiny.yaml").read_text().replace("med/base.gguf", str(root / "med/base.gguf"))
-                         .replace("medical.gguf", str(root / "medical.gguf"))
-                         .replace("legal.gguf", str(root / "legal.gguf")))
+    modelfile.write_text(
+        (root / "tiny.yaml")
+        .read_text()
+        .replace("med/base.gguf", str(root / "med/base.gguf"))
+        .replace("medical.gguf", str(root / "medical.gguf"))
+        .replace("legal.gguf", str(root / "legal.gguf"))
+    )
     proc, url = start(modelfile, "--allow-write")
     yield url, modelfile
     proc.terminate()
@@ -128,8 +135,10 @@ def test_saving_over_an_existing_profile_asks_first(browser, open_server):
     before = modelfile.read_text()
     browser.get(base + "/")
     wait(lambda: browser.find_elements("css selector", "input[type=range][data-av]"), what="sliders")
-    browser.execute_script("const r = document.querySelector(`input[type=range][data-av='medical']`);"
-                           "r.value = -1.5; r.dispatchEvent(new Event('input'));")
+    browser.execute_script(
+        "const r = document.querySelector(`input[type=range][data-av='medical']`);"
+        "r.value = -1.5; r.dispatchEvent(new Event('input'));"
+    )
     box = browser.find_element("css selector", "#profile-name")
     box.clear()
     box.send_keys("mixed")  # a profile of the modelfile

@@ -13,27 +13,56 @@ from avgguf.config.modelfile import open_target
 
 
 def add_parser(sub, parent) -> None:
-    p = sub.add_parser("bake", parents=[parent], help="write a profile as a GGUF, adapter, Ollama dir or PEFT LoRA",
-                       description="Bake a profile (its coefficients, with --set on top) into files that need no "
-                                   "live knobs: stock llama.cpp, LM Studio, Ollama, transformers+peft, vLLM.")
+    p = sub.add_parser(
+        "bake",
+        parents=[parent],
+        help="write a profile as a GGUF, adapter, Ollama dir or PEFT LoRA",
+        description="Bake a profile (its coefficients, with --set on top) into files that need no "
+        "live knobs: stock llama.cpp, LM Studio, Ollama, transformers+peft, vLLM.",
+    )
     p.add_argument("target", metavar="MODELFILE[:PROFILE]|BASE.gguf")
-    p.add_argument("--lora", action="append", default=[], metavar="PATH[=SCALE]",
-                   help="with a base GGUF: an adapter as an AV (repeatable)")
+    p.add_argument(
+        "--lora", action="append", default=[], metavar="PATH[=SCALE]", help="with a base GGUF: an adapter as an AV (repeatable)"
+    )
     cli_args.add_set_arg(p)
-    p.add_argument("--out", required=True, help="output file (gguf, adapter) or directory (ollama, peft); an existing "
-                   "one is replaced only if avgguf wrote it (same format), see --force")
-    p.add_argument("--force", action="store_true", help="replace an existing --out avgguf did not write (a directory "
-                   "keeps its other files); an --out that is, or holds, an input is refused even so")
-    p.add_argument("--format", required=True, choices=FORMATS,
-                   help="gguf: one merged model; adapter: one fused LoRA at scale 1; ollama: Modelfile + files; "
-                        "peft: adapter_config.json + adapter_model.safetensors")
-    p.add_argument("--type", choices=sorted(GGUF_TYPES), metavar="TYPE",
-                   help=f"--format gguf: quantization ({', '.join(GGUF_TYPES)}; default: the base's own)")
-    p.add_argument("--rank", type=cli_args.positive_int, help="--format adapter: re-compress to this rank by SVD "
-                   "(default: exact concatenation)")
-    p.add_argument("--source", action="append", default=[], metavar="NAME=BASE,ALIGNED",
-                   help="--format gguf: bake AV NAME from its full fine-tune delta (ALIGNED - BASE; HF directories or "
-                        "GGUFs) instead of its low-rank adapter: no low-rank loss, norms included (repeatable)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output file (gguf, adapter) or directory (ollama, peft); an existing "
+        "one is replaced only if avgguf wrote it (same format), see --force",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing --out avgguf did not write (a directory "
+        "keeps its other files); an --out that is, or holds, an input is refused even so",
+    )
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=FORMATS,
+        help="gguf: one merged model; adapter: one fused LoRA at scale 1; ollama: Modelfile + files; "
+        "peft: adapter_config.json + adapter_model.safetensors",
+    )
+    p.add_argument(
+        "--type",
+        choices=sorted(GGUF_TYPES),
+        metavar="TYPE",
+        help=f"--format gguf: quantization ({', '.join(GGUF_TYPES)}; default: the base's own)",
+    )
+    p.add_argument(
+        "--rank",
+        type=cli_args.positive_int,
+        help="--format adapter: re-compress to this rank by SVD (default: exact concatenation)",
+    )
+    p.add_argument(
+        "--source",
+        action="append",
+        default=[],
+        metavar="NAME=BASE,ALIGNED",
+        help="--format gguf: bake AV NAME from its full fine-tune delta (ALIGNED - BASE; HF directories or "
+        "GGUFs) instead of its low-rank adapter: no low-rank loss, norms included (repeatable)",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -42,17 +71,30 @@ def run_bake(args) -> int:
     mf, profile = open_target(args.target, args.lora)
     coefs = mf.coefficients(profile, parse_assignments(args.sets), source="--set")
     sources = open_sources(args.source, mf) if args.source else None
-    report = bake(mf, profile, coefs, args.out, args.format, args.type, args.rank, progress=sys.stderr.isatty(),
-                  sources=sources, force=args.force)
+    report = bake(
+        mf,
+        profile,
+        coefs,
+        args.out,
+        args.format,
+        args.type,
+        args.rank,
+        progress=sys.stderr.isatty(),
+        sources=sources,
+        force=args.force,
+    )
     if args.json:
         print(json.dumps(report, indent=1))
     else:
         size = f", {report['bytes'] / 1e6:.2f} MB" if "bytes" in report else ""
-        print(terminal_safe(f"wrote {args.out} ({args.format}{size}) from {mf.name}:{report['profile']} "
-                            f"[{describe(coefs)}]"))
+        print(terminal_safe(f"wrote {args.out} ({args.format}{size}) from {mf.name}:{report['profile']} [{describe(coefs)}]"))
         if report.get("base") == "hard-linked":
-            print(terminal_safe(f"  {report['base_file']} is a hard link to the base {mf.base_path} (no copy): "
-                                f"editing either file in place changes both"))
+            print(
+                terminal_safe(
+                    f"  {report['base_file']} is a hard link to the base {mf.base_path} (no copy): "
+                    f"editing either file in place changes both"
+                )
+            )
         elif report.get("base") == "copied":
             print(terminal_safe(f"  {report['base_file']} is a copy of the base {mf.base_path} (another file system)"))
     return 0

@@ -20,9 +20,13 @@ DEMO_PROMPTS = ["I have had a headache and a fever for three days. What should I
 
 
 def add_parsers(sub, parent) -> None:
-    p = sub.add_parser("run", parents=[parent], help="generate one answer under a profile and/or coefficients",
-                       description="Generate one answer. MODEL is a modelfile[:PROFILE], a base .gguf "
-                                   "(adapters with --lora PATH=SCALE) or builtin:NAME.")
+    p = sub.add_parser(
+        "run",
+        parents=[parent],
+        help="generate one answer under a profile and/or coefficients",
+        description="Generate one answer. MODEL is a modelfile[:PROFILE], a base .gguf "
+        "(adapters with --lora PATH=SCALE) or builtin:NAME.",
+    )
     cli_args.add_model_args(p)
     p.add_argument("prompt")
     cli_args.add_set_arg(p)
@@ -45,24 +49,41 @@ def add_parsers(sub, parent) -> None:
     p.add_argument("--port", type=cli_args.port, default=8080, help="TCP port (default 8080)")
     add_key_args(p, "require Authorization: Bearer KEY")
     p.add_argument("--allow-write", action="store_true", help="let the chat page save profiles into the modelfile")
-    p.add_argument("--parallel", type=cli_args.positive_int, default=4, help="requests decoded together per model "
-                   "(continuous batching in one llama.cpp context; KV cache for N x n_ctx tokens; default 4)")
-    p.add_argument("--max-queue", type=cli_args.positive_int, help="answer 503 when this many requests already "
-                   "wait for a model (default: 4 x --parallel)")
+    p.add_argument(
+        "--parallel",
+        type=cli_args.positive_int,
+        default=4,
+        help="requests decoded together per model "
+        "(continuous batching in one llama.cpp context; KV cache for N x n_ctx tokens; default 4)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=cli_args.positive_int,
+        help="answer 503 when this many requests already wait for a model (default: 4 x --parallel)",
+    )
     p.add_argument("--docs", action="store_true", help="serve FastAPI's /docs and /openapi.json (off by default)")
-    p.add_argument("-kvu", "--kv-unified", action="store_true", help="one K/V buffer shared by the parallel "
-                   "requests (llama-server's flag): more throughput, but an answer's float rounding then depends "
-                   "on the others (greedy answers can differ from solo ones); default: a K/V stream per request")
-    p.add_argument("--contexts", type=cli_args.positive_int, default=1, help="llama.cpp contexts per model "
-                   "(weights shared), each batching its share of --parallel; a coefficient set's requests go "
-                   "to one context while it has room, the cores are split between the contexts with work "
-                   "(default 1)")
+    p.add_argument(
+        "-kvu",
+        "--kv-unified",
+        action="store_true",
+        help="one K/V buffer shared by the parallel "
+        "requests (llama-server's flag): more throughput, but an answer's float rounding then depends "
+        "on the others (greedy answers can differ from solo ones); default: a K/V stream per request",
+    )
+    p.add_argument(
+        "--contexts",
+        type=cli_args.positive_int,
+        default=1,
+        help="llama.cpp contexts per model "
+        "(weights shared), each batching its share of --parallel; a coefficient set's requests go "
+        "to one context while it has room, the cores are split between the contexts with work "
+        "(default 1)",
+    )
     p = sub.add_parser("desktop", parents=[parent], help="the local web chat with a slider per AV, in your browser")
     cli_args.add_model_args(p, many=True)
     cli_args.add_merge_arg(p)
     p.add_argument("--port", type=cli_args.port, help="TCP port on 127.0.0.1 (default: a free one)")
-    add_key_args(p, "require Authorization: Bearer KEY (default: a new random key per run, handed to the page "
-                    "the browser opens)")
+    add_key_args(p, "require Authorization: Bearer KEY (default: a new random key per run, handed to the page the browser opens)")
     p.add_argument("--allow-write", action="store_true", help="let the page save profiles into the modelfile")
     p.add_argument("--no-browser", action="store_true", help="print the address instead of opening a browser")
     p.set_defaults(parallel=2, max_queue=None, kv_unified=False, contexts=1, docs=False)  # one person: 2 answers
@@ -78,12 +99,26 @@ def add_key_args(p, help_: str) -> None:
     """The API key from --api-key-file, $AVGGUF_API_KEY or --api-key (visible to other users in `ps`)."""
     p.add_argument("--api-key", help=help_ + " (prefer --api-key-file or AVGGUF_API_KEY: argv is visible in ps)")
     p.add_argument("--api-key-file", type=Path, metavar="FILE", help="read the API key from FILE (first line)")
-    p.add_argument("--shutdown-timeout", type=float, default=8.0, metavar="SECONDS", help="on SIGTERM/Ctrl-C, "
-                   "answers still running after this long are cancelled (default 8: inside docker stop's 10)")
-    p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS", help="a connection that has "
-                   "not sent its request headers after this long is closed (default 10)")
-    p.add_argument("--max-connections", type=cli_args.positive_int, default=128, help="open connections and "
-                   "requests at once; above it new ones get 503 (default 128)")
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=8.0,
+        metavar="SECONDS",
+        help="on SIGTERM/Ctrl-C, answers still running after this long are cancelled (default 8: inside docker stop's 10)",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="a connection that has not sent its request headers after this long is closed (default 10)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=cli_args.positive_int,
+        default=128,
+        help="open connections and requests at once; above it new ones get 503 (default 128)",
+    )
 
 
 def api_key(args) -> str | None:
@@ -114,8 +149,14 @@ def shipped_modelfile(name: str) -> Path:
 def _runtime(args, mf: Modelfile, merge: str | None = None) -> Runtime:
     """`merge`: None = --merge or the modelfile's; one-shot commands (run, demo) pass "off": a set there never
     answers twice, and a bake would only delay the exit."""
-    return Runtime(mf, n_gpu_layers=args.n_gpu_layers, n_ctx=args.n_ctx, threads=args.threads,
-                   verbose=args.verbose, merge=merge or getattr(args, "merge", None))
+    return Runtime(
+        mf,
+        n_gpu_layers=args.n_gpu_layers,
+        n_ctx=args.n_ctx,
+        threads=args.threads,
+        verbose=args.verbose,
+        merge=merge or getattr(args, "merge", None),
+    )
 
 
 def _open(args) -> tuple[Modelfile, str | None, dict[str, float]]:
@@ -125,12 +166,12 @@ def _open(args) -> tuple[Modelfile, str | None, dict[str, float]]:
 
 
 def _request(args, messages: list[dict]) -> GenerationRequest:
-    return GenerationRequest(messages=messages, max_tokens=args.max_tokens, seed=args.seed,
-                             temperature=args.temperature)
+    return GenerationRequest(messages=messages, max_tokens=args.max_tokens, seed=args.seed, temperature=args.temperature)
 
 
-def _stream(rt: Runtime, req: GenerationRequest, coefs: dict[str, float], stats: bool, out=sys.stdout,
-            decode: str = "weights") -> str:
+def _stream(
+    rt: Runtime, req: GenerationRequest, coefs: dict[str, float], stats: bool, out=sys.stdout, decode: str = "weights"
+) -> str:
     pieces = []
     for piece in rt.stream_chat_text(req, coefs, decode=decode):
         pieces.append(piece)
@@ -146,8 +187,13 @@ def run_run(args) -> int:
     mf, profile, coefs = _open(args)
     rt = _runtime(args, mf, merge="off")
     try:
-        _stream(rt, _request(args, [{"role": "user", "content": args.prompt}]), coefs, args.stats,
-                decode=args.decode or mf.decode_mode(profile))
+        _stream(
+            rt,
+            _request(args, [{"role": "user", "content": args.prompt}]),
+            coefs,
+            args.stats,
+            decode=args.decode or mf.decode_mode(profile),
+        )
     finally:
         rt.close()
     return 0
@@ -169,8 +215,10 @@ def run_profiles(args) -> int:
         info = fmt.read_adapter(path)
         ranks = sorted({p.rank for p in info.pairs.values()})
         domain = safe(info.meta.get(fmt.KEY_DOMAIN, "-"))  # a downloaded adapter's text: no terminal escapes
-        print(f"  {name:<12} domain {domain:<10} {len(info.pairs)} pairs, rank {ranks[0]}..{ranks[-1]}, "
-              f"{path.stat().st_size / 1e6:.1f} MB  {safe(mf.spec.avs[name].description or '')}")
+        print(
+            f"  {name:<12} domain {domain:<10} {len(info.pairs)} pairs, rank {ranks[0]}..{ranks[-1]}, "
+            f"{path.stat().st_size / 1e6:.1f} MB  {safe(mf.spec.avs[name].description or '')}"
+        )
     if not mf.av_paths:
         print("  (none)")
     print("profiles:" + ("" if mf.spec.profiles else " (none)"))
@@ -206,11 +254,28 @@ def _serve(args, on_ready=None, key: str | None = None) -> int:
     if loras and len(args.targets) != 1:
         raise AvggufError("--lora applies to one base GGUF; give a single BASE.gguf (or list adapters in modelfiles)")
     models = [open_target(t, loras)[0] for t in args.targets]
-    serve(models, args.host, args.port, key, verbose=args.verbose, n_gpu_layers=args.n_gpu_layers,
-          n_ctx=args.n_ctx, threads=args.threads, stats=args.stats, allow_write=args.allow_write,
-          parallel=args.parallel, max_queue=args.max_queue or 4 * args.parallel, kv_unified=args.kv_unified,
-          contexts=args.contexts, merge=args.merge, on_ready=on_ready, shutdown_timeout=args.shutdown_timeout,
-          max_connections=args.max_connections, header_timeout=args.header_timeout, docs=args.docs)
+    serve(
+        models,
+        args.host,
+        args.port,
+        key,
+        verbose=args.verbose,
+        n_gpu_layers=args.n_gpu_layers,
+        n_ctx=args.n_ctx,
+        threads=args.threads,
+        stats=args.stats,
+        allow_write=args.allow_write,
+        parallel=args.parallel,
+        max_queue=args.max_queue or 4 * args.parallel,
+        kv_unified=args.kv_unified,
+        contexts=args.contexts,
+        merge=args.merge,
+        on_ready=on_ready,
+        shutdown_timeout=args.shutdown_timeout,
+        max_connections=args.max_connections,
+        header_timeout=args.header_timeout,
+        docs=args.docs,
+    )
     return 0
 
 
@@ -247,10 +312,12 @@ def run_demo(args) -> int:
             print(f"\nuser: {prompt}")
             for label, coefs in settings:
                 print(f"\n--- {label} [{describe(coefs)}]")
-                req = GenerationRequest(messages=[{"role": "user", "content": prompt}],
-                                        max_tokens=args.max_tokens or 80,
-                                        seed=0 if args.seed is None else args.seed,
-                                        temperature=0.0 if args.temperature is None else args.temperature)
+                req = GenerationRequest(
+                    messages=[{"role": "user", "content": prompt}],
+                    max_tokens=args.max_tokens or 80,
+                    seed=0 if args.seed is None else args.seed,
+                    temperature=0.0 if args.temperature is None else args.temperature,
+                )
                 _stream(rt, req, coefs, args.stats)
     finally:
         rt.close()

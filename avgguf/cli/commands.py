@@ -21,50 +21,87 @@ from avgguf.errors import AvggufError
 log = logging.getLogger("avgguf")
 
 
-TORCH_HINT = ("pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu && "
-              "pip install -e '.[convert]' (or a CUDA build of torch, then the same)")
+TORCH_HINT = (
+    "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu && "
+    "pip install -e '.[convert]' (or a CUDA build of torch, then the same)"
+)
 
 
 def add_convert_parser(sub, parent) -> None:
-    p = sub.add_parser("convert", parents=[parent],
-                       help="turn an alignment vector (aligned - base, or a PEFT LoRA) into a GGUF LoRA",
-                       description="Write aligned - base (or a PEFT LoRA) as a GGUF LoRA adapter for llama.cpp.")
+    p = sub.add_parser(
+        "convert",
+        parents=[parent],
+        help="turn an alignment vector (aligned - base, or a PEFT LoRA) into a GGUF LoRA",
+        description="Write aligned - base (or a PEFT LoRA) as a GGUF LoRA adapter for llama.cpp.",
+    )
     p.add_argument("--base", required=True, help="base model: HF checkpoint directory or .gguf file")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--aligned", help="aligned (fine-tuned) model: HF checkpoint directory or .gguf file")
-    src.add_argument("--peft", metavar="PEFT_ADAPTER_DIR", help="PEFT LoRA directory (adapter_config.json + "
-                     "adapter_model.safetensors) trained on --base")
+    src.add_argument(
+        "--peft",
+        metavar="PEFT_ADAPTER_DIR",
+        help="PEFT LoRA directory (adapter_config.json + adapter_model.safetensors) trained on --base",
+    )
     p.add_argument("--out", required=True, help="output adapter file (.gguf)")
     p.add_argument("--force", action="store_true", help="replace an existing --out avgguf did not write")
     p.add_argument("--name", help="AV name stored in the file (default: the output file's stem)")
     p.add_argument("--domain", help="AV domain, e.g. medical (default: the name)")
     rank = p.add_mutually_exclusive_group()
-    rank.add_argument("--rank", type=_positive_int, help="uniform rank (default 16 for a pair; a PEFT adapter keeps "
-                      "its own ranks); a rank >= a tensor's smaller dimension keeps it exact")
-    rank.add_argument("--energy", type=_fraction, help="per tensor, the smallest rank keeping this fraction of the "
-                      "delta's Frobenius energy")
+    rank.add_argument(
+        "--rank",
+        type=_positive_int,
+        help="uniform rank (default 16 for a pair; a PEFT adapter keeps "
+        "its own ranks); a rank >= a tensor's smaller dimension keeps it exact",
+    )
+    rank.add_argument(
+        "--energy", type=_fraction, help="per tensor, the smallest rank keeping this fraction of the delta's Frobenius energy"
+    )
     p.add_argument("--max-rank", type=_positive_int, help="cap for --energy and --max-size (default 128 there)")
-    p.add_argument("--max-size", metavar="SIZE", help="byte budget for the whole file, e.g. 10MB (KB/MB/GB, "
-                   "KiB/MiB/GiB): rank and factor type per tensor are chosen for the most fidelity per byte")
-    p.add_argument("--dtype", choices=["f32", "f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"],
-                   help="factor storage type (default f16; with --max-size, the only type used instead of a mix of "
-                        "f32/f16/q8_0/q5_0/q4_0). Quantized types need rank %% 32 == 0 for lora_b, else it stays f16")
+    p.add_argument(
+        "--max-size",
+        metavar="SIZE",
+        help="byte budget for the whole file, e.g. 10MB (KB/MB/GB, "
+        "KiB/MiB/GiB): rank and factor type per tensor are chosen for the most fidelity per byte",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["f32", "f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"],
+        help="factor storage type (default f16; with --max-size, the only type used instead of a mix of "
+        "f32/f16/q8_0/q5_0/q4_0). Quantized types need rank %% 32 == 0 for lora_b, else it stays f16",
+    )
     fit = p.add_argument_group("fitting (pair conversions)")
-    fit.add_argument("--fit", default="svd", choices=["svd", "distill"],
-                     help="svd: best low-rank approximation of the weight delta (default); distill: start there, then "
-                          "train all factors together so base + AV reproduces the aligned model's outputs "
-                          "(needs transformers: pip install 'avgguf[train]')")
-    fit.add_argument("--calibration", metavar="FILE.jsonl", help="calibration prompts/text for --fit distill "
-                     "(default: the built-in set; rows {\"prompt\"}, {\"prompt\",\"chosen\",\"rejected\"}, "
-                     "{\"messages\"}, {\"text\"}, {\"tokens\"}; see README)")
-    fit.add_argument("--tokenizer", metavar="DIR_OR_GGUF", help="tokenizer for --fit distill (default: the one "
-                     "beside --aligned or --base)")
+    fit.add_argument(
+        "--fit",
+        default="svd",
+        choices=["svd", "distill"],
+        help="svd: best low-rank approximation of the weight delta (default); distill: start there, then "
+        "train all factors together so base + AV reproduces the aligned model's outputs "
+        "(needs transformers: pip install 'avgguf[train]')",
+    )
+    fit.add_argument(
+        "--calibration",
+        metavar="FILE.jsonl",
+        help="calibration prompts/text for --fit distill "
+        '(default: the built-in set; rows {"prompt"}, {"prompt","chosen","rejected"}, '
+        '{"messages"}, {"text"}, {"tokens"}; see README)',
+    )
+    fit.add_argument(
+        "--tokenizer", metavar="DIR_OR_GGUF", help="tokenizer for --fit distill (default: the one beside --aligned or --base)"
+    )
     fit.add_argument("--fit-steps", type=_positive_int, default=200, help="distillation steps (default 200)")
-    fit.add_argument("--fit-samples", type=cli_args.non_negative_int, default=1, help="answers sampled from the "
-                     "aligned model per calibration prompt (default 1; 0 = only the given text)")
-    p.add_argument("--svd", default="auto", choices=["auto", "full", "randomized"],
-                   help="SVD algorithm (auto: exact Gram eigensolver up to 2048 wide, randomized with 2r columns and "
-                        "10 power iterations above)")
+    fit.add_argument(
+        "--fit-samples",
+        type=cli_args.non_negative_int,
+        default=1,
+        help="answers sampled from the aligned model per calibration prompt (default 1; 0 = only the given text)",
+    )
+    p.add_argument(
+        "--svd",
+        default="auto",
+        choices=["auto", "full", "randomized"],
+        help="SVD algorithm (auto: exact Gram eigensolver up to 2048 wide, randomized with 2r columns and "
+        "10 power iterations above)",
+    )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where torch runs the SVD")
     p.add_argument("--json", action="store_true", help="print the conversion report as JSON")
 
@@ -90,8 +127,7 @@ def _check_options(args) -> None:
     if args.max_rank and args.energy is None and args.max_size is None:
         raise AvggufError("--max-rank only applies with --energy or --max-size; for a uniform rank use --rank")
     if args.max_size is not None and (args.rank or args.energy):
-        raise AvggufError("--max-size chooses the rank of each tensor itself; drop --rank/--energy "
-                          "(use --max-rank to cap it)")
+        raise AvggufError("--max-size chooses the rank of each tensor itself; drop --rank/--energy (use --max-rank to cap it)")
     if args.max_size is not None:
         parse_size(args.max_size)
     if args.peft and (args.fit != "svd" or args.max_size):
@@ -126,8 +162,18 @@ def run_convert(args) -> int:
         policy = None
         if args.rank or args.energy:
             policy = RankPolicy(rank=args.rank, energy=args.energy, max_rank=args.max_rank, svd=args.svd)
-        report = convert_peft(args.peft, base, args.out, name=name, domain=args.domain, policy=policy,
-                              dtype=args.dtype or "f16", device=args.device, progress=progress, force=args.force)
+        report = convert_peft(
+            args.peft,
+            base,
+            args.out,
+            name=name,
+            domain=args.domain,
+            policy=policy,
+            dtype=args.dtype or "f16",
+            device=args.device,
+            progress=progress,
+            force=args.force,
+        )
     else:
         report = _convert_pair(args, base, name, progress)
     if args.json:
@@ -135,14 +181,20 @@ def run_convert(args) -> int:
     else:
         ranks = [r.rank for r in report.records]
         types = ", ".join(sorted({r.types for r in report.records}))
-        print(f"wrote {args.out}: {len(report.records)} tensor pairs, rank {min(ranks)}..{max(ranks)}, "
-              f"{types}, {Path(args.out).stat().st_size / 1e6:.2f} MB")
+        print(
+            f"wrote {args.out}: {len(report.records)} tensor pairs, rank {min(ranks)}..{max(ranks)}, "
+            f"{types}, {Path(args.out).stat().st_size / 1e6:.2f} MB"
+        )
         if report.fit:
-            print(f"distilled: KL(aligned || base+AV) {report.fit['kl_before']:.4f} (SVD) -> "
-                  f"{report.fit['kl_after']:.4f} on held-out calibration text (base alone: "
-                  f"{report.fit['kl_base']:.4f}), {report.fit['seconds']:.0f} s")
-        print(f"AV energy kept: {report.kept_fraction:.2%}   not applicable in llama.cpp: "
-              f"{report.unapplied_fraction:.2%} ({len(report.skipped)} tensors: norms/biases/tied embeddings)")
+            print(
+                f"distilled: KL(aligned || base+AV) {report.fit['kl_before']:.4f} (SVD) -> "
+                f"{report.fit['kl_after']:.4f} on held-out calibration text (base alone: "
+                f"{report.fit['kl_base']:.4f}), {report.fit['seconds']:.0f} s"
+            )
+        print(
+            f"AV energy kept: {report.kept_fraction:.2%}   not applicable in llama.cpp: "
+            f"{report.unapplied_fraction:.2%} ({len(report.skipped)} tensors: norms/biases/tied embeddings)"
+        )
     return 0
 
 
@@ -157,8 +209,9 @@ def _convert_pair(args, base, name: str, progress: bool):
     if max_size is not None:
         policy = RankPolicy(rank=args.max_rank or BUDGET_CAP_RANK, svd=args.svd)
     else:
-        policy = RankPolicy(rank=args.rank or (None if args.energy else 16), energy=args.energy,
-                            max_rank=args.max_rank, svd=args.svd)
+        policy = RankPolicy(
+            rank=args.rank or (None if args.energy else 16), energy=args.energy, max_rank=args.max_rank, svd=args.svd
+        )
     fit = None
     if args.fit == "distill":
         try:
@@ -169,12 +222,29 @@ def _convert_pair(args, base, name: str, progress: bool):
         from avgguf.converters.distill import DistillSettings
 
         read_calibration(args.calibration)  # fail before any work on a bad file
-        fit = DistillSettings(steps=args.fit_steps, samples=args.fit_samples, device=args.device,
-                              calibration=args.calibration, tokenizer=args.tokenizer)
+        fit = DistillSettings(
+            steps=args.fit_steps,
+            samples=args.fit_samples,
+            device=args.device,
+            calibration=args.calibration,
+            tokenizer=args.tokenizer,
+        )
     types = (args.dtype,) if args.dtype else (TYPES if max_size is not None else ("f16",))
-    return convert_pair(base, aligned, args.out, name=name, domain=args.domain, policy=policy,
-                        dtype=args.dtype or "f16", device=args.device, progress=progress, max_size=max_size,
-                        types=types, fit=fit, force=args.force)
+    return convert_pair(
+        base,
+        aligned,
+        args.out,
+        name=name,
+        domain=args.domain,
+        policy=policy,
+        dtype=args.dtype or "f16",
+        device=args.device,
+        progress=progress,
+        max_size=max_size,
+        types=types,
+        fit=fit,
+        force=args.force,
+    )
 
 
 def add_inspect_parser(sub, parent) -> None:
@@ -206,18 +276,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"convert": run_convert, "inspect": run_inspect, "run": cli_chat.run_run, "chat": cli_chat.run_chat,
-            "profiles": cli_chat.run_profiles, "demo": cli_chat.run_demo,
-            "eval": cli_eval.run_eval, "serve": cli_chat.run_serve,
-            "bake": cli_bake.run_bake, "desktop": cli_chat.run_desktop,
-            "tune": cli_tune.run_tune}
+COMMANDS = {
+    "convert": run_convert,
+    "inspect": run_inspect,
+    "run": cli_chat.run_run,
+    "chat": cli_chat.run_chat,
+    "profiles": cli_chat.run_profiles,
+    "demo": cli_chat.run_demo,
+    "eval": cli_eval.run_eval,
+    "serve": cli_chat.run_serve,
+    "bake": cli_bake.run_bake,
+    "desktop": cli_chat.run_desktop,
+    "tune": cli_tune.run_tune,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(cli_args.join_negative_values(sys.argv[1:] if argv is None else list(argv)))
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         return COMMANDS[args.command](args)
     except AvggufError as exc:

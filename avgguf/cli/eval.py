@@ -27,29 +27,49 @@ from avgguf.runtime.threads import ThreadPolicy
 
 
 def add_parser(sub, parent) -> None:
-    p = sub.add_parser("eval", parents=[parent], help="judge avoidance/generic/expert shares as the AV "
-                       "coefficients move")
+    p = sub.add_parser("eval", parents=[parent], help="judge avoidance/generic/expert shares as the AV coefficients move")
     p.add_argument("modelfile", metavar="MODELFILE|BASE.gguf")
-    p.add_argument("--lora", action="append", default=[], metavar="PATH[=SCALE]",
-                   help="with a base GGUF: an adapter to evaluate as an AV (repeatable)")
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[=SCALE]",
+        help="with a base GGUF: an adapter to evaluate as an AV (repeatable)",
+    )
     p.add_argument("--threads", type=non_negative_int, help="CPU threads (default adaptive)")
     p.add_argument("--data", required=True, help="preference JSONL (see README 'Preference data')")
     p.add_argument("--domain", help="only this domain's queries")
     p.add_argument("--lambdas", default="-1:1.5:0.25", help="START:STOP:STEP or a list (default -1:1.5:0.25)")
     p.add_argument("--limit", type=positive_int, help="at most this many queries per domain (evenly spaced)")
     p.add_argument("--cross", action="store_true", help="also: each AV and each profile on every domain")
-    p.add_argument("--prompting", action="store_true", help="also: a system prompt asking for expert answers, "
-                   "without AVs, side by side with the AV at λ=1 (share and time per query)")
-    p.add_argument("--decode", default="weights", choices=["weights", "pad", "pad-full"],
-                   help="weights: λ·AV in the weights (default); pad / pad-full: λ is the AV's PAD reward weight "
-                        "(the references are scored under the decoding distribution)")
-    p.add_argument("--generate", type=positive_int, metavar="N", help="also generate answers to N queries per "
-                   "domain and setting and judge their level with a classifier trained on --judge-data")
-    p.add_argument("--judge-data", help="training rows for the generated-answer classifier (default: train.jsonl "
-                   "beside --data)")
+    p.add_argument(
+        "--prompting",
+        action="store_true",
+        help="also: a system prompt asking for expert answers, "
+        "without AVs, side by side with the AV at λ=1 (share and time per query)",
+    )
+    p.add_argument(
+        "--decode",
+        default="weights",
+        choices=["weights", "pad", "pad-full"],
+        help="weights: λ·AV in the weights (default); pad / pad-full: λ is the AV's PAD reward weight "
+        "(the references are scored under the decoding distribution)",
+    )
+    p.add_argument(
+        "--generate",
+        type=positive_int,
+        metavar="N",
+        help="also generate answers to N queries per "
+        "domain and setting and judge their level with a classifier trained on --judge-data",
+    )
+    p.add_argument("--judge-data", help="training rows for the generated-answer classifier (default: train.jsonl beside --data)")
     p.add_argument("--max-tokens", type=positive_int, default=96, help="tokens per generated answer (default 96)")
-    p.add_argument("--transfer", metavar="OTHER.gguf", help="also apply the same AVs to another fine-tune of the "
-                   "same base and show their effect there next to their effect on the base")
+    p.add_argument(
+        "--transfer",
+        metavar="OTHER.gguf",
+        help="also apply the same AVs to another fine-tune of the "
+        "same base and show their effect there next to their effect on the base",
+    )
     p.add_argument("--plot", help="write the λ sweep as a PNG")
     p.add_argument("--json", action="store_true", help="print all results as JSON")
 
@@ -71,8 +91,7 @@ def lambdas_arg(text: str) -> list[float]:
         if not step > 0 or not math.isfinite(step):
             raise AvggufError(f"{where}: STEP must be a number > 0, got {step:g}")
         if (stop - start) / step + 1 > MAX_LAMBDAS:
-            raise AvggufError(f"{where}: {int((stop - start) / step) + 1} points; at most {MAX_LAMBDAS}, use a "
-                              f"larger STEP")
+            raise AvggufError(f"{where}: {int((stop - start) / step) + 1} points; at most {MAX_LAMBDAS}, use a larger STEP")
     elif text.count(",") >= MAX_LAMBDAS:
         raise AvggufError(f"{where}: more than {MAX_LAMBDAS} values")
     return [check_value("λ", lam, "--lambdas") for lam in parse_lambdas(text)]
@@ -94,8 +113,10 @@ def _check_paths(args) -> None:
     if args.transfer is not None:
         path = Path(args.transfer)
         if not path.is_file() or fmt.gguf_kind(path) != "model":
-            raise AvggufError(f"--transfer {args.transfer!r}: expected a GGUF model (another fine-tune of the base)"
-                              + ("" if path.is_file() else "; not found"))
+            raise AvggufError(
+                f"--transfer {args.transfer!r}: expected a GGUF model (another fine-tune of the base)"
+                + ("" if path.is_file() else "; not found")
+            )
     if args.generate:
         judge_data = args.judge_data or str(Path(args.data).with_name("train.jsonl"))
         if not Path(judge_data).is_file():
@@ -115,10 +136,15 @@ def run_eval(args) -> int:
     if args.limit:  # an evenly spaced subset, so every held-out topic stays represented
         by_domain = {d: rs[:: max(1, -(-len(rs) // args.limit))][: args.limit] for d, rs in by_domain.items()}
     log = (lambda msg: print(msg, file=sys.stderr)) if not args.json else None
-    eng = Engine(mf.base_path, n_ctx=1024, logits_all=True, verbose=args.verbose, fuse="sync",
-                 threads=ThreadPolicy.from_settings(args.threads, mf.spec.defaults.n_threads))
-    out: dict = {"modelfile": str(mf.path), "data": args.data, "decode": args.decode, "sweeps": [], "cross": [],
-                 "prompting": []}
+    eng = Engine(
+        mf.base_path,
+        n_ctx=1024,
+        logits_all=True,
+        verbose=args.verbose,
+        fuse="sync",
+        threads=ThreadPolicy.from_settings(args.threads, mf.spec.defaults.n_threads),
+    )
+    out: dict = {"modelfile": str(mf.path), "data": args.data, "decode": args.decode, "sweeps": [], "cross": [], "prompting": []}
     try:
         for name, path in mf.av_paths.items():
             eng.load_adapter(name, path)
@@ -188,8 +214,14 @@ def transfer_sweeps(mf, other: str, by_domain: dict[str, list[dict]], lambdas: l
             fmt.check_against_base(fmt.read_adapter(av), info)
         except AvggufError as exc:
             raise AvggufError(f"--transfer: AV {name!r} does not fit {other}: {exc}") from None
-    eng = Engine(path, n_ctx=1024, logits_all=True, fuse="sync", verbose=args.verbose,
-                 threads=ThreadPolicy.from_settings(args.threads, mf.spec.defaults.n_threads))
+    eng = Engine(
+        path,
+        n_ctx=1024,
+        logits_all=True,
+        fuse="sync",
+        verbose=args.verbose,
+        threads=ThreadPolicy.from_settings(args.threads, mf.spec.defaults.n_threads),
+    )
     zero = {name: 0.0 for name in mf.av_paths}
     try:
         for name, av in mf.av_paths.items():
@@ -198,8 +230,11 @@ def transfer_sweeps(mf, other: str, by_domain: dict[str, list[dict]], lambdas: l
         for domain, drows in by_domain.items():
             av = _av_for_domain(mf, domain)
             if av is not None:
-                run = sweep if args.decode == "weights" else (
-                    lambda e, r, a, lam, z, progress: pad_sweep(e, r, a, lam, z, args.decode, progress))
+                run = (
+                    sweep
+                    if args.decode == "weights"
+                    else (lambda e, r, a, lam, z, progress: pad_sweep(e, r, a, lam, z, args.decode, progress))
+                )
                 sweeps.append(run(eng, drows, av, lambdas, zero, progress=log).__dict__)
     finally:
         eng.close()
@@ -218,8 +253,7 @@ def generated_shares(mf, by_domain: dict[str, list[dict]], lambdas: list[float],
         raise AvggufError(f"--generate needs classifier training rows: --judge-data {judge_data!r} not found")
     clf = LevelClassifier.train(read_eval_data(judge_data))
     held_out = [r for rs in by_domain.values() for r in rs]
-    result = {"classifier": {"trained_on": clf.trained_on, "accuracy_on_references": clf.accuracy(held_out)},
-              "generated": []}
+    result = {"classifier": {"trained_on": clf.trained_on, "accuracy_on_references": clf.accuracy(held_out)}, "generated": []}
     zero = {name: 0.0 for name in mf.av_paths}
     rt = Runtime(mf, n_ctx=1024, threads=args.threads, fuse="sync", merge="off")
     try:
@@ -231,15 +265,15 @@ def generated_shares(mf, by_domain: dict[str, list[dict]], lambdas: list[float],
             for lam in lambdas:
                 answers, t0 = [], time.perf_counter()
                 for row in drows[: args.generate]:
-                    req = GenerationRequest(messages=[{"role": "user", "content": row["query"]}],
-                                            max_tokens=args.max_tokens, temperature=0.0, seed=0)
+                    req = GenerationRequest(
+                        messages=[{"role": "user", "content": row["query"]}], max_tokens=args.max_tokens, temperature=0.0, seed=0
+                    )
                     answers.append("".join(rt.stream_chat_text(req, {**zero, av: lam}, decode=args.decode)))
                 shares = clf.shares(answers)
                 shares["seconds_per_answer"] = (time.perf_counter() - t0) / max(len(answers), 1)
                 entry["shares"].append(shares)
                 if log:
-                    log(f"generated {domain} {args.decode} {av}={lam:g}: " +
-                        " ".join(f"{k} {shares[k]:.2f}" for k in LEVELS))
+                    log(f"generated {domain} {args.decode} {av}={lam:g}: " + " ".join(f"{k} {shares[k]:.2f}" for k in LEVELS))
             result["generated"].append(entry)
     finally:
         rt.close()
@@ -249,8 +283,11 @@ def generated_shares(mf, by_domain: dict[str, list[dict]], lambdas: list[float],
 def render(out: dict, domains: list[str]) -> str:
     lines = []
     for s in out["sweeps"]:
-        lines += [f"\n{s['domain']} queries (n={s['shares'][0]['n']}), {s['av']} AV:",
-                  "| λ | avoidance | generic | expert |", "|---|---|---|---|"]
+        lines += [
+            f"\n{s['domain']} queries (n={s['shares'][0]['n']}), {s['av']} AV:",
+            "| λ | avoidance | generic | expert |",
+            "|---|---|---|---|",
+        ]
         for lam, sh in zip(s["lambdas"], s["shares"]):
             lines.append(f"| {lam:g} | " + " | ".join(f"{sh[lvl]:.2f}" for lvl in LEVELS) + " |")
     if out.get("transfer"):
@@ -259,28 +296,43 @@ def render(out: dict, domains: list[str]) -> str:
             header = "| λ | expert (base) | expert (other) | avoidance (base) | avoidance (other) |"
             lines += [f"\n{s['domain']} queries, {s['av']} AV:", header, "|---|---|---|---|---|"]
             for lam, a, b in zip(s["lambdas"], s["shares"], t["shares"]):
-                lines.append(f"| {lam:g} | {a['expert']:.2f} | {b['expert']:.2f} | {a['avoidance']:.2f} | "
-                             f"{b['avoidance']:.2f} |")
+                lines.append(f"| {lam:g} | {a['expert']:.2f} | {b['expert']:.2f} | {a['avoidance']:.2f} | {b['avoidance']:.2f} |")
     if out.get("generated"):
         acc = out["classifier"]["accuracy_on_references"]
         lines.append(f"\ngenerated answers judged by the level classifier (accuracy on held-out references {acc:.2f}):")
         for g in out["generated"]:
-            lines += [f"\n{g['domain']} queries (n={g['shares'][0]['n']}), {g['av']} AV, {out['decode']}:",
-                      "| λ | avoidance | generic | expert | s/answer |", "|---|---|---|---|---|"]
+            lines += [
+                f"\n{g['domain']} queries (n={g['shares'][0]['n']}), {g['av']} AV, {out['decode']}:",
+                "| λ | avoidance | generic | expert | s/answer |",
+                "|---|---|---|---|---|",
+            ]
             for lam, sh in zip(g["lambdas"], g["shares"]):
-                lines.append(f"| {lam:g} | " + " | ".join(f"{sh[lvl]:.2f}" for lvl in LEVELS) +
-                             f" | {sh['seconds_per_answer']:.1f} |")
+                lines.append(
+                    f"| {lam:g} | " + " | ".join(f"{sh[lvl]:.2f}" for lvl in LEVELS) + f" | {sh['seconds_per_answer']:.1f} |"
+                )
     if out["cross"]:
-        lines += ["\nexpert share (avoidance share) per domain:",
-                  "| setting | " + " | ".join(domains) + " |", "|---" * (len(domains) + 1) + "|"]
+        lines += [
+            "\nexpert share (avoidance share) per domain:",
+            "| setting | " + " | ".join(domains) + " |",
+            "|---" * (len(domains) + 1) + "|",
+        ]
         for row in out["cross"]:
-            lines.append(f"| {row['setting']} | " + " | ".join(
-                f"{row[d]['expert']:.2f} ({row[d]['avoidance']:.2f})" for d in domains) + " |")
+            lines.append(
+                f"| {row['setting']} | "
+                + " | ".join(f"{row[d]['expert']:.2f} ({row[d]['avoidance']:.2f})" for d in domains)
+                + " |"
+            )
     if out["prompting"]:
-        lines += ["\nprompting baseline vs AV (expert share, ms per query):",
-                  "| domain | base | system prompt | AV λ=1 |", "|---|---|---|---|"]
+        lines += [
+            "\nprompting baseline vs AV (expert share, ms per query):",
+            "| domain | base | system prompt | AV λ=1 |",
+            "|---|---|---|---|",
+        ]
         for e in out["prompting"]:
             cells = [e["base"], e["prompting"]] + ([e["av"]] if "av" in e else [])
-            lines.append(f"| {e['domain']} | " + " | ".join(
-                f"{c['expert']:.2f}, {1000 * c['seconds_per_query']:.0f} ms" for c in cells) + " |")
+            lines.append(
+                f"| {e['domain']} | "
+                + " | ".join(f"{c['expert']:.2f}, {1000 * c['seconds_per_query']:.0f} ms" for c in cells)
+                + " |"
+            )
     return "\n".join(lines).strip()

@@ -75,10 +75,13 @@ class ChatState:
 
     def show(self) -> str:
         head = [{"role": "system", "content": self.system}] if self.system is not None else []
-        system = next((m["content"] for m in self.modelfile.system_messages(head) if m["role"] == "system"),
-                      "(none)")  # as the model sees it (the modelfile's system_policy applied)
-        return (f"profile: {self.profile_label}\ncoefficients: {describe(self.coefficients)}\n"
-                f"decode: {self.decode}\nsystem: {system}\nturns: {len(self.history) // 2}")
+        system = next(
+            (m["content"] for m in self.modelfile.system_messages(head) if m["role"] == "system"), "(none)"
+        )  # as the model sees it (the modelfile's system_policy applied)
+        return (
+            f"profile: {self.profile_label}\ncoefficients: {describe(self.coefficients)}\n"
+            f"decode: {self.decode}\nsystem: {system}\nturns: {len(self.history) // 2}"
+        )
 
 
 def command(line: str, state: ChatState) -> bool:
@@ -181,14 +184,15 @@ def fit_history(rt: Runtime, messages: list[dict], max_tokens: int | None) -> li
     budget = rt.n_ctx - (max_tokens or rt.modelfile.spec.defaults.max_tokens)
     msgs = list(messages)
     head = [m for m in msgs[:1] if m["role"] == "system"]
-    body = msgs[len(head):]
+    body = msgs[len(head) :]
     while len(body) > 1 and sum(rt.count_tokens(m["content"]) + 8 for m in rt.with_system(head + body)) > budget:
         body = body[2:] if len(body) > 2 else body[1:]
     return head + body
 
 
-def answer(rt: Runtime, state: ChatState, make_request: Callable[[list[dict]], GenerationRequest],
-           stats: bool, out: TextIO = sys.stdout) -> None:
+def answer(
+    rt: Runtime, state: ChatState, make_request: Callable[[list[dict]], GenerationRequest], stats: bool, out: TextIO = sys.stdout
+) -> None:
     """Stream one answer; Ctrl-C ends it early, and what was said so far stays in the history."""
     head = [{"role": "system", "content": state.system}] if state.system is not None else []
     req = make_request(fit_history(rt, head + state.history, None))

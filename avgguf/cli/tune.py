@@ -17,21 +17,35 @@ from avgguf.eval.tune import grid, parse_target, tune
 
 
 def add_parser(sub, parent) -> None:
-    p = sub.add_parser("tune", parents=[parent], help="find coefficients for target levels per domain",
-                       description="Find coefficients in [-2, 2] that make the level judge pick the target level "
-                                   "in each domain, with far fewer evaluations than a grid.")
+    p = sub.add_parser(
+        "tune",
+        parents=[parent],
+        help="find coefficients for target levels per domain",
+        description="Find coefficients in [-2, 2] that make the level judge pick the target level "
+        "in each domain, with far fewer evaluations than a grid.",
+    )
     p.add_argument("modelfile", metavar="MODELFILE|BASE.gguf")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[=SCALE]")
     p.add_argument("--data", required=True, help="preference JSONL (the held-out split), as for `avgguf eval`")
-    p.add_argument("--target", required=True, help="DOMAIN=LEVEL,... with LEVEL avoidance, generic or expert, "
-                   "e.g. legal=expert,financial=avoidance,medical=generic")
-    p.add_argument("--budget", type=cli_args.positive_int, default=150, help="at most this many evaluations "
-                   "(one evaluation = the judge on every target domain's queries at one coefficient set; default 150)")
+    p.add_argument(
+        "--target",
+        required=True,
+        help="DOMAIN=LEVEL,... with LEVEL avoidance, generic or expert, e.g. legal=expert,financial=avoidance,medical=generic",
+    )
+    p.add_argument(
+        "--budget",
+        type=cli_args.positive_int,
+        default=150,
+        help="at most this many evaluations "
+        "(one evaluation = the judge on every target domain's queries at one coefficient set; default 150)",
+    )
     p.add_argument("--limit", type=cli_args.positive_int, help="at most this many queries per domain")
-    p.add_argument("--decode", default="weights", choices=["weights"],
-                   help="weights: AVs in the weights (PAD tuning is not implemented yet)")
-    p.add_argument("--grid", type=cli_args.grid_step, metavar="STEP",
-                   help="instead: the exhaustive grid at this step, in (0, 4] (baseline)")
+    p.add_argument(
+        "--decode", default="weights", choices=["weights"], help="weights: AVs in the weights (PAD tuning is not implemented yet)"
+    )
+    p.add_argument(
+        "--grid", type=cli_args.grid_step, metavar="STEP", help="instead: the exhaustive grid at this step, in (0, 4] (baseline)"
+    )
     p.add_argument("--save-profile", metavar="NAME", help="write the result into the modelfile as this profile")
     p.add_argument("--threads", type=cli_args.non_negative_int)
     p.add_argument("--json", action="store_true", help="print {coefficients, evaluations, seconds, achieved}")
@@ -49,15 +63,23 @@ def run_tune(args) -> int:
     av_for = {d: _av_for_domain(mf, d) for d in target}
     missing = [d for d, av in av_for.items() if av is None]
     if missing:
-        raise AvggufError(f"--target {missing[0]}: {mf.path.name} has no AV for domain {missing[0]!r} "
-                          f"(AVs: {', '.join(mf.av_paths) or 'none'}); the other AVs alone can still be tuned by "
-                          f"dropping it from --target")
+        raise AvggufError(
+            f"--target {missing[0]}: {mf.path.name} has no AV for domain {missing[0]!r} "
+            f"(AVs: {', '.join(mf.av_paths) or 'none'}); the other AVs alone can still be tuned by "
+            f"dropping it from --target"
+        )
     if args.limit:
         by_domain = {d: rs[:: max(1, -(-len(rs) // args.limit))][: args.limit] for d, rs in by_domain.items()}
     names = list(mf.av_paths)
     progress = _progress(args)
-    eng = Engine(mf.base_path, n_ctx=1024, logits_all=True, fuse="sync", verbose=args.verbose,
-                 threads=ThreadPolicy.from_settings(args.threads, mf.spec.defaults.n_threads))
+    eng = Engine(
+        mf.base_path,
+        n_ctx=1024,
+        logits_all=True,
+        fuse="sync",
+        verbose=args.verbose,
+        threads=ThreadPolicy.from_settings(args.threads, mf.spec.defaults.n_threads),
+    )
     try:
         for name, path in mf.av_paths.items():
             eng.load_adapter(name, path)
@@ -70,13 +92,19 @@ def run_tune(args) -> int:
         if progress:
             print(file=sys.stderr)
     saved = save_profile(mf, args.save_profile, result.coefficients) if args.save_profile else None
-    out = {"coefficients": result.coefficients, "evaluations": result.evaluations, "seconds": round(result.seconds, 2),
-           "achieved": result.achieved}
+    out = {
+        "coefficients": result.coefficients,
+        "evaluations": result.evaluations,
+        "seconds": round(result.seconds, 2),
+        "achieved": result.achieved,
+    }
     if args.json:
         print(json.dumps(out, indent=1))
     else:
-        print(f"coefficients: {' '.join(f'{k}={v:g}' for k, v in result.coefficients.items())}  "
-              f"({result.evaluations} evaluations, {result.seconds:.1f} s)")
+        print(
+            f"coefficients: {' '.join(f'{k}={v:g}' for k, v in result.coefficients.items())}  "
+            f"({result.evaluations} evaluations, {result.seconds:.1f} s)"
+        )
         for d, lvl in target.items():
             shares = result.achieved[d]
             print(f"  {d}: target {lvl} {shares[lvl]:.2f}  (" + ", ".join(f"{k} {v:.2f}" for k, v in shares.items()) + ")")

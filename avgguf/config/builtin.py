@@ -23,8 +23,9 @@ def builtin_path(name: str = DEFAULT_MODEL) -> Path:
     try:
         path = Path(str(resources.files(package).joinpath(filename)))
     except ModuleNotFoundError:
-        raise AvggufError(f"built-in model {name!r} needs the {package.replace('_', '-')} package: "
-                          f"pip install {package.replace('_', '-')}") from None
+        raise AvggufError(
+            f"built-in model {name!r} needs the {package.replace('_', '-')} package: pip install {package.replace('_', '-')}"
+        ) from None
     if not path.is_file():
         raise AvggufError(f"built-in model {name!r}: {path} is missing; reinstall {package.replace('_', '-')}")
     return path

@@ -36,8 +36,7 @@ class CoefficientError(AvggufError):
 def check_value(name: str, value: Any, where: str = "coefficient") -> float:
     """A finite number in [COEF_MIN, COEF_MAX], or a CoefficientError naming `where`."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise CoefficientError(f"{where}: coefficient {name!r} must be a number in [{COEF_MIN:g}, {COEF_MAX:g}], "
-                               f"found {value!r}")
+        raise CoefficientError(f"{where}: coefficient {name!r} must be a number in [{COEF_MIN:g}, {COEF_MAX:g}], found {value!r}")
     value = float(value)
     if not math.isfinite(value) or not COEF_MIN <= value <= COEF_MAX:
         raise CoefficientError(f"{where}: coefficient {name!r} = {value:g} is outside [{COEF_MIN:g}, {COEF_MAX:g}]")
@@ -62,8 +61,7 @@ def parse_assignments(items: Iterable[str], source: str = "--set") -> dict[str, 
             try:
                 out[name.strip()] = float(value)
             except ValueError:
-                raise CoefficientError(f"{lead}{name.strip()[:80]}: expected a number, found "
-                                       f"{value.strip()[:80]!r}") from None
+                raise CoefficientError(f"{lead}{name.strip()[:80]}: expected a number, found {value.strip()[:80]!r}") from None
     return out
 
 
@@ -78,28 +76,38 @@ class Resolver:
 
     def check_profile(self, profile: str | None) -> None:
         if profile is not None and profile not in self.profiles:
-            raise CoefficientError(f"{self.where}: no profile {profile!r}; profiles: "
-                                   f"{sorted(self.profiles) or 'none'}", param="model")
+            raise CoefficientError(
+                f"{self.where}: no profile {profile!r}; profiles: {sorted(self.profiles) or 'none'}", param="model"
+            )
 
     def check_names(self, coefs: Mapping[str, Any], where: str, param: str | None = None) -> None:
         for name in coefs:
             if name not in self.names:
-                raise CoefficientError(f"{where}: unknown alignment vector {name!r}; {self.where} has "
-                                       f"{list(self.names) or 'none'}", param=param)
+                raise CoefficientError(
+                    f"{where}: unknown alignment vector {name!r}; {self.where} has {list(self.names) or 'none'}", param=param
+                )
 
     def from_lora(self, lora: Sequence[tuple[int, float]], param: str = "lora") -> dict[str, float]:
         """llama-server's id/scale list -> the whole coefficient set (unlisted ids 0)."""
         coefs = {n: 0.0 for n in self.names}
         for lora_id, scale in lora:
             if not 0 <= lora_id < len(self.names):
-                raise CoefficientError(f"lora id {lora_id} does not exist; ids 0..{len(self.names) - 1} are "
-                                       f"{list(self.names)}", param=param)
+                raise CoefficientError(
+                    f"lora id {lora_id} does not exist; ids 0..{len(self.names) - 1} are {list(self.names)}", param=param
+                )
             coefs[self.names[lora_id]] = check_value(self.names[lora_id], scale, param)
         return coefs
 
-    def resolve(self, profile: str | None = None, *, global_scales: Mapping[str, float] | None = None,
-                lora: Sequence[tuple[int, float]] | None = None, overrides: Mapping[str, Any] | None = None,
-                param: str | None = None, source: str = "override") -> dict[str, float]:
+    def resolve(
+        self,
+        profile: str | None = None,
+        *,
+        global_scales: Mapping[str, float] | None = None,
+        lora: Sequence[tuple[int, float]] | None = None,
+        overrides: Mapping[str, Any] | None = None,
+        param: str | None = None,
+        source: str = "override",
+    ) -> dict[str, float]:
         """The full, checked coefficient set for one request (see the module docstring for precedence).
         `source` names where overrides came from in messages (--set, /set); `param` the request field."""
         self.check_profile(profile)

@@ -38,6 +38,7 @@ class ModelfileError(AvggufError):
 class Strict(BaseModel):
     """No unknown keys, no NaN/Inf; a modelfile is validated with strict=True too (no `true` or "1.5" read as
     a number)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
@@ -66,6 +67,7 @@ class ModelfileSpec(Strict):
       enforce  the modelfile's system prompt always comes first; a client's system (or developer) messages
                are appended after it, in one system turn, so a client can add instructions but never remove
                the operator's."""
+
     base: str
     description: str = ""
     system: str | None = None
@@ -105,8 +107,7 @@ class ModelfileSpec(Strict):
     def _av_names(cls, v: dict[str, AVSpec]):
         for name in v:
             if name in RESERVED_AV_NAMES or not name.strip():
-                raise ValueError(f"an AV may not be named {name!r} (in a profile, `decode:` is the decoding "
-                                 f"mode); rename it")
+                raise ValueError(f"an AV may not be named {name!r} (in a profile, `decode:` is the decoding mode); rename it")
         return v
 
 
@@ -121,8 +122,13 @@ class Modelfile:
     def baked(self, profile: str) -> Modelfile:
         """A baked profile as a modelfile of its own: the baked GGUF, no AVs, this one's system and defaults."""
         path = self.baked_paths[profile]
-        spec = ModelfileSpec(base=str(path), description=f"{self.name}:{profile} (baked)", system=self.spec.system,
-                             system_policy=self.spec.system_policy, defaults=self.spec.defaults)
+        spec = ModelfileSpec(
+            base=str(path),
+            description=f"{self.name}:{profile} (baked)",
+            system=self.spec.system,
+            system_policy=self.spec.system_policy,
+            defaults=self.spec.defaults,
+        )
         return Modelfile(self.path, spec, path, {})
 
     def system_messages(self, messages: list[dict]) -> list[dict]:
@@ -146,8 +152,7 @@ class Modelfile:
         decodes = {k: v for k, v in self.spec.profile_decode.items() if k != name}
         if decode and decode != "weights":
             decodes[name] = decode
-        spec = self.spec.model_copy(update={"profiles": {**self.spec.profiles, name: dict(coefs)},
-                                            "profile_decode": decodes})
+        spec = self.spec.model_copy(update={"profiles": {**self.spec.profiles, name: dict(coefs)}, "profile_decode": decodes})
         return Modelfile(self.path, spec, self.base_path, self.av_paths, self.baked_paths)
 
     @property
@@ -165,11 +170,11 @@ class Modelfile:
     @property
     def resolver(self) -> Resolver:
         """The coefficient rules for this modelfile's AVs and profiles (see avgguf.coefficients)."""
-        return Resolver(tuple(self.av_paths), dict(self.spec.profiles), self.spec.default_profile,
-                        where=str(self.path))
+        return Resolver(tuple(self.av_paths), dict(self.spec.profiles), self.spec.default_profile, where=str(self.path))
 
-    def coefficients(self, profile: str | None = None, overrides: dict[str, float] | None = None,
-                     source: str = "override") -> dict[str, float]:
+    def coefficients(
+        self, profile: str | None = None, overrides: dict[str, float] | None = None, source: str = "override"
+    ) -> dict[str, float]:
         """All AVs at 0, then the profile (or default_profile), then per-call overrides; validated."""
         return self.resolver.resolve(profile, overrides=overrides, source=source)
 
@@ -217,14 +222,21 @@ def _format_validation(path: Path, exc: ValidationError) -> str:
                 hint = f" (YAML reads it as {type(e['loc'][-1]).__name__}; quote it if you meant text)"
             parts.append(f"unknown key {short(loc)}{hint}; allowed {where} keys: {', '.join(allowed)}")
         elif e["type"] == "missing":
-            parts.append(f"missing key {loc!r}" + (" (the base model: a .gguf path relative to the modelfile, "
-                                                   f"or {BUILTIN_PREFIX}{builtin_names()[0]})"
-                                                   if e["loc"] == ("base",) else ""))
+            parts.append(
+                f"missing key {loc!r}"
+                + (
+                    f" (the base model: a .gguf path relative to the modelfile, or {BUILTIN_PREFIX}{builtin_names()[0]})"
+                    if e["loc"] == ("base",)
+                    else ""
+                )
+            )
         elif e["loc"][-1:] == ("[key]",):
             section = _loc(e["loc"][:-2])
-            parts.append(f"{section}: a name YAML reads as {type(e.get('input')).__name__} "
-                         f"({short(e.get('input'))}), not text (yes/no/on/off/null and numbers are read so); "
-                         f"quote it, e.g. 'yes': ...")
+            parts.append(
+                f"{section}: a name YAML reads as {type(e.get('input')).__name__} "
+                f"({short(e.get('input'))}), not text (yes/no/on/off/null and numbers are read so); "
+                f"quote it, e.g. 'yes': ..."
+            )
         else:
             msg = e["msg"].removeprefix("Value error, ")
             parts.append(f"{loc}: {msg} (found {short(e.get('input'))})")
@@ -234,21 +246,26 @@ def _format_validation(path: Path, exc: ValidationError) -> str:
 
 def resolve_base(base: str, where: Path) -> Path:
     if base.startswith(BUILTIN_PREFIX):
-        name = base[len(BUILTIN_PREFIX):]
+        name = base[len(BUILTIN_PREFIX) :]
         if name not in builtin_names():
-            raise ModelfileError(f"{where}: base {base!r}: unknown built-in; built-in: "
-                                 f"{[BUILTIN_PREFIX + n for n in builtin_names()]}")
+            raise ModelfileError(
+                f"{where}: base {base!r}: unknown built-in; built-in: {[BUILTIN_PREFIX + n for n in builtin_names()]}"
+            )
         return builtin_path(name)
     path = (where.parent / base).resolve()
     if not path.is_file():
-        raise ModelfileError(f"{where}: base {short(base)} not found (looked at {short(str(path))}); give a .gguf "
-                             f"path relative to the modelfile or {BUILTIN_PREFIX}{builtin_names()[0]}")
+        raise ModelfileError(
+            f"{where}: base {short(base)} not found (looked at {short(str(path))}); give a .gguf "
+            f"path relative to the modelfile or {BUILTIN_PREFIX}{builtin_names()[0]}"
+        )
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != fmt.GGUF_MAGIC:
-        raise ModelfileError(f"{where}: base {short(base)} ({short(str(path))}) is not a GGUF file (it starts with "
-                             f"{magic!r}, a GGUF with b'GGUF'); name a .gguf base model (convert a Hugging Face "
-                             f"checkpoint with llama.cpp's convert_hf_to_gguf.py)")
+        raise ModelfileError(
+            f"{where}: base {short(base)} ({short(str(path))}) is not a GGUF file (it starts with "
+            f"{magic!r}, a GGUF with b'GGUF'); name a .gguf base model (convert a Hugging Face "
+            f"checkpoint with llama.cpp's convert_hf_to_gguf.py)"
+        )
     return path
 
 
@@ -258,18 +275,26 @@ def read_modelfile_text(path: Path) -> str:
         raise ModelfileError(f"modelfile {short(str(path))} not found")
     kind = fmt.gguf_kind(path)
     if kind is not None:
-        raise ModelfileError(f"{path} is a GGUF {kind}, not a YAML modelfile; " + (
-            f"run a base GGUF directly: avgguf run {path} \"PROMPT\" [--lora AV.gguf[=SCALE] ...]" if kind == "model"
-            else f"an adapter needs a base: avgguf run BASE.gguf \"PROMPT\" --lora {path}[=SCALE]"))
+        raise ModelfileError(
+            f"{path} is a GGUF {kind}, not a YAML modelfile; "
+            + (
+                f'run a base GGUF directly: avgguf run {path} "PROMPT" [--lora AV.gguf[=SCALE] ...]'
+                if kind == "model"
+                else f'an adapter needs a base: avgguf run BASE.gguf "PROMPT" --lora {path}[=SCALE]'
+            )
+        )
     size = path.stat().st_size
     if size > MAX_MODELFILE_BYTES:
-        raise ModelfileError(f"{path} is {size / 2**20:.1f} MiB; a modelfile is a short YAML file (at most "
-                             f"{MAX_MODELFILE_BYTES // 2**20} MiB, see modelfiles/demo.yaml): is this the right file?")
+        raise ModelfileError(
+            f"{path} is {size / 2**20:.1f} MiB; a modelfile is a short YAML file (at most "
+            f"{MAX_MODELFILE_BYTES // 2**20} MiB, see modelfiles/demo.yaml): is this the right file?"
+        )
     try:
         return path.read_bytes().decode("utf-8")
     except UnicodeDecodeError:
-        raise ModelfileError(f"{path} is not a text file; expected a YAML modelfile (see modelfiles/demo.yaml) "
-                             f"or a .gguf base model") from None
+        raise ModelfileError(
+            f"{path} is not a text file; expected a YAML modelfile (see modelfiles/demo.yaml) or a .gguf base model"
+        ) from None
 
 
 def load_modelfile(path: str | Path, check_adapters: bool = True) -> Modelfile:
@@ -282,8 +307,10 @@ def _yaml_message(path: Path, exc: yaml.YAMLError, text: str) -> str:
     if isinstance(exc, yaml.reader.ReaderError):  # a character YAML does not allow (a code point, at an offset)
         line = text.count("\n", 0, exc.position) + 1
         code = exc.character if isinstance(exc.character, int) else ord(exc.character)
-        return (f"{path}:{line}: not valid YAML: character #x{code:04x} is not allowed in YAML ({exc.reason}); "
-                f"remove it (is this a text modelfile?)")
+        return (
+            f"{path}:{line}: not valid YAML: character #x{code:04x} is not allowed in YAML ({exc.reason}); "
+            f"remove it (is this a text modelfile?)"
+        )
     problem = getattr(exc, "problem", None) or str(exc)
     mark = getattr(exc, "problem_mark", None)
     where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
@@ -311,11 +338,12 @@ def parse_modelfile(text: str, path: Path, check_adapters: bool = True) -> Model
     except RecursionError:
         raise ModelfileError(f"{path}: refused: nested too deeply to read") from None
     if raw is None:
-        raise ModelfileError(f"{path} is empty; a modelfile needs at least `base: MODEL.gguf` "
-                             f"(see modelfiles/demo.yaml)")
+        raise ModelfileError(f"{path} is empty; a modelfile needs at least `base: MODEL.gguf` (see modelfiles/demo.yaml)")
     if not isinstance(raw, dict):
-        raise ModelfileError(f"{path}: expected a mapping of keys (base:, avs:, profiles:, ...), found a YAML "
-                             f"{type(raw).__name__} ({short(raw, 80)}); see modelfiles/demo.yaml")
+        raise ModelfileError(
+            f"{path}: expected a mapping of keys (base:, avs:, profiles:, ...), found a YAML "
+            f"{type(raw).__name__} ({short(raw, 80)}); see modelfiles/demo.yaml"
+        )
     try:
         spec = ModelfileSpec.model_validate(raw, strict=True)
     except ValidationError as exc:
@@ -326,22 +354,23 @@ def parse_modelfile(text: str, path: Path, check_adapters: bool = True) -> Model
     for profile, coefs in spec.profiles.items():
         for name, value in coefs.items():
             if name not in spec.avs:
-                raise ModelfileError(f"{path}: profiles.{profile}: unknown alignment vector {short(name)}; "
-                                     f"avs: {sorted(spec.avs) or 'none'}")
+                raise ModelfileError(
+                    f"{path}: profiles.{profile}: unknown alignment vector {short(name)}; avs: {sorted(spec.avs) or 'none'}"
+                )
             try:
                 check_value(name, value, f"{path}: profiles.{profile}")
             except CoefficientError as exc:
                 raise ModelfileError(str(exc)) from None
     if spec.default_profile is not None and spec.default_profile not in spec.profiles:
-        raise ModelfileError(f"{path}: default_profile {short(spec.default_profile)} is not among profiles "
-                             f"{sorted(spec.profiles)}")
+        raise ModelfileError(
+            f"{path}: default_profile {short(spec.default_profile)} is not among profiles {sorted(spec.profiles)}"
+        )
     base_path = resolve_base(spec.base, path)
     av_paths = {}
     for name, av in spec.avs.items():
         p = (path.parent / av.path).resolve()
         if not p.is_file():
-            raise ModelfileError(f"{path}: avs.{name}: adapter {short(av.path)} not found (looked at "
-                                 f"{short(str(p))})")
+            raise ModelfileError(f"{path}: avs.{name}: adapter {short(av.path)} not found (looked at {short(str(p))})")
         av_paths[name] = p
     mf = Modelfile(path, spec, base_path, av_paths, _baked_paths(path, spec))
     if check_adapters and av_paths:
@@ -413,11 +442,14 @@ def _baked_paths(path: Path, spec: ModelfileSpec) -> dict[str, Path]:
             raise ModelfileError(f"{path}: baked.{name}: a profile of that name exists too; rename one")
         p = (path.parent / rel).resolve()
         if not p.is_file():
-            raise ModelfileError(f"{path}: baked.{name}: {rel!r} not found (looked at {p}); make it with "
-                                 f"avgguf bake {path.name}:PROFILE --format gguf --out {rel}")
+            raise ModelfileError(
+                f"{path}: baked.{name}: {rel!r} not found (looked at {p}); make it with "
+                f"avgguf bake {path.name}:PROFILE --format gguf --out {rel}"
+            )
         if _gguf_kind(p) != "model":
-            raise ModelfileError(f"{path}: baked.{name}: {rel!r} is not a GGUF model (a baked profile is a whole "
-                                 f"model: avgguf bake --format gguf)")
+            raise ModelfileError(
+                f"{path}: baked.{name}: {rel!r} is not a GGUF model (a baked profile is a whole model: avgguf bake --format gguf)"
+            )
         out[name] = p
     return out
 
@@ -440,8 +472,7 @@ def parse_lora(item: str) -> tuple[Path, float]:
         try:
             return Path(path), check_value(Path(path).stem, float(scale), f"--lora {item}")
         except ValueError:
-            raise ModelfileError(f"--lora {item!r}: expected PATH[=SCALE] with a number after '=', "
-                                 f"found {scale!r}") from None
+            raise ModelfileError(f"--lora {item!r}: expected PATH[=SCALE] with a number after '=', found {scale!r}") from None
     return Path(item), 1.0
 
 
@@ -468,9 +499,12 @@ def modelfile_from_gguf(base: Path, loras: list[tuple[Path, float]]) -> Modelfil
         fmt.check_against_base(info, base_info)
         name = _av_name(info, set(av_paths))
         av_paths[name], scales[name] = path.resolve(), scale
-    spec = ModelfileSpec(base=str(base_path), avs={n: AVSpec(path=str(p)) for n, p in av_paths.items()},
-                         profiles={LORA_PROFILE: scales} if loras else {},
-                         default_profile=LORA_PROFILE if loras else None)
+    spec = ModelfileSpec(
+        base=str(base_path),
+        avs={n: AVSpec(path=str(p)) for n, p in av_paths.items()},
+        profiles={LORA_PROFILE: scales} if loras else {},
+        default_profile=LORA_PROFILE if loras else None,
+    )
     return Modelfile(base_path, spec, base_path, av_paths)
 
 
@@ -482,19 +516,23 @@ def open_target(target: str, loras: list[str] | None = None) -> tuple[Modelfile,
         return modelfile_from_gguf(resolve_base(target, Path("command line")), [parse_lora(x) for x in loras]), None
     path, profile = parse_target(target)
     if not Path(path).is_file():
-        raise ModelfileError(f"{path!r} not found; expected a YAML modelfile, a base .gguf or "
-                             f"{BUILTIN_PREFIX}{builtin_names()[0]} (`avgguf profiles --builtins` lists them)")
+        raise ModelfileError(
+            f"{path!r} not found; expected a YAML modelfile, a base .gguf or "
+            f"{BUILTIN_PREFIX}{builtin_names()[0]} (`avgguf profiles --builtins` lists them)"
+        )
     kind = fmt.gguf_kind(path)
     if kind == "adapter":
-        raise ModelfileError(f"{path} is a LoRA adapter, not a base model; give the base and the adapter: "
-                             f"BASE.gguf --lora {path}[=SCALE]")
+        raise ModelfileError(
+            f"{path} is a LoRA adapter, not a base model; give the base and the adapter: BASE.gguf --lora {path}[=SCALE]"
+        )
     if kind == "model":
         if profile:
             raise ModelfileError(f"{target!r}: a bare GGUF has no profiles; set coefficients with --lora/--set")
         return modelfile_from_gguf(Path(path), [parse_lora(x) for x in loras]), None
     if loras:
-        raise ModelfileError(f"--lora applies to a bare base GGUF; {path} is a modelfile: list the adapter "
-                             f"under its avs: instead")
+        raise ModelfileError(
+            f"--lora applies to a bare base GGUF; {path} is a modelfile: list the adapter under its avs: instead"
+        )
     mf = load_modelfile(path)
     if profile in mf.baked_paths:
         return mf.baked(profile), None

@@ -37,9 +37,9 @@ class SavedProfile:
     name: str
     coefficients: dict[str, float]  # every AV, as written
     decode: str
-    replaced: bool                  # a profile of that name existed and was overwritten
-    path: Path                      # the file written (symlinks resolved)
-    modelfile: Modelfile            # the modelfile as now on disk
+    replaced: bool  # a profile of that name existed and was overwritten
+    path: Path  # the file written (symlinks resolved)
+    modelfile: Modelfile  # the modelfile as now on disk
 
 
 def check_profile_name(mf: Modelfile, name: str, flag: str = "") -> None:
@@ -47,8 +47,10 @@ def check_profile_name(mf: Modelfile, name: str, flag: str = "") -> None:
     option that gave the name) starts the message."""
     lead = f"{flag}: " if flag else ""
     if not isinstance(name, str) or not re.fullmatch(PROFILE_NAME, name):
-        raise ModelfileError(f"{lead}profile name {short(name)}: use letters, digits, '-', '_' or '.', starting "
-                             f"with a letter or digit (at most 64)")
+        raise ModelfileError(
+            f"{lead}profile name {short(name)}: use letters, digits, '-', '_' or '.', starting "
+            f"with a letter or digit (at most 64)"
+        )
     if mf.path.suffix.lower() == ".gguf" or not mf.path.is_file():
         raise ModelfileError("this model is a bare GGUF: there is no modelfile to save a profile into")
     if name in mf.baked_paths:
@@ -56,6 +58,7 @@ def check_profile_name(mf: Modelfile, name: str, flag: str = "") -> None:
 
 
 # --- text editing ------------------------------------------------------------------------------------------
+
 
 def yaml_key(name: str) -> str:
     """`name` as a YAML flow-mapping key that reads back as the same string: plain where YAML keeps it text,
@@ -112,8 +115,10 @@ def with_profile(text: str, name: str, coefs: dict[str, float], decode: str | No
         return newline.join([*lines, "profiles:", f"  {entry_text}"]) + newline
     m = _EMPTY_FLOW.match(lines[head])
     if m is None:
-        raise ModelfileError("profiles are written in YAML flow style ({...}); write them one per line under "
-                             "`profiles:` so a new one can be added without losing your formatting")
+        raise ModelfileError(
+            "profiles are written in YAML flow style ({...}); write them one per line under "
+            "`profiles:` so a new one can be added without losing your formatting"
+        )
     if m.group(1):  # `profiles: {}` / `profiles: ~`: a block from now on, the comment kept
         lines[head] = "profiles:" + (f"  {m.group(2)}" if m.group(2) else "")
     end = head + 1
@@ -138,6 +143,7 @@ def with_profile(text: str, name: str, coefs: dict[str, float], decode: str | No
 
 
 # --- the save ----------------------------------------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def modelfile_lock(target: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
@@ -173,8 +179,9 @@ def _flocked(fd: int, target: Path, deadline: float, timeout: float) -> Iterator
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise ModelfileBusy(f"{target} is locked by another avgguf process saving a profile for "
-                                        f"more than {timeout:g} s; try again") from None
+                    raise ModelfileBusy(
+                        f"{target} is locked by another avgguf process saving a profile for more than {timeout:g} s; try again"
+                    ) from None
                 time.sleep(0.02)
         yield fd
     finally:
@@ -191,20 +198,25 @@ def _stat(path: Path) -> os.stat_result | None:
 def _others(mf: Modelfile, name: str) -> tuple:
     """Everything in the spec except profile `name`: a save must leave it unchanged."""
     spec = mf.spec
-    return (spec.model_dump(exclude={"profiles", "profile_decode"}),
-            {k: v for k, v in spec.profiles.items() if k != name},
-            {k: v for k, v in spec.profile_decode.items() if k != name})
+    return (
+        spec.model_dump(exclude={"profiles", "profile_decode"}),
+        {k: v for k, v in spec.profiles.items() if k != name},
+        {k: v for k, v in spec.profile_decode.items() if k != name},
+    )
 
 
-def _check_written(path: Path, text: str, before: Modelfile, name: str, coefs: dict[str, float], decode: str,
-                   check_adapters: bool = True) -> Modelfile:
+def _check_written(
+    path: Path, text: str, before: Modelfile, name: str, coefs: dict[str, float], decode: str, check_adapters: bool = True
+) -> Modelfile:
     """The text parsed as the modelfile at `path`, if it holds exactly `before` plus profile `name`."""
     after = parse_modelfile(text, path, check_adapters=check_adapters)
     got = (after.spec.profiles.get(name), after.decode_mode(name) if name in after.spec.profiles else None)
     if got != (coefs, decode) or _others(after, name) != _others(before, name):
-        raise ModelfileError(f"{path}: adding profile {name!r} to the text would not give exactly that profile "
-                             f"(found {short(got[0])}, decode {got[1]}) with everything else unchanged; add it by "
-                             f"hand under `profiles:`: {yaml_key(name)}: {flow_entry(coefs, decode)}")
+        raise ModelfileError(
+            f"{path}: adding profile {name!r} to the text would not give exactly that profile "
+            f"(found {short(got[0])}, decode {got[1]}) with everything else unchanged; add it by "
+            f"hand under `profiles:`: {yaml_key(name)}: {flow_entry(coefs, decode)}"
+        )
     return after
 
 
@@ -223,9 +235,11 @@ def save_profile(mf: Modelfile, name: str, coefs: dict[str, float], decode: str 
     try:
         return _save_locked(mf, target, name, checked, decode)
     except OSError as exc:
-        raise ModelfileError(f"{mf.path}: could not save profile {name!r}: {exc.strerror or exc} "
-                             f"({exc.filename or target}); check that the file and its directory are "
-                             f"writable") from None
+        raise ModelfileError(
+            f"{mf.path}: could not save profile {name!r}: {exc.strerror or exc} "
+            f"({exc.filename or target}); check that the file and its directory are "
+            f"writable"
+        ) from None
 
 
 def _save_locked(mf: Modelfile, target: Path, name: str, checked: dict[str, float], decode: str) -> SavedProfile:
@@ -240,9 +254,11 @@ def _save_locked(mf: Modelfile, target: Path, name: str, checked: dict[str, floa
         except ModelfileError as exc:
             raise ModelfileError(f"the modelfile on disk no longer loads, so no profile was saved: {exc}") from None
         if set(before.spec.avs) != set(checked):
-            raise ModelfileError(f"{mf.path}: its avs: were edited since it was loaded (on disk "
-                                 f"{sorted(before.spec.avs)}, loaded {sorted(checked)}); restart to load them, "
-                                 f"then save again")
+            raise ModelfileError(
+                f"{mf.path}: its avs: were edited since it was loaded (on disk "
+                f"{sorted(before.spec.avs)}, loaded {sorted(checked)}); restart to load them, "
+                f"then save again"
+            )
         new_text = with_profile(old_text, name, checked, decode)
         _check_written(mf.path, new_text, before, name, checked, decode)
         remove_stale(target.parent)  # temp files of avgguf processes killed mid-write
@@ -251,7 +267,8 @@ def _save_locked(mf: Modelfile, target: Path, name: str, checked: dict[str, floa
             after = _check_written(mf.path, target.read_bytes().decode("utf-8"), before, name, checked, decode)
         except (ModelfileError, UnicodeDecodeError, OSError) as exc:
             write_bytes_atomic(target, old_bytes)
-            raise ModelfileError(f"{mf.path}: the saved file did not read back as written ({exc}); the old "
-                                 f"text was restored") from None
+            raise ModelfileError(
+                f"{mf.path}: the saved file did not read back as written ({exc}); the old text was restored"
+            ) from None
     log.info("saved profile %s into %s", name, target)
     return SavedProfile(name, checked, decode, name in before.spec.profiles, target, after)

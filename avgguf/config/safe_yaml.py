@@ -43,8 +43,7 @@ class SafeLimitedLoader(yaml.SafeLoader):
         self._depth += 1
         try:
             if self._depth > MAX_YAML_DEPTH:
-                raise YAMLLimitError(f"nesting deeper than {MAX_YAML_DEPTH} levels at line {mark.line + 1}; "
-                                     f"a modelfile needs 4")
+                raise YAMLLimitError(f"nesting deeper than {MAX_YAML_DEPTH} levels at line {mark.line + 1}; a modelfile needs 4")
             node = super().compose_node(parent, index)
         finally:
             self._depth -= 1
@@ -63,12 +62,16 @@ class SafeLimitedLoader(yaml.SafeLoader):
                 size = 1
             self._sizes[id(node)] = size
         if size > MAX_YAML_NODES and not self._aliases:
-            raise YAMLLimitError(f"more than {MAX_YAML_NODES:,} values (near line {mark.line + 1}); a modelfile "
-                                 f"holds a few hundred: is this the right file?")
+            raise YAMLLimitError(
+                f"more than {MAX_YAML_NODES:,} values (near line {mark.line + 1}); a modelfile "
+                f"holds a few hundred: is this the right file?"
+            )
         if size > MAX_YAML_NODES:
-            raise YAMLLimitError(f"its aliases expand to more than {MAX_YAML_NODES:,} values ({self._aliases} "
-                                 f"aliases, near line {mark.line + 1}); that is a YAML 'billion laughs', not a "
-                                 f"modelfile: remove the nested &anchors/*aliases")
+            raise YAMLLimitError(
+                f"its aliases expand to more than {MAX_YAML_NODES:,} values ({self._aliases} "
+                f"aliases, near line {mark.line + 1}); that is a YAML 'billion laughs', not a "
+                f"modelfile: remove the nested &anchors/*aliases"
+            )
         return node
 
     def construct_mapping(self, node, deep=False):
@@ -84,9 +87,12 @@ class SafeLimitedLoader(yaml.SafeLoader):
                     continue  # unhashable: SafeConstructor says so with its own message
                 if first is not key_node.start_mark:
                     raise yaml.constructor.ConstructorError(
-                        "while constructing a mapping", node.start_mark,
+                        "while constructing a mapping",
+                        node.start_mark,
                         f"found duplicate key {short(key)} (first at line {first.line + 1}); YAML would keep only "
-                        f"the last one: remove or rename one", key_node.start_mark)
+                        f"the last one: remove or rename one",
+                        key_node.start_mark,
+                    )
         return super().construct_mapping(node, deep=deep)
 
 

@@ -40,10 +40,8 @@ class LevelClassifier:
         tfidf, logreg, make_pipeline = _sklearn()
         texts, labels = examples(rows)
         if len(set(labels)) < 3 or len(rows) < 5:
-            raise AvggufError(f"the level classifier needs at least 5 training rows with all three levels, "
-                              f"got {len(rows)}")
-        pipe = make_pipeline(tfidf(ngram_range=(1, 2), sublinear_tf=True, min_df=1),
-                             logreg(max_iter=2000, C=4.0))
+            raise AvggufError(f"the level classifier needs at least 5 training rows with all three levels, got {len(rows)}")
+        pipe = make_pipeline(tfidf(ngram_range=(1, 2), sublinear_tf=True, min_df=1), logreg(max_iter=2000, C=4.0))
         pipe.fit(texts, labels)
         return cls(pipe, len(rows))
 

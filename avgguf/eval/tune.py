@@ -85,8 +85,7 @@ class Search:
 
 def seeds_for(names: list[str], av_for: dict[str, str], target: dict[str, str]) -> list[tuple]:
     zero = tuple(0.0 for _ in names)
-    guess = {av_for[d]: {"expert": 1.0, "avoidance": -1.0, "generic": 0.0}[lvl] for d, lvl in target.items()
-             if d in av_for}
+    guess = {av_for[d]: {"expert": 1.0, "avoidance": -1.0, "generic": 0.0}[lvl] for d, lvl in target.items() if d in av_for}
     return [zero, tuple(guess.get(n, 0.0) for n in names)]
 
 
@@ -118,8 +117,10 @@ class LevelObjective:
                 picks = scores.argmax(axis=1)
                 soft = np.exp(scores - scores.max(axis=1, keepdims=True))
                 soft /= soft.sum(axis=1, keepdims=True)
-                out[domain] = {**{lvl: float(np.mean(picks == i)) for i, lvl in enumerate(LEVELS)},
-                               "soft": {lvl: float(soft[:, i].mean()) for i, lvl in enumerate(LEVELS)}}
+                out[domain] = {
+                    **{lvl: float(np.mean(picks == i)) for i, lvl in enumerate(LEVELS)},
+                    "soft": {lvl: float(soft[:, i].mean()) for i, lvl in enumerate(LEVELS)},
+                }
             self.cache[key] = out
         return self.cache[key]
 
@@ -130,8 +131,15 @@ class LevelObjective:
         return float(hard + SOFT_WEIGHT * soft)
 
 
-def tune(engine, names: list[str], rows_by_domain: dict[str, list[dict]], target: dict[str, str],
-         av_for: dict[str, str], budget: int, progress=None) -> TuneResult:
+def tune(
+    engine,
+    names: list[str],
+    rows_by_domain: dict[str, list[dict]],
+    target: dict[str, str],
+    av_for: dict[str, str],
+    budget: int,
+    progress=None,
+) -> TuneResult:
     if budget < 3:
         raise AvggufError(f"--budget {budget}: the search needs at least 3 evaluations")
     t0 = time.perf_counter()

@@ -33,16 +33,42 @@ KEY_PROFILE = "avgguf.baked.profile"
 KEY_COEFS = "avgguf.baked.coefficients"
 KEY_NAMES = "avgguf.baked.names"
 # --type for `--format gguf` -> llama.cpp's LLAMA_FTYPE_* name
-GGUF_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
-              "q6_k": "MOSTLY_Q6_K", "q5_k_m": "MOSTLY_Q5_K_M", "q5_k_s": "MOSTLY_Q5_K_S", "q5_1": "MOSTLY_Q5_1",
-              "q5_0": "MOSTLY_Q5_0", "q4_k_m": "MOSTLY_Q4_K_M", "q4_k_s": "MOSTLY_Q4_K_S", "q4_1": "MOSTLY_Q4_1",
-              "q4_0": "MOSTLY_Q4_0", "q3_k_m": "MOSTLY_Q3_K_M", "q2_k": "MOSTLY_Q2_K"}
+GGUF_TYPES = {
+    "f32": "ALL_F32",
+    "f16": "MOSTLY_F16",
+    "bf16": "MOSTLY_BF16",
+    "q8_0": "MOSTLY_Q8_0",
+    "q6_k": "MOSTLY_Q6_K",
+    "q5_k_m": "MOSTLY_Q5_K_M",
+    "q5_k_s": "MOSTLY_Q5_K_S",
+    "q5_1": "MOSTLY_Q5_1",
+    "q5_0": "MOSTLY_Q5_0",
+    "q4_k_m": "MOSTLY_Q4_K_M",
+    "q4_k_s": "MOSTLY_Q4_K_S",
+    "q4_1": "MOSTLY_Q4_1",
+    "q4_0": "MOSTLY_Q4_0",
+    "q3_k_m": "MOSTLY_Q3_K_M",
+    "q2_k": "MOSTLY_Q2_K",
+}
 # bytes per weight of each --type (K_M mixes keep some tensors one type up: about 10 % more), for the
 # free-space check before a gguf bake
-BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q6_k": 210 / 256,
-                    "q5_k_m": 176 / 256 * 1.1, "q5_k_s": 176 / 256, "q5_1": 24 / 32, "q5_0": 22 / 32,
-                    "q4_k_m": 144 / 256 * 1.1, "q4_k_s": 144 / 256, "q4_1": 20 / 32, "q4_0": 18 / 32,
-                    "q3_k_m": 110 / 256 * 1.1, "q2_k": 84 / 256 * 1.2}
+BYTES_PER_WEIGHT = {
+    "f32": 4.0,
+    "f16": 2.0,
+    "bf16": 2.0,
+    "q8_0": 34 / 32,
+    "q6_k": 210 / 256,
+    "q5_k_m": 176 / 256 * 1.1,
+    "q5_k_s": 176 / 256,
+    "q5_1": 24 / 32,
+    "q5_0": 22 / 32,
+    "q4_k_m": 144 / 256 * 1.1,
+    "q4_k_s": 144 / 256,
+    "q4_1": 20 / 32,
+    "q4_0": 18 / 32,
+    "q3_k_m": 110 / 256 * 1.1,
+    "q2_k": 84 / 256 * 1.2,
+}
 
 
 @dataclass
@@ -51,7 +77,7 @@ class Bake:
     profile: str | None
     coefficients: dict[str, float]
     sources: dict = None  # AV name -> (base, aligned) TensorSource: bake the full delta, not the adapter
-    force: bool = False   # replace an existing --out avgguf did not write (--force)
+    force: bool = False  # replace an existing --out avgguf did not write (--force)
 
     @property
     def active(self) -> list[tuple[str, Path, float]]:
@@ -74,8 +100,11 @@ class Bake:
         return sources[self.active[0][0]][0] if len(bases) == 1 else None
 
     def metadata(self) -> dict:
-        return {KEY_PROFILE: self.label, KEY_NAMES: list(self.coefficients),
-                KEY_COEFS: [float(v) for v in self.coefficients.values()]}
+        return {
+            KEY_PROFILE: self.label,
+            KEY_NAMES: list(self.coefficients),
+            KEY_COEFS: [float(v) for v in self.coefficients.values()],
+        }
 
     def inputs(self) -> list[Path]:
         """Every file the bake reads: --out may be none of them (nor a directory holding one)."""
@@ -87,17 +116,24 @@ class Bake:
 
     def file_policy(self, kind: str) -> dict:
         """avgguf.atomic's rule for a file output of `kind` ('adapter' or 'model')."""
-        return {"force": self.force, "previous": lambda p: fmt.written_by_avgguf(p, kind), "inputs": self.inputs(),
-                "what": "adapter" if kind == "adapter" else "baked GGUF"}
+        return {
+            "force": self.force,
+            "previous": lambda p: fmt.written_by_avgguf(p, kind),
+            "inputs": self.inputs(),
+            "what": "adapter" if kind == "adapter" else "baked GGUF",
+        }
 
 
 # --- shared helpers ----------------------------------------------------------------------------------------
 
+
 def fused_adapter(bake: Bake, out: Path, rank: int | None = None) -> Path:
     """The profile as one adapter at scale 1 (exact concatenation; --rank: re-compressed by SVD)."""
     if not bake.active:
-        raise AvggufError(f"profile {bake.label!r} has every coefficient at 0: nothing to bake into an adapter "
-                          f"(the base model alone is the result)")
+        raise AvggufError(
+            f"profile {bake.label!r} has every coefficient at 0: nothing to bake into an adapter "
+            f"(the base model alone is the result)"
+        )
     arch = fmt.read_base_model(bake.modelfile.base_path).arch
     with atomic.output_file(out, **bake.file_policy("adapter")) as tmp:
         if rank is None:
@@ -140,6 +176,7 @@ def _truncated_product(left: np.ndarray, right: np.ndarray, rank: int) -> tuple[
 
 # --- gguf ---------------------------------------------------------------------------------------------------
 
+
 def _ftype(type_: str) -> int:
     import llama_cpp
 
@@ -166,8 +203,13 @@ def default_ftype(reader: gguf.GGUFReader) -> int:
     return stored if stored in keeps else llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
 
 
-def _merged(reader_tensors: dict, name: str, sources: list[tuple[fmt.AdapterInfo, dict, float]],
-            full: list[tuple[object, object, float]] = (), full_base=None) -> np.ndarray:
+def _merged(
+    reader_tensors: dict,
+    name: str,
+    sources: list[tuple[fmt.AdapterInfo, dict, float]],
+    full: list[tuple[object, object, float]] = (),
+    full_base=None,
+) -> np.ndarray:
     w = fmt.tensor_floats(reader_tensors[name])
     if full_base is not None and name in full_base.names():
         w = _same_model(full_base.load(name).astype(np.float32), w, name)
@@ -175,8 +217,10 @@ def _merged(reader_tensors: dict, name: str, sources: list[tuple[fmt.AdapterInfo
         if name in base.names() and name in aligned.names():
             delta = aligned.load(name) - base.load(name)
             if delta.shape != w.shape:
-                raise AvggufError(f"--source: tensor {name!r} has shape {delta.shape} there but {w.shape} in the base "
-                                  f"GGUF; the source is another model")
+                raise AvggufError(
+                    f"--source: tensor {name!r} has shape {delta.shape} there but {w.shape} in the base "
+                    f"GGUF; the source is another model"
+                )
             w += np.float32(c) * delta.astype(np.float32)
     for info, tensors, c in sources:
         if name in info.pairs:
@@ -190,13 +234,17 @@ def _same_model(full: np.ndarray, stored: np.ndarray, name: str) -> np.ndarray:
     """The --source base's tensor, once it is seen to be the base GGUF's before quantization (4-bit rounding
     moves a tensor by ~10 % of its norm; another model's differs by about its whole norm)."""
     if full.shape != stored.shape:
-        raise AvggufError(f"--source: tensor {name!r} has shape {full.shape} there but {stored.shape} in the base "
-                          f"GGUF; the source is another model")
+        raise AvggufError(
+            f"--source: tensor {name!r} has shape {full.shape} there but {stored.shape} in the base "
+            f"GGUF; the source is another model"
+        )
     rel = float(np.linalg.norm(full - stored) / max(float(np.linalg.norm(full)), 1e-30))
     if rel > 0.5:
-        raise AvggufError(f"--source: the base checkpoint's {name!r} differs from the base GGUF's by {rel:.0%} of "
-                          f"its norm (quantization moves it by ~10 %); give the checkpoint the base GGUF was made "
-                          f"from")
+        raise AvggufError(
+            f"--source: the base checkpoint's {name!r} differs from the base GGUF's by {rel:.0%} of "
+            f"its norm (quantization moves it by ~10 %); give the checkpoint the base GGUF was made "
+            f"from"
+        )
     return full
 
 
@@ -267,12 +315,12 @@ def _add_meta(writer: gguf.GGUFWriter, key: str, value) -> None:
     elif value and isinstance(value[0], str):
         writer.add_array(key, value)
     else:
-        writer.add_key_value(key, [float(v) for v in value], gguf.GGUFValueType.ARRAY,
-                             sub_type=gguf.GGUFValueType.FLOAT32)
+        writer.add_key_value(key, [float(v) for v in value], gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.FLOAT32)
 
 
-def baked_gguf(bake: Bake, out: Path, type_: str | None = None, progress: bool = False,
-               threads: int | None = None, stop=None) -> dict:
+def baked_gguf(
+    bake: Bake, out: Path, type_: str | None = None, progress: bool = False, threads: int | None = None, stop=None
+) -> dict:
     """The whole model with the profile merged in, quantized by llama.cpp to `type_` (default: see
     default_ftype) on `threads` threads (default: all cores); tensors the profile does not touch keep their
     stored type where that type is chosen. `stop`: see write_merged_f32 (checked before quantizing too).
@@ -283,11 +331,14 @@ def baked_gguf(bake: Bake, out: Path, type_: str | None = None, progress: bool =
     base_reader = gguf.GGUFReader(bake.modelfile.base_path)
     ftype = _ftype(type_) if type_ else default_ftype(base_reader)
     sources, full = _open_sources(bake)
-    merged_size, out_size = bake_bytes(base_reader, _touched({t.name: t for t in base_reader.tensors}, sources, full),
-                                       type_ or _type_name(ftype))
+    merged_size, out_size = bake_bytes(
+        base_reader, _touched({t.name: t for t in base_reader.tensors}, sources, full), type_ or _type_name(ftype)
+    )
     del sources, full
-    with atomic.output_file(out, needed_bytes=merged_size + out_size, **bake.file_policy("model")) as partial, \
-            atomic.scratch_dir(out) as tmp:
+    with (
+        atomic.output_file(out, needed_bytes=merged_size + out_size, **bake.file_policy("model")) as partial,
+        atomic.scratch_dir(out) as tmp,
+    ):
         merged = write_merged_f32(bake, tmp / "merged-f32.gguf", progress, stop)
         if stop is not None and stop():
             raise Cancelled
@@ -316,9 +367,15 @@ def _type_name(ftype: int) -> str:
 
 # --- ollama -------------------------------------------------------------------------------------------------
 
-OLLAMA_PARAMETERS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
-                     "repeat_penalty": "repeat_penalty", "seed": "seed", "n_ctx": "num_ctx",
-                     "max_tokens": "num_predict"}
+OLLAMA_PARAMETERS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "repeat_penalty": "repeat_penalty",
+    "seed": "seed",
+    "n_ctx": "num_ctx",
+    "max_tokens": "num_predict",
+}
 
 
 OLLAMA_FILES = ("Modelfile", "adapter.gguf", atomic.MARKER)
@@ -328,9 +385,11 @@ def ollama_system(system: str, where: str) -> str:
     """The SYSTEM instruction for `system`; refused where it would end Ollama's \"\"\"-string early (and let the
     rest of the text inject Modelfile instructions)."""
     if '"""' in system or system.endswith('"'):
-        raise AvggufError(f"{where}: system: contains '\"\"\"' (or ends in '\"'), which would end the SYSTEM string "
-                          f"of the Ollama Modelfile and let the rest be read as instructions; reword it (e.g. "
-                          f"use single quotes) and bake again")
+        raise AvggufError(
+            f"{where}: system: contains '\"\"\"' (or ends in '\"'), which would end the SYSTEM string "
+            f"of the Ollama Modelfile and let the rest be read as instructions; reword it (e.g. "
+            f"use single quotes) and bake again"
+        )
     return f'SYSTEM """{system}"""'
 
 
@@ -344,8 +403,7 @@ def ollama_modelfile(bake: Bake, base_name: str, adapter_name: str | None) -> st
     mf = bake.modelfile
     coefs = " ".join(f"{k}={v:g}" for k, v in bake.coefficients.items())
     label = "".join(ch if ch.isprintable() else "?" for ch in f"{mf.name}:{bake.label} ({coefs})")
-    lines = [f"# avgguf bake of {label}; Ollama applies the adapter at scale 1",
-             f"FROM ./{base_name}"]
+    lines = [f"# avgguf bake of {label}; Ollama applies the adapter at scale 1", f"FROM ./{base_name}"]
     if adapter_name:
         lines.append(f"ADAPTER ./{adapter_name}")
     if mf.spec.system:
@@ -384,6 +442,7 @@ def ollama_dir(bake: Bake, out: Path) -> dict:
 
 # --- entry point --------------------------------------------------------------------------------------------
 
+
 def open_sources(specs: list[str], mf: Modelfile) -> dict:
     """--source NAME=BASE,ALIGNED (HF directories or GGUFs): the full AV, checked against the base GGUF."""
     from avgguf.converters.sources import open_source
@@ -394,21 +453,34 @@ def open_sources(specs: list[str], mf: Modelfile) -> dict:
         name, sep, pair = spec.partition("=")
         parts = pair.split(",")
         if not sep or len(parts) != 2 or not all(parts):
-            raise AvggufError(f"--source {spec!r}: expected NAME=BASE,ALIGNED (the fine-tune's base and aligned "
-                              f"checkpoints: HF directories or .gguf files)")
+            raise AvggufError(
+                f"--source {spec!r}: expected NAME=BASE,ALIGNED (the fine-tune's base and aligned "
+                f"checkpoints: HF directories or .gguf files)"
+            )
         if name not in mf.av_paths:
             raise AvggufError(f"--source {spec!r}: no AV named {name!r}; AVs: {', '.join(mf.av_paths) or 'none'}")
         base, aligned = open_source(parts[0], "--source base"), open_source(parts[1], "--source aligned")
         if aligned.arch.gguf_name != base_info.arch or base.n_layer != aligned.n_layer:
-            raise AvggufError(f"--source {spec!r}: {aligned.arch.gguf_name} with {aligned.n_layer} layers does not "
-                              f"match the base GGUF ({base_info.arch}, {base_info.block_count} layers)")
+            raise AvggufError(
+                f"--source {spec!r}: {aligned.arch.gguf_name} with {aligned.n_layer} layers does not "
+                f"match the base GGUF ({base_info.arch}, {base_info.block_count} layers)"
+            )
         out[name] = (base, aligned)
     return out
 
 
-def bake(mf: Modelfile, profile: str | None, coefficients: dict[str, float], out: str | Path, format_: str,
-         type_: str | None = None, rank: int | None = None, progress: bool = False, sources: dict | None = None,
-         force: bool = False) -> dict:
+def bake(
+    mf: Modelfile,
+    profile: str | None,
+    coefficients: dict[str, float],
+    out: str | Path,
+    format_: str,
+    type_: str | None = None,
+    rank: int | None = None,
+    progress: bool = False,
+    sources: dict | None = None,
+    force: bool = False,
+) -> dict:
     """Bake into `out`; `force`: replace an existing output avgguf did not write (a directory output keeps the
     other files it holds)."""
     out = Path(out)

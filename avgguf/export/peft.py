@@ -18,9 +18,15 @@ from avgguf.errors import AvggufError
 from avgguf.gguf.fuse import write_fused
 
 # GGUF block tensor -> Hugging Face module (llama, mistral and qwen2 share these names)
-BLOCK_MODULES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-                 "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-                 "ffn_down": "mlp.down_proj"}
+BLOCK_MODULES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
 TOP_MODULES = {fmt.OUTPUT: "lm_head", fmt.TOKEN_EMBD: "model.embed_tokens"}
 PERMUTED = {"attn_q", "attn_k"}  # llama-family rows llama.cpp's converter permutes
 
@@ -86,12 +92,24 @@ def peft_dir(bake, out: Path) -> dict:
         weights, rank, modules = peft_tensors(fused, arch, n_head, n_head_kv)
         fused.unlink()
         meta = bake.metadata()
-        save_file(weights, str(d.path / "adapter_model.safetensors"),
-                  metadata={"format": "pt", **{k: json.dumps(v) for k, v in meta.items()}})
-        config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank,
-                  "target_modules": [m for m in modules if m != "embed_tokens"] or None, "lora_dropout": 0.0,
-                  "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "inference_mode": True,
-                  "base_model_name_or_path": None}  # the base is a GGUF; avgguf.json names it
+        save_file(
+            weights,
+            str(d.path / "adapter_model.safetensors"),
+            metadata={"format": "pt", **{k: json.dumps(v) for k, v in meta.items()}},
+        )
+        config = {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": rank,
+            "lora_alpha": rank,
+            "target_modules": [m for m in modules if m != "embed_tokens"] or None,
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "use_rslora": False,
+            "inference_mode": True,
+            "base_model_name_or_path": None,
+        }  # the base is a GGUF; avgguf.json names it
         if "embed_tokens" in modules:
             config["target_modules"] = (config["target_modules"] or []) + ["embed_tokens"]
         (d.path / "adapter_config.json").write_text(json.dumps(config, indent=1) + "\n", encoding="utf-8")

@@ -74,19 +74,48 @@ KEY_T_TYPES = "avgguf.tensors.types"
 
 # Factor storage types llama.cpp multiplies on its CPU backend (and CUDA/Metal). Quantized types need a
 # row length that is a multiple of their block size (32); for lora_b the row length is the rank.
-DTYPES = {"f32": QType.F32, "f16": QType.F16, "q8_0": QType.Q8_0, "q5_1": QType.Q5_1, "q5_0": QType.Q5_0,
-          "q4_1": QType.Q4_1, "q4_0": QType.Q4_0}
+DTYPES = {
+    "f32": QType.F32,
+    "f16": QType.F16,
+    "q8_0": QType.Q8_0,
+    "q5_1": QType.Q5_1,
+    "q5_0": QType.Q5_0,
+    "q4_1": QType.Q4_1,
+    "q4_0": QType.Q4_0,
+}
 QUANTIZED = {QType.Q8_0, QType.Q5_1, QType.Q5_0, QType.Q4_1, QType.Q4_0}
 # Factor types accepted when reading any tool's adapter: those ggml's CPU, CUDA and Metal backends multiply
 # (ggml_mul_mat / get_rows against f32 activations). I8/I16/I32/I64/F64 have no CPU kernel: the first decode
 # using the adapter would crash the process. K-quants need rows of a multiple of 256 (their block).
-FACTOR_TYPES = (QType.F32, QType.F16, QType.BF16, QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0,
-                QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K)
+FACTOR_TYPES = (
+    QType.F32,
+    QType.F16,
+    QType.BF16,
+    QType.Q4_0,
+    QType.Q4_1,
+    QType.Q5_0,
+    QType.Q5_1,
+    QType.Q8_0,
+    QType.Q2_K,
+    QType.Q3_K,
+    QType.Q4_K,
+    QType.Q5_K,
+    QType.Q6_K,
+)
 # Byte offsets of the f16 scale fields (d, and dmin/m where there is one) inside one block: every value of a
 # block is a finite scale times small integers, so the block is finite iff these are.
-_SCALE_OFFSETS = {QType.Q4_0: (0,), QType.Q4_1: (0, 2), QType.Q5_0: (0,), QType.Q5_1: (0, 2), QType.Q8_0: (0,),
-                  QType.Q2_K: (80, 82), QType.Q3_K: (108,), QType.Q4_K: (0, 2), QType.Q5_K: (0, 2),
-                  QType.Q6_K: (208,)}
+_SCALE_OFFSETS = {
+    QType.Q4_0: (0,),
+    QType.Q4_1: (0, 2),
+    QType.Q5_0: (0,),
+    QType.Q5_1: (0, 2),
+    QType.Q8_0: (0,),
+    QType.Q2_K: (80, 82),
+    QType.Q3_K: (108,),
+    QType.Q4_K: (0, 2),
+    QType.Q5_K: (0, 2),
+    QType.Q6_K: (208,),
+}
 CHECK_CHUNK_BYTES = 4 << 20  # factor values are checked this many bytes at a time (never one whole copy)
 
 
@@ -129,8 +158,10 @@ def delta_from_pair(base_name: str, lora_a: np.ndarray, lora_b: np.ndarray) -> n
 
 def expected_pair_shapes(base_name: str, base_shape: tuple[int, ...], rank: int) -> tuple[tuple, tuple]:
     if len(base_shape) != 2:
-        raise AdapterError(f"pair on {base_name!r}, a {len(base_shape)}-D base tensor {tuple(base_shape)}: avgguf "
-                           f"supports 2-D matmul weights only")
+        raise AdapterError(
+            f"pair on {base_name!r}, a {len(base_shape)}-D base tensor {tuple(base_shape)}: avgguf "
+            f"supports 2-D matmul weights only"
+        )
     rows, cols = base_shape
     if base_name == TOKEN_EMBD:
         return (rows, rank), (cols, rank)
@@ -195,8 +226,7 @@ class AdapterWriter:
     failure. An existing `out_path` is replaced only if avgguf wrote it as an adapter, or with `force`;
     `inputs`: files the output must not be."""
 
-    def __init__(self, out_path: str | os.PathLike, arch: str, name: str, *, force: bool = False,
-                 inputs: tuple = ()):
+    def __init__(self, out_path: str | os.PathLike, arch: str, name: str, *, force: bool = False, inputs: tuple = ()):
         self.out_path = Path(out_path)
         self._policy = {"force": force, "previous": _previous_adapter, "inputs": tuple(inputs), "what": "adapter"}
         target = atomic.check_output_file(self.out_path, **self._policy)
@@ -209,8 +239,9 @@ class AdapterWriter:
         self.writer.add_name(name)
         self.n_pairs = 0
 
-    def add_pair(self, base_name: str, lora_a: np.ndarray, lora_b: np.ndarray, dtype: str,
-                 dtype_b: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def add_pair(
+        self, base_name: str, lora_a: np.ndarray, lora_b: np.ndarray, dtype: str, dtype_b: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Store a pair (lora_b in dtype_b when given); returns the factors as llama.cpp will see them
         (after quantization)."""
         seen = []
@@ -223,12 +254,10 @@ class AdapterWriter:
         self.n_pairs += 1
         return seen[0], seen[1]
 
-    def add_raw_pair(self, base_name: str, raw_a: np.ndarray, type_a: QType, raw_b: np.ndarray,
-                     type_b: QType) -> None:
+    def add_raw_pair(self, base_name: str, raw_a: np.ndarray, type_a: QType, raw_b: np.ndarray, type_b: QType) -> None:
         """Store a pair exactly as given (float rows, or uint8 rows of quantized blocks)."""
         for suffix, raw, qtype in ((LORA_A, raw_a, type_a), (LORA_B, raw_b, type_b)):
-            self.writer.add_tensor(base_name + suffix, np.ascontiguousarray(raw),
-                                   raw_dtype=qtype if qtype in QUANTIZED else None)
+            self.writer.add_tensor(base_name + suffix, np.ascontiguousarray(raw), raw_dtype=qtype if qtype in QUANTIZED else None)
         self.n_pairs += 1
 
     def add_metadata(self, key: str, value: Any) -> None:
@@ -236,8 +265,9 @@ class AdapterWriter:
         if isinstance(value, bool):
             w.add_bool(key, value)
         elif isinstance(value, int):  # sizes of big models pass 2**32 (a --max-size above 4.3 GB)
-            w.add_uint32(key, value) if 0 <= value < 1 << 32 else w.add_uint64(key, value) if value >= 0 \
-                else w.add_int64(key, value)
+            w.add_uint32(key, value) if 0 <= value < 1 << 32 else w.add_uint64(key, value) if value >= 0 else w.add_int64(
+                key, value
+            )
         elif isinstance(value, float):
             w.add_float64(key, value)
         elif isinstance(value, str):
@@ -263,9 +293,11 @@ class AdapterWriter:
                 self.writer.close()
                 size = os.path.getsize(tmp)
                 if max_size is not None and size > max_size:
-                    raise AdapterError(f"{self.out_path}: the adapter came out at {size} bytes, over the "
-                                       f"{max_size}-byte budget (metadata larger than planned); lower --max-size "
-                                       f"by {size - max_size} bytes")
+                    raise AdapterError(
+                        f"{self.out_path}: the adapter came out at {size} bytes, over the "
+                        f"{max_size}-byte budget (metadata larger than planned); lower --max-size "
+                        f"by {size - max_size} bytes"
+                    )
         except BaseException:
             self.abort()
             raise
@@ -336,20 +368,20 @@ def _open(path: Path, what: str) -> gguf.GGUFReader:
     try:
         return gguf.GGUFReader(path)
     except Exception as exc:  # gguf raises ValueError/struct errors on corrupt files
-        raise AdapterError(f"{what} {str(path)!r} is not a readable GGUF file ({exc}); "
-                           f"re-create it or check the path") from None
+        raise AdapterError(f"{what} {str(path)!r} is not a readable GGUF file ({exc}); re-create it or check the path") from None
 
 
 def _field(reader: gguf.GGUFReader, key: str, vtype: VType, path: Path, required: bool = True):
     f = reader.get_field(key)
     if f is None:
         if required:
-            raise AdapterError(f"{path}: missing key {key!r}; this is not a GGUF LoRA adapter "
-                               f"(make one with `avgguf convert`)")
+            raise AdapterError(f"{path}: missing key {key!r}; this is not a GGUF LoRA adapter (make one with `avgguf convert`)")
         return None
     if f.types[0] != vtype:
-        raise AdapterError(f"{path}: key {key!r} has GGUF type {f.types[0].name}, expected {vtype.name} "
-                           f"(llama.cpp would abort on it); re-create the adapter")
+        raise AdapterError(
+            f"{path}: key {key!r} has GGUF type {f.types[0].name}, expected {vtype.name} "
+            f"(llama.cpp would abort on it); re-create the adapter"
+        )
     return f.contents()
 
 
@@ -360,17 +392,23 @@ def read_adapter(path: str | os.PathLike, check_values: bool = True) -> AdapterI
     reader = _open(path, "adapter")
     gtype = _field(reader, gguf.Keys.General.TYPE, VType.STRING, path)
     if gtype != gguf.GGUFType.ADAPTER:
-        raise AdapterError(f"{path}: general.type is {gtype!r}, expected 'adapter' "
-                           f"(is this a model file? adapters are made with `avgguf convert`)")
+        raise AdapterError(
+            f"{path}: general.type is {gtype!r}, expected 'adapter' "
+            f"(is this a model file? adapters are made with `avgguf convert`)"
+        )
     atype = _field(reader, gguf.Keys.Adapter.TYPE, VType.STRING, path)
     if atype != "lora":
-        raise AdapterError(f"{path}: adapter.type is {atype!r}, expected 'lora' (avgguf and llama.cpp apply LoRA "
-                           f"adapters only); re-create it as a LoRA (e.g. with `avgguf convert`)")
+        raise AdapterError(
+            f"{path}: adapter.type is {atype!r}, expected 'lora' (avgguf and llama.cpp apply LoRA "
+            f"adapters only); re-create it as a LoRA (e.g. with `avgguf convert`)"
+        )
     arch = _field(reader, gguf.Keys.General.ARCHITECTURE, VType.STRING, path)
     alpha = _field(reader, gguf.Keys.Adapter.LORA_ALPHA, VType.FLOAT32, path)
     if not math.isfinite(float(alpha)):
-        raise AdapterError(f"{path}: key {gguf.Keys.Adapter.LORA_ALPHA!r} is {float(alpha)}, expected a finite "
-                           f"number (llama.cpp scales every pair by alpha / rank); re-create the adapter")
+        raise AdapterError(
+            f"{path}: key {gguf.Keys.Adapter.LORA_ALPHA!r} is {float(alpha)}, expected a finite "
+            f"number (llama.cpp scales every pair by alpha / rank); re-create the adapter"
+        )
     name = _field(reader, gguf.Keys.General.NAME, VType.STRING, path, required=False)
 
     tensors = {t.name: t for t in reader.tensors}
@@ -385,25 +423,33 @@ def read_adapter(path: str | os.PathLike, check_values: bool = True) -> AdapterI
             ignored[tname] = numpy_shape(t)  # e.g. mergekit -> convert_lora_to_gguf.py norms
             continue
         else:
-            raise AdapterError(f"{path}: tensor {tname!r} ends neither in .lora_a nor .lora_b "
-                               f"(nor {NORM_SUFFIX}, which llama.cpp skips); llama.cpp would refuse this file. "
-                               f"Re-create the adapter (e.g. with `avgguf convert`)")
+            raise AdapterError(
+                f"{path}: tensor {tname!r} ends neither in .lora_a nor .lora_b "
+                f"(nor {NORM_SUFFIX}, which llama.cpp skips); llama.cpp would refuse this file. "
+                f"Re-create the adapter (e.g. with `avgguf convert`)"
+            )
         if base in pairs:
             continue
         a, b = tensors.get(base + LORA_A), tensors.get(base + LORA_B)
         if a is None or b is None:
             missing = base + (LORA_A if a is None else LORA_B)
-            raise AdapterError(f"{path}: tensor {missing!r} is missing; lora_a and lora_b come in pairs "
-                               f"(llama.cpp refuses half a pair). Re-create the adapter")
+            raise AdapterError(
+                f"{path}: tensor {missing!r} is missing; lora_a and lora_b come in pairs "
+                f"(llama.cpp refuses half a pair). Re-create the adapter"
+            )
         a_shape, b_shape = numpy_shape(a), numpy_shape(b)
         if len(a_shape) != 2 or len(b_shape) != 2:
-            raise AdapterError(f"{path}: {base!r}: only 2-D LoRA pairs are supported, found "
-                               f"lora_a {a_shape}, lora_b {b_shape}; re-create the adapter")
+            raise AdapterError(
+                f"{path}: {base!r}: only 2-D LoRA pairs are supported, found "
+                f"lora_a {a_shape}, lora_b {b_shape}; re-create the adapter"
+            )
         rank = b_shape[1]
         ok = a_shape[1] == rank if base == TOKEN_EMBD else a_shape[0] == rank
         if not ok or rank < 1:
-            raise AdapterError(f"{path}: {base!r}: lora_a {a_shape} and lora_b {b_shape} disagree on the rank "
-                               f"(expected a rank >= 1 shared by both); re-create the adapter")
+            raise AdapterError(
+                f"{path}: {base!r}: lora_a {a_shape} and lora_b {b_shape} disagree on the rank "
+                f"(expected a rank >= 1 shared by both); re-create the adapter"
+            )
         for t_ in (a, b):
             check_factor_type(path, t_)
         pairs[base] = PairInfo(base, rank, a_shape, b_shape, a.tensor_type.name, b.tensor_type.name)
@@ -422,14 +468,18 @@ def check_factor_type(path: Path, t) -> None:
     qtype = QType(t.tensor_type)
     shape = numpy_shape(t)
     if qtype not in FACTOR_TYPES:
-        raise AdapterError(f"{path}: tensor {t.name!r} is stored as {qtype.name}, which llama.cpp's backends "
-                           f"cannot multiply (the first decode with this adapter would crash the process); "
-                           f"expected one of {', '.join(q.name for q in FACTOR_TYPES)}. Re-create the adapter "
-                           f"(e.g. `avgguf convert ... --dtype f16`)")
+        raise AdapterError(
+            f"{path}: tensor {t.name!r} is stored as {qtype.name}, which llama.cpp's backends "
+            f"cannot multiply (the first decode with this adapter would crash the process); "
+            f"expected one of {', '.join(q.name for q in FACTOR_TYPES)}. Re-create the adapter "
+            f"(e.g. `avgguf convert ... --dtype f16`)"
+        )
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     if shape[-1] % block:
-        raise AdapterError(f"{path}: tensor {t.name!r} is {qtype.name} with rows of {shape[-1]} values, expected "
-                           f"a multiple of {block} (its block size); re-create the adapter with f16 factors")
+        raise AdapterError(
+            f"{path}: tensor {t.name!r} is {qtype.name} with rows of {shape[-1]} values, expected "
+            f"a multiple of {block} (its block size); re-create the adapter with f16 factors"
+        )
 
 
 _VALUES_CHECKED: dict[tuple, bool] = {}  # (file identity) -> checked: a file version is scanned once per process
@@ -446,9 +496,11 @@ def check_factor_values(path: Path, tensors) -> None:
         found = _first_non_finite(np.asarray(t.data), QType(t.tensor_type))
         if found is not None:
             row, what = found
-            raise AdapterError(f"{path}: tensor {t.name!r} has a {what} value (row {row}); expected finite "
-                               f"factors (llama.cpp would give NaN logits). Re-create the adapter from finite "
-                               f"weights")
+            raise AdapterError(
+                f"{path}: tensor {t.name!r} has a {what} value (row {row}); expected finite "
+                f"factors (llama.cpp would give NaN logits). Re-create the adapter from finite "
+                f"weights"
+            )
     _VALUES_CHECKED[key] = True
 
 
@@ -462,7 +514,7 @@ def _first_non_finite(data: np.ndarray, qtype: QType) -> tuple[int, str] | None:
     row_bytes = max(1, rows.shape[1] * rows.dtype.itemsize)
     step = max(1, CHECK_CHUNK_BYTES // row_bytes)
     for start in range(0, rows.shape[0], step):
-        chunk = np.ascontiguousarray(rows[start:start + step])
+        chunk = np.ascontiguousarray(rows[start : start + step])
         if qtype in _EXPONENT_MASK:  # integer max of the exponent bits: ~3x faster than np.isfinite on f16
             mask = _EXPONENT_MASK[qtype]
             bits = chunk.view(np.uint16)
@@ -474,8 +526,9 @@ def _first_non_finite(data: np.ndarray, qtype: QType) -> tuple[int, str] | None:
         else:  # quantized: the f16 scales of every block
             size = gguf.GGML_QUANT_SIZES[qtype][1]
             blocks = chunk.reshape(chunk.shape[0], -1, size)
-            values = np.stack([np.ascontiguousarray(blocks[..., o:o + 2]).view(np.float16)[..., 0]
-                               for o in _SCALE_OFFSETS[qtype]], axis=-1).reshape(chunk.shape[0], -1)
+            values = np.stack(
+                [np.ascontiguousarray(blocks[..., o : o + 2]).view(np.float16)[..., 0] for o in _SCALE_OFFSETS[qtype]], axis=-1
+            ).reshape(chunk.shape[0], -1)
         ok = np.isfinite(values)
         if not ok.all():
             return _where(start, ~ok, values)
@@ -524,32 +577,42 @@ def read_base_model(path: str | os.PathLike) -> BaseModelInfo:
     n_layer = reader.get_field(gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch))
     n_embd = reader.get_field(gguf.Keys.LLM.EMBEDDING_LENGTH.format(arch=arch))
     shapes = {t.name: numpy_shape(t) for t in reader.tensors}
-    return BaseModelInfo(path, arch, shapes,
-                         int(n_layer.contents()) if n_layer else None,
-                         int(n_embd.contents()) if n_embd else None)
+    return BaseModelInfo(
+        path, arch, shapes, int(n_layer.contents()) if n_layer else None, int(n_embd.contents()) if n_embd else None
+    )
 
 
 def check_against_base(adapter: AdapterInfo, base: BaseModelInfo) -> None:
     """Raise AdapterError unless llama.cpp can load this adapter on this base."""
     where = f"adapter {str(adapter.path)!r}"
     if adapter.arch != base.arch:
-        raise AdapterError(f"{where} is for architecture {adapter.arch!r} but base {str(base.path)!r} is "
-                           f"{base.arch!r}; convert it against this base")
+        raise AdapterError(
+            f"{where} is for architecture {adapter.arch!r} but base {str(base.path)!r} is "
+            f"{base.arch!r}; convert it against this base"
+        )
     for base_name, p in adapter.pairs.items():
         if base_name not in base.shapes:
-            raise AdapterError(f"{where}: tensor {base_name!r} does not exist in base {str(base.path)!r}; "
-                               f"the adapter was built for another model: convert it against this base")
+            raise AdapterError(
+                f"{where}: tensor {base_name!r} does not exist in base {str(base.path)!r}; "
+                f"the adapter was built for another model: convert it against this base"
+            )
         shape = base.shapes[base_name]
         if len(shape) != 2:
-            raise AdapterError(f"{where}: pair on {base_name!r}, a {len(shape)}-D base tensor {shape} of base "
-                               f"{str(base.path)!r}; avgguf supports 2-D matmul weights only (llama.cpp never "
-                               f"applies a LoRA to norms, biases or 3-D expert tensors). Re-convert the adapter "
-                               f"with avgguf, which books such tensors as not applicable")
+            raise AdapterError(
+                f"{where}: pair on {base_name!r}, a {len(shape)}-D base tensor {shape} of base "
+                f"{str(base.path)!r}; avgguf supports 2-D matmul weights only (llama.cpp never "
+                f"applies a LoRA to norms, biases or 3-D expert tensors). Re-convert the adapter "
+                f"with avgguf, which books such tensors as not applicable"
+            )
         if base.tied_embeddings and base_name in (TOKEN_EMBD, OUTPUT):
-            raise AdapterError(f"{where}: pair on {base_name!r} but the base ties its embeddings; "
-                               f"llama.cpp would apply it wrongly. Re-convert the adapter with avgguf")
+            raise AdapterError(
+                f"{where}: pair on {base_name!r} but the base ties its embeddings; "
+                f"llama.cpp would apply it wrongly. Re-convert the adapter with avgguf"
+            )
         want_a, want_b = expected_pair_shapes(base_name, base.shapes[base_name], p.rank)
         if (p.a_shape, p.b_shape) != (want_a, want_b):
-            raise AdapterError(f"{where}: {base_name!r}: lora_a {p.a_shape} / lora_b {p.b_shape} do not fit the "
-                               f"base tensor {base.shapes[base_name]} (expected {want_a} / {want_b}); "
-                               f"the adapter was built for another model: convert it against this base")
+            raise AdapterError(
+                f"{where}: {base_name!r}: lora_a {p.a_shape} / lora_b {p.b_shape} do not fit the "
+                f"base tensor {base.shapes[base_name]} (expected {want_a} / {want_b}); "
+                f"the adapter was built for another model: convert it against this base"
+            )

@@ -40,8 +40,7 @@ def supported_list() -> str:
 def spec_for_hf(architecture: str | None, where: str) -> ArchSpec:
     spec = HF_ARCHITECTURES.get(architecture or "")
     if spec is None:
-        raise ConversionError(f"{where}: architecture {architecture!r} is not supported; "
-                              f"supported: {supported_list()}")
+        raise ConversionError(f"{where}: architecture {architecture!r} is not supported; supported: {supported_list()}")
     return spec
 
 
@@ -53,16 +52,17 @@ def spec_for_hf_config(config: dict, where: str) -> ArchSpec:
         model_type = config.get("model_type")
         architecture = HF_MODEL_TYPES.get(model_type or "")
         if architecture is None:
-            raise ConversionError(f"{where}: no 'architectures' and model_type {model_type!r} is not supported; "
-                                  f"supported model types: {', '.join(sorted(HF_MODEL_TYPES))}")
+            raise ConversionError(
+                f"{where}: no 'architectures' and model_type {model_type!r} is not supported; "
+                f"supported model types: {', '.join(sorted(HF_MODEL_TYPES))}"
+            )
     return spec_for_hf(architecture, where)
 
 
 def spec_for_gguf(arch: str, where: str) -> ArchSpec:
     spec = GGUF_ARCHITECTURES.get(arch)
     if spec is None:
-        raise ConversionError(f"{where}: GGUF architecture {arch!r} is not supported; "
-                              f"supported: {supported_list()}")
+        raise ConversionError(f"{where}: GGUF architecture {arch!r} is not supported; supported: {supported_list()}")
     return spec
 
 
@@ -84,13 +84,11 @@ def permute_rows(w: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np
     """
     if n_head_kv is not None and n_head != n_head_kv:
         n_head = n_head_kv
-    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
-            .swapaxes(1, 2).reshape(w.shape))
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def unpermute_rows(w: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.ndarray:
     """Inverse of permute_rows (GGUF row order -> HF row order)."""
     if n_head_kv is not None and n_head != n_head_kv:
         n_head = n_head_kv
-    return (w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:])
-            .swapaxes(1, 2).reshape(w.shape))
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

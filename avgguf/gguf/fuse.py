@@ -50,8 +50,8 @@ def scaled_blocks(raw: np.ndarray, qtype: QType, c: float) -> np.ndarray:
     _, size = gguf.GGML_QUANT_SIZES[qtype]
     blocks = np.array(raw, dtype=np.uint8).reshape(-1, size)
     for offset in _SCALE_FIELDS[qtype]:
-        field = blocks[:, offset:offset + 2].copy().view(np.float16)
-        blocks[:, offset:offset + 2] = (field.astype(np.float32) * c).astype(np.float16).view(np.uint8)
+        field = blocks[:, offset : offset + 2].copy().view(np.float16)
+        blocks[:, offset : offset + 2] = (field.astype(np.float32) * c).astype(np.float16).view(np.uint8)
     return blocks.reshape(raw.shape)
 
 
@@ -98,8 +98,14 @@ class Cancelled(Exception):
     """A background build whose coefficient set is no longer wanted."""
 
 
-def write_fused(sources: list[tuple[str, Path, float]], out: Path, arch: str, extra: dict | None = None,
-                float_type: QType | None = None, stop=None) -> Path:
+def write_fused(
+    sources: list[tuple[str, Path, float]],
+    out: Path,
+    arch: str,
+    extra: dict | None = None,
+    float_type: QType | None = None,
+    stop=None,
+) -> Path:
     """Write the adapter equal to Σ c·adapter for (name, path, c) sources (c != 0), atomically; `extra`:
     more metadata (key -> value); `float_type` (F32/F16): every factor in that type instead of natively."""
     readers = [(name, gguf.GGUFReader(path), c) for name, path, c in sources]
@@ -141,5 +147,3 @@ def fused_path(directory: Path, key: tuple[tuple[str, float], ...]) -> Path:
 def check_sources(sources: list[tuple[str, Path, float]]) -> None:
     if len(sources) < 1:
         raise AdapterError("nothing to fuse: every coefficient is 0")
-
-

@@ -25,16 +25,29 @@ def describe(path: str) -> dict:
         }
     tensors = []
     for name, p in info.pairs.items():
-        row = {"name": name, "rank": p.rank, "lora_a": list(p.a_shape), "lora_b": list(p.b_shape),
-               "types": f"{p.a_type.lower()}/{p.b_type.lower()}"}
+        row = {
+            "name": name,
+            "rank": p.rank,
+            "lora_a": list(p.a_shape),
+            "lora_b": list(p.b_shape),
+            "types": f"{p.a_type.lower()}/{p.b_type.lower()}",
+        }
         row.update(per_tensor.get(name, {}))
         tensors.append(row)
-    skipped = [{"name": n, "energy": _at(meta.get(fmt.KEY_S_ENERGY), i), "reason": _at(meta.get(fmt.KEY_S_REASON), i)}
-               for i, n in enumerate(meta.get(fmt.KEY_S_NAME) or [])]
+    skipped = [
+        {"name": n, "energy": _at(meta.get(fmt.KEY_S_ENERGY), i), "reason": _at(meta.get(fmt.KEY_S_REASON), i)}
+        for i, n in enumerate(meta.get(fmt.KEY_S_NAME) or [])
+    ]
     # tensors in the file that llama.cpp loads and then skips (e.g. norms written by convert_lora_to_gguf.py)
-    skipped += [{"name": n, "energy": None, "shape": list(shape),
-                 "reason": "in the file but not applied: llama.cpp skips *_norm.weight tensors in adapters"}
-                for n, shape in info.ignored.items()]
+    skipped += [
+        {
+            "name": n,
+            "energy": None,
+            "shape": list(shape),
+            "reason": "in the file but not applied: llama.cpp skips *_norm.weight tensors in adapters",
+        }
+        for n, shape in info.ignored.items()
+    ]
     ranks = [p.rank for p in info.pairs.values()]
     return {
         "file": str(info.path),
@@ -78,9 +91,11 @@ def _pct(x) -> str:
 
 def render_table(d: dict) -> str:
     safe = terminal_safe
-    lines = [f"{safe(d['file'])}  ({d['size_bytes'] / 1e6:.2f} MB)",
-             f"  architecture {safe(d['architecture'])}, alpha {d['alpha']:g}, {d['n_pairs']} pairs, "
-             f"rank {d['rank_min']}..{d['rank_max']}"]
+    lines = [
+        f"{safe(d['file'])}  ({d['size_bytes'] / 1e6:.2f} MB)",
+        f"  architecture {safe(d['architecture'])}, alpha {d['alpha']:g}, {d['n_pairs']} pairs, "
+        f"rank {d['rank_min']}..{d['rank_max']}",
+    ]
     if d["name"] is not None:
         lines.append(f"  name {safe(d['name'])}")
     for key, value in d["metadata"].items():
@@ -91,13 +106,14 @@ def render_table(d: dict) -> str:
         lines.append("  (not made by avgguf: no energy bookkeeping)")
     lines.append("")
     width = max([len(safe(t["name"])) for t in d["tensors"]] + [6])
-    lines.append(f"{'tensor':<{width}}  {'rank':>5}  {'lora_a':>12}  {'lora_b':>12}  {'types':<9}  "
-                 f"{'kept':>8}  {'rel err':>9}")
+    lines.append(f"{'tensor':<{width}}  {'rank':>5}  {'lora_a':>12}  {'lora_b':>12}  {'types':<9}  {'kept':>8}  {'rel err':>9}")
     for t in d["tensors"]:
         err = "-" if t.get("rel_error") is None else f"{t['rel_error']:.2e}"
-        lines.append(f"{safe(t['name']):<{width}}  {t['rank']:>5}  {'x'.join(map(str, t['lora_a'])):>12}  "
-                     f"{'x'.join(map(str, t['lora_b'])):>12}  {t['types']:<9}  {_pct(t.get('energy_kept')):>8}  "
-                     f"{err:>9}")
+        lines.append(
+            f"{safe(t['name']):<{width}}  {t['rank']:>5}  {'x'.join(map(str, t['lora_a'])):>12}  "
+            f"{'x'.join(map(str, t['lora_b'])):>12}  {t['types']:<9}  {_pct(t.get('energy_kept')):>8}  "
+            f"{err:>9}"
+        )
     if d["skipped"]:
         lines.append("")
         lines.append("not applied by llama.cpp (reported, not dropped silently):")

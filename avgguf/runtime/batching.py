@@ -40,7 +40,7 @@ from avgguf.runtime.sampling import Sampler, Sampling  # noqa: F401 (Sampling: p
 from avgguf.runtime.stops import StopMatcher, held_back  # noqa: F401 (held_back: the rule StopMatcher keeps)
 
 log = logging.getLogger(__name__)
-ADAPT_EVERY = 16     # steps between thread-policy checks
+ADAPT_EVERY = 16  # steps between thread-policy checks
 # The wait list: requests beyond the running sequences that may queue, per sequence. Four answers' time is
 # what a waiting client may expect; beyond that a quick 503 serves it better than a long silence.
 QUEUE_PER_SEQUENCE = 4
@@ -84,15 +84,15 @@ class Sequence:
 
     def __init__(self, req: BatchRequest, slot: int, kept: int, engine: Engine, fused: object | None = None):
         self.req, self.slot, self.engine = req, slot, engine
-        self.fused = fused                   # the fused adapter this sequence's K/V is computed with, or None
+        self.fused = fused  # the fused adapter this sequence's K/V is computed with, or None
         self.group = (req.key, fused is not None)  # what decodes together: same set, same variant
-        self.pos = self.kept = kept          # tokens of this slot's K/V that stay valid (a reused prefix)
+        self.pos = self.kept = kept  # tokens of this slot's K/V that stay valid (a reused prefix)
         self.todo = list(req.tokens[kept:])  # prompt tokens still to evaluate (never empty)
         self.stops = req.stops if req.stops is not None else StopMatcher(req.sampling.stop)
         self.sampler: Sampler = req.sampler or engine.sampler(req.sampling)
         self.generated: list[int] = []
-        self.next_token: int | None = None   # sampled, not yet evaluated
-        self.pending = ""                    # text held back: might begin a stop string
+        self.next_token: int | None = None  # sampled, not yet evaluated
+        self.pending = ""  # text held back: might begin a stop string
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="ignore")
         self.t0, self.t_first = time.perf_counter(), None
 
@@ -125,8 +125,8 @@ class Sequence:
                 self.pending = ""
                 return "stop"
             hold = self.stops.held
-            self.pending = text[len(text) - hold:] if hold else ""
-            text = text[:len(text) - hold]
+            self.pending = text[len(text) - hold :] if hold else ""
+            text = text[: len(text) - hold]
         self._emit(text, token, logits)
         return "length" if len(self.generated) >= s.max_tokens else None
 
@@ -140,15 +140,22 @@ class Sequence:
             self.req.emit(Event("piece", self.pending))
         end = time.perf_counter()
         first = self.t_first or end
-        self.req.emit(Event("done", finish=reason, tokens=len(self.generated),
-                            evaluated=len(self.req.tokens) - self.kept, prompt_ms=1000 * (first - self.t0),
-                            gen_ms=1000 * (end - first)))
+        self.req.emit(
+            Event(
+                "done",
+                finish=reason,
+                tokens=len(self.generated),
+                evaluated=len(self.req.tokens) - self.kept,
+                prompt_ms=1000 * (first - self.t0),
+                gen_ms=1000 * (end - first),
+            )
+        )
         self.sampler.close()
 
     @property
     def cached(self) -> list[int]:
         """Tokens whose K/V this slot holds once the sequence ends (a last sampled token is not evaluated)."""
-        return (self.req.tokens + self.generated)[:self.pos]
+        return (self.req.tokens + self.generated)[: self.pos]
 
 
 def token_logprobs(engine: Engine, logits: np.ndarray, token: int, top: int) -> dict:
@@ -169,8 +176,16 @@ class Batcher:
 
     quantum = 4
 
-    def __init__(self, engine: Engine, n_seq: int = 4, max_queue: int | None = None, kv_unified: bool = False,
-                 peers: list[Batcher] | None = None, fuse: bool = True, chunk: int | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        n_seq: int = 4,
+        max_queue: int | None = None,
+        kv_unified: bool = False,
+        peers: list[Batcher] | None = None,
+        fuse: bool = True,
+        chunk: int | None = None,
+    ):
         """`peers`: the batchers (this one included) that share the engine's cores: each decodes on the
         engine's thread count divided by how many of them have work. `max_queue`: requests that may wait for
         a sequence (default: default_max_queue(n_seq)). `fuse`: serve sets of two or more AVs on one fused
@@ -192,7 +207,7 @@ class Batcher:
         self._free = list(range(n_seq))
         self._turn = 0
         self._held = 0  # steps the current group has had in a row
-        self._group: tuple | None = None    # the (set, fused?) the context's adapters are at
+        self._group: tuple | None = None  # the (set, fused?) the context's adapters are at
         self._applied_fused: object | None = None  # the fused adapter set on the context (never freed while so)
         self._attempt: tuple | None = None  # the group of the step in progress
         self._wake = threading.Condition()
@@ -236,6 +251,7 @@ class Batcher:
                 emit(ev)
             except RuntimeError:  # the listener's event loop is gone (shutdown)
                 pass
+
         return wrapped
 
     def cancel_all(self) -> int:
@@ -289,8 +305,9 @@ class Batcher:
         if stopped:
             self._ctx.close()
         else:
-            log.warning("a batching thread is still inside llama.cpp after %.0f s; its context is left to the "
-                        "process exit", timeout)
+            log.warning(
+                "a batching thread is still inside llama.cpp after %.0f s; its context is left to the process exit", timeout
+            )
         self._fusion.close(timeout=max(0.0, deadline - time.monotonic()))  # a build stops at its next tensor
         return stopped
 

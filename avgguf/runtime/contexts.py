@@ -36,7 +36,7 @@ class SideContext:
         if self.n_past + len(tokens) > self.n_ctx:
             raise AvggufError(f"context full: {self.n_past} + {len(tokens)} tokens > {self.n_ctx}")
         for start in range(0, len(tokens), self._batch_size):
-            chunk = list(tokens[start:start + self._batch_size])
+            chunk = list(tokens[start : start + self._batch_size])
             arr = (llama_cpp.llama_token * len(chunk))(*chunk)
             rc = llama_cpp.llama_decode(self._ctx, llama_cpp.llama_batch_get_one(arr, len(chunk)))
             if rc != 0:
@@ -84,8 +84,10 @@ class BatchContext:
             params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
         self._ctx = llama_cpp.llama_init_from_model(model, params)
         if not self._ctx:
-            raise AvggufError(f"llama.cpp could not create a context of {n_seq} x {n_ctx_seq} tokens "
-                              f"(out of memory? lower --parallel or --n-ctx)")
+            raise AvggufError(
+                f"llama.cpp could not create a context of {n_seq} x {n_ctx_seq} tokens "
+                f"(out of memory? lower --parallel or --n-ctx)"
+            )
         self.n_vocab, self.n_seq, self.capacity = n_vocab, n_seq, max(1, params.n_batch)
         self._batch = llama_cpp.llama_batch_init(self.capacity, 0, 1)
         self._keep: tuple = ()

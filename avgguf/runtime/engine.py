@@ -46,17 +46,28 @@ def chat_formatter(llm, where: str = "model"):
     if not template:
         raise AvggufError(f"{where} has no tokenizer.chat_template")
     vocab = llm._model
-    fmt_ = Jinja2ChatFormatter(template=template, eos_token=vocab.token_get_text(llm.token_eos()),
-                               bos_token=vocab.token_get_text(llm.token_bos()))
+    fmt_ = Jinja2ChatFormatter(
+        template=template, eos_token=vocab.token_get_text(llm.token_eos()), bos_token=vocab.token_get_text(llm.token_bos())
+    )
     return lambda messages: fmt_(messages=messages).prompt
 
 
 def _chat_answer(out: dict) -> dict:
     """A text completion in chat.completion's shape."""
     choice = out["choices"][0]
-    return {**out, "id": "chat" + out["id"], "object": "chat.completion", "choices": [
-        {"index": 0, "message": {"role": "assistant", "content": choice["text"]}, "logprobs": None,
-         "finish_reason": choice["finish_reason"]}]}
+    return {
+        **out,
+        "id": "chat" + out["id"],
+        "object": "chat.completion",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": choice["text"]},
+                "logprobs": None,
+                "finish_reason": choice["finish_reason"],
+            }
+        ],
+    }
 
 
 def _chat_chunks(chunks):
@@ -92,8 +103,7 @@ class Perf:
         prompt_tps = 1000 * self.prompt_tokens / self.prompt_ms if self.prompt_ms > 0 else 0.0
         gen_tps = 1000 * self.gen_tokens / self.gen_ms if self.gen_ms > 0 else 0.0
         shown = self.gen_tokens if gen_tokens is None else gen_tokens
-        return (f"stats: prompt_tokens={self.prompt_tokens} prompt_tps={prompt_tps:.1f} "
-                f"gen_tokens={shown} gen_tps={gen_tps:.1f}")
+        return f"stats: prompt_tokens={self.prompt_tokens} prompt_tps={prompt_tps:.1f} gen_tokens={shown} gen_tps={gen_tps:.1f}"
 
 
 class Engine:
@@ -104,16 +114,28 @@ class Engine:
     (tokens, logits, scoring, generation, perf); llama-cpp-python stays inside.
     """
 
-    def __init__(self, model_path: str | os.PathLike, *, n_ctx: int = 2048, threads: ThreadPolicy | int | None = None,
-                 n_gpu_layers: int = 0, seed: int = 0, logits_all: bool = False, verbose: bool = False,
-                 fuse: str = "async", merge: str = "off", **llama_kwargs):
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        *,
+        n_ctx: int = 2048,
+        threads: ThreadPolicy | int | None = None,
+        n_gpu_layers: int = 0,
+        seed: int = 0,
+        logits_all: bool = False,
+        verbose: bool = False,
+        fuse: str = "async",
+        merge: str = "off",
+        **llama_kwargs,
+    ):
         """`merge`: run a set that stays in use on merged weights (avgguf.runtime.merged): auto | on | off."""
         self.model_path = Path(model_path)
         self.base = fmt.read_base_model(self.model_path)
         self.threads = threads if isinstance(threads, ThreadPolicy) else ThreadPolicy.from_settings(threads)
         n = self.threads.threads()
-        self._llama_kwargs = dict(n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, seed=seed, logits_all=logits_all,
-                                  verbose=verbose, **llama_kwargs)
+        self._llama_kwargs = dict(
+            n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, seed=seed, logits_all=logits_all, verbose=verbose, **llama_kwargs
+        )
         self._model_llm = self._load(self.model_path, n, "base model")
         self._llm = self._model_llm  # what evaluates now: the base (with adapters) or a merged set's model
         self._n_threads = n
@@ -206,8 +228,9 @@ class Engine:
 
     def fusion_cache(self, capacity: int = 4) -> FusedAdapters:
         """A cache of fused adapters of this model's AVs of its own (for a context other than the engine's)."""
-        return FusedAdapters(self._model_llm.model, self.base.arch, {n: a.path for n, a in self.adapters.items()},
-                             capacity=capacity)
+        return FusedAdapters(
+            self._model_llm.model, self.base.arch, {n: a.path for n, a in self.adapters.items()}, capacity=capacity
+        )
 
     def prompt_tokens(self, text: str) -> list[int]:
         """Tokens of a prompt as llama.cpp evaluates it: BOS added where the GGUF's vocabulary asks for it."""
@@ -429,7 +452,7 @@ class Engine:
 
     def _rows(self, start: int, count: int) -> np.ndarray:
         """Log-softmax rows predicting tokens start..start+count-1 of what was just evaluated."""
-        return log_softmax(self._llm.scores[start - 1: start - 1 + count])
+        return log_softmax(self._llm.scores[start - 1 : start - 1 + count])
 
     def _need_all_logits(self, what: str) -> None:
         if not self._logits_all:

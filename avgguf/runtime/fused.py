@@ -10,8 +10,15 @@ import time
 from pathlib import Path
 
 from avgguf.gguf.fuse import Cancelled, fused_path, write_fused
-from avgguf.runtime.scratch import (SHM_DIR, SPACE_MARGIN, free_bytes, fused_bytes, make_scratch, remove_stale_scratch,
-                                    user_cache_dir)
+from avgguf.runtime.scratch import (
+    SHM_DIR,
+    SPACE_MARGIN,
+    free_bytes,
+    fused_bytes,
+    make_scratch,
+    remove_stale_scratch,
+    user_cache_dir,
+)
 from avgguf.atomic import OutputError
 from avgguf.errors import AdapterError, AvggufError
 
@@ -102,13 +109,14 @@ class FusedAdapters:
                 with self._lock:
                     self._built[key] = path
                 return path
-            raise AvggufError(f"no room for a fused adapter of about {need >> 20} MiB "
-                              f"({'; '.join(tried) or f'{SHM_DIR} and the user cache dir are too full'})")
+            raise AvggufError(
+                f"no room for a fused adapter of about {need >> 20} MiB "
+                f"({'; '.join(tried) or f'{SHM_DIR} and the user cache dir are too full'})"
+            )
         except Cancelled:
             return None
         except Exception as exc:  # noqa: BLE001 (the separate adapters keep serving this set)
-            log.warning("fused adapter for %s not built (%s); the separate adapters serve it (same answers)",
-                        dict(key), exc)
+            log.warning("fused adapter for %s not built (%s); the separate adapters serve it (same answers)", dict(key), exc)
             with self._lock:
                 self._failed[key] = (time.monotonic(), exc)
             return None

@@ -33,8 +33,15 @@ from avgguf.gguf import adapter_format as fmt
 from avgguf.errors import AvggufError
 from avgguf.gguf.fuse import Cancelled, fused_path
 from avgguf.runtime.fused import Key
-from avgguf.runtime.scratch import (HIDDEN_SCRATCH, SPACE_MARGIN, free_bytes, in_ram, make_scratch,
-                     remove_stale_scratch, user_cache_dir)
+from avgguf.runtime.scratch import (
+    HIDDEN_SCRATCH,
+    SPACE_MARGIN,
+    free_bytes,
+    in_ram,
+    make_scratch,
+    remove_stale_scratch,
+    user_cache_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +130,15 @@ class MergedSets:
 
     RETRY_AFTER = 60.0
 
-    def __init__(self, base: Path, adapters: dict[str, Path], load: Callable[[Path], object], capacity: int = 1,
-                 nice: int = 19, ram_extra: int = 0):
+    def __init__(
+        self,
+        base: Path,
+        adapters: dict[str, Path],
+        load: Callable[[Path], object],
+        capacity: int = 1,
+        nice: int = 19,
+        ram_extra: int = 0,
+    ):
         """`nice`: the bake's CPU priority (19: only the cores decoding leaves; OpenMP's busy-waiting decode
         threads stall whenever another runnable thread takes one of their cores)."""
         self._nice = nice
@@ -174,7 +188,7 @@ class MergedSets:
                 return None
             item = self._taken[key]
             victims = [k for k, v in self._taken.items() if v is not item and not in_use(v)]
-            drop = victims[:max(0, len(self._taken) + len(self._built) - self.capacity)]
+            drop = victims[: max(0, len(self._taken) + len(self._built) - self.capacity)]
             closing = [self._taken.pop(k) for k in drop]
         if closing:
             self._close_later(closing)
@@ -259,8 +273,14 @@ class MergedSets:
             out = fused_path(directory, key)
             mf = modelfile_from_gguf(self._base, [(self._adapters[name], 1.0) for name, _ in key])
             names = list(mf.av_paths)
-            self._niced(lambda: baked_gguf(Bake(mf, "hot", {n: v for n, (_, v) in zip(names, key)}), out, threads=1,
-                                           stop=lambda: self._closed or self._wanted != key))
+            self._niced(
+                lambda: baked_gguf(
+                    Bake(mf, "hot", {n: v for n, (_, v) in zip(names, key)}),
+                    out,
+                    threads=1,
+                    stop=lambda: self._closed or self._wanted != key,
+                )
+            )
             if self._closed:
                 raise Cancelled
             item = self._load(out)
@@ -319,8 +339,9 @@ class MergedSets:
             self._wanted = None
         done = self.wait(timeout)
         if not done:
-            log.warning("a merge is still quantizing; its scratch directory stays until it returns (or is "
-                        "removed at the next start)")
+            log.warning(
+                "a merge is still quantizing; its scratch directory stays until it returns (or is removed at the next start)"
+            )
         with self._lock:
             items = [*self._built.values(), *self._taken.values()]
             self._built.clear()

@@ -45,8 +45,7 @@ def candidates(base_logp: np.ndarray, mode: str, k: int = TOP_K, extra: int | No
     return top
 
 
-def scores(base_logp: np.ndarray, policy_logps: Sequence[np.ndarray], weights: Sequence[float],
-           cand: np.ndarray) -> np.ndarray:
+def scores(base_logp: np.ndarray, policy_logps: Sequence[np.ndarray], weights: Sequence[float], cand: np.ndarray) -> np.ndarray:
     """log π_base + Σ w_i (log π_i − log π_base) on the candidate ids."""
     out = base_logp[cand].copy()
     for lp, w in zip(policy_logps, weights):
@@ -82,8 +81,9 @@ class PadDecoder:
         # model two 1-thread decodes at once cost less than two 2-thread decodes one after the other.
         n = 1 + len(self.active)
         threads = max(1, engine.n_threads // n)
-        self.contexts = [engine.side_context({}, threads)] + \
-            [engine.side_context({name: 1.0}, threads) for name, _ in self.active]
+        self.contexts = [engine.side_context({}, threads)] + [
+            engine.side_context({name: 1.0}, threads) for name, _ in self.active
+        ]
         self._pool = None
         if n > 1 and engine.n_threads >= n:
             from concurrent.futures import ThreadPoolExecutor
@@ -98,8 +98,16 @@ class PadDecoder:
         for future in [self._pool.submit(ctx.eval, tokens) for ctx in self.contexts]:
             future.result()  # llama_decode releases the GIL: the contexts really run at once
 
-    def tokens(self, prompt: Sequence[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-               seed: int | None = None, stop_ids: set[int] | None = None, sampler=None) -> Iterator[int]:
+    def tokens(
+        self,
+        prompt: Sequence[int],
+        max_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_ids: set[int] | None = None,
+        sampler=None,
+    ) -> Iterator[int]:
         """Generated token ids, one at a time (the stop token is not yielded). `sampler`: an
         avgguf.runtime.sampling.Sampler, which then chooses from PAD's scores with every option of the weights path
         (penalties, top-k, min-p, grammar...; `temperature`, `top_p`, `seed` are then its own); the scores
@@ -146,8 +154,14 @@ class PadDecoder:
             ctx.close()
 
 
-def token_logps(base_logp: np.ndarray, policy_logps: Sequence[np.ndarray], weights: Sequence[float],
-                tokens: Sequence[int], mode: str, k: int = TOP_K) -> np.ndarray:
+def token_logps(
+    base_logp: np.ndarray,
+    policy_logps: Sequence[np.ndarray],
+    weights: Sequence[float],
+    tokens: Sequence[int],
+    mode: str,
+    k: int = TOP_K,
+) -> np.ndarray:
     """log-probability of each given token under the decoding distribution (rows = positions); under `pad`
     the judged token joins the base's top-k so that every reference gets a finite score."""
     out = np.empty(len(tokens))

@@ -26,8 +26,7 @@ MAX_GRAMMAR_CHARS = 1 << 18
 MAX_GRAMMAR_DEPTH = 1024
 MAX_REPEAT = 1000  # x{m,n} in a grammar; minLength/maxItems/... in a schema
 MAX_SCHEMA_DEPTH = 64
-SCHEMA_COUNTS = {"minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties", "minContains",
-                 "maxContains"}
+SCHEMA_COUNTS = {"minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties", "minContains", "maxContains"}
 TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 
 
@@ -55,8 +54,9 @@ def grammar_for(response_format: dict | None, grammar: str | None, json_schema: 
     AvggufError naming the field when the schema cannot be turned into a grammar."""
     from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
-    given = [n for n, v in (("response_format", response_format), ("grammar", grammar),
-                            ("json_schema", json_schema)) if v is not None]
+    given = [
+        n for n, v in (("response_format", response_format), ("grammar", grammar), ("json_schema", json_schema)) if v is not None
+    ]
     if len(given) > 1:
         raise AvggufError(f"{' and '.join(given)}: send one way of constraining the output")
     if grammar is not None:
@@ -89,8 +89,10 @@ def _check_schema(node, where: str, depth: int = 0) -> None:
     items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
     for key, value in items:
         if key in SCHEMA_COUNTS and isinstance(value, (int, float)) and value > MAX_REPEAT:
-            raise AvggufError(f"{where}: {key} {value} is over {MAX_REPEAT} (llama.cpp expands each repetition "
-                              f"into a grammar rule): constrain the length in your own code instead")
+            raise AvggufError(
+                f"{where}: {key} {value} is over {MAX_REPEAT} (llama.cpp expands each repetition "
+                f"into a grammar rule): constrain the length in your own code instead"
+            )
         _check_schema(value, where, depth + 1)
 
 
@@ -108,8 +110,8 @@ def check_grammar(gbnf: str, where: str) -> str:
             i += 2 if ch == "\\" else 1
             quote = None if ch == quote else quote
             continue
-        if ch in "\"[":
-            quote = "\"" if ch == "\"" else "]"
+        if ch in '"[':
+            quote = '"' if ch == '"' else "]"
         elif ch == "#":  # a comment, to the end of its line
             newline = gbnf.find("\n", i)
             i = len(gbnf) if newline < 0 else newline
@@ -120,7 +122,7 @@ def check_grammar(gbnf: str, where: str) -> str:
         elif ch == ")":
             depth -= 1
         elif ch == "{":
-            counts = [int(x) for x in re.findall(r"\d+", gbnf[i:gbnf.find("}", i) + 1 or len(gbnf)])]
+            counts = [int(x) for x in re.findall(r"\d+", gbnf[i : gbnf.find("}", i) + 1 or len(gbnf)])]
             if counts and max(counts) > MAX_REPEAT:
                 raise AvggufError(f"{where}: a repetition of {max(counts)} is over {MAX_REPEAT}")
         i += 1
@@ -149,16 +151,21 @@ class Sampler:
         if s.logit_bias:
             bias = (L.llama_logit_bias * len(s.logit_bias))(*[L.llama_logit_bias(t, b) for t, b in s.logit_bias.items()])
             parts.append(L.llama_sampler_init_logit_bias(n_vocab, len(s.logit_bias), bias))
-        parts.append(L.llama_sampler_init_penalties(n_vocab, PENALTY_LAST_N, s.repeat_penalty, s.frequency_penalty,
-                                                    s.presence_penalty))
+        parts.append(
+            L.llama_sampler_init_penalties(n_vocab, PENALTY_LAST_N, s.repeat_penalty, s.frequency_penalty, s.presence_penalty)
+        )
         if s.temperature < 0:
             parts.append(L.llama_sampler_init_dist(s.seed))
         elif s.temperature == 0:
             parts.append(L.llama_sampler_init_greedy())
         else:
-            parts += [L.llama_sampler_init_top_k(s.top_k), L.llama_sampler_init_top_p(s.top_p, 1),
-                      L.llama_sampler_init_min_p(s.min_p, 1), L.llama_sampler_init_temp(s.temperature),
-                      L.llama_sampler_init_dist(s.seed)]
+            parts += [
+                L.llama_sampler_init_top_k(s.top_k),
+                L.llama_sampler_init_top_p(s.top_p, 1),
+                L.llama_sampler_init_min_p(s.min_p, 1),
+                L.llama_sampler_init_temp(s.temperature),
+                L.llama_sampler_init_dist(s.seed),
+            ]
         for part in parts:
             L.llama_sampler_chain_add(self._chain, part)  # the chain owns its parts
 

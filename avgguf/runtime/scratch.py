@@ -103,5 +103,3 @@ def fused_bytes(paths: list[Path]) -> int:
             stored += int(t.n_bytes)
             elements += int(t.n_elements)
     return stored if len(types) <= 1 else 4 * elements
-
-

@@ -19,8 +19,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class GenerationRequest:
-    messages: list[dict] | None = None   # chat
-    prompt: str | None = None            # plain completion
+    messages: list[dict] | None = None  # chat
+    prompt: str | None = None  # plain completion
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -42,24 +42,46 @@ ADAPT_EVERY = 16  # streamed tokens between thread-policy checks
 def pad_sampling(kw: dict, req: GenerationRequest) -> Sampling:
     """The sampler settings of the weights path (Runtime.sampling's values, llama-cpp-python's defaults for
     the rest) for PAD's own scores."""
-    given = {k: kw[k] for k in ("temperature", "top_p", "top_k", "repeat_penalty", "min_p", "presence_penalty",
-                                "frequency_penalty") if kw.get(k) is not None}
+    given = {
+        k: kw[k]
+        for k in ("temperature", "top_p", "top_k", "repeat_penalty", "min_p", "presence_penalty", "frequency_penalty")
+        if kw.get(k) is not None
+    }
     seed = kw.get("seed")
-    return Sampling(max_tokens=kw["max_tokens"], **given, seed=seed if seed is not None else random.getrandbits(32),
-                    grammar=req.grammar, logit_bias=req.logit_bias or {})
+    return Sampling(
+        max_tokens=kw["max_tokens"],
+        **given,
+        seed=seed if seed is not None else random.getrandbits(32),
+        grammar=req.grammar,
+        logit_bias=req.logit_bias or {},
+    )
 
 
 class Runtime:
-    def __init__(self, modelfile: Modelfile, *, n_gpu_layers: int | None = None, n_ctx: int | None = None,
-                 threads: int | None = None, verbose: bool = False, fuse: str = "async", merge: str | None = None):
+    def __init__(
+        self,
+        modelfile: Modelfile,
+        *,
+        n_gpu_layers: int | None = None,
+        n_ctx: int | None = None,
+        threads: int | None = None,
+        verbose: bool = False,
+        fuse: str = "async",
+        merge: str | None = None,
+    ):
         """`merge`: avgguf.runtime.merged's mode (default: the modelfile's)."""
         d = modelfile.spec.defaults
         self.modelfile = modelfile
-        self.engine = Engine(modelfile.base_path, n_ctx=n_ctx or d.n_ctx,
-                             threads=ThreadPolicy.from_settings(threads, d.n_threads),
-                             n_gpu_layers=d.n_gpu_layers if n_gpu_layers is None else n_gpu_layers,
-                             seed=d.seed if d.seed is not None else 0, verbose=verbose, fuse=fuse,
-                             merge=merge or d.merge)
+        self.engine = Engine(
+            modelfile.base_path,
+            n_ctx=n_ctx or d.n_ctx,
+            threads=ThreadPolicy.from_settings(threads, d.n_threads),
+            n_gpu_layers=d.n_gpu_layers if n_gpu_layers is None else n_gpu_layers,
+            seed=d.seed if d.seed is not None else 0,
+            verbose=verbose,
+            fuse=fuse,
+            merge=merge or d.merge,
+        )
         for name, path in modelfile.av_paths.items():
             self.engine.load_adapter(name, path)
         self._pad_perf: tuple[int, float, int, float] | None = None  # the last PAD request's counts and times
@@ -74,12 +96,15 @@ class Runtime:
     def sampling(self, req: GenerationRequest) -> dict:
         d = self.modelfile.spec.defaults
         seed = req.seed if req.seed is not None else d.seed
-        out = {"max_tokens": req.max_tokens or d.max_tokens,
-               "temperature": d.temperature if req.temperature is None else req.temperature,
-               "top_p": d.top_p if req.top_p is None else req.top_p,
-               "top_k": d.top_k if req.top_k is None else req.top_k,
-               "repeat_penalty": d.repeat_penalty if req.repeat_penalty is None else req.repeat_penalty,
-               "seed": seed, "stop": req.stop}
+        out = {
+            "max_tokens": req.max_tokens or d.max_tokens,
+            "temperature": d.temperature if req.temperature is None else req.temperature,
+            "top_p": d.top_p if req.top_p is None else req.top_p,
+            "top_k": d.top_k if req.top_k is None else req.top_k,
+            "repeat_penalty": d.repeat_penalty if req.repeat_penalty is None else req.repeat_penalty,
+            "seed": seed,
+            "stop": req.stop,
+        }
         for name in ("min_p", "presence_penalty", "frequency_penalty"):  # llama-cpp-python's defaults otherwise
             if getattr(req, name) is not None:
                 out[name] = getattr(req, name)
@@ -103,22 +128,21 @@ class Runtime:
             kw.pop("seed")
         return kw
 
-    def chat(self, req: GenerationRequest, coefficients: dict[str, float], stream: bool = False,
-             reuse_prefix: bool = True):
+    def chat(self, req: GenerationRequest, coefficients: dict[str, float], stream: bool = False, reuse_prefix: bool = True):
         """OpenAI-shaped chat completion (dict) or stream of chunks, under exactly these coefficients."""
         messages = self.with_system(req.messages or [])
         self.check_fits(self.count_tokens(self.engine.format_chat(messages)))
         kw = self._prepare(req, coefficients, reuse_prefix)
         return self.engine.chat_completion(messages, stream=stream, **kw)
 
-    def complete(self, req: GenerationRequest, coefficients: dict[str, float], stream: bool = False,
-                 reuse_prefix: bool = True):
+    def complete(self, req: GenerationRequest, coefficients: dict[str, float], stream: bool = False, reuse_prefix: bool = True):
         self.check_fits(self.count_tokens(req.prompt or "") + 1)
         kw = self._prepare(req, coefficients, reuse_prefix)
         return self.engine.completion(req.prompt or "", stream=stream, **kw)
 
-    def stream_chat_text(self, req: GenerationRequest, coefficients: dict[str, float],
-                         reuse_prefix: bool = True, decode: str = "weights") -> Iterator[str]:
+    def stream_chat_text(
+        self, req: GenerationRequest, coefficients: dict[str, float], reuse_prefix: bool = True, decode: str = "weights"
+    ) -> Iterator[str]:
         """The answer's text pieces as they come; the thread policy is re-checked every few tokens.
         decode: weights (AVs in the weights, the default) or pad / pad-full (coefficients = PAD weights)."""
         if decode != "weights":
@@ -170,7 +194,7 @@ class Runtime:
                 full = text + piece
                 cut = min((full.find(s) for s in (kw["stop"] or []) if s in full), default=-1)
                 if cut >= 0:
-                    yield full[len(text):cut], None
+                    yield full[len(text) : cut], None
                     finish = "stop"
                     break
                 if piece:
@@ -193,8 +217,11 @@ class Runtime:
         def chunks():
             for piece, finish in self.pad_pieces(req, weights, mode):
                 delta = {"content": piece} if piece else {}
-                yield {**head, "object": "chat.completion.chunk",
-                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+                yield {
+                    **head,
+                    "object": "chat.completion.chunk",
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                }
 
         if stream:
             return chunks()
@@ -203,10 +230,12 @@ class Runtime:
             parts.append(piece)
             finish = finish_ or finish
         n_prompt, _, n_gen, _ = self._pad_perf
-        return {**head, "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
-                             "finish_reason": finish}],
-                "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen}}
+        return {
+            **head,
+            "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)}, "finish_reason": finish}],
+            "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen},
+        }
 
     def generated_tokens(self, finish_reason: str | None, decode: str = "weights") -> int:
         """Tokens the last request generated, from llama.cpp's counters: every generated token but the last
@@ -219,8 +248,10 @@ class Runtime:
     def check_fits(self, prompt_tokens: int) -> None:
         """A clear error when the prompt leaves no room for even one generated token."""
         if prompt_tokens >= self.n_ctx:
-            raise AvggufError(f"the prompt is {prompt_tokens} tokens but the context holds {self.n_ctx} "
-                              f"(--n-ctx / defaults.n_ctx); raise the context length or shorten the prompt")
+            raise AvggufError(
+                f"the prompt is {prompt_tokens} tokens but the context holds {self.n_ctx} "
+                f"(--n-ctx / defaults.n_ctx); raise the context length or shorten the prompt"
+            )
 
     def stats(self, gen_tokens: int | None = None, decode: str = "weights") -> str:
         """The `--stats` line for the last request (llama.cpp's own timers; PAD: wall clock)."""
@@ -234,4 +265,3 @@ class Runtime:
 
     def close(self) -> None:
         self.engine.close()
-

@@ -8,8 +8,7 @@ from collections import deque
 
 def held_back(text: str, stops: list[str]) -> int:
     """How many trailing characters of `text` could be the start of a stop string (not sent yet)."""
-    return max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])),
-               default=0)
+    return max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])), default=0)
 
 
 class StopMatcher:

@@ -30,7 +30,7 @@ from avgguf.errors import AvggufError
 
 ENV_THREADS = "AVGGUF_THREADS"
 MIN_INTERVAL = 0.1  # seconds: shorter /proc/stat windows are too coarse (10 ms ticks) to trust
-HEADROOM = 0.3      # a core counts as free when others use at most 70 % of it
+HEADROOM = 0.3  # a core counts as free when others use at most 70 % of it
 
 
 OPENMP_DEFAULTS = {"OMP_WAIT_POLICY": "active", "GOMP_SPINCOUNT": "300000"}

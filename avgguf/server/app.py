@@ -50,9 +50,14 @@ def coefficients_for(served: Served, profile: str | None, body: Common) -> dict[
     lora = None if body.lora is None else [(item.id, item.scale) for item in body.lora]
     overrides = body.avgguf.coefficients if body.avgguf is not None else None
     try:
-        return served.modelfile.resolver.resolve(profile, global_scales=served.global_scales, lora=lora,
-                                                 overrides=overrides, param="avgguf.coefficients",
-                                                 source="avgguf.coefficients")
+        return served.modelfile.resolver.resolve(
+            profile,
+            global_scales=served.global_scales,
+            lora=lora,
+            overrides=overrides,
+            param="avgguf.coefficients",
+            source="avgguf.coefficients",
+        )
     except CoefficientError as exc:
         raise APIError(400, str(exc), param=exc.param) from None
 
@@ -75,22 +80,40 @@ async def _request(body: Common, served: Served, prompt_tokens: int, logprobs_ok
     max_tokens = body.limit()
     n_ctx = served.runtime.n_ctx
     if max_tokens is not None and prompt_tokens + max_tokens > n_ctx:
-        raise APIError(400, f"max_tokens {max_tokens} + prompt {prompt_tokens} tokens exceeds the context "
-                       f"length {n_ctx}", param="max_tokens", code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"max_tokens {max_tokens} + prompt {prompt_tokens} tokens exceeds the context length {n_ctx}",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
     if max_tokens is None:
         max_tokens = min(served.modelfile.spec.defaults.max_tokens, n_ctx - prompt_tokens)
         if max_tokens < 1:
-            raise APIError(400, f"the prompt ({prompt_tokens} tokens) fills the context length {n_ctx}",
-                           param="messages", code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"the prompt ({prompt_tokens} tokens) fills the context length {n_ctx}",
+                param="messages",
+                code="context_length_exceeded",
+            )
     problem = unsupported(body, logprobs_ok)
     if problem:
         raise APIError(400, problem, param=problem.split(":")[0], code="unsupported_parameter")
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
     grammar, bias = await asyncio.to_thread(_constraints, body, served)  # a JSON Schema is converted here
-    return GenerationRequest(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                             top_k=body.top_k, min_p=body.min_p, repeat_penalty=body.repeat_penalty,
-                             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                             seed=body.seed, stop=stop, grammar=grammar, logit_bias=bias)
+    return GenerationRequest(
+        max_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        min_p=body.min_p,
+        repeat_penalty=body.repeat_penalty,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        seed=body.seed,
+        stop=stop,
+        grammar=grammar,
+        logit_bias=bias,
+    )
 
 
 # --- routes ----------------------------------------------------------------------------------------------
@@ -102,8 +125,10 @@ RegistryDep = Annotated[Registry, Depends(get_registry)]
 @router.get("/v1/models")
 async def list_models(registry: RegistryDep):
     now = int(time.time())
-    return {"object": "list", "data": [{"id": i, "object": "model", "created": now, "owned_by": "avgguf"}
-                                       for i in registry.ids()]}
+    return {
+        "object": "list",
+        "data": [{"id": i, "object": "model", "created": now, "owned_by": "avgguf"} for i in registry.ids()],
+    }
 
 
 @router.get("/v1/models/{model_id:path}")
@@ -135,12 +160,18 @@ async def chat_completions(request: Request, registry: RegistryDep):
         req.messages = [m.turn() for m in body.messages]  # pad_pieces applies the system policy itself
         if req.grammar is not None:
             if decode == "pad":
-                raise APIError(400, "response_format/grammar/json_schema with decode pad: PAD scores only the base's "
-                               "top 10 tokens, which a grammar may all exclude; use decode pad-full or weights",
-                               param="avgguf.decode", code="unsupported_parameter")
+                raise APIError(
+                    400,
+                    "response_format/grammar/json_schema with decode pad: PAD scores only the base's "
+                    "top 10 tokens, which a grammar may all exclude; use decode pad-full or weights",
+                    param="avgguf.decode",
+                    code="unsupported_parameter",
+                )
             (await _sampler(served, Sampling(max_tokens=1, grammar=req.grammar))).close()
+
         def run(slot, stream):
             return slot.chat_pad(req, coefs, decode, stream=stream)
+
         return await generate(Job(served, body, run, coefs, len(tokens), registry.stats, decode), request, req)
     return await _batched(request, served, body, coefs, tokens, registry.stats, chat=True)
 
@@ -163,15 +194,21 @@ def _check_length(served: Served, n_bytes: int, param: str) -> None:
     engine = served.runtime.engine
     least = n_bytes // engine.max_token_bytes
     if least >= engine.n_ctx:
-        raise APIError(400, f"the prompt ({n_bytes} bytes, at least {least} tokens) cannot fit the context length "
-                       f"{engine.n_ctx}: shorten it", param=param, code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"the prompt ({n_bytes} bytes, at least {least} tokens) cannot fit the context length {engine.n_ctx}: shorten it",
+            param=param,
+            code="context_length_exceeded",
+        )
 
 
-async def _batched(request: Request, served: Served, body: Common, coefs: dict[str, float], tokens: list[int], stats: bool,
-                   chat: bool):
+async def _batched(
+    request: Request, served: Served, body: Common, coefs: dict[str, float], tokens: list[int], stats: bool, chat: bool
+):
     if not tokens:
-        raise APIError(400, "the prompt is empty (and this model adds no BOS token): send some text",
-                       param="prompt", code="invalid_value")
+        raise APIError(
+            400, "the prompt is empty (and this model adds no BOS token): send some text", param="prompt", code="invalid_value"
+        )
     req = await _request(body, served, len(tokens))
     kw = {k: v for k, v in served.runtime.sampling(req).items() if v is not None}
     kw.setdefault("seed", random.getrandbits(32))  # no seed anywhere: a fresh draw per request
@@ -208,8 +245,7 @@ async def _sampler(served: Served, sampling: Sampling):
 async def lora_list(registry: RegistryDep, model: str | None = None):
     served = registry.pick(model)
     coefs = served.modelfile.resolver.resolve(None, global_scales=served.global_scales)
-    return [{"id": i, "path": str(p), "name": n, "scale": coefs[n]}
-            for i, (n, p) in enumerate(served.modelfile.av_paths.items())]
+    return [{"id": i, "path": str(p), "name": n, "scale": coefs[n]} for i, (n, p) in enumerate(served.modelfile.av_paths.items())]
 
 
 @router.post("/lora-adapters")
@@ -225,6 +261,7 @@ async def lora_set(request: Request, registry: RegistryDep, model: str | None = 
 
 # --- app -------------------------------------------------------------------------------------------------
 
+
 async def _api_error(_, exc: APIError):
     response = error_response(exc.status, exc.message, exc.param, exc.code, exc.type)
     if getattr(exc, "close", False):  # a body cut off mid-way (avgguf.server.guard.BodyTooLarge): not read on
@@ -239,8 +276,11 @@ async def _bad_body(_, exc: RequestValidationError):
 
 async def _http_error(_, exc: StarletteHTTPException):
     if exc.status_code == 404:
-        return error_response(404, "no such route; see GET /v1/models, POST /v1/chat/completions, "
-                              "POST /v1/completions, GET|POST /lora-adapters, GET /", code="not_found")
+        return error_response(
+            404,
+            "no such route; see GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET|POST /lora-adapters, GET /",
+            code="not_found",
+        )
     return error_response(exc.status_code, str(exc.detail), code="method_not_allowed" if exc.status_code == 405 else None)
 
 
@@ -252,8 +292,13 @@ async def _internal(_, exc: Exception):
 def create_app(registry: Registry, host: str = "127.0.0.1", docs: bool = False) -> Guard:
     """The app behind its Guard (avgguf.server.guard): `host` is the bind address (its Host allow-list);
     `docs`: FastAPI's /docs and /openapi.json (off by default)."""
-    app = FastAPI(title="avgguf", version="1", docs_url="/docs" if docs else None, redoc_url=None,
-                  openapi_url="/openapi.json" if docs else None)
+    app = FastAPI(
+        title="avgguf",
+        version="1",
+        docs_url="/docs" if docs else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if docs else None,
+    )
     app.state.registry = registry
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _bad_body)
@@ -283,12 +328,28 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(modelfiles: list[Modelfile], host: str, port: int, api_key: str | None, verbose: bool = False,
-          n_gpu_layers: int | None = None, n_ctx: int | None = None, threads: int | None = None,
-          stats: bool = False, allow_write: bool = False, on_ready=None, parallel: int = 4,
-          max_queue: int | None = None, kv_unified: bool = False, contexts: int = 1, merge: str | None = None,
-          shutdown_timeout: float | None = None, max_connections: int | None = None,
-          header_timeout: float | None = None, docs: bool = False) -> None:
+def serve(
+    modelfiles: list[Modelfile],
+    host: str,
+    port: int,
+    api_key: str | None,
+    verbose: bool = False,
+    n_gpu_layers: int | None = None,
+    n_ctx: int | None = None,
+    threads: int | None = None,
+    stats: bool = False,
+    allow_write: bool = False,
+    on_ready=None,
+    parallel: int = 4,
+    max_queue: int | None = None,
+    kv_unified: bool = False,
+    contexts: int = 1,
+    merge: str | None = None,
+    shutdown_timeout: float | None = None,
+    max_connections: int | None = None,
+    header_timeout: float | None = None,
+    docs: bool = False,
+) -> None:
     """Serve until SIGINT/SIGTERM, then close every model (scratch removed). `on_ready(url)`: called once
     the socket serves (desktop opens the page there; the URL's fragment carries the key)."""
     from avgguf.server import run as server_run
@@ -297,14 +358,20 @@ def serve(modelfiles: list[Modelfile], host: str, port: int, api_key: str | None
     names: dict[str, Modelfile] = {}
     for mf in modelfiles:
         if mf.name in names:
-            raise AvggufError(f"two models are named {mf.name!r} ({names[mf.name].path}, {mf.path}); "
-                              f"model ids come from file names, rename one")
+            raise AvggufError(
+                f"two models are named {mf.name!r} ({names[mf.name].path}, {mf.path}); model ids come from file names, rename one"
+            )
         names[mf.name] = mf
     sock = bind(host, port)
     for mf in list(names.values()):
         names.update({f"{mf.name}:{profile}": mf.baked(profile) for profile in mf.baked_paths})
-    runtimes = {name: (mf, Runtime(mf, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, threads=threads, verbose=verbose,
-                                   fuse="sync", merge="off")) for name, mf in names.items()}
+    runtimes = {
+        name: (
+            mf,
+            Runtime(mf, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, threads=threads, verbose=verbose, fuse="sync", merge="off"),
+        )
+        for name, mf in names.items()
+    }
     registry = Registry(runtimes, api_key, stats, allow_write, max_queue, parallel, kv_unified, contexts, merge)
     try:
         app = create_app(registry, host=host, docs=docs)
@@ -315,11 +382,16 @@ def serve(modelfiles: list[Modelfile], host: str, port: int, api_key: str | None
             registry.handoff = Handoff(api_key)
         code = f"#code={registry.handoff.code}" if registry.handoff else ""
         ready = None if on_ready is None else (lambda: on_ready(url + code))
-        stopped = server_run.run(app, sock, cancel_all=registry.cancel_all, on_ready=ready, verbose=verbose,
-                                 shutdown_timeout=server_run.SHUTDOWN_SECONDS if shutdown_timeout is None
-                                 else shutdown_timeout,
-                                 max_connections=max_connections or server_run.MAX_CONNECTIONS,
-                                 header_timeout=header_timeout if header_timeout else server_run.HEADER_SECONDS)
+        stopped = server_run.run(
+            app,
+            sock,
+            cancel_all=registry.cancel_all,
+            on_ready=ready,
+            verbose=verbose,
+            shutdown_timeout=server_run.SHUTDOWN_SECONDS if shutdown_timeout is None else shutdown_timeout,
+            max_connections=max_connections or server_run.MAX_CONNECTIONS,
+            header_timeout=header_timeout if header_timeout else server_run.HEADER_SECONDS,
+        )
         if stopped:
             print(f"avgguf serve: stopped ({', '.join(stopped)})", flush=True)
     finally:
@@ -336,8 +408,13 @@ def check_exposure(host: str, api_key: str | None, allow_write: bool) -> None:
     if is_loopback(host) or api_key is not None:
         return
     if allow_write:
-        raise AvggufError(f"--allow-write on --host {host} without --api-key would let anyone on the network "
-                          f"rewrite your modelfiles: add --api-key-file FILE (or AVGGUF_API_KEY), or serve on "
-                          f"127.0.0.1")
-    print(f"avgguf serve: warning: --host {host} without --api-key: anyone who can reach this port can use "
-          f"the models (set AVGGUF_API_KEY or --api-key-file)", flush=True)
+        raise AvggufError(
+            f"--allow-write on --host {host} without --api-key would let anyone on the network "
+            f"rewrite your modelfiles: add --api-key-file FILE (or AVGGUF_API_KEY), or serve on "
+            f"127.0.0.1"
+        )
+    print(
+        f"avgguf serve: warning: --host {host} without --api-key: anyone who can reach this port can use "
+        f"the models (set AVGGUF_API_KEY or --api-key-file)",
+        flush=True,
+    )

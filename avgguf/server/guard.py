@@ -42,8 +42,9 @@ DRAIN_LIMIT = 16 << 20  # a declared body up to this is read and dropped after t
 
 class BodyTooLarge(APIError):
     def __init__(self, limit: int, close: bool = True):
-        super().__init__(413, f"request body over {limit} bytes: send a shorter prompt (the limit is {limit} bytes)",
-                         code="body_too_large")
+        super().__init__(
+            413, f"request body over {limit} bytes: send a shorter prompt (the limit is {limit} bytes)", code="body_too_large"
+        )
         self.close = close  # end the connection after the answer (a flood is not read to its end)
 
 
@@ -86,8 +87,11 @@ class Handoff:
 
     def redeem(self, code: str) -> str | None:
         with self._lock:
-            if self._used or time.monotonic() > self._deadline or \
-                    not hmac.compare_digest(code.encode("utf-8", "replace"), self.code.encode()):
+            if (
+                self._used
+                or time.monotonic() > self._deadline
+                or not hmac.compare_digest(code.encode("utf-8", "replace"), self.code.encode())
+            ):
                 return None
             self._used = True
             return self._key
@@ -118,27 +122,45 @@ class Guard:
         method, path = scope["method"], scope["path"]
         host = host_name(headers.get("host", ""))
         if self.hosts is not None and host not in self.hosts:
-            return APIError(403, f"Host {headers.get('host', '')!r} is not this server's name: a server on "
-                            f"loopback answers to {', '.join(sorted(self.hosts))} only (start it with --host NAME "
-                            f"to serve another name)", code="forbidden_host", type_="permission_error")
-        public = (method in ("GET", "HEAD") and (path in PUBLIC_PATHS or path.startswith("/static/"))) or \
-            (method == "POST" and path == HANDOFF_PATH)
+            return APIError(
+                403,
+                f"Host {headers.get('host', '')!r} is not this server's name: a server on "
+                f"loopback answers to {', '.join(sorted(self.hosts))} only (start it with --host NAME "
+                f"to serve another name)",
+                code="forbidden_host",
+                type_="permission_error",
+            )
+        public = (method in ("GET", "HEAD") and (path in PUBLIC_PATHS or path.startswith("/static/"))) or (
+            method == "POST" and path == HANDOFF_PATH
+        )
         if self.api_key is not None and not public and not keys_match(headers.get("authorization"), self.api_key):
-            return APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)",
-                            code="invalid_api_key", type_="authentication_error")
+            return APIError(
+                401,
+                "missing or wrong API key (send Authorization: Bearer KEY)",
+                code="invalid_api_key",
+                type_="authentication_error",
+            )
         if method not in SAFE_METHODS:
             return self.refuse_write(headers, method in BODY_METHODS)
         return None
 
     def refuse_write(self, headers: Headers, has_body: bool) -> APIError | None:
         if headers.get("sec-fetch-site") == "cross-site" or not _same_origin(headers):
-            return APIError(403, f"cross-origin request refused (Origin {headers.get('origin')!r}): this server "
-                            f"takes requests from its own page and from non-browser clients only",
-                            code="cross_origin", type_="permission_error")
+            return APIError(
+                403,
+                f"cross-origin request refused (Origin {headers.get('origin')!r}): this server "
+                f"takes requests from its own page and from non-browser clients only",
+                code="cross_origin",
+                type_="permission_error",
+            )
         media = headers.get("content-type", "").split(";")[0].strip().lower()
         if has_body and media != "application/json":
-            return APIError(415, f"Content-Type {media or '(none)'!r}: send the body as application/json",
-                            param="Content-Type", code="unsupported_media_type")
+            return APIError(
+                415,
+                f"Content-Type {media or '(none)'!r}: send the body as application/json",
+                param="Content-Type",
+                code="unsupported_media_type",
+            )
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
             # a modest overshoot is drained (closing with unread data resets the connection before the
@@ -157,6 +179,7 @@ class Guard:
                 if seen > self.max_body:
                     raise BodyTooLarge(self.max_body)
             return message
+
         return counted
 
 
@@ -178,14 +201,13 @@ def _with_headers(send):
             extra = [(k, v) for k, v in SECURITY_HEADERS if k not in names]
             message = {**message, "headers": [*message.get("headers", []), *extra]}
         await send(message)
+
     return sending
 
 
 async def _reply(send, err: APIError) -> None:
-    body = json.dumps({"error": {"message": err.message, "type": err.type, "param": err.param,
-                                 "code": err.code}}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               *SECURITY_HEADERS]
+    body = json.dumps({"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *SECURITY_HEADERS]
     if getattr(err, "close", False):
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": err.status, "headers": headers})

@@ -52,8 +52,13 @@ class HotSets:
         engine = served.engine
         paths = {n: a.path for n, a in engine.adapters.items()}
         self._recent: deque = deque(maxlen=self.WINDOW)
-        self._sets = MergedSets(engine.model_path, paths, lambda p: MergedServing(served, p),
-                                capacity=self.CAPACITY, ram_extra=kv_bytes(engine, served.parallel))
+        self._sets = MergedSets(
+            engine.model_path,
+            paths,
+            lambda p: MergedServing(served, p),
+            capacity=self.CAPACITY,
+            ram_extra=kv_bytes(engine, served.parallel),
+        )
 
     def batcher(self, key: tuple) -> Batcher | None:
         if not key:
@@ -72,8 +77,7 @@ class HotSets:
     def card(self) -> dict:
         """For GET /v1/models/{id}: the sets served from merged weights now, and the one being baked."""
         baking = self._sets.baking
-        return {"merged_sets": [dict(key) for key in self._sets.ready()],
-                "merging": None if baking is None else dict(baking)}
+        return {"merged_sets": [dict(key) for key in self._sets.ready()], "merging": None if baking is None else dict(baking)}
 
     def wait(self, timeout: float | None = None) -> None:
         self._sets.wait(timeout)

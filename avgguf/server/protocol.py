@@ -22,15 +22,15 @@ T = TypeVar("T")
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str = "invalid_request_error"):
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None, type_: str = "invalid_request_error"
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
 
 
 def error_response(status: int, message: str, param=None, code=None, type_="invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
-                        status_code=status)
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status_code=status)
 
 
 TYPE_TAGS = {"str", "int", "float", "bool", "none", "dict", "list"}  # union branches pydantic puts in a loc
@@ -137,8 +137,9 @@ class Message(BaseModel):
 
 # Fields a client may send that change nothing in the answer (accepted and ignored); any other field this
 # server does not implement is a 400 naming it, never dropped in silence.
-IGNORED_FIELDS = frozenset({"user", "store", "metadata", "service_tier", "cache_prompt", "id_slot",
-                            "timings_per_token", "parallel_tool_calls"})
+IGNORED_FIELDS = frozenset(
+    {"user", "store", "metadata", "service_tier", "cache_prompt", "id_slot", "timings_per_token", "parallel_tool_calls"}
+)
 
 
 class Common(BaseModel):
@@ -154,13 +155,12 @@ class Common(BaseModel):
     repeat_penalty: float | None = Field(None, ge=0.0, le=10.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    logprobs: bool | int | None = None   # chat: bool (+ top_logprobs); completions: how many alternatives
+    logprobs: bool | int | None = None  # chat: bool (+ top_logprobs); completions: how many alternatives
     top_logprobs: int | None = None
-    n_probs: int | None = None           # llama-server's spelling: refused, pointing at logprobs
+    n_probs: int | None = None  # llama-server's spelling: refused, pointing at logprobs
     n: int | None = Field(None, ge=1)
     seed: int | None = None
-    stop: str | list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]] | None = Field(
-        None, max_length=MAX_STOP)
+    stop: str | list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]] | None = Field(None, max_length=MAX_STOP)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     lora: list[LoraScale] | None = Field(None, max_length=256)
@@ -215,7 +215,7 @@ MAX_TOP_LOGPROBS = 20
 def unsupported(body: Common, logprobs_ok: bool = True) -> str | None:
     """The first field a request sets that this server does not implement (answered with a 400, never ignored);
     `logprobs_ok`: False where the decoding path has no log-probabilities to give (PAD)."""
-    for name in (body.model_extra or {}):
+    for name in body.model_extra or {}:
         if name not in IGNORED_FIELDS:
             return f"{name}: not supported by this server (remove the field)"
     if body.n_probs not in (None, 0):

@@ -46,8 +46,7 @@ class Served:
 
     def add_batcher(self, engine, n_seq: int) -> Batcher:
         """Another batching context of this model (its weights may be another file: a merged set)."""
-        batcher = Batcher(engine, n_seq=n_seq, max_queue=self.max_queue, kv_unified=self.kv_unified,
-                          peers=self.peers)
+        batcher = Batcher(engine, n_seq=n_seq, max_queue=self.max_queue, kv_unified=self.kv_unified, peers=self.peers)
         self.peers.append(batcher)
         return batcher
 
@@ -66,8 +65,12 @@ class Served:
     async def acquire(self) -> Runtime:
         """The runtime for a PAD request; 503 in OpenAI's shape when --max-queue requests already wait."""
         if self.pool.empty() and self.max_queue is not None and self.waiting >= self.max_queue:
-            raise APIError(503, f"server busy: {self.waiting} requests queued (--max-queue {self.max_queue}); "
-                           f"retry later", code="server_busy", type_="server_error")
+            raise APIError(
+                503,
+                f"server busy: {self.waiting} requests queued (--max-queue {self.max_queue}); retry later",
+                code="server_busy",
+                type_="server_error",
+            )
         self.waiting += 1
         try:
             return await self.pool.get()
@@ -107,13 +110,30 @@ class Registry:
     """Model ids -> what serves them. `runtimes` keys are modelfile names, or NAME:PROFILE for baked profiles
     (a GGUF of their own, served without knobs)."""
 
-    def __init__(self, runtimes: dict[str, tuple[Modelfile, Runtime]], api_key: str | None = None,
-                 stats: bool = False, allow_write: bool = False, max_queue: int | None = None, parallel: int = 4,
-                 kv_unified: bool = False, contexts: int = 1, merge: str | None = "off"):
+    def __init__(
+        self,
+        runtimes: dict[str, tuple[Modelfile, Runtime]],
+        api_key: str | None = None,
+        stats: bool = False,
+        allow_write: bool = False,
+        max_queue: int | None = None,
+        parallel: int = 4,
+        kv_unified: bool = False,
+        contexts: int = 1,
+        merge: str | None = "off",
+    ):
         """`merge`: avgguf.runtime.merged's mode for every live model (baked profiles have no sets to merge)."""
+
         def served(mf, rt) -> Served:
-            return Served(mf, rt, max_queue=max_queue, parallel=parallel, kv_unified=kv_unified, contexts=contexts,
-                          merge=bool(mf.av_paths) and hot.enabled(merge or mf.spec.defaults.merge, rt.engine))
+            return Served(
+                mf,
+                rt,
+                max_queue=max_queue,
+                parallel=parallel,
+                kv_unified=kv_unified,
+                contexts=contexts,
+                merge=bool(mf.av_paths) and hot.enabled(merge or mf.spec.defaults.merge, rt.engine),
+            )
 
         self.models = {name: served(mf, rt) for name, (mf, rt) in runtimes.items() if ":" not in name}
         self.baked = {name: served(mf, rt) for name, (mf, rt) in runtimes.items() if ":" in name}
@@ -150,8 +170,12 @@ class Registry:
         name, _, profile = model_id.partition(":")
         served = self.models.get(name)
         if served is None or (profile and profile not in served.modelfile.spec.profiles):
-            raise APIError(404, f"model {model_id!r} does not exist; GET /v1/models lists {self.ids()}",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"model {model_id!r} does not exist; GET /v1/models lists {self.ids()}",
+                param="model",
+                code="model_not_found",
+            )
         return served, profile or None
 
     def pick(self, model: str | None) -> Served:
@@ -163,5 +187,3 @@ class Registry:
 
 def get_registry(request: Request) -> Registry:
     return request.app.state.registry
-
-

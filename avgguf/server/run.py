@@ -71,8 +71,14 @@ class Server(uvicorn.Server):
     """uvicorn.Server that (1) calls `on_ready(url)` on a thread once listening, (2) cancels in-flight work
     at `shutdown_timeout` (`cancel_all() -> int`), (3) does not re-raise SIGTERM/SIGINT after its stop."""
 
-    def __init__(self, config: uvicorn.Config, *, cancel_all: Callable[[], int], shutdown_timeout: float,
-                 on_ready: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        *,
+        cancel_all: Callable[[], int],
+        shutdown_timeout: float,
+        on_ready: Callable[[], None] | None = None,
+    ):
         super().__init__(config)
         self.cancel_all, self.shutdown_timeout, self.on_ready = cancel_all, shutdown_timeout, on_ready
         self.signals: list[int] = []
@@ -102,14 +108,28 @@ class Server(uvicorn.Server):
             self.signals, self._captured_signals[:] = list(self._captured_signals), []
 
 
-def run(app, sock, *, cancel_all: Callable[[], int], on_ready: Callable[[], None] | None = None,
-        verbose: bool = False, shutdown_timeout: float = SHUTDOWN_SECONDS,
-        max_connections: int = MAX_CONNECTIONS, header_timeout: float = HEADER_SECONDS) -> list[str]:
+def run(
+    app,
+    sock,
+    *,
+    cancel_all: Callable[[], int],
+    on_ready: Callable[[], None] | None = None,
+    verbose: bool = False,
+    shutdown_timeout: float = SHUTDOWN_SECONDS,
+    max_connections: int = MAX_CONNECTIONS,
+    header_timeout: float = HEADER_SECONDS,
+) -> list[str]:
     """Serve on `sock` until SIGINT/SIGTERM; returns the names of the signals that stopped it."""
     http = type("HeaderDeadline", (HeaderDeadline,), {"header_seconds": header_timeout})
-    config = uvicorn.Config(app, log_level="info" if verbose else "warning", http=http,
-                            limit_concurrency=max_connections, timeout_keep_alive=5,
-                            timeout_graceful_shutdown=int(shutdown_timeout) + 1, lifespan="off")
+    config = uvicorn.Config(
+        app,
+        log_level="info" if verbose else "warning",
+        http=http,
+        limit_concurrency=max_connections,
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=int(shutdown_timeout) + 1,
+        lifespan="off",
+    )
     server = Server(config, cancel_all=cancel_all, shutdown_timeout=shutdown_timeout, on_ready=on_ready)
     server.run(sockets=[sock])
     return [signal.Signals(s).name for s in server.signals]

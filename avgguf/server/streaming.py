@@ -40,14 +40,17 @@ class Job:
     decode: str = "weights"
     t0: float = field(default_factory=time.perf_counter)
 
-    def log(self, completion_tokens: int, status: str = "ok", slot: Runtime | None = None,
-            stats: str | None = None) -> None:
+    def log(self, completion_tokens: int, status: str = "ok", slot: Runtime | None = None, stats: str | None = None) -> None:
         """One access-log line per request (stderr): model, coefficients, tokens, milliseconds; with --stats
         the request's llama.cpp timings (`stats`, else the runtime slot's counters)."""
         coefs = ",".join(f"{k}={v:g}" for k, v in self.coefficients.items()) or "-"
-        print(f"access: {self.body.model} coefficients={coefs} prompt_tokens={self.prompt_tokens} "
-              f"completion_tokens={completion_tokens} ms={1000 * (time.perf_counter() - self.t0):.0f} "
-              f"stream={self.body.stream} {status}", file=sys.stderr, flush=True)
+        print(
+            f"access: {self.body.model} coefficients={coefs} prompt_tokens={self.prompt_tokens} "
+            f"completion_tokens={completion_tokens} ms={1000 * (time.perf_counter() - self.t0):.0f} "
+            f"stream={self.body.stream} {status}",
+            file=sys.stderr,
+            flush=True,
+        )
         if self.stats and status == "ok":
             print(stats or (slot or self.served.runtime).stats(completion_tokens), file=sys.stderr, flush=True)
 
@@ -96,8 +99,9 @@ async def generate(job: Job, request: Request, gen: GenerationRequest):
         return result
     queue: asyncio.Queue = asyncio.Queue()
     start_worker(job, slot, gen.cancel, queue)  # it returns the slot, even for a client gone before the stream
-    return StreamingResponse(stream_events(job, queue, gen.cancel), media_type="text/event-stream",
-                             background=BackgroundTask(gen.cancel.set))
+    return StreamingResponse(
+        stream_events(job, queue, gen.cancel), media_type="text/event-stream", background=BackgroundTask(gen.cancel.set)
+    )
 
 
 def start_worker(job: Job, slot: Runtime, cancel: threading.Event, queue: asyncio.Queue) -> None:
@@ -140,10 +144,19 @@ async def stream_events(job: Job, queue: asyncio.Queue, cancel: threading.Event)
                 break
             else:
                 if include_usage and last is not None:
-                    usage = {"prompt_tokens": job.prompt_tokens, "completion_tokens": item,
-                             "total_tokens": job.prompt_tokens + item}
-                    tail = {"object": last.get("object"), "id": last.get("id"), "created": last.get("created"),
-                            "model": job.body.model, "choices": [], "usage": usage}
+                    usage = {
+                        "prompt_tokens": job.prompt_tokens,
+                        "completion_tokens": item,
+                        "total_tokens": job.prompt_tokens + item,
+                    }
+                    tail = {
+                        "object": last.get("object"),
+                        "id": last.get("id"),
+                        "created": last.get("created"),
+                        "model": job.body.model,
+                        "choices": [],
+                        "usage": usage,
+                    }
                     yield f"data: {json.dumps(tail)}\n\n"
                 yield "data: [DONE]\n\n"
                 break
@@ -152,6 +165,7 @@ async def stream_events(job: Job, queue: asyncio.Queue, cancel: threading.Event)
 
 
 # --- continuous batching (AVs in the weights) -------------------------------------------------------------
+
 
 @dataclass
 class BatchJob:
@@ -173,8 +187,11 @@ def _logprobs(entries: list[dict], chat: bool):
     """OpenAI's logprobs: {"content": [...]} for chat, the legacy token lists for completions."""
     if chat:
         return {"content": entries}
-    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries]}
+    return {
+        "tokens": [e["token"] for e in entries],
+        "token_logprobs": [e["logprob"] for e in entries],
+        "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+    }
 
 
 def _usage(prompt: int, completion: int) -> dict:
@@ -231,8 +248,9 @@ async def generate_batched(bj: BatchJob, request: Request):
     req, queue = _submit(bj)
     if bj.job.body.stream:
         # the background task runs when the response ends, even if the client left before the stream began
-        return StreamingResponse(batched_events(bj, req, queue), media_type="text/event-stream",
-                                 background=BackgroundTask(req.cancelled.set))
+        return StreamingResponse(
+            batched_events(bj, req, queue), media_type="text/event-stream", background=BackgroundTask(req.cancelled.set)
+        )
     try:
         answer = await first(asyncio.ensure_future(_collect(queue)), request)
     finally:
@@ -248,12 +266,15 @@ async def generate_batched(bj: BatchJob, request: Request):
     text = "".join(parts)
     logprobs = _logprobs(entries, bj.chat) if bj.sampling.logprobs is not None else None
     if bj.chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                  "finish_reason": ev.finish}
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs, "finish_reason": ev.finish}
     else:
         choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": ev.finish}
-    return {**bj.head(), "object": "chat.completion" if bj.chat else "text_completion", "choices": [choice],
-            "usage": _usage(len(bj.tokens), ev.tokens)}
+    return {
+        **bj.head(),
+        "object": "chat.completion" if bj.chat else "text_completion",
+        "choices": [choice],
+        "usage": _usage(len(bj.tokens), ev.tokens),
+    }
 
 
 async def _collect(queue: asyncio.Queue) -> tuple[list[str], list[dict], Event]:
@@ -292,8 +313,12 @@ async def batched_events(bj: BatchJob, req: BatchRequest, queue: asyncio.Queue):
         status = "ok"
         yield _chunk(bj, head, None, ev.finish)
         if include_usage:
-            tail = {**head, "object": "chat.completion.chunk" if bj.chat else "text_completion", "choices": [],
-                    "usage": _usage(len(bj.tokens), ev.tokens)}
+            tail = {
+                **head,
+                "object": "chat.completion.chunk" if bj.chat else "text_completion",
+                "choices": [],
+                "usage": _usage(len(bj.tokens), ev.tokens),
+            }
             yield f"data: {json.dumps(tail)}\n\n"
         yield "data: [DONE]\n\n"
         bj.job.log(ev.tokens, stats=_stats(ev))

@@ -51,9 +51,16 @@ async def knobs(registry: RegistryDep):
     data = []
     for name, served in registry.models.items():
         mf = served.modelfile
-        data.append({"id": name, "avs": list(mf.av_paths), "profiles": {p: mf.coefficients(p) for p in mf.spec.profiles},
-                     "default_profile": mf.spec.default_profile, "decode": dict(mf.spec.profile_decode),
-                     "writable": registry.allow_write})
+        data.append(
+            {
+                "id": name,
+                "avs": list(mf.av_paths),
+                "profiles": {p: mf.coefficients(p) for p in mf.spec.profiles},
+                "default_profile": mf.spec.default_profile,
+                "decode": dict(mf.spec.profile_decode),
+                "writable": registry.allow_write,
+            }
+        )
     return {"object": "list", "data": data}
 
 
@@ -68,8 +75,12 @@ async def session(request: Request, registry: RegistryDep):
     body = await parse_body(request, Session)
     key = registry.handoff.redeem(body.code) if registry.handoff is not None else None
     if key is None:
-        raise APIError(403, "this code is used, expired or wrong: start `avgguf desktop` again, or type the API "
-                       "key into the page", code="invalid_code", type_="permission_error")
+        raise APIError(
+            403,
+            "this code is used, expired or wrong: start `avgguf desktop` again, or type the API key into the page",
+            code="invalid_code",
+            type_="permission_error",
+        )
     return {"key": key}
 
 
@@ -97,8 +108,9 @@ def _save_and_update(served, body: SaveProfile):
 @web.post("/avgguf/profiles")
 async def save(request: Request, registry: RegistryDep):
     if not registry.allow_write:
-        raise APIError(403, "saving profiles is off: start the server with --allow-write", code="read_only",
-                       type_="permission_error")
+        raise APIError(
+            403, "saving profiles is off: start the server with --allow-write", code="read_only", type_="permission_error"
+        )
     body = await parse_body(request, SaveProfile)
     served = registry.models.get(body.model)
     if served is None:
@@ -109,5 +121,10 @@ async def save(request: Request, registry: RegistryDep):
         raise APIError(409, str(exc), code="busy") from None
     except AvggufError as exc:
         raise APIError(400, str(exc)) from None
-    return {"saved": saved.name, "modelfile": str(served.modelfile.path), "coefficients": saved.coefficients,
-            "decode": saved.decode, "replaced": saved.replaced}
+    return {
+        "saved": saved.name,
+        "modelfile": str(served.modelfile.path),
+        "coefficients": saved.coefficients,
+        "decode": saved.decode,
+        "replaced": saved.replaced,
+    }
