@@ -13,6 +13,7 @@ from avgguf.version import __version__
 from avgguf.gguf import adapter_format as fmt
 from avgguf.errors import ConversionError
 from .lowrank import Factors, RankPolicy, factorize
+from avgguf.gguf.arches import unapplied_reason
 from .sources import TensorSource
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,16 @@ class ConversionReport:
         """Share of the whole AV's energy the adapter carries (after truncation and skips)."""
         total = self.total_energy
         return sum(r.energy * r.kept for r in self.records) / total if total else 1.0
+
+    def skip_summary(self) -> str:
+        """The skipped tensors by reason, largest energy first: '61 tensors: 60 norm (...), 1 tied embeddings (...)'."""
+        groups: dict[str, list[SkipRecord]] = {}
+        for s in self.skipped:
+            groups.setdefault(s.reason, []).append(s)
+        total = self.total_energy or 1.0
+        parts = sorted(groups.items(), key=lambda kv: -sum(s.energy for s in kv[1]))
+        text = ", ".join(f"{len(v)} {reason} [{sum(s.energy for s in v) / total:.2%}]" for reason, v in parts)
+        return f"{len(self.skipped)} tensors: {text}" if self.skipped else "none"
 
     def to_dict(self) -> dict:
         return {
@@ -187,7 +198,7 @@ def _deltas(base: TensorSource, aligned: TensorSource, build: AdapterBuild, prog
         if energy == 0.0:
             build.report.zero_tensors += 1
             continue
-        reason = fmt.unapplicable_reason(tname, delta.ndim, tied)
+        reason = fmt.unapplicable_reason(tname, delta.ndim, tied) or unapplied_reason(base.arch, tname)
         if reason:
             build.skip(tname, energy, reason)
             continue
@@ -297,7 +308,7 @@ def convert_pair(
         for hf_name in sorted(set(base.unmapped) & set(aligned.unmapped)):
             energy = float(np.sum(np.square(aligned.load_unmapped(hf_name) - base.load_unmapped(hf_name), dtype=np.float64)))
             if energy > 0:
-                build.skip(hf_name, energy, "no llama.cpp tensor for it")
+                build.skip(hf_name, energy, base.unmapped[hf_name])
         return build.commit(meta, max_size)
     except BaseException:
         build.writer.abort()

@@ -12,7 +12,7 @@ import gguf
 
 from avgguf.gguf import adapter_format as fmt
 from avgguf.errors import ConversionError
-from avgguf.gguf.arches import permute_rows, qk_heads
+from avgguf.gguf.arches import hf_language_name, permute_rows, qk_heads
 from .convert import AdapterBuild, ConversionReport
 from .lowrank import RankPolicy, factorize_product
 from .sources import TensorSource
@@ -108,7 +108,14 @@ def convert_peft(
             if ka not in parts or kb not in parts:
                 raise ConversionError(f"--peft: module {module!r} has only {sorted(parts)}; {ka} and {kb} come in pairs")
             a, b = parts[ka], parts[kb]
-            gguf_name = tmap.get_name(module + ".weight", try_suffixes=(".weight",))
+            if base.arch.moe and (".experts" in module or module.endswith(".experts")):
+                raise ConversionError(
+                    f"--peft: module {module!r} is a MoE expert block: per-expert adapter pairs (3-D in llama.cpp) "
+                    f"are not written by avgguf yet; train the LoRA without the experts (target_modules "
+                    f"without 'experts'), or merge it and convert the pair (--aligned)"
+                )
+            text_module = hf_language_name(base.arch, module) or module
+            gguf_name = tmap.get_name(text_module + ".weight", try_suffixes=(".weight",))
             if gguf_name is None or gguf_name not in base.names():
                 raise ConversionError(
                     f"--peft: module {module!r} has no tensor in base {base.path} "

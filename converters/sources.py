@@ -12,7 +12,16 @@ import numpy as np
 import gguf
 
 from avgguf.errors import ConversionError
-from avgguf.gguf.arches import ArchSpec, permute_rows, qk_heads, spec_for_gguf, spec_for_hf_config
+from avgguf.gguf.arches import (
+    GGUF_ONLY,
+    HF_EXPERT,
+    ArchSpec,
+    hf_language_name,
+    permute_rows,
+    qk_heads,
+    spec_for_gguf,
+    spec_for_hf_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +38,7 @@ class TensorSource:
     n_head: int
     n_head_kv: int
     quantized: bool = False
-    unmapped: list[str]  # tensors with no llama.cpp counterpart (reported, never applied)
+    unmapped: dict[str, str]  # checkpoint tensors that map to no adapter pair -> why (booked, never applied)
 
     def names(self) -> list[str]:
         raise NotImplementedError
@@ -62,7 +71,6 @@ def open_source(path: str | Path, role: str) -> TensorSource:
 
 class HFCheckpoint(TensorSource):
     def __init__(self, path: Path, role: str):
-        from safetensors import safe_open
 
         self.path, self.role = path, role
         cfg_path = path / "config.json"
@@ -76,11 +84,12 @@ class HFCheckpoint(TensorSource):
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ConversionError(f"{role} {str(cfg_path)!r} is not valid JSON ({exc})") from None
         self.arch = spec_for_hf_config(self.config, f"{role} {str(cfg_path)!r}")
+        text = self.config.get("text_config") or self.config  # a multimodal checkpoint's language model
         try:
-            self.n_layer = int(self.config["num_hidden_layers"])
-            self.n_embd = int(self.config["hidden_size"])
-            self.n_head = int(self.config["num_attention_heads"])
-            self.n_head_kv = int(self.config.get("num_key_value_heads") or self.n_head)
+            self.n_layer = int(text["num_hidden_layers"])
+            self.n_embd = int(text["hidden_size"])
+            self.n_head = int(text["num_attention_heads"])
+            self.n_head_kv = int(text.get("num_key_value_heads") or self.n_head)
         except (KeyError, TypeError, ValueError) as exc:
             raise ConversionError(
                 f"{role} {str(cfg_path)!r}: missing or bad key {exc}; expected "
@@ -93,22 +102,48 @@ class HFCheckpoint(TensorSource):
         # checkpoint stays resident (peak memory is one tensor pair, whatever the model size)
         self._where: dict[str, tuple[Path, str, tuple[int, ...]]] = {}
         self._unmapped: dict[str, Path] = {}
-        self.unmapped = []
+        self._experts: dict[str, dict[int, tuple[Path, str, tuple[int, ...]]]] = {}
+        self.unmapped = {}
         for f in files:
-            try:
-                with safe_open(str(f), framework="pt") as handle:
-                    headers = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
-            except Exception as exc:
-                raise ConversionError(f"{role}: {str(f)!r} is not a readable safetensors file ({exc})") from None
-            for hf_name, shape in headers.items():
-                gguf_name = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-                if gguf_name is None:
-                    self.unmapped.append(hf_name)
-                    self._unmapped[hf_name] = f
-                else:
-                    self._where[gguf_name] = (f, hf_name, shape)
+            for hf_name, shape in _headers(f, role).items():
+                self._place(tmap, f, hf_name, shape)
+        self._stack_experts()
         if not self._where:
-            raise ConversionError(f"{role} {str(path)!r}: no tensors found in {[f.name for f in files]}")
+            lm = " (a multimodal checkpoint without its language model?)" if self.arch.strip_prefixes else ""
+            raise ConversionError(f"{role} {str(path)!r}: no language-model tensors found in {[f.name for f in files]}{lm}")
+
+    def _place(self, tmap, f: Path, hf_name: str, shape: tuple[int, ...]) -> None:
+        """File one checkpoint tensor under its GGUF name (per-expert weights: as one slice of the stacked
+        3-D tensor llama.cpp's converter writes), or book why it has none."""
+        text_name = hf_language_name(self.arch, hf_name)
+        if text_name is None:
+            self._book(f, hf_name, "not the language model (a vision tower or projector)")
+            return
+        expert = HF_EXPERT.search(text_name)
+        stacked = text_name[: expert.start()] + ".experts." + text_name[expert.end() :] if expert else text_name
+        gguf_name = tmap.get_name(stacked, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            self._book(f, hf_name, "no llama.cpp tensor for it")
+        elif expert:
+            index = int(expert.group(0).split(".")[2])
+            self._experts.setdefault(gguf_name, {})[index] = (f, hf_name, shape)
+        else:
+            self._where[gguf_name] = (f, hf_name, shape)
+
+    def _book(self, f: Path, hf_name: str, reason: str) -> None:
+        self.unmapped[hf_name] = reason
+        self._unmapped[hf_name] = f
+
+    def _stack_experts(self) -> None:
+        """Per-expert slices -> one 3-D tensor [n_expert, *slice] per GGUF name, as the converter stacks them."""
+        for gguf_name, slices in self._experts.items():
+            order = sorted(slices)
+            if order != list(range(len(order))):
+                raise ConversionError(
+                    f"{self.role} {str(self.path)!r}: experts of {gguf_name!r} are not 0..{len(order) - 1}: {order}"
+                )
+            shape = (len(order), *slices[0][2])
+            self._where[gguf_name] = (None, [slices[i][:2] for i in order], shape)
 
     def _shard_files(self) -> list[Path]:
         index = self.path / "model.safetensors.index.json"
@@ -138,12 +173,26 @@ class HFCheckpoint(TensorSource):
 
     def load(self, name: str) -> np.ndarray:
         f, hf_name, _ = self._where[name]
+        if f is None:  # stacked experts
+            return np.stack([_read_safetensor(part, part_name) for part, part_name in hf_name])
         t = _read_safetensor(f, hf_name)
+        if self.arch.norm_shift and "_norm" in name:
+            t += self.arch.norm_shift  # as llama.cpp's converter writes it (Gemma: 1 + w)
         heads = qk_heads(self.arch, name, self.n_head, self.n_head_kv)
         return permute_rows(t, *heads) if heads else t
 
     def load_unmapped(self, name: str) -> np.ndarray:
         return _read_safetensor(self._unmapped[name], name)
+
+
+def _headers(f: Path, role: str) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(f), framework="pt") as handle:
+            return {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+    except Exception as exc:
+        raise ConversionError(f"{role}: {str(f)!r} is not a readable safetensors file ({exc})") from None
 
 
 def _read_safetensor(path: Path, name: str) -> np.ndarray:
@@ -177,15 +226,17 @@ class GGUFModel(TensorSource):
                 if default is None:
                     raise ConversionError(f"{role} {str(path)!r}: missing key {k.format(arch=arch)!r}")
                 return default
-            return int(f.contents())
+            value = f.contents()
+            return int(max(value)) if isinstance(value, list) else int(value)  # per-layer arrays: the widest
 
         self.n_layer = key(gguf.Keys.LLM.BLOCK_COUNT)
         self.n_embd = key(gguf.Keys.LLM.EMBEDDING_LENGTH)
         self.n_head = key(gguf.Keys.Attention.HEAD_COUNT)
         self.n_head_kv = key(gguf.Keys.Attention.HEAD_COUNT_KV, self.n_head)
-        self._tensors = {t.name: t for t in reader.tensors}
+        # rope_freqs & co. are generated by the converter, not weights: no delta, absent from an HF side
+        self._tensors = {t.name: t for t in reader.tensors if t.name not in GGUF_ONLY}
         self.quantized = any(t.tensor_type not in FLOAT_TYPES for t in reader.tensors)
-        self.unmapped = []
+        self.unmapped = {}
 
     def names(self) -> list[str]:
         return list(self._tensors)

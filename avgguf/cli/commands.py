@@ -193,8 +193,13 @@ def run_convert(args) -> int:
             )
         print(
             f"AV energy kept: {report.kept_fraction:.2%}   not applicable in llama.cpp: "
-            f"{report.unapplied_fraction:.2%} ({len(report.skipped)} tensors: norms/biases/tied embeddings)"
+            f"{report.unapplied_fraction:.2%} ({report.skip_summary()})"
         )
+        if report.unapplied_fraction > 0.05:
+            print(
+                f"warning: {report.unapplied_fraction:.1%} of the AV's energy is not in the adapter (reasons above)",
+                file=sys.stderr,
+            )
     return 0
 
 

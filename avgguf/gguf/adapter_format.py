@@ -129,6 +129,8 @@ def unapplicable_reason(base_name: str, ndim: int, tied_embeddings: bool) -> str
         return "norm (llama.cpp never applies norm deltas)"
     if base_name.endswith(".bias"):
         return "bias (llama.cpp LoRA reaches matmuls only)"
+    if ndim == 3 and "_exps." in base_name:
+        return "MoE expert tensor (3-D): per-expert adapter pairs are not written by avgguf yet"
     if ndim != 2:
         return f"{ndim}-D tensor (not a matmul weight)"
     if tied_embeddings and base_name in (TOKEN_EMBD, OUTPUT):
