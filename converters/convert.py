@@ -184,23 +184,49 @@ class Planned:
     types: tuple[str, str]
 
 
+CHUNK_ELEMENTS = 1 << 24  # rows read at a time for a tensor that is only booked (64 MB of float32)
+
+
+def _delta_energy(base: TensorSource, aligned: TensorSource, tname: str) -> float:
+    """Σ delta² of one tensor, read in row chunks (a skipped tied embedding never sits whole in memory)."""
+    shape = base.shape(tname)
+    step = max(1, CHUNK_ELEMENTS // max(1, int(np.prod(shape[1:], dtype=np.int64))))
+    energy = 0.0
+    for start in range(0, shape[0], step):
+        stop = min(shape[0], start + step)
+        chunk = aligned.load_rows(tname, start, stop)
+        chunk -= base.load_rows(tname, start, stop)
+        _check_finite(chunk, tname, base, aligned)
+        energy += float(np.sum(np.square(chunk, dtype=np.float64)))
+    return energy
+
+
+def _check_finite(delta: np.ndarray, tname: str, base: TensorSource, aligned: TensorSource) -> None:
+    if not np.all(np.isfinite(delta)):
+        raise ConversionError(
+            f"tensor {tname!r}: the delta has NaN/Inf values ({base.path} vs {aligned.path}); check both checkpoints"
+        )
+
+
 def _deltas(base: TensorSource, aligned: TensorSource, build: AdapterBuild, progress: bool, desc: str):
-    """(name, delta) for every tensor llama.cpp can apply; zero and unapplicable deltas are booked."""
+    """(name, delta) for every tensor llama.cpp can apply; zero and unapplicable deltas are booked (those
+    by row chunks: they are never factored, so never loaded whole)."""
     tied = base.tied_embeddings
     for tname in tqdm(base.names(), desc=desc, unit="tensor", disable=not progress, leave=False):
+        shape = base.shape(tname)
+        reason = fmt.unapplicable_reason(tname, len(shape), tied) or unapplied_reason(base.arch, tname)
+        if reason:
+            energy = _delta_energy(base, aligned, tname)
+            if energy == 0.0:
+                build.report.zero_tensors += 1
+            else:
+                build.skip(tname, energy, reason)
+            continue
         delta = aligned.load(tname)
         delta -= base.load(tname)
-        if not np.all(np.isfinite(delta)):
-            raise ConversionError(
-                f"tensor {tname!r}: the delta has NaN/Inf values ({base.path} vs {aligned.path}); check both checkpoints"
-            )
-        energy = float(np.sum(np.square(delta, dtype=np.float64)))
-        if energy == 0.0:
+        _check_finite(delta, tname, base, aligned)
+        if not np.any(delta):
             build.report.zero_tensors += 1
-            continue
-        reason = fmt.unapplicable_reason(tname, delta.ndim, tied) or unapplied_reason(base.arch, tname)
-        if reason:
-            build.skip(tname, energy, reason)
             continue
         yield tname, delta
 

@@ -52,6 +52,10 @@ class TensorSource:
     def load_unmapped(self, name: str) -> np.ndarray:
         raise NotImplementedError
 
+    def load_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows start:stop of the first axis of `load(name)` (a slice's energy is the same in any row order)."""
+        return self.load(name)[start:stop]
+
     @property
     def tied_embeddings(self) -> bool:
         return "output.weight" not in self.names()
@@ -181,6 +185,17 @@ class HFCheckpoint(TensorSource):
         heads = qk_heads(self.arch, name, self.n_head, self.n_head_kv)
         return permute_rows(t, *heads) if heads else t
 
+    def load_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Without reading the rest of the tensor (stacked experts: experts start:stop). Q/K rows are not
+        permuted here: callers use slices for energies, which any row order keeps."""
+        f, hf_name, _ = self._where[name]
+        if f is None:
+            return np.stack([_read_safetensor(part, part_name) for part, part_name in hf_name[start:stop]])
+        t = _read_safetensor(f, hf_name, start, stop)
+        if self.arch.norm_shift and "_norm" in name:
+            t += self.arch.norm_shift
+        return t
+
     def load_unmapped(self, name: str) -> np.ndarray:
         return _read_safetensor(self._unmapped[name], name)
 
@@ -195,12 +210,13 @@ def _headers(f: Path, role: str) -> dict[str, tuple[int, ...]]:
         raise ConversionError(f"{role}: {str(f)!r} is not a readable safetensors file ({exc})") from None
 
 
-def _read_safetensor(path: Path, name: str) -> np.ndarray:
+def _read_safetensor(path: Path, name: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
     import torch
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
-        return handle.get_tensor(name).to(torch.float32, copy=True).numpy()
+        t = handle.get_tensor(name) if start is None else handle.get_slice(name)[start:stop]
+        return t.to(torch.float32, copy=True).numpy()
 
 
 class GGUFModel(TensorSource):
@@ -245,13 +261,19 @@ class GGUFModel(TensorSource):
         return tuple(int(x) for x in reversed(self._tensors[name].shape.tolist()))
 
     def load(self, name: str) -> np.ndarray:
+        return self.load_rows(name, 0, self.shape(name)[0])
+
+    def load_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         t = self._tensors[name]
+        shape = self.shape(name)
+        row_bytes = t.n_bytes // shape[0]  # quant blocks run along the last axis: whole rows are whole blocks
         # pread rather than the reader's memmap: touched mmap pages would stay resident for the whole run
         with open(self.path, "rb") as fh:
-            raw = os.pread(fh.fileno(), t.n_bytes, t.data_offset)
-        data = np.frombuffer(raw, dtype=t.data.dtype).reshape(t.data.shape)
+            raw = os.pread(fh.fileno(), (stop - start) * row_bytes, t.data_offset + start * row_bytes)
+        rows = (stop - start, *t.data.shape[1:]) if t.data.shape[0] == shape[0] else (-1, t.data.shape[-1])
+        data = np.frombuffer(raw, dtype=t.data.dtype).reshape(rows)
         if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
             data = data.astype(np.float32)
         else:
             data = gguf.quants.dequantize(data, t.tensor_type)
-        return data.reshape(self.shape(name))
+        return data.reshape((stop - start, *shape[1:]))
