@@ -70,6 +70,11 @@ def config(arch: str):
     }[arch]()
 
 
+# Not in avgguf's HF table: only their GGUF pair converts (llama.cpp's converter knows their layout).
+GGUF_ONLY_ARCHS = {
+    "stablelm": lambda: transformers.StableLmConfig(**COMMON, tie_word_embeddings=False),
+    "starcoder2": lambda: transformers.Starcoder2Config(**COMMON, tie_word_embeddings=False),
+}
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "granite", "olmo2", "smollm3", "mixtral", "qwen3moe"]
 
 
@@ -214,6 +219,35 @@ def test_peft_lora_reproduces_the_merged_model(arch, kits, tmp_path, capsys):
     capsys.readouterr()
     got = ratio(to_gguf(root / "base"), to_gguf(tmp_path / "merged"), out)
     assert got <= 0.01, f"{arch} PEFT LoRA: KL ratio {got:.4f}"
+
+
+@pytest.mark.parametrize("arch", sorted(GGUF_ONLY_ARCHS))
+def test_a_gguf_pair_of_any_architecture_converts(arch, tmp_path, capsys):
+    torch.manual_seed(0)
+    base = sharpened(transformers.AutoModelForCausalLM.from_config(GGUF_ONLY_ARCHS[arch]()))
+    save(base, tmp_path / "base")
+    save(perturbed(base, 1), tmp_path / "aligned")
+    base_gguf, aligned_gguf = to_gguf(tmp_path / "base"), to_gguf(tmp_path / "aligned")
+    out = tmp_path / "av.gguf"
+    convert(out, "--base", str(base_gguf), "--aligned", str(aligned_gguf))
+    capsys.readouterr()
+    got = ratio(base_gguf, aligned_gguf, out)
+    assert got <= 0.01, f"{arch} GGUF pair: KL ratio {got:.4f}"
+    assert (
+        main(
+            [
+                "convert",
+                "--base",
+                str(tmp_path / "base"),
+                "--aligned",
+                str(tmp_path / "aligned"),
+                "--out",
+                str(tmp_path / "hf.gguf"),
+            ]
+        )
+        != 0
+    )
+    assert "two GGUFs" in capsys.readouterr().err  # the HF route names the way that works
 
 
 def test_a_wrong_layout_is_caught(kits, tmp_path, monkeypatch, capsys):
