@@ -270,6 +270,39 @@ def _write_planned(base: TensorSource, aligned: TensorSource, build: AdapterBuil
         build.add(tname, p.shape, p.factors, delta, p.types)
 
 
+def _pair_meta(base: TensorSource, aligned: TensorSource, name: str, domain: str | None, policy: RankPolicy) -> dict:
+    return {
+        fmt.KEY_NAME: name,
+        fmt.KEY_DOMAIN: domain or name,
+        fmt.KEY_SOURCE_KIND: "pair",
+        fmt.KEY_SOURCE_BASE: str(base.path),
+        fmt.KEY_SOURCE_ALIGNED: str(aligned.path),
+        fmt.KEY_RANK_POLICY: policy.describe(),
+        fmt.KEY_SVD: policy.svd,
+        fmt.KEY_BASE_N_LAYER: base.n_layer,
+        fmt.KEY_BASE_N_EMBD: base.n_embd,
+    }
+
+
+def _fitted(base, aligned, build: AdapterBuild, plans: dict[str, Planned], fit, meta: dict, progress: bool):
+    """--fit distill: the planned factors trained toward the aligned model's outputs."""
+    from .distill import distill
+
+    fitted, fit_meta = distill(base, aligned, {n: p.factors for n, p in plans.items()}, fit, progress)
+    meta.update(fit_meta)
+    keys = {"kl_base": fmt.KEY_FIT_KL_BASE, "kl_before": fmt.KEY_FIT_KL_BEFORE, "kl_after": fmt.KEY_FIT_KL_AFTER}
+    build.report.fit = {k: fit_meta[v] for k, v in keys.items()} | {"seconds": fit_meta[fmt.KEY_FIT_SECONDS]}
+    return {n: Planned(p.shape, fitted[n], p.types) for n, p in plans.items()}
+
+
+def _book_unmapped(base: TensorSource, aligned: TensorSource, build: AdapterBuild) -> None:
+    """Checkpoint tensors with no adapter pair (vision towers, unmapped names), booked with their reason."""
+    for hf_name in sorted(set(base.unmapped) & set(aligned.unmapped)):
+        energy = float(np.sum(np.square(aligned.load_unmapped(hf_name) - base.load_unmapped(hf_name), dtype=np.float64)))
+        if energy > 0:
+            build.skip(hf_name, energy, base.unmapped[hf_name])
+
+
 def convert_pair(
     base: TensorSource,
     aligned: TensorSource,
@@ -298,17 +331,7 @@ def convert_pair(
             log.warning("%s is quantized: its quantization noise enters the alignment vector", src.path)
     build = AdapterBuild(out, base.arch.gguf_name, name, dtype, force=force, inputs=(base.path, aligned.path))
     try:
-        meta = {
-            fmt.KEY_NAME: name,
-            fmt.KEY_DOMAIN: domain or name,
-            fmt.KEY_SOURCE_KIND: "pair",
-            fmt.KEY_SOURCE_BASE: str(base.path),
-            fmt.KEY_SOURCE_ALIGNED: str(aligned.path),
-            fmt.KEY_RANK_POLICY: policy.describe(),
-            fmt.KEY_SVD: policy.svd,
-            fmt.KEY_BASE_N_LAYER: base.n_layer,
-            fmt.KEY_BASE_N_EMBD: base.n_embd,
-        }
+        meta = _pair_meta(base, aligned, name, domain, policy)
         if max_size is None and fit is None:
             for tname, delta in _deltas(base, aligned, build, progress, "converting"):
                 build.add(tname, delta.shape, factorize(delta, policy, device), delta)
@@ -319,22 +342,9 @@ def convert_pair(
                 meta[fmt.KEY_SIZE_BUDGET] = int(max_size)
                 meta[fmt.KEY_RANK_POLICY] = f"max_size={max_size},max_rank={policy.rank}"
             if fit is not None and plans:
-                from .distill import distill
-
-                fitted, fit_meta = distill(base, aligned, {n: p.factors for n, p in plans.items()}, fit, progress)
-                plans = {n: Planned(p.shape, fitted[n], p.types) for n, p in plans.items()}
-                meta.update(fit_meta)
-                build.report.fit = {
-                    "kl_base": fit_meta[fmt.KEY_FIT_KL_BASE],
-                    "kl_before": fit_meta[fmt.KEY_FIT_KL_BEFORE],
-                    "kl_after": fit_meta[fmt.KEY_FIT_KL_AFTER],
-                    "seconds": fit_meta[fmt.KEY_FIT_SECONDS],
-                }
+                plans = _fitted(base, aligned, build, plans, fit, meta, progress)
             _write_planned(base, aligned, build, plans)
-        for hf_name in sorted(set(base.unmapped) & set(aligned.unmapped)):
-            energy = float(np.sum(np.square(aligned.load_unmapped(hf_name) - base.load_unmapped(hf_name), dtype=np.float64)))
-            if energy > 0:
-                build.skip(hf_name, energy, base.unmapped[hf_name])
+        _book_unmapped(base, aligned, build)
         return build.commit(meta, max_size)
     except BaseException:
         build.writer.abort()

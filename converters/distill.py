@@ -314,13 +314,10 @@ def _mean_kl(student: Student, seqs, targets, s: DistillSettings) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def distill(
-    base: TensorSource, aligned: TensorSource, factors: dict[str, Factors], s: DistillSettings, progress: bool = False
-) -> tuple[dict[str, Factors], dict]:
-    """Train the factors toward the aligned model; returns them (GGUF layout) and avgguf.fit.* metadata."""
+def _teacher_data(base: TensorSource, aligned: TensorSource, s: DistillSettings, rng: random.Random, progress: bool):
+    """(calibration rows, label, sequences, teacher targets): the aligned model's top-k log-probs on the
+    calibration sequences; the teacher is freed before the student loads."""
     t0 = time.perf_counter()
-    rng = random.Random(s.seed)
-    torch.manual_seed(s.seed)
     rows, label = read_calibration(s.calibration)
     tok = load_tokenizer(s.tokenizer, (aligned, base))
     teacher = load_torch_model(aligned, s.device)
@@ -338,18 +335,11 @@ def distill(
         t_sampled - t0,
         time.perf_counter() - t_sampled,
     )
+    return rows, label, seqs, targets
 
-    n_hold = max(1, int(round(len(seqs) * s.holdout))) if len(seqs) > 1 else 0
-    train_idx = list(range(n_hold, len(seqs))) or list(range(len(seqs)))
-    hold_seqs, hold_targets = seqs[:n_hold] or seqs, targets[:n_hold] or targets
 
-    student = Student(load_torch_model(base, s.device), base, factors, s.device)
-    student.enabled = False
-    kl_base = _mean_kl(student, hold_seqs, hold_targets, s)
-    student.enabled = True
-    kl_before = _mean_kl(student, hold_seqs, hold_targets, s)
-    start = student.factors(factors)
-
+def _train(student: Student, seqs: list, targets: list, train_idx: list[int], s: DistillSettings, rng, progress: bool):
+    """Adam on the factors (per-tensor learning rates), warm-up then cosine decay."""
     groups = [
         {"params": [p], "lr": s.lr * max(float(p.detach().pow(2).mean().sqrt()), 1e-8)}
         for pair in student.params.values()
@@ -374,12 +364,47 @@ def distill(
         opt.step()
         bar.set_postfix(kl=f"{loss.item():.4f}")
     log.info("distill: %d steps in %.0f s", s.steps, time.perf_counter() - t_train)
+
+
+def _fit_meta(s: DistillSettings, label: str, rows: list, seqs: list, kls: tuple[float, float, float], t0: float) -> dict:
+    kl_base, kl_before, kl_after = kls
+    settings = {k: v for k, v in asdict(s).items() if k not in ("calibration", "tokenizer", "device")}
+    return {
+        fmt.KEY_FIT: "distill",
+        fmt.KEY_FIT_SETTINGS: json.dumps(settings, sort_keys=True),
+        fmt.KEY_FIT_CALIBRATION: f"{label} ({len(rows)} rows, {len(seqs)} sequences)",
+        fmt.KEY_FIT_TOKENS: int(sum(len(q) - 1 for q in seqs)),
+        fmt.KEY_FIT_KL_BASE: float(kl_base),
+        fmt.KEY_FIT_KL_BEFORE: float(kl_before),
+        fmt.KEY_FIT_KL_AFTER: float(kl_after),
+        fmt.KEY_FIT_SECONDS: float(round(time.perf_counter() - t0, 1)),
+    }
+
+
+def distill(
+    base: TensorSource, aligned: TensorSource, factors: dict[str, Factors], s: DistillSettings, progress: bool = False
+) -> tuple[dict[str, Factors], dict]:
+    """Train the factors toward the aligned model; returns them (GGUF layout) and avgguf.fit.* metadata."""
+    t0 = time.perf_counter()
+    rng = random.Random(s.seed)
+    torch.manual_seed(s.seed)
+    rows, label, seqs, targets = _teacher_data(base, aligned, s, rng, progress)
+    n_hold = max(1, int(round(len(seqs) * s.holdout))) if len(seqs) > 1 else 0
+    train_idx = list(range(n_hold, len(seqs))) or list(range(len(seqs)))
+    hold_seqs, hold_targets = seqs[:n_hold] or seqs, targets[:n_hold] or targets
+
+    student = Student(load_torch_model(base, s.device), base, factors, s.device)
+    student.enabled = False
+    kl_base = _mean_kl(student, hold_seqs, hold_targets, s)
+    student.enabled = True
+    kl_before = _mean_kl(student, hold_seqs, hold_targets, s)
+    start = student.factors(factors)
+    _train(student, seqs, targets, train_idx, s, rng, progress)
     kl_after = _mean_kl(student, hold_seqs, hold_targets, s)
     fitted = student.factors(factors)
     if not kl_after < kl_before:  # never hand back something worse than the SVD start
         log.warning("distillation did not lower the held-out KL (%.4g -> %.4g); keeping the SVD factors", kl_before, kl_after)
         fitted, kl_after = start, kl_before
-    n_tokens = sum(len(q) - 1 for q in seqs)
     log.info(
         "distill: KL(aligned || base) %.4g, SVD start %.4g, fitted %.4g on %d held-out sequences",
         kl_base,
@@ -387,15 +412,4 @@ def distill(
         kl_after,
         len(hold_seqs),
     )
-    settings = {k: v for k, v in asdict(s).items() if k not in ("calibration", "tokenizer", "device")}
-    meta = {
-        fmt.KEY_FIT: "distill",
-        fmt.KEY_FIT_SETTINGS: json.dumps(settings, sort_keys=True),
-        fmt.KEY_FIT_CALIBRATION: f"{label} ({len(rows)} rows, {len(seqs)} sequences)",
-        fmt.KEY_FIT_TOKENS: int(n_tokens),
-        fmt.KEY_FIT_KL_BASE: float(kl_base),
-        fmt.KEY_FIT_KL_BEFORE: float(kl_before),
-        fmt.KEY_FIT_KL_AFTER: float(kl_after),
-        fmt.KEY_FIT_SECONDS: float(round(time.perf_counter() - t0, 1)),
-    }
-    return fitted, meta
+    return fitted, _fit_meta(s, label, rows, seqs, (kl_base, kl_before, kl_after), t0)

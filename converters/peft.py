@@ -80,6 +80,60 @@ def _read_factors(path: Path) -> dict[str, dict[str, np.ndarray]]:
     return modules
 
 
+def _target(module: str, base: TensorSource, tmap) -> str:
+    """The base GGUF tensor a PEFT module adapts (a clear error where there is none)."""
+    if base.arch.moe and (".experts" in module or module.endswith(".experts")):
+        raise ConversionError(
+            f"--peft: module {module!r} is a MoE expert block: per-expert adapter pairs (3-D in llama.cpp) "
+            f"are not written by avgguf yet; train the LoRA without the experts (target_modules "
+            f"without 'experts'), or merge it and convert the pair (--aligned)"
+        )
+    text_module = hf_language_name(base.arch, module) or module
+    gguf_name = tmap.get_name(text_module + ".weight", try_suffixes=(".weight",))
+    if gguf_name is None or gguf_name not in base.names():
+        raise ConversionError(
+            f"--peft: module {module!r} has no tensor in base {base.path} "
+            f"({base.arch.gguf_name}); is the adapter for another model?"
+        )
+    return gguf_name
+
+
+def _factors(module: str, parts: dict, cfg: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(left, right) with delta = left @ right in the base's (out, in) order, PEFT's scaling applied."""
+    embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
+    ka, kb = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
+    if ka not in parts or kb not in parts:
+        raise ConversionError(f"--peft: module {module!r} has only {sorted(parts)}; {ka} and {kb} come in pairs")
+    a, b = parts[ka], parts[kb]
+    r = a.shape[0]
+    rank_cfg = _pattern_value(cfg.get("rank_pattern"), module, cfg["r"])
+    alpha = _pattern_value(cfg.get("alpha_pattern"), module, cfg["lora_alpha"])
+    if int(rank_cfg) != r:
+        raise ConversionError(f"--peft: module {module!r} has rank {r} in its tensors but {rank_cfg} in adapter_config.json")
+    scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    if embedding:  # PEFT: delta_E (vocab, embd) = scaling * (B @ A).T with A (r, vocab), B (embd, r)
+        return a.T * scaling, b.T
+    return b * scaling, a  # delta_W (out, in) = scaling * B @ A
+
+
+def _pair(module: str, parts: dict, cfg: dict, base: TensorSource, gguf_name: str) -> tuple[np.ndarray, np.ndarray]:
+    """The module's factors in GGUF layout (Q/K rows permuted), checked against the base tensor."""
+    left, right = _factors(module, parts, cfg)
+    shape = (left.shape[0], right.shape[1])
+    if tuple(base.shape(gguf_name)) != shape:
+        raise ConversionError(
+            f"--peft: module {module!r}: the LoRA gives a delta of shape {shape} but base "
+            f"tensor {gguf_name!r} is {tuple(base.shape(gguf_name))}; the adapter was "
+            f"trained on another model"
+        )
+    heads = qk_heads(base.arch, gguf_name, base.n_head, base.n_head_kv)
+    if heads:
+        left = permute_rows(left, *heads)
+    if not (np.all(np.isfinite(left)) and np.all(np.isfinite(right))):
+        raise ConversionError(f"--peft: module {module!r} has NaN/Inf values")
+    return left, right
+
+
 def convert_peft(
     peft_dir: str | Path,
     base: TensorSource,
@@ -103,54 +157,14 @@ def convert_peft(
     build = AdapterBuild(out, base.arch.gguf_name, name, dtype, force=force, inputs=(base.path, path))
     try:
         for module, parts in sorted(modules.items()):
-            embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
-            ka, kb = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
-            if ka not in parts or kb not in parts:
-                raise ConversionError(f"--peft: module {module!r} has only {sorted(parts)}; {ka} and {kb} come in pairs")
-            a, b = parts[ka], parts[kb]
-            if base.arch.moe and (".experts" in module or module.endswith(".experts")):
-                raise ConversionError(
-                    f"--peft: module {module!r} is a MoE expert block: per-expert adapter pairs (3-D in llama.cpp) "
-                    f"are not written by avgguf yet; train the LoRA without the experts (target_modules "
-                    f"without 'experts'), or merge it and convert the pair (--aligned)"
-                )
-            text_module = hf_language_name(base.arch, module) or module
-            gguf_name = tmap.get_name(text_module + ".weight", try_suffixes=(".weight",))
-            if gguf_name is None or gguf_name not in base.names():
-                raise ConversionError(
-                    f"--peft: module {module!r} has no tensor in base {base.path} "
-                    f"({base.arch.gguf_name}); is the adapter for another model?"
-                )
-            r = a.shape[0]
-            rank_cfg = _pattern_value(cfg.get("rank_pattern"), module, cfg["r"])
-            alpha = _pattern_value(cfg.get("alpha_pattern"), module, cfg["lora_alpha"])
-            if int(rank_cfg) != r:
-                raise ConversionError(
-                    f"--peft: module {module!r} has rank {r} in its tensors but {rank_cfg} in adapter_config.json"
-                )
-            scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-            if embedding:  # PEFT: delta_E (vocab, embd) = scaling * (B @ A).T with A (r, vocab), B (embd, r)
-                left, right = a.T * scaling, b.T
-            else:  # delta_W (out, in) = scaling * B @ A
-                left, right = b * scaling, a
-            shape = (left.shape[0], right.shape[1])
-            if tuple(base.shape(gguf_name)) != shape:
-                raise ConversionError(
-                    f"--peft: module {module!r}: the LoRA gives a delta of shape {shape} but base "
-                    f"tensor {gguf_name!r} is {tuple(base.shape(gguf_name))}; the adapter was "
-                    f"trained on another model"
-                )
-            heads = qk_heads(base.arch, gguf_name, base.n_head, base.n_head_kv)
-            if heads:
-                left = permute_rows(left, *heads)
-            if not (np.all(np.isfinite(left)) and np.all(np.isfinite(right))):
-                raise ConversionError(f"--peft: module {module!r} has NaN/Inf values")
+            gguf_name = _target(module, base, tmap)
+            left, right = _pair(module, parts, cfg, base, gguf_name)
             reason = fmt.unapplicable_reason(gguf_name, 2, tied)
             factors = factorize_product(left, right, policy, device)
             if reason:
                 build.skip(gguf_name, factors.energy, reason)
                 continue
-            build.add(gguf_name, shape, factors, (left @ right) if policy is not None else None)
+            build.add(gguf_name, (left.shape[0], right.shape[1]), factors, (left @ right) if policy is not None else None)
         meta = {
             fmt.KEY_NAME: name,
             fmt.KEY_DOMAIN: domain or name,

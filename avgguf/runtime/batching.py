@@ -19,27 +19,42 @@ One client cannot stall the others (audit findings 6, 7, 14, 23):
 - The wait list is finite by default (QUEUE_PER_SEQUENCE x n_seq): a full one raises BusyError at submit,
   before anything is sent to the client.
 - close() waits a bounded time and never frees the llama.cpp context under a decoding thread.
+
+A request in flight and the slots' prompt cache: avgguf.runtime.sequences; which adapters a sequence and the
+context compute with: avgguf.runtime.adapter_sets.BatchAdapters.
 """
 
 from __future__ import annotations
 
-import codecs
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
-import numpy as np
-
-from avgguf.runtime.engine import Engine, log_softmax
 from avgguf.errors import AvggufError
-from avgguf.runtime.fused import Key
-from avgguf.runtime.sampling import Sampler, Sampling  # noqa: F401 (Sampling: part of a BatchRequest)
-from avgguf.runtime.stops import StopMatcher, held_back  # noqa: F401 (held_back: the rule StopMatcher keeps)
+from avgguf.runtime.adapter_sets import BatchAdapters
+from avgguf.runtime.background import Key
+from avgguf.runtime.engine import Engine
+from avgguf.runtime.sampling import Sampling
+from avgguf.runtime.sequences import BatchRequest, Event, Sequence, Slots, Turns, common_prefix, token_logprobs
+from avgguf.runtime.stops import StopMatcher, held_back
 
 log = logging.getLogger(__name__)
+# what callers import from here (the request side of batching)
+__all__ = [
+    "DEFAULT_MAX_QUEUE",
+    "BatchRequest",
+    "Batcher",
+    "BusyError",
+    "Event",
+    "Sampling",
+    "StopMatcher",
+    "common_prefix",
+    "default_max_queue",
+    "held_back",
+    "token_logprobs",
+]
 ADAPT_EVERY = 16  # steps between thread-policy checks
 # The wait list: requests beyond the running sequences that may queue, per sequence. Four answers' time is
 # what a waiting client may expect; beyond that a quick 503 serves it better than a long silence.
@@ -53,122 +68,101 @@ def default_max_queue(n_seq: int) -> int:
     return QUEUE_PER_SEQUENCE * max(1, n_seq)
 
 
-@dataclass
-class Event:
-    """What a request hears from the scheduler: a text piece (with its log-probabilities when asked), or the
-    end: finish reason, generated tokens, prompt tokens evaluated (not taken from the prompt cache), timings."""
+class BusyError(AvggufError):
+    """The wait list is full (or the batcher is closing): raised by submit() before anything is emitted."""
 
-    kind: str  # "piece" | "done" | "error"
-    text: str = ""
-    logprobs: list[dict] | None = None
-    finish: str | None = None
-    tokens: int = 0
-    evaluated: int = 0
-    prompt_ms: float = 0.0
-    gen_ms: float = 0.0
+    def __init__(self, waiting: int, limit: int, message: str | None = None):
+        super().__init__(message or f"server busy: {waiting} requests queued (--max-queue {limit}); retry later")
 
 
-@dataclass
-class BatchRequest:
-    tokens: list[int]
-    key: Key
-    sampling: Sampling
-    emit: Callable[[Event], None]  # called on the scheduler thread: must not block
-    cancelled: threading.Event = field(default_factory=threading.Event)  # set: ends within one step
-    stops: StopMatcher | None = field(default=None, repr=False)  # built by submit() (the caller's thread)
-    sampler: Sampler | None = field(default=None, repr=False)  # built by the caller (a grammar is parsed there)
+class WaitList:
+    """The requests waiting for a sequence (at most `max_queue` once every sequence is taken) and how many of
+    each coefficient set wait or run (`keys`); shared by the callers' threads and the scheduler's, under `wake`."""
 
+    def __init__(self, max_queue: int):
+        self.max_queue = max_queue
+        self.keys: dict[Key, int] = {}
+        self.wake = threading.Condition()
+        self.closed = False
+        self._waiting: deque[BatchRequest] = deque()
 
-class Sequence:
-    """One request in flight: its slot (llama.cpp sequence id), prompt still to evaluate, output so far."""
+    def __len__(self) -> int:
+        return len(self._waiting)
 
-    def __init__(self, req: BatchRequest, slot: int, kept: int, engine: Engine, fused: object | None = None):
-        self.req, self.slot, self.engine = req, slot, engine
-        self.fused = fused  # the fused adapter this sequence's K/V is computed with, or None
-        self.group = (req.key, fused is not None)  # what decodes together: same set, same variant
-        self.pos = self.kept = kept  # tokens of this slot's K/V that stay valid (a reused prefix)
-        self.todo = list(req.tokens[kept:])  # prompt tokens still to evaluate (never empty)
-        self.stops = req.stops if req.stops is not None else StopMatcher(req.sampling.stop)
-        self.sampler: Sampler = req.sampler or engine.sampler(req.sampling)
-        self.generated: list[int] = []
-        self.next_token: int | None = None  # sampled, not yet evaluated
-        self.pending = ""  # text held back: might begin a stop string
-        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="ignore")
-        self.t0, self.t_first = time.perf_counter(), None
+    def add(self, req: BatchRequest, full: bool) -> None:
+        """Queue a request (`full`: every sequence is taken); BusyError when `max_queue` already wait, or after
+        close. From here on the request counts in `keys` until its end event."""
+        with self.wake:
+            if self.closed:
+                raise BusyError(len(self._waiting), self.max_queue, "server shutting down: retry later")
+            if (full or self._waiting) and len(self._waiting) >= self.max_queue:
+                raise BusyError(len(self._waiting), self.max_queue)
+            self.keys[req.key] = self.keys.get(req.key, 0) + 1
+            req.emit = self._counted(req.key, req.emit)
+            self._waiting.append(req)
+            self.wake.notify()
 
-    def inputs(self, budget: int) -> list[tuple[int, int, int, bool]]:
-        """This step's (token, position, sequence, logits?) entries, at most `budget` of them."""
-        if self.todo:
-            chunk, self.todo = self.todo[:budget], self.todo[budget:]
-            out = [(t, self.pos + i, self.slot, False) for i, t in enumerate(chunk)]
-            if not self.todo:
-                out[-1] = (*out[-1][:3], True)
-        else:
-            out = [(self.next_token, self.pos, self.slot, True)]
-        self.pos += len(out)
-        return out
+    def _counted(self, key: Key, emit: Callable[[Event], None]) -> Callable[[Event], None]:
+        ended = False
 
-    def accept(self, token: int, logits: np.ndarray | None) -> str | None:
-        """A sampled token: emit its text; returns the finish reason once the answer is done."""
-        s = self.req.sampling
-        self.t_first = self.t_first or time.perf_counter()
-        if self.engine.is_end(token):
-            return "stop"
-        self.generated.append(token)
-        self.next_token = token
-        piece = self.utf8.decode(self.engine.detokenize([token]))
-        text = self.pending + piece
-        if self.stops.active:
-            cut = self.stops.feed(piece, len(self.pending))  # only the new characters are looked at
-            if cut >= 0:
-                self._emit(text[:cut], token, logits)
-                self.pending = ""
-                return "stop"
-            hold = self.stops.held
-            self.pending = text[len(text) - hold :] if hold else ""
-            text = text[: len(text) - hold]
-        self._emit(text, token, logits)
-        return "length" if len(self.generated) >= s.max_tokens else None
+        def wrapped(ev: Event) -> None:
+            nonlocal ended
+            if ev.kind != "piece":
+                if ended:
+                    return  # one end per request
+                ended = True
+                with self.wake:
+                    self.keys[key] -= 1
+                    if not self.keys[key]:
+                        del self.keys[key]
+            try:
+                emit(ev)
+            except RuntimeError:  # the listener's event loop is gone (shutdown)
+                pass
 
-    def _emit(self, text: str, token: int, logits: np.ndarray | None) -> None:
-        entry = None if logits is None else [token_logprobs(self.engine, logits, token, self.req.sampling.logprobs)]
-        if text or entry:
-            self.req.emit(Event("piece", text, entry))
+        return wrapped
 
-    def finish(self, reason: str) -> None:
-        if self.pending:
-            self.req.emit(Event("piece", self.pending))
-        end = time.perf_counter()
-        first = self.t_first or end
-        self.req.emit(
-            Event(
-                "done",
-                finish=reason,
-                tokens=len(self.generated),
-                evaluated=len(self.req.tokens) - self.kept,
-                prompt_ms=1000 * (first - self.t0),
-                gen_ms=1000 * (end - first),
-            )
-        )
-        self.sampler.close()
+    def pop(self) -> BatchRequest | None:
+        with self.wake:
+            return self._waiting.popleft() if self._waiting else None
 
-    @property
-    def cached(self) -> list[int]:
-        """Tokens whose K/V this slot holds once the sequence ends (a last sampled token is not evaluated)."""
-        return (self.req.tokens + self.generated)[: self.pos]
+    def cancel_all(self, running: list[BatchRequest]) -> int:
+        """Set the cancel flag of every waiting request and of these running ones; how many."""
+        with self.wake:
+            reqs = [*self._waiting, *running]
+            for req in reqs:
+                req.cancelled.set()
+            self.wake.notify()
+        return len(reqs)
 
+    def drop_cancelled(self) -> None:
+        """Cancelled requests leave the wait list (they would otherwise count against max_queue until a
+        sequence frees up), each ending "cancelled"."""
+        with self.wake:
+            gone = [r for r in self._waiting if r.cancelled.is_set()]
+            if gone:
+                self._waiting = deque(r for r in self._waiting if not r.cancelled.is_set())
+        for req in gone:
+            req.emit(Event("done", finish="cancelled"))
 
-def token_logprobs(engine: Engine, logits: np.ndarray, token: int, top: int) -> dict:
-    """OpenAI's logprobs entry for one token: its log-probability under the model and the `top` most likely."""
-    lp = log_softmax(logits)
-    best = np.argpartition(-lp, top)[:top] if top else np.array([], dtype=int)
-    best = best[np.argsort(-lp[best])]
+    def wait_for_work(self, running: bool) -> bool:
+        """Block until there is a request to serve (or `running` ones); False once closed."""
+        with self.wake:
+            while not self.closed and not self._waiting and not running:
+                self.wake.wait()
+            return not self.closed
 
-    def item(t: int) -> dict:
-        raw = engine.detokenize([int(t)])
-        return {"token": raw.decode("utf-8", errors="replace"), "logprob": float(lp[t]), "bytes": list(raw)}
+    def close(self) -> None:
+        with self.wake:
+            self.closed = True
+            self.wake.notify()
 
-    return {**item(token), "top_logprobs": [item(t) for t in best]}
+    def drain(self) -> None:
+        """At shutdown: every request still waiting ends "cancelled"."""
+        with self.wake:
+            waiting, self._waiting = list(self._waiting), deque()
+        for req in waiting:
+            req.emit(Event("done", finish="cancelled"))
 
 
 class Batcher:
@@ -193,25 +187,17 @@ class Batcher:
         evaluates per step at most (default: the context's batch size); a cancel is seen between chunks."""
         self.engine = engine
         self.n_seq = n_seq
-        self.max_queue = default_max_queue(n_seq) if max_queue is None else max_queue
         self.peers = peers if peers is not None else [self]
         self.fuse = fuse
+        self._queue = WaitList(default_max_queue(n_seq) if max_queue is None else max_queue)
         self._n_threads = engine.n_threads  # what the context was created with
-        self.keys: dict[Key, int] = {}  # requests per coefficient set, waiting or running
         self._ctx = engine.batch_context(n_seq, unified=kv_unified)
         self.chunk = max(1, min(chunk or self._ctx.capacity, self._ctx.capacity))
         self._fusion = engine.fusion_cache(capacity=max(4, n_seq))
-        self._waiting: deque[BatchRequest] = deque()
+        self._adapters = BatchAdapters(engine.adapters, self._ctx, self._fusion, fuse)
         self._running: list[Sequence] = []
-        self._cache: dict[int, tuple[tuple, list[int]]] = {}  # free slot -> (its group, tokens its K/V holds)
-        self._free = list(range(n_seq))
-        self._turn = 0
-        self._held = 0  # steps the current group has had in a row
-        self._group: tuple | None = None  # the (set, fused?) the context's adapters are at
-        self._applied_fused: object | None = None  # the fused adapter set on the context (never freed while so)
-        self._attempt: tuple | None = None  # the group of the step in progress
-        self._wake = threading.Condition()
-        self._closed = False
+        self._slots = Slots(n_seq)
+        self._turns = Turns(self.quantum)
         self._steps = 0
         self._thread = threading.Thread(target=self._loop, daemon=True, name="avgguf-batcher")
         self._thread.start()
@@ -223,64 +209,35 @@ class Batcher:
         (nothing has been emitted then). The stop strings are compiled here, on the caller's thread."""
         if req.stops is None:
             req.stops = StopMatcher(req.sampling.stop)
-        with self._wake:
-            if self._closed:
-                raise BusyError(len(self._waiting), self.max_queue, "server shutting down: retry later")
-            full = len(self._running) >= self.n_seq or self._waiting
-            if full and len(self._waiting) >= self.max_queue:
-                raise BusyError(len(self._waiting), self.max_queue)
-            self.keys[req.key] = self.keys.get(req.key, 0) + 1
-            req.emit = self._counted(req.key, req.emit)
-            self._waiting.append(req)
-            self._wake.notify()
-
-    def _counted(self, key: Key, emit: Callable[[Event], None]) -> Callable[[Event], None]:
-        ended = False
-
-        def wrapped(ev: Event) -> None:
-            nonlocal ended
-            if ev.kind != "piece":
-                if ended:
-                    return  # one end per request
-                ended = True
-                with self._wake:
-                    self.keys[key] -= 1
-                    if not self.keys[key]:
-                        del self.keys[key]
-            try:
-                emit(ev)
-            except RuntimeError:  # the listener's event loop is gone (shutdown)
-                pass
-
-        return wrapped
+        self._queue.add(req, full=len(self._running) >= self.n_seq)
 
     def cancel_all(self) -> int:
         """Shutdown: every request waiting or running ends with finish "cancelled" within one decode step
         (returns at once; later requests are served as usual). How many were asked to stop."""
-        with self._wake:
-            reqs = [*self._waiting, *(s.req for s in self._running)]
-            for req in reqs:
-                req.cancelled.set()
-            self._wake.notify()
-        return len(reqs)
+        return self._queue.cancel_all([s.req for s in self._running])
+
+    @property
+    def max_queue(self) -> int:
+        return self._queue.max_queue
+
+    @property
+    def keys(self) -> dict[Key, int]:
+        """Requests per coefficient set, waiting or running."""
+        return self._queue.keys
 
     @property
     def load(self) -> int:
         """Requests waiting or running."""
         return sum(self.keys.values())
 
-    def _threads(self) -> int:
-        busy = sum(1 for b in self.peers if b.load) or 1
-        return max(1, self.engine.adapt_threads() // busy)
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
 
     @property
     def native_id(self) -> int | None:
         """The scheduler thread's OS id: its CPU priority is the one decoding runs at."""
         return self._thread.native_id
-
-    @property
-    def waiting(self) -> int:
-        return len(self._waiting)
 
     @property
     def steps(self) -> int:
@@ -297,9 +254,7 @@ class Batcher:
         (leaked: the process is exiting; freeing it under the thread would be a use-after-free). Whether the
         thread stopped: only then may the caller free the model."""
         deadline = time.monotonic() + timeout
-        with self._wake:
-            self._closed = True
-            self._wake.notify()
+        self._queue.close()
         self._thread.join(timeout)
         stopped = not self._thread.is_alive()
         if stopped:
@@ -314,12 +269,7 @@ class Batcher:
     # -- the scheduler thread ---------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while True:
-            with self._wake:
-                while not self._closed and not self._waiting and not self._running:
-                    self._wake.wait()
-                if self._closed:
-                    break
+        while self._queue.wait_for_work(bool(self._running)):
             try:
                 self._admit()
                 self._step()
@@ -328,23 +278,16 @@ class Batcher:
                 self._fail(exc)
         for seq in self._running:
             seq.finish("cancelled")
-        with self._wake:
-            waiting, self._waiting = list(self._waiting), deque()
-        for req in waiting:
-            req.emit(Event("done", finish="cancelled"))
+        self._queue.drain()
 
     def _admit(self) -> None:
         """Waiting requests take the free sequence slots (between steps)."""
-        while self._free:
-            with self._wake:
-                if not self._waiting:
-                    return
-                req = self._waiting.popleft()
+        while self._slots and (req := self._queue.pop()) is not None:
             if req.cancelled.is_set():
                 req.emit(Event("done", finish="cancelled"))
                 continue
-            fused = self._fused_for(req.key)
-            slot, kept = self._slot_for(req, (req.key, fused is not None))
+            fused = self._adapters.start(req.key, [s.fused for s in self._running if s.fused is not None])
+            slot, kept = self._slots.take(req.tokens, (req.key, fused is not None))
             if not self._ctx.forget(slot, kept):  # a recurrent/hybrid model cannot cut a sequence: start afresh
                 self._ctx.forget(slot)
                 kept = 0
@@ -352,46 +295,15 @@ class Batcher:
                 self._running.append(Sequence(req, slot, kept, self.engine, fused))
             except Exception as exc:  # noqa: BLE001 (this request hears why; the others go on)
                 req.emit(Event("error", text=str(exc)))
-                self._free.append(slot)
-
-    def _fused_for(self, key: Key) -> object | None:
-        """The fused adapter a new sequence of this set starts with: the loaded one if it is ready, else None
-        (the separate adapters: same answers) and a background build is asked for."""
-        if not self.fuse or len(key) < 2 or self._fusion.failed(key) is not None:
-            return None
-        in_use = (self._applied_fused, *(s.fused for s in self._running if s.fused is not None))
-        try:
-            handle = self._fusion.ready(key, keep=in_use)
-        except AvggufError as exc:  # llama.cpp refused the file: recorded, the separate adapters serve
-            log.warning("%s; the separate adapters serve %s", exc, dict(key))
-            return None
-        if handle is None:
-            self._fusion.request(key, replace=False)  # concurrent sets queue up, none cancels another
-        return handle
-
-    def _slot_for(self, req: BatchRequest, group: tuple) -> tuple[int, int]:
-        """The free slot whose cached K/V shares the longest prefix with this prompt under the same set and
-        variant (at least the last prompt token is evaluated again, for its logits); else the least recently
-        used."""
-        best, kept = self._free[0], 0
-        for slot in self._free:
-            cached, tokens = self._cache.get(slot, (None, []))
-            if cached != group:
-                continue
-            n = common_prefix(tokens, req.tokens[:-1])
-            if n > kept:
-                best, kept = slot, n
-        self._free.remove(best)
-        self._cache.pop(best, None)
-        return best, kept
+                self._slots.release(slot)
 
     def _step(self) -> None:
         self._drop_cancelled()
         if not self._running:
             return
-        group = self._attempt = self._next_group()
+        group = self._turns.next({s.group for s in self._running})
         members = [s for s in self._running if s.group == group]
-        self._use(group, members)
+        self._adapters.use(group, members[0].fused)  # every member of a fused group has the set's one adapter
         entries, owners, budget = [], [], self._ctx.capacity
         for seq in sorted(members, key=lambda s: bool(s.todo)):  # decoding sequences first, then prompt chunks
             if budget <= 0:
@@ -402,14 +314,19 @@ class Batcher:
             owners += [seq if want else None for *_, want in part]
         self._steps += 1
         if self._steps % ADAPT_EVERY == 0 or len(self.peers) > 1:  # peers start and stop: check every step
-            n = self._threads()
-            if n != self._n_threads:
-                self._ctx.set_threads(n)
-                self._n_threads = n
+            self._adapt_threads()
         self._ctx.decode(entries)
         for index, seq in enumerate(owners):
             if seq is not None:
                 self._sample(seq, index)
+
+    def _adapt_threads(self) -> None:
+        """The engine's thread count, split between the peers with work."""
+        busy = sum(1 for b in self.peers if b.load) or 1
+        n = max(1, self.engine.adapt_threads() // busy)
+        if n != self._n_threads:
+            self._ctx.set_threads(n)
+            self._n_threads = n
 
     def _sample(self, seq: Sequence, index: int) -> None:
         token = seq.sampler.sample(self._ctx.ctx, index)
@@ -421,64 +338,22 @@ class Batcher:
     def _end(self, seq: Sequence, reason: str) -> None:
         seq.finish(reason)
         self._running.remove(seq)
-        self._cache[seq.slot] = (seq.group, seq.cached)
-        self._free.append(seq.slot)
+        self._slots.release(seq.slot, seq.group, seq.cached)
 
     def _drop_cancelled(self) -> None:
         """Cancelled requests leave before every step: running ones free their sequence, waiting ones the
-        wait list (they would otherwise count against max_queue until a sequence frees up)."""
+        wait list."""
         for seq in [s for s in self._running if s.req.cancelled.is_set()]:
             self._end(seq, "cancelled")
-        with self._wake:
-            gone = [r for r in self._waiting if r.cancelled.is_set()]
-            if gone:
-                self._waiting = deque(r for r in self._waiting if not r.cancelled.is_set())
-        for req in gone:
-            req.emit(Event("done", finish="cancelled"))
-
-    def _next_group(self) -> tuple:
-        """Groups (a coefficient set and its variant) take turns, `quantum` decode steps each (fair between
-        groups; a change of adapters makes llama.cpp rebuild its compute graph, so a group keeps the context
-        for a few steps)."""
-        groups = sorted({s.group for s in self._running})
-        if self._group in groups and self._held < self.quantum:
-            self._held += 1
-            return self._group
-        self._turn = (self._turn + 1) % len(groups)
-        self._held = 1
-        return groups[self._turn]
-
-    def _use(self, group: tuple, members: list[Sequence]) -> None:
-        key, fused = group
-        handle = members[0].fused  # every member of a fused group has the set's one loaded adapter
-        if group == self._group and handle is self._applied_fused:
-            return
-        if fused:  # one fused adapter at scale 1 (exact: avgguf.gguf.fuse)
-            pairs = [(handle, 1.0)]
-        else:
-            pairs = [(self.engine.adapters[n].handle, v) for n, v in key]
-        self._ctx.set_adapters(pairs)
-        self._group, self._applied_fused = group, handle
+        self._queue.drop_cancelled()
 
     def _fail(self, exc: Exception) -> None:
         """A step that failed ends the sequences of its group with an error; their slots start afresh."""
-        for seq in [s for s in self._running if s.group == self._attempt]:
+        for seq in [s for s in self._running if s.group == self._turns.current]:
             seq.req.emit(Event("error", text=str(exc)))
             seq.sampler.close()
             self._running.remove(seq)
             self._ctx.forget(seq.slot)
-            self._free.append(seq.slot)
-        self._group = None
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
-    return int(diff[0]) if diff.size else n
-
-
-class BusyError(AvggufError):
-    """The wait list is full (or the batcher is closing): raised by submit() before anything is emitted."""
-
-    def __init__(self, waiting: int, limit: int, message: str | None = None):
-        super().__init__(message or f"server busy: {waiting} requests queued (--max-queue {limit}); retry later")
+            self._slots.release(seq.slot)
+        self._turns.current = None
+        self._adapters.forget()

@@ -3,12 +3,12 @@ adapter set and its own KV cache (what decoding-time alignment needs: one contex
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Sequence
 
 import numpy as np
 
 from avgguf.errors import AvggufError
+from avgguf.runtime import llama
 
 
 class SideContext:
@@ -23,12 +23,7 @@ class SideContext:
             raise AvggufError(f"llama.cpp could not create a context of {n_ctx} tokens (out of memory?)")
         self.n_vocab, self.n_ctx, self.n_past = n_vocab, n_ctx, 0
         self._batch_size = max(1, min(params.n_batch, n_ctx))
-        n = len(adapters)
-        # the arrays must stay alive while the context uses them
-        self._handles = (llama_cpp.llama_adapter_lora_p_ctypes * max(n, 1))(*[h for h, _ in adapters])
-        self._scales = (ctypes.c_float * max(n, 1))(*[s for _, s in adapters])
-        if n and llama_cpp.llama_set_adapters_lora(self._ctx, self._handles, n, self._scales) != 0:
-            raise AvggufError("llama.cpp could not set the adapters of a side context")
+        self._keep = llama.set_adapters(self._ctx, adapters, "the adapters of a side context") if adapters else ()
 
     def eval(self, tokens: Sequence[int]) -> None:
         import llama_cpp
@@ -44,10 +39,7 @@ class SideContext:
             self.n_past += len(chunk)
 
     def logits(self) -> np.ndarray:
-        import llama_cpp
-
-        ptr = llama_cpp.llama_get_logits_ith(self._ctx, -1)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()  # float32, owned
+        return llama.logits_row(self._ctx, self.n_vocab).copy()  # float32, owned
 
     def reset(self) -> None:
         import llama_cpp
@@ -94,14 +86,7 @@ class BatchContext:
 
     def set_adapters(self, pairs: Sequence[tuple[object, float]]) -> None:
         """The adapter set for the next decode steps ((handle, scale) pairs)."""
-        import llama_cpp
-
-        n = len(pairs)
-        handles = (llama_cpp.llama_adapter_lora_p_ctypes * max(n, 1))(*[h for h, _ in pairs])
-        scales = (ctypes.c_float * max(n, 1))(*[s for _, s in pairs])
-        if llama_cpp.llama_set_adapters_lora(self._ctx, handles if n else None, n, scales if n else None) != 0:
-            raise AvggufError("llama.cpp could not set the adapters of the batch context")
-        self._keep = (handles, scales)  # alive while the context uses them
+        self._keep = llama.set_adapters(self._ctx, pairs, "the adapters of the batch context")  # alive while used
 
     def decode(self, tokens: Sequence[tuple[int, int, int, bool]]) -> None:
         """One step: (token, position, sequence, wants logits) for at most `capacity` tokens."""
@@ -123,10 +108,7 @@ class BatchContext:
 
     def logits(self, index: int) -> np.ndarray:
         """Logits of the batch entry `index` of the last step (a view, valid until the next step)."""
-        import llama_cpp
-
-        ptr = llama_cpp.llama_get_logits_ith(self._ctx, index)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        return llama.logits_row(self._ctx, self.n_vocab, index)
 
     def forget(self, seq: int, keep: int = 0) -> bool:
         """Drop a sequence's K/V from position `keep` on; False where the memory cannot cut a sequence
@@ -136,9 +118,7 @@ class BatchContext:
         return bool(llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx), seq, keep, -1))
 
     def set_threads(self, n: int) -> None:
-        import llama_cpp
-
-        llama_cpp.llama_set_n_threads(self._ctx, n, n)
+        llama.set_threads(self._ctx, n)
 
     def close(self) -> None:
         import llama_cpp

@@ -1,15 +1,18 @@
-"""Fused adapters of one model, per coefficient set, built in the background (the file format: avgguf.gguf.fuse)."""
+"""Fused adapters of one model, per coefficient set, built in the background (the file format: avgguf.gguf.fuse;
+the worker, its priority and the LRU: avgguf.runtime.background)."""
 
 from __future__ import annotations
 
 import logging
 import os
 import shutil
-import threading
-import time
 from pathlib import Path
 
+from avgguf.atomic import OutputError
+from avgguf.errors import AdapterError, AvggufError
 from avgguf.gguf.fuse import Cancelled, fused_path, write_fused
+from avgguf.runtime import llama
+from avgguf.runtime.background import Failures, Key, Lru, Worker, niced
 from avgguf.runtime.scratch import (
     SHM_DIR,
     SPACE_MARGIN,
@@ -19,13 +22,10 @@ from avgguf.runtime.scratch import (
     remove_stale_scratch,
     user_cache_dir,
 )
-from avgguf.atomic import OutputError
-from avgguf.errors import AdapterError, AvggufError
 
 log = logging.getLogger(__name__)
 
-Key = tuple[tuple[str, float], ...]
-_LLAMA_ADAPTERS = threading.Lock()  # adapter init/free change the model's shared state
+__all__ = ["FusedAdapters", "Key"]
 
 
 class FusedAdapters:
@@ -42,19 +42,17 @@ class FusedAdapters:
     RETRY_AFTER = 60.0
 
     def __init__(self, model, arch: str, paths: dict[str, Path], capacity: int = 4):
-        self._model = model
+        """`model`: the llama_model pointer the adapters are loaded into (avgguf.runtime.llama.model_handle)."""
+        self._llama_model = model
         self._arch = arch
         self._paths = paths
         self.capacity = capacity
         self._dirs: dict[Path, Path] = {}  # location -> this cache's scratch directory there
-        self._lock = threading.Lock()
-        self._wanted: dict[Key, None] = {}  # wishes, oldest first; the worker builds the first one
-        self._built: dict[Key, Path] = {}
-        self._loaded: dict[Key, object] = {}  # insertion order = recency
-        self._failed: dict[Key, tuple[float, Exception]] = {}
-        self._sizes: dict[Path, int] = {}
-        self._worker: threading.Thread | None = None
-        self._closed = False
+        self._built: Lru[Path] = Lru()  # files the worker wrote, oldest first (the worker adds, callers take)
+        self._loaded: Lru[object] = Lru()  # adapters loaded into llama.cpp (callers' threads only)
+        self._failed = Failures()
+        self._sizes: dict[tuple, int] = {}
+        self._worker = Worker(self._build_wished, self._has, "avgguf-fuse", limit=capacity)
         for location in (SHM_DIR, user_cache_dir()):  # what killed processes left (at start, cheap)
             remove_stale_scratch(location)
 
@@ -63,11 +61,10 @@ class FusedAdapters:
         """The scratch directories this cache made so far."""
         return list(self._dirs.values())
 
-    def _sources(self, key: Key) -> list[tuple[str, Path, float]]:
-        return [(name, self._paths[name], value) for name, value in key]
+    def _has(self, key: Key) -> bool:
+        return key in self._built or key in self._loaded
 
-    def _need(self, sources: list[tuple[str, Path, float]]) -> int:
-        paths = [path for _, path, _ in sources]
+    def _need(self, paths: list[Path]) -> int:
         key = tuple(sorted(paths))
         if key not in self._sizes:
             self._sizes[key] = fused_bytes(paths)
@@ -88,138 +85,89 @@ class FusedAdapters:
             directory = self._dirs[location] = make_scratch("fused", location)
         return directory
 
-    def _build(self, key: Key, background: bool = False) -> Path | None:
-        """Write this set's fused file; its path, or None (cancelled, or failed: recorded and logged)."""
-        if background:  # never compete with decoding: the builder thread runs at the lowest CPU priority
+    def _write(self, key: Key, stop) -> Path:
+        """This set's fused file, in the first location with room; AvggufError where none had."""
+        sources = [(name, self._paths[name], value) for name, value in key]
+        need = self._need([path for _, path, _ in sources])
+        tried = []
+        for location in self._locations(need):
             try:
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-            except (AttributeError, OSError):
-                pass
-        stop = (lambda: self._closed or key not in self._wanted) if background else None
-        sources = self._sources(key)
+                return write_fused(sources, fused_path(self._scratch(location), key), self._arch, stop=stop)
+            except (OSError, OutputError) as exc:  # full (ENOSPC), read-only...: the next location
+                tried.append(f"{location}: {exc}")
+        raise AvggufError(
+            f"no room for a fused adapter of about {need >> 20} MiB "
+            f"({'; '.join(tried) or f'{SHM_DIR} and the user cache dir are too full'})"
+        )
+
+    def _build(self, key: Key, stop=None) -> Path | None:
+        """Write this set's fused file; its path, or None (cancelled, or failed: recorded and logged)."""
         try:
-            need = self._need(sources)
-            tried = []
-            for location in self._locations(need):
-                try:
-                    path = write_fused(sources, fused_path(self._scratch(location), key), self._arch, stop=stop)
-                except (OSError, OutputError) as exc:  # full (ENOSPC), read-only...: the next location
-                    tried.append(f"{location}: {exc}")
-                    continue
-                with self._lock:
-                    self._built[key] = path
-                return path
-            raise AvggufError(
-                f"no room for a fused adapter of about {need >> 20} MiB "
-                f"({'; '.join(tried) or f'{SHM_DIR} and the user cache dir are too full'})"
-            )
+            path = self._write(key, stop)
         except Cancelled:
             return None
         except Exception as exc:  # noqa: BLE001 (the separate adapters keep serving this set)
             log.warning("fused adapter for %s not built (%s); the separate adapters serve it (same answers)", dict(key), exc)
-            with self._lock:
-                self._failed[key] = (time.monotonic(), exc)
+            self._failed.record(key, exc)
             return None
+        self._built.put(key, path)
+        return path
+
+    def _build_wished(self, key: Key) -> None:
+        """The worker's build: never competes with decoding (avgguf.runtime.background.niced)."""
+        niced(lambda: self._build(key, stop=lambda: self._worker.stopped(key)), name="avgguf-fuse-build")
 
     def failed(self, key: Key) -> Exception | None:
         """Why this set's last build failed, if it did within RETRY_AFTER seconds."""
-        with self._lock:
-            when, exc = self._failed.get(key, (None, None))
-            if when is not None and time.monotonic() - when > self.RETRY_AFTER:
-                del self._failed[key]
-                return None
-            return exc
-
-    def _work(self) -> None:
-        while True:
-            with self._lock:
-                for done in [k for k in self._wanted if k in self._built or k in self._loaded]:
-                    del self._wanted[done]
-                key = next(iter(self._wanted), None)
-                if key is None or self._closed:
-                    self._worker = None
-                    return
-            self._build(key, background=True)
-            with self._lock:
-                self._wanted.pop(key, None)
+        return self._failed.get(key, self.RETRY_AFTER)
 
     def request(self, key: Key, replace: bool = True) -> None:
         """Build this set's fused adapter in the background: `replace` drops every older wish (a build under way
         for another set stops at its next tensor); else it queues behind them (at most `capacity` wishes: the
         oldest not being built is dropped)."""
-        if self.failed(key) is not None:
-            return
-        with self._lock:
-            if self._closed or key in self._built or key in self._loaded:
-                return
-            if replace:
-                self._wanted = {key: None}
-            else:
-                self._wanted.setdefault(key, None)
-                while len(self._wanted) > max(1, self.capacity):
-                    del self._wanted[list(self._wanted)[1]]  # the first one may be building
-            if self._worker is None:
-                self._worker = threading.Thread(target=self._work, daemon=True, name="avgguf-fuse")
-                self._worker.start()
+        if self.failed(key) is None and not self._has(key):
+            self._worker.request(key, replace)
 
     def cancel(self) -> None:
         """The knobs moved: a build in progress stops at its next tensor, queued wishes are dropped."""
-        with self._lock:
-            self._wanted = {}
+        self._worker.cancel()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the worker (benchmarks, tests, shutdown); whether it is done."""
-        worker = self._worker
-        if worker is not None:
-            worker.join(timeout)
-            return not worker.is_alive()
-        return True
+        return self._worker.wait(timeout)
 
     def ready(self, key: Key, applied: object | None = None, keep: tuple = ()):
         """The loaded fused adapter for this set, loading a built file now; None if not built yet. Eviction
         spares `applied` and the handles in `keep` (adapters some context still uses)."""
-        import llama_cpp
-
-        if key in self._loaded:
-            self._loaded[key] = self._loaded.pop(key)  # most recent
-            return self._loaded[key]
-        with self._lock:
-            path = self._built.pop(key, None)
+        handle = self._loaded.use(key)
+        if handle is not None:
+            return handle
+        path = self._built.pop(key)
         if path is None:
             return None
-        with _LLAMA_ADAPTERS:
-            handle = llama_cpp.llama_adapter_lora_init(self._model, str(path).encode())
+        handle = llama.init_adapter(self._llama_model, path)
         path.unlink(missing_ok=True)  # llama.cpp has copied the data into its own buffers
-        if not handle:
+        if handle is None:
             exc = AdapterError(f"llama.cpp refused the fused adapter {path.name}")
-            with self._lock:
-                self._failed[key] = (time.monotonic(), exc)
+            self._failed.record(key, exc)
             raise exc
-        self._loaded[key] = handle
+        self._loaded.put(key, handle)
         self._evict(keep=(handle, applied, *keep))
         return handle
 
     def build_now(self, key: Key, applied: object | None = None, keep: tuple = ()):
         """Build (on this thread) and load this set's fused adapter; None where that failed (logged; the
         caller serves the separate adapters, which give the same answers)."""
-        if key not in self._loaded and key not in self._built:
+        if not self._has(key):
             if self.failed(key) is not None or self._build(key) is None:
                 return None
         return self.ready(key, applied, keep)
 
     def _evict(self, keep: tuple) -> None:
-        import llama_cpp
-
-        while len(self._loaded) > self.capacity:
-            victim = next((k for k, h in self._loaded.items() if h not in keep), None)
-            if victim is None:
-                return
-            with _LLAMA_ADAPTERS:
-                llama_cpp.llama_adapter_lora_free(self._loaded.pop(victim))
-        with self._lock:
-            while len(self._built) > self.capacity:
-                old = next(iter(self._built))
-                self._built.pop(old).unlink(missing_ok=True)
+        for handle in self._loaded.evict(self.capacity, spare=lambda h: h in keep):
+            llama.free_adapter(handle)
+        for path in self._built.evict(self.capacity):
+            path.unlink(missing_ok=True)
 
     @property
     def loaded(self) -> int:
@@ -228,10 +176,7 @@ class FusedAdapters:
     def close(self, timeout: float = 10.0) -> None:
         """Stop building (a build under way stops at its next tensor; waited for up to `timeout` s) and remove
         the files; the adapters themselves are freed with the model."""
-        with self._lock:
-            self._closed = True
-            self._wanted = {}
-        self.wait(timeout)
+        self._worker.close(timeout)
         self._loaded.clear()
         for directory in self._dirs.values():
             shutil.rmtree(directory, ignore_errors=True)

@@ -29,10 +29,11 @@ from pathlib import Path
 
 import gguf
 
-from avgguf.gguf import adapter_format as fmt
 from avgguf.errors import AvggufError
+from avgguf.gguf import adapter_format as fmt
 from avgguf.gguf.fuse import Cancelled, fused_path
-from avgguf.runtime.fused import Key
+from avgguf.runtime import llama
+from avgguf.runtime.background import LOWEST, Failures, Key, Lru, Worker, niced
 from avgguf.runtime.scratch import (
     HIDDEN_SCRATCH,
     SPACE_MARGIN,
@@ -106,21 +107,31 @@ def merge_needs(base: Path, adapters: list[Path]) -> tuple[int, int]:
     once more in memory (llama.cpp maps or copies it), each with a margin."""
     from avgguf.export.bake import GGUF_TYPES, bake_bytes, default_ftype
 
-    import llama_cpp
-
     reader = gguf.GGUFReader(base)
     ftype = default_ftype(reader)
-    type_name = next((k for k, v in GGUF_TYPES.items() if getattr(llama_cpp, f"LLAMA_FTYPE_{v}", None) == ftype), "f32")
+    type_name = next((k for k, v in GGUF_TYPES.items() if llama.ftype(v) == ftype), "f32")
     touched = {name for path in adapters for name in fmt.read_adapter(path).pairs}
     merged, output = bake_bytes(reader, touched, type_name)
     return int((merged + output) * SPACE_MARGIN) + (64 << 20), int(output * SPACE_MARGIN) + (64 << 20)
 
 
+def bake_set(base: Path, adapters: dict[str, Path], key: Key, out: Path, stop) -> None:
+    """Write the merged GGUF of `base` under this coefficient set to `out` (one quantizer thread); Cancelled
+    when `stop()` turns true."""
+    from avgguf.config.modelfile import modelfile_from_gguf
+    from avgguf.export.bake import Bake, baked_gguf
+
+    mf = modelfile_from_gguf(base, [(adapters[name], 1.0) for name, _ in key])
+    names = list(mf.av_paths)
+    baked_gguf(Bake(mf, "hot", {n: v for n, (_, v) in zip(names, key)}), out, threads=1, stop=stop)
+
+
 class MergedSets:
     """Coefficient sets baked into merged models on a worker thread, one at a time (only the latest set asked
-    for: a bake for another set stops at its next tensor); `load(path)` makes what serves a merged file (a llama-cpp-python
-    model, an engine). At most `capacity` are kept; taking one frees the least recently used others (on a
-    thread of their own: closing one waits for its decoding thread).
+    for: a bake for another set stops at its next tensor; a wish with `replace=False` waits for none);
+    `load(path)` makes what serves a merged file (a llama-cpp-python model, an engine). At most `capacity` are
+    kept; taking one frees the least recently used others (on a thread of their own: closing one waits for its
+    decoding thread). The worker, its priority and the LRU: avgguf.runtime.background.
 
     Resources (audit findings 13, 23): a bake starts only where a disk has room for its float32 intermediate
     and output (merge_needs) and memory for one more model (`ram_extra`: what else loading it takes, e.g. a
@@ -136,60 +147,45 @@ class MergedSets:
         adapters: dict[str, Path],
         load: Callable[[Path], object],
         capacity: int = 1,
-        nice: int = 19,
+        nice: int = LOWEST,
         ram_extra: int = 0,
     ):
-        """`nice`: the bake's CPU priority (19: only the cores decoding leaves; OpenMP's busy-waiting decode
-        threads stall whenever another runnable thread takes one of their cores)."""
+        """`nice`: the bake's CPU priority (avgguf.runtime.background: only the cores decoding leaves). `load`
+        runs at normal priority: what it starts (a server's batching thread) inherits that."""
         self._nice = nice
         self._base = Path(base)
         self._adapters = adapters
         self._load = load
         self.capacity = capacity
         self.ram_extra = ram_extra
-        self._lock = threading.Lock()
-        self._wanted: Key | None = None
-        self._baking: Key | None = None
-        self._built: dict[Key, object] = {}
-        self._taken: dict[Key, object] = {}  # insertion order = recency
-        self._failed: set[Key] = set()
-        self._refused: dict[Key, float] = {}
+        self._lock = threading.Lock()  # moves between _built and _taken
+        self._built: Lru[object] = Lru()  # baked and loaded, not taken yet
+        self._taken: Lru[object] = Lru()  # serving
+        self._failed = Failures()  # refused (retried after RETRY_AFTER s) or failed (never retried)
         self.refusal: str | None = None  # why the last merge was refused
-        self._worker: threading.Thread | None = None
+        self._worker = Worker(self._bake, self._has, "avgguf-merge")
         self._closing: list[threading.Thread] = []
-        self._closed = False
         remove_stale_scratch(user_cache_dir())
         remove_stale_scratch(self._base.parent, HIDDEN_SCRATCH)
+
+    def _has(self, key: Key) -> bool:
+        return key in self._built or key in self._taken
 
     def request(self, key: Key, replace: bool = True) -> None:
         """Bake this set in the background, replacing any older wish (a bake under way for it stops), or with
         `replace=False` only if no other set is wanted or being baked."""
-        with self._lock:
-            if not key or self._closed or key in self._built or key in self._taken or key in self._failed:
-                return
-            if time.monotonic() - self._refused.get(key, -self.RETRY_AFTER) < self.RETRY_AFTER:
-                return
-            if not replace and self._wanted not in (None, key):
-                return
-            self._wanted = key
-            if self._worker is None:
-                self._worker = threading.Thread(target=self._work, daemon=True, name="avgguf-merge")
-                self._worker.start()
+        if key and not self._has(key) and self._failed.get(key, self.RETRY_AFTER) is None:
+            self._worker.request(key, replace)
 
     def take(self, key: Key, in_use: Callable[[object], bool] = lambda item: False):
         """What serves this set's merged model, or None if it is not ready; the least recently used others
         beyond `capacity` are closed (on a worker thread: never blocks the caller), except those `in_use`."""
         with self._lock:
-            if key in self._built:
-                self._taken[key] = self._built.pop(key)
-            elif key in self._taken:
-                self._taken[key] = self._taken.pop(key)
-            else:
+            built = self._built.pop(key)
+            item = self._taken.put(key, built) if built is not None else self._taken.use(key)
+            if item is None:
                 return None
-            item = self._taken[key]
-            victims = [k for k, v in self._taken.items() if v is not item and not in_use(v)]
-            drop = victims[: max(0, len(self._taken) + len(self._built) - self.capacity)]
-            closing = [self._taken.pop(k) for k in drop]
+            closing = self._taken.evict(self.capacity - len(self._built), spare=lambda v: v is item or in_use(v))
         if closing:
             self._close_later(closing)
         return item
@@ -210,38 +206,16 @@ class MergedSets:
     @property
     def baking(self) -> Key | None:
         """The set being baked now, if any."""
-        with self._lock:
-            return self._baking
+        return self._worker.current
 
     def ready(self) -> list[Key]:
         """The sets whose merged model is ready, least recently used first."""
         with self._lock:
-            return [*self._built, *self._taken]
+            return [*self._built.keys(), *self._taken.keys()]
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the worker; whether it is done."""
-        worker = self._worker
-        if worker is not None:
-            worker.join(timeout)
-            return not worker.is_alive()
-        return True
-
-    def _work(self) -> None:
-        """At normal priority: what `load` starts (a server's batching thread) inherits it; only the bake
-        itself runs niced (_niced)."""
-        while True:
-            with self._lock:
-                key = self._wanted
-                if key is None or self._closed or key in self._built or key in self._taken:
-                    self._worker = None
-                    return
-            with self._lock:
-                self._baking = key
-            self._bake(key)
-            with self._lock:
-                self._baking = None
-                if self._wanted == key:
-                    self._wanted = None
+        return self._worker.wait(timeout)
 
     def _scratch(self, key: Key) -> Path:
         """A scratch directory with room for this set's bake; Refused where no disk or not enough memory."""
@@ -264,24 +238,14 @@ class MergedSets:
         return make_scratch("merged", parent, hidden=hidden)
 
     def _bake(self, key: Key) -> None:
-        from avgguf.export.bake import Bake, baked_gguf
-        from avgguf.config.modelfile import modelfile_from_gguf
-
+        """The worker's job: bake (niced), then load at normal priority; failures are recorded, not raised."""
         directory = None
         try:
             directory = self._scratch(key)
             out = fused_path(directory, key)
-            mf = modelfile_from_gguf(self._base, [(self._adapters[name], 1.0) for name, _ in key])
-            names = list(mf.av_paths)
-            self._niced(
-                lambda: baked_gguf(
-                    Bake(mf, "hot", {n: v for n, (_, v) in zip(names, key)}),
-                    out,
-                    threads=1,
-                    stop=lambda: self._closed or self._wanted != key,
-                )
-            )
-            if self._closed:
+            stop = self._worker.stopped
+            niced(lambda: bake_set(self._base, self._adapters, key, out, lambda: stop(key)), self._nice, "avgguf-merge-bake")
+            if self._worker.closed:
                 raise Cancelled
             item = self._load(out)
         except Cancelled:
@@ -289,44 +253,26 @@ class MergedSets:
         except Refused as exc:
             self.refusal = f"not merging {dict(key)}: {exc}; it stays on adapters"
             log.warning("%s (retried after %.0f s)", self.refusal, self.RETRY_AFTER)
-            with self._lock:
-                self._refused[key] = time.monotonic()
+            self._failed.record(key, exc)
             return
         except Exception as exc:  # noqa: BLE001 (the adapters keep serving this set)
             log.warning("could not merge %s (%s); it stays on adapters", dict(key), exc)
-            with self._lock:
-                self._failed.add(key)
+            self._failed.record(key, exc, permanent=True)
             return
         finally:  # after the quantizer returned (never under it); llama.cpp keeps its own copy or mapping
             if directory is not None:
                 shutil.rmtree(directory, ignore_errors=True)
+        self._keep(key, item)
+
+    def _keep(self, key: Key, item) -> None:
         with self._lock:
-            if self._closed:
+            if self._worker.closed:
                 dropped = [item]
             else:
-                self._built[key] = item
-                dropped = []
-                while len(self._built) > self.capacity:
-                    dropped.append(self._built.pop(next(iter(self._built))))
+                self._built.put(key, item)
+                dropped = self._built.evict(self.capacity)
         for old in dropped:  # outside the lock: take() on the event loop never waits for a close
             old.close()
-
-    def _niced(self, bake: Callable[[], object]) -> None:
-        """Run `bake` on a thread of its own at `nice` (the quantizer threads it starts inherit that)."""
-        failure: list[BaseException] = []
-
-        def run() -> None:
-            _set_nice(self._nice)
-            try:
-                bake()
-            except BaseException as exc:  # noqa: BLE001 (re-raised on the worker thread)
-                failure.append(exc)
-
-        thread = threading.Thread(target=run, daemon=True, name="avgguf-merge-bake")
-        thread.start()
-        thread.join()
-        if failure:
-            raise failure[0]
 
     def close(self, timeout: float = 10.0) -> bool:
         """Stop baking and close every merged model; waits up to `timeout` s for a bake under way (llama.cpp's
@@ -334,18 +280,13 @@ class MergedSets:
         removes it when the quantizer returns, or the next start does if the process exits first). Whether
         everything stopped."""
         deadline = time.monotonic() + timeout
-        with self._lock:
-            self._closed = True
-            self._wanted = None
-        done = self.wait(timeout)
+        done = self._worker.close(timeout)
         if not done:
             log.warning(
                 "a merge is still quantizing; its scratch directory stays until it returns (or is removed at the next start)"
             )
         with self._lock:
-            items = [*self._built.values(), *self._taken.values()]
-            self._built.clear()
-            self._taken.clear()
+            items = [*self._built.clear(), *self._taken.clear()]
             closing = list(self._closing)
         for item in items:
             item.close()
@@ -353,11 +294,3 @@ class MergedSets:
             thread.join(max(0.0, deadline - time.monotonic()))
             done = done and not thread.is_alive()
         return done
-
-
-def _set_nice(nice: int) -> None:
-    """This thread's CPU priority (the quantizer threads it starts inherit it)."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-    except (AttributeError, OSError):
-        pass

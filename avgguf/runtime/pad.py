@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from avgguf.runtime.engine import log_softmax
+from avgguf.runtime.sampling import log_softmax
 from avgguf.errors import AvggufError
 
 MODES = ("weights", "pad", "pad-full")

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import ctypes
 import json
+import random
 import re
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from avgguf.errors import AvggufError
+from avgguf.runtime import llama
 
 PENALTY_LAST_N = 64  # llama-cpp-python's default window for repeat/presence/frequency penalties
 # llama.cpp's grammar parser recurses once per nesting level and expands x{m,n} into n rules, with no limit:
@@ -28,6 +31,13 @@ MAX_REPEAT = 1000  # x{m,n} in a grammar; minLength/maxItems/... in a schema
 MAX_SCHEMA_DEPTH = 64
 SCHEMA_COUNTS = {"minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties", "minContains", "maxContains"}
 TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """Log-probabilities from logits along the last axis, in float64."""
+    x = np.asarray(x, dtype=np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
 @dataclass
@@ -47,6 +57,62 @@ class Sampling:
     logprobs: int | None = None  # None: none; k >= 0: the sampled token's log-probability and the top k
     grammar: str | None = None  # GBNF, root rule `root`
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+
+
+@dataclass
+class GenerationRequest:
+    messages: list[dict] | None = None  # chat
+    prompt: str | None = None  # plain completion
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repeat_penalty: float | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    stop: list[str] | None = None
+    grammar: str | None = None  # GBNF (avgguf.runtime.sampling.grammar_for)
+    logit_bias: dict[int, float] | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)  # set: stop at the next token (PAD)
+
+
+def sampling_args(req: GenerationRequest, defaults) -> dict:
+    """llama-cpp-python's sampling arguments for a request: its own values, else `defaults` (a modelfile's
+    avgguf.config.modelfile defaults); min_p and the penalties fall back to llama-cpp-python's own."""
+    d = defaults
+    out = {
+        "max_tokens": req.max_tokens or d.max_tokens,
+        "temperature": d.temperature if req.temperature is None else req.temperature,
+        "top_p": d.top_p if req.top_p is None else req.top_p,
+        "top_k": d.top_k if req.top_k is None else req.top_k,
+        "repeat_penalty": d.repeat_penalty if req.repeat_penalty is None else req.repeat_penalty,
+        "seed": req.seed if req.seed is not None else d.seed,
+        "stop": req.stop,
+    }
+    for name in ("min_p", "presence_penalty", "frequency_penalty"):
+        if getattr(req, name) is not None:
+            out[name] = getattr(req, name)
+    return out
+
+
+def pad_sampling(kw: dict, req: GenerationRequest) -> Sampling:
+    """The sampler settings of the weights path (sampling_args' values, llama-cpp-python's defaults for
+    the rest) for PAD's own scores."""
+    given = {
+        k: kw[k]
+        for k in ("temperature", "top_p", "top_k", "repeat_penalty", "min_p", "presence_penalty", "frequency_penalty")
+        if kw.get(k) is not None
+    }
+    seed = kw.get("seed")
+    return Sampling(
+        max_tokens=kw["max_tokens"],
+        **given,
+        seed=seed if seed is not None else random.getrandbits(32),
+        grammar=req.grammar,
+        logit_bias=req.logit_bias or {},
+    )
 
 
 def grammar_for(response_format: dict | None, grammar: str | None, json_schema: dict | None) -> str | None:
@@ -176,7 +242,7 @@ class Sampler:
         if not self.guarded:
             return L.llama_sampler_sample(self._chain, ctx, index)
         # with a grammar, as llama_sampler_sample does it, but checked before the token is accepted
-        logits = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, index), shape=(self.n_vocab,))
+        logits = llama.logits_row(ctx, self.n_vocab, index)
         return self.choose(np.arange(self.n_vocab, dtype=np.int32), logits)
 
     def choose(self, ids: np.ndarray, logits: np.ndarray) -> int:

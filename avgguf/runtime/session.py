@@ -2,62 +2,28 @@
 
 from __future__ import annotations
 
+import codecs
 import logging
-import random
+import time
+import uuid
 from collections.abc import Iterator
-import threading
-from dataclasses import dataclass, field
 
-from avgguf.runtime.engine import Engine, Perf
-from avgguf.errors import AvggufError
 from avgguf.config.modelfile import Modelfile
-from avgguf.runtime.sampling import Sampling
+from avgguf.errors import AvggufError
+from avgguf.runtime.engine import Engine, Perf
+from avgguf.runtime.pad import TOP_K, PadDecoder, PadSettings
+from avgguf.runtime.sampling import GenerationRequest, pad_sampling, sampling_args
 from avgguf.runtime.threads import ThreadPolicy
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class GenerationRequest:
-    messages: list[dict] | None = None  # chat
-    prompt: str | None = None  # plain completion
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    repeat_penalty: float | None = None
-    min_p: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    seed: int | None = None
-    stop: list[str] | None = None
-    grammar: str | None = None  # GBNF (avgguf.runtime.sampling.grammar_for)
-    logit_bias: dict[int, float] | None = None
-    cancel: threading.Event = field(default_factory=threading.Event)  # set: stop at the next token (PAD)
-
-
+__all__ = ["ADAPT_EVERY", "GenerationRequest", "Runtime", "pad_sampling"]
 ADAPT_EVERY = 16  # streamed tokens between thread-policy checks
 
 
-def pad_sampling(kw: dict, req: GenerationRequest) -> Sampling:
-    """The sampler settings of the weights path (Runtime.sampling's values, llama-cpp-python's defaults for
-    the rest) for PAD's own scores."""
-    given = {
-        k: kw[k]
-        for k in ("temperature", "top_p", "top_k", "repeat_penalty", "min_p", "presence_penalty", "frequency_penalty")
-        if kw.get(k) is not None
-    }
-    seed = kw.get("seed")
-    return Sampling(
-        max_tokens=kw["max_tokens"],
-        **given,
-        seed=seed if seed is not None else random.getrandbits(32),
-        grammar=req.grammar,
-        logit_bias=req.logit_bias or {},
-    )
-
-
 class Runtime:
+    """A modelfile's engine with its AVs loaded: chat and completion under any coefficients, on the weights
+    (llama-cpp-python's own loop) or by decoding-time alignment (PAD, avgguf.runtime.pad)."""
+
     def __init__(
         self,
         modelfile: Modelfile,
@@ -94,21 +60,8 @@ class Runtime:
         return self.engine.set_coefficients(coefficients)
 
     def sampling(self, req: GenerationRequest) -> dict:
-        d = self.modelfile.spec.defaults
-        seed = req.seed if req.seed is not None else d.seed
-        out = {
-            "max_tokens": req.max_tokens or d.max_tokens,
-            "temperature": d.temperature if req.temperature is None else req.temperature,
-            "top_p": d.top_p if req.top_p is None else req.top_p,
-            "top_k": d.top_k if req.top_k is None else req.top_k,
-            "repeat_penalty": d.repeat_penalty if req.repeat_penalty is None else req.repeat_penalty,
-            "seed": seed,
-            "stop": req.stop,
-        }
-        for name in ("min_p", "presence_penalty", "frequency_penalty"):  # llama-cpp-python's defaults otherwise
-            if getattr(req, name) is not None:
-                out[name] = getattr(req, name)
-        return out
+        """llama-cpp-python's sampling arguments for this request, the modelfile's defaults filled in."""
+        return sampling_args(req, self.modelfile.spec.defaults)
 
     def with_system(self, messages: list[dict]) -> list[dict]:
         """The modelfile's `system:` applied by its `system_policy` (avgguf.config.modelfile)."""
@@ -162,11 +115,6 @@ class Runtime:
 
     def pad_pieces(self, req: GenerationRequest, weights: dict[str, float], mode: str) -> Iterator[tuple[str, str | None]]:
         """(text piece, finish reason or None) under PAD: `weights` are the per-AV reward weights."""
-        import codecs
-        import time
-
-        from avgguf.runtime.pad import TOP_K, PadDecoder, PadSettings
-
         kw = self.sampling(req)
         kw.setdefault("stop", None)
         prompt = self.engine.chat_tokens(self.with_system(req.messages or []))
@@ -209,9 +157,6 @@ class Runtime:
 
     def chat_pad(self, req: GenerationRequest, weights: dict[str, float], mode: str, stream: bool = False):
         """OpenAI-shaped chat completion (dict or chunk iterator) generated under PAD."""
-        import time
-        import uuid
-
         head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": ""}
 
         def chunks():
