@@ -24,10 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
-
-from bake_speed import (
+from bake_speed import (  # bench/bake_speed.py: a script's own folder is importable
     domain_items,
     eval_tokens,
     log_probs,
@@ -40,6 +37,8 @@ from bake_speed import (
 
 from avgguf.export.bake import Bake, baked_gguf, open_sources, write_merged_f32
 from avgguf.config.modelfile import load_modelfile
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class FromGGUF(Bake):

@@ -24,7 +24,6 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,14 +31,13 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-
 from avgguf.gguf import adapter_format as fmt
 from avgguf.export.bake import Bake, baked_gguf, write_merged_f32
 from avgguf.runtime.engine import Engine
 from avgguf.gguf.fuse import write_fused
 from avgguf.config.modelfile import load_modelfile, modelfile_from_gguf
+
+ROOT = Path(__file__).resolve().parent.parent
 
 PROMPT = "<|im_start|>user\nWhat should I do about a persistent cough?<|im_end|>\n<|im_start|>assistant\n"
 
@@ -148,7 +146,7 @@ def quantize(src: Path, out: Path, ftype_name: str) -> Path:
 
 def synthetic_1b(work: Path) -> Path:
     """A llama-shaped 1.2B model with random weights, written f16 then quantized to Q4_0 by llama.cpp."""
-    from synthetic import Spec, add_vocab
+    from avgguf.testing.synthetic import Spec, add_vocab
 
     spec = Spec("llama", n_layer=16, n_embd=2048, n_head=32, n_head_kv=8, n_ff=8192, n_vocab=32000)
     rng = np.random.default_rng(0)

@@ -21,12 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from fidelity import f32_gguf, kl  # noqa: E402
+from fidelity import kl  # bench/fidelity.py: a script's own folder is importable
 
-from avgguf.runtime.engine import Engine  # noqa: E402
-from avgguf.eval.judge import Judge, read_eval_data  # noqa: E402
+from avgguf.eval.judge import Judge, read_eval_data
+from avgguf.runtime.engine import Engine
+from avgguf.testing.reference import f32_gguf
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "preferences" / "eval.jsonl"
 SETTINGS = [

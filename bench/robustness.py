@@ -33,31 +33,9 @@ from pathlib import Path
 
 import httpx
 
+from avgguf.testing.server import start_server
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(args: list[str]) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "avgguf.cli", *args, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(900):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.1)
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-    raise SystemExit("server did not start")
 
 
 # --- hostile mix -------------------------------------------------------------------------------------------
@@ -178,7 +156,8 @@ def load_table(seconds: float, rounds: int, pauses: list[float]) -> None:
         json.dumps({"base": "builtin:smollm2-135m-instruct", "avs": avs, "defaults": {"n_ctx": 1024, "temperature": 0.0}})
     )
     # --threads 2: every core, as bench/server_load.py (the adaptive policy would yield cores to the clients)
-    proc, url = start(["serve", str(mf), "--parallel", "8", "--merge", "off", "--threads", str(os.cpu_count())])
+    srv = start_server(["serve", str(mf), "--parallel", "8", "--merge", "off", "--threads", str(os.cpu_count())], timeout=90)
+    url = srv.url
     try:
         normal_clients(url, 3)  # warm-up
         alone, mixed, outcomes = [], {p: [] for p in pauses}, {}
@@ -205,10 +184,9 @@ def load_table(seconds: float, rounds: int, pauses: list[float]) -> None:
             how = f"each again {pause:g} s after its answer" if pause else "each as fast as it can (a flood)"
             print(f"| {'+ 64k stops, 16 MiB chunked, slowloris: ' + how:<62} | {m:5.2f} | {m / a:8.2f} |")
         print("\nhostile clients' answers: " + "; ".join(f"{k}: {len(v)} tries, {_statuses(v)}" for k, v in outcomes.items()))
-        print(f"server alive after the mix: {proc.poll() is None}")
+        print(f"server alive after the mix: {srv.proc.poll() is None}")
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        srv.stop()
 
 
 def _statuses(codes: list[int]) -> str:

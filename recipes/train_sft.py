@@ -14,11 +14,9 @@ import random
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+from common import load_smollm2, prompt_tokens, read_jsonl, response_tokens, save_hf, tokenizer  # recipes/common.py
 
-from recipes.common import load_smollm2, prompt_tokens, read_jsonl, response_tokens, save_hf, tokenizer  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> None:
@@ -61,7 +59,8 @@ def main() -> None:
 def write_gguf(out: Path) -> Path:
     """HF checkpoint -> f32 GGUF laid out like the embedded base -> Q4_1 by llama.cpp's quantizer."""
     import llama_cpp
-    from fidelity import f32_gguf
+
+    from avgguf.testing.reference import f32_gguf
 
     f32 = f32_gguf(out / "hf", out / "sft-f32.gguf")
     params = llama_cpp.llama_model_quantize_default_params()

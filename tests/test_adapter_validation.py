@@ -16,13 +16,12 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-from conftest import make_pair
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFValueType as V
-from synthetic import Spec, to_gguf_tensors, write_gguf
 
 from avgguf.gguf import adapter_format as fmt
 from avgguf.cli import main
+from avgguf.testing.synthetic import Spec, make_pair, to_gguf_tensors, write_gguf
 from avgguf.errors import AdapterError
 
 RNG = np.random.default_rng(0)

@@ -51,8 +51,18 @@ def test_sampling_fields_are_honoured_or_refused(client):
     greedy = client.post("/v1/chat/completions", json=BODY).json()["choices"][0]["message"]["content"]
     sampled = {**BODY, "temperature": 1.5, "seed": 3, "top_k": 1}  # top_k 1 is greedy whatever the temperature
     assert client.post("/v1/chat/completions", json=sampled).json()["choices"][0]["message"]["content"] == greedy
-    for field in ({"repeat_penalty": 1.3}, {"min_p": 0.1}, {"presence_penalty": 0.5}, {"frequency_penalty": 0.5}):
-        assert client.post("/v1/chat/completions", json={**BODY, **field}).status_code == 200, field
+
+    def answer(body: dict) -> str:
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.json()
+        return r.json()["choices"][0]["message"]["content"]
+
+    # the defaults spelled out (the modelfile's repeat_penalty 1.1, no presence/frequency penalty) change nothing
+    assert answer({**BODY, "repeat_penalty": 1.1, "presence_penalty": 0.0, "frequency_penalty": 0.0}) == greedy
+    for field in ({"repeat_penalty": 1.3}, {"presence_penalty": 0.5}, {"frequency_penalty": 0.5}):
+        assert answer({**BODY, **field}) != greedy, field  # each penalty moves the greedy answer
+    draw = {**BODY, "temperature": 1.5, "seed": 3}
+    assert answer({**draw, "min_p": 0.3}) != answer(draw)  # min_p prunes the tokens a draw may take
     for field, value in (("top_logprobs", 3), ("n_probs", 5), ("n", 2)):
         r = client.post("/v1/chat/completions", json={**BODY, field: value})
         assert r.status_code == 400 and r.json()["error"]["param"] == field, r.json()
@@ -127,33 +137,18 @@ def test_one_access_log_line_per_request(client, capfd):
 
 def test_parallel_slots_answer_as_solo_and_the_queue_is_bounded(tiny_kit):
     import asyncio
-    import subprocess
-    import sys
-    import time
     from concurrent.futures import ThreadPoolExecutor
 
     import httpx
 
     from avgguf.server.app import Served
     from avgguf.server.protocol import APIError
+    from avgguf.testing.server import start_server
 
     root, *_ = tiny_kit
-    with __import__("socket").socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "avgguf.cli", "serve", str(root / "tiny.yaml"), "--port", str(port), "--parallel", "2"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    srv = start_server(["serve", str(root / "tiny.yaml"), "--parallel", "2"])
+    url = srv.url + "/v1/chat/completions"
     try:
-        for _ in range(300):
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.1)
 
         def ask(i: int) -> str:
             body = {
@@ -169,8 +164,7 @@ def test_parallel_slots_answer_as_solo_and_the_queue_is_bounded(tiny_kit):
             together = list(pool.map(ask, range(8)))
         assert together == solo  # no answer depends on another request or on which slot served it
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        srv.stop(timeout=10)
 
     mf = load_modelfile(root / "tiny.yaml")
     rt = Runtime(mf)

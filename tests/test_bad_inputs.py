@@ -11,8 +11,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from avgguf.cli import main
-from conftest import make_pair
-from synthetic import Spec
+from avgguf.testing.synthetic import Spec, make_pair
 
 
 @pytest.fixture(scope="module")

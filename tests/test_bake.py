@@ -10,8 +10,8 @@ import sys
 import gguf
 import numpy as np
 import pytest
-from conftest import F32, TOKENS, assert_logits_close, logits, merged_logits
-from synthetic import representable
+from avgguf.testing.logits import F32, TOKENS, assert_logits_close, logits, merged_logits
+from avgguf.testing.synthetic import representable
 
 from avgguf.gguf import adapter_format as fmt
 from avgguf.runtime.engine import Engine
@@ -218,8 +218,7 @@ def test_bake_from_the_full_sources(tiny_kit, tmp_path):
 
 
 def test_a_source_of_another_model_is_refused(tiny_kit, tmp_path):
-    from conftest import make_pair
-    from synthetic import Spec
+    from avgguf.testing.synthetic import Spec, make_pair
 
     root, *_ = tiny_kit
     wide = make_pair(tmp_path / "wide", Spec("llama", n_embd=96, n_head=4, n_head_kv=2))
@@ -251,7 +250,7 @@ def test_a_source_bake_starts_from_the_full_precision_base(tiny_kit, tmp_path):
     own 4-bit type equals quantizing the aligned model itself; from the adapter (on the 4-bit base) the same
     type snaps the delta back onto the base's grid. The default type stays q8_0."""
     import yaml
-    from synthetic import to_gguf_tensors, write_gguf
+    from avgguf.testing.synthetic import to_gguf_tensors, write_gguf
 
     root, p, _ = tiny_kit
     q4_base = _q4_0(p.base_gguf, tmp_path / "base-q4_0.gguf")
@@ -281,8 +280,7 @@ def test_a_source_bake_starts_from_the_full_precision_base(tiny_kit, tmp_path):
 
 
 def test_a_source_base_of_another_model_is_refused(tiny_kit, tmp_path):
-    from conftest import make_pair
-    from synthetic import Spec
+    from avgguf.testing.synthetic import Spec, make_pair
 
     root, *_ = tiny_kit
     other = make_pair(tmp_path / "other", Spec("llama", seed=7))  # same shapes, other weights

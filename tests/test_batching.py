@@ -6,6 +6,7 @@ one failing request does not take the others down."""
 from __future__ import annotations
 
 import queue
+import time
 
 
 from avgguf.runtime.batching import BatchRequest, Batcher, BusyError, Sampling, common_prefix, held_back
@@ -97,19 +98,23 @@ def test_the_wait_list_is_bounded_and_cancel_frees_the_sequence(rt):
     batcher = Batcher(rt.engine, n_seq=1, max_queue=1)
     try:
         first = submit(batcher, rt, "a long answer", "mixed", max_tokens=200, temperature=0.9)
-        refused = 0
+        deadline = time.monotonic() + 30
+        while batcher.steps < 2 and time.monotonic() < deadline:  # decoding: it holds the only sequence
+            time.sleep(0.001)
+        waiting, refused = [], 0
         for _ in range(2):
             try:
-                submit(batcher, rt, "more", None, max_tokens=200)
+                waiting.append(submit(batcher, rt, "more", None, max_tokens=4))
             except BusyError as exc:
                 refused += 1
                 assert "--max-queue 1" in str(exc)
-        assert refused >= 1
+        assert len(waiting) == 1 and refused == 1  # one request may wait (--max-queue 1), the next is refused
         first.req.cancelled.set()
         _, done = first()
-        assert done.finish in ("cancelled", "length", "stop")
-        text, done = submit(batcher, rt, "after", None, max_tokens=4)(timeout=30)  # the slot came back
-        assert done.kind == "done"
+        # seed 0 runs this answer to its 200 tokens (no end token): only the cancel ends it early, at the next step
+        assert done.finish == "cancelled" and done.tokens < 200, (done.finish, done.tokens)
+        _, done = waiting[0](timeout=30)  # the sequence came back: the waiting request is answered
+        assert done.kind == "done" and done.finish in ("length", "stop"), done
     finally:
         batcher.close()
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from avgguf.cli import main
-from synthetic import Spec, hf_weights, to_gguf_tensors, write_gguf, write_hf
+from avgguf.testing.synthetic import Spec, hf_weights, to_gguf_tensors, write_gguf, write_hf
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = str(ROOT / "modelfiles" / "demo.yaml")

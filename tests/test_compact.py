@@ -14,10 +14,10 @@ import torch
 from avgguf.gguf import adapter_format as fmt
 from avgguf.cli import main
 from avgguf.gguf.inspect import describe
-from conftest import assert_logits_close, logits, make_pair
+from avgguf.testing.logits import assert_logits_close, logits
 from avgguf.converters.budget import parse_size
 from avgguf.converters.lowrank import RankPolicy, factorize
-from synthetic import Spec, to_gguf_tensors, write_gguf
+from avgguf.testing.synthetic import Spec, make_pair, to_gguf_tensors, write_gguf
 
 
 def convert(*args) -> int:

@@ -11,8 +11,8 @@ from safetensors.torch import save_file as save_torch
 
 from avgguf.gguf import adapter_format as fmt
 from avgguf.cli import main
-from conftest import assert_logits_close, logits, make_pair
-from synthetic import Delta, Spec, representable, to_gguf_tensors, write_gguf
+from avgguf.testing.logits import assert_logits_close, logits
+from avgguf.testing.synthetic import Delta, Spec, make_pair, representable, to_gguf_tensors, write_gguf
 
 
 def convert(*args: str) -> None:
@@ -172,7 +172,7 @@ def test_real_smollm2_round_trip(tmp_path):
     import gguf
 
     from avgguf.config.builtin import builtin_path
-    from gguf_copy import copy_gguf
+    from avgguf.gguf.model_copy import copy_gguf
 
     src = builtin_path()
     reader = gguf.GGUFReader(src)

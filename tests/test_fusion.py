@@ -6,7 +6,7 @@ from __future__ import annotations
 import gguf
 import numpy as np
 import pytest
-from conftest import F32, TOKENS, assert_logits_close, merged_logits
+from avgguf.testing.logits import F32, TOKENS, assert_logits_close, merged_logits
 
 from avgguf.gguf import adapter_format as fmt
 from avgguf.cli import main
@@ -62,7 +62,7 @@ def test_fused_adapters_are_freed(tiny_kit):
     try:
         for i in range(12):
             eng.set_coefficients({"medical": 0.1 * (i + 1), "legal": -0.5})
-        fusion = eng._fusion
+        fusion = eng.sets.fusion
         assert fusion.loaded <= fusion.capacity
         assert fusion.directories and all(not list(d.iterdir()) for d in fusion.directories)
     finally:

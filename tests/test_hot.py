@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
-from conftest import F32, TOKENS, assert_logits_close, merged_logits
+from avgguf.testing.logits import F32, TOKENS, assert_logits_close, merged_logits
 
 from avgguf.runtime.batching import BatchRequest, Sampling
 from avgguf.runtime.engine import Engine

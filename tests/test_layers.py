@@ -3,7 +3,7 @@ cycle, no class over 200 lines, no function over 60.
 
 Layers, top to bottom (a module may import its own layer or any layer below it, never one above):
 
-    cli, python -m avgguf  ->  avgguf (public API)  ->  server  ->  eval  ->  runtime  ->  export
+    testing  ->  cli, python -m avgguf  ->  avgguf (public API)  ->  server  ->  eval  ->  runtime  ->  export
     ->  converters  ->  config  ->  gguf  ->  errors, atomic, version
 
 Every import counts: module level, inside functions and under TYPE_CHECKING (a type-only import is still
@@ -18,6 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS = [
+    ("testing", ["avgguf.testing"]),  # helpers of tests/ and bench/: nothing in avgguf imports them
     ("cli", ["avgguf.cli", "avgguf.__main__"]),
     ("api", ["avgguf", "avgguf.api"]),
     ("server", ["avgguf.server"]),

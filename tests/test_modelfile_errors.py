@@ -11,7 +11,7 @@ import pytest
 
 from avgguf.cli import main
 from avgguf.config.modelfile import ModelfileError, load_modelfile
-from synthetic import Spec, hf_weights, to_gguf_tensors, write_gguf
+from avgguf.testing.synthetic import Spec, hf_weights, to_gguf_tensors, write_gguf
 
 AVS = Path(__file__).resolve().parent.parent / "modelfiles" / "avs"
 MED, LEG = AVS / "medical.gguf", AVS / "legal.gguf"

@@ -15,8 +15,8 @@ from avgguf.gguf import adapter_format as fmt
 from avgguf.runtime.engine import Engine
 from avgguf.errors import AdapterError
 from avgguf.cli import main
-from conftest import assert_logits_close, logits, make_pair
-from synthetic import Delta, Spec, to_gguf_tensors, write_gguf
+from avgguf.testing.logits import assert_logits_close, logits
+from avgguf.testing.synthetic import Delta, Spec, make_pair, to_gguf_tensors, write_gguf
 
 PREFIX = "base_model.model."
 

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from avgguf.config.modelfile import ModelfileError, load_modelfile
-from synthetic import Spec, hf_weights, to_gguf_tensors, write_gguf
+from avgguf.testing.synthetic import Spec, hf_weights, to_gguf_tensors, write_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
 AVS = ROOT / "modelfiles" / "avs"

@@ -17,8 +17,8 @@ from avgguf.runtime.engine import Engine
 from avgguf.runtime.llama import load_llama
 from avgguf.config.modelfile import ModelfileError, load_modelfile
 from avgguf.runtime.session import GenerationRequest, Runtime
-from conftest import F32, TOKENS, assert_logits_close, logits, make_pair, merged_logits
-from synthetic import Spec
+from avgguf.testing.logits import F32, TOKENS, assert_logits_close, logits, merged_logits
+from avgguf.testing.synthetic import Spec, make_pair
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,43 +10,18 @@ import httpx
 import openai
 import pytest
 
+from avgguf.testing.server import start_server
+
 KEY = "test-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-LOG: dict[str, object] = {}  # the server's output file (access lines)
 
 
 @pytest.fixture(scope="module")
 def server(tiny_kit, tmp_path_factory):
     root, *_ = tiny_kit
-    port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    LOG["path"] = log
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "avgguf.cli", "serve", str(root / "tiny.yaml"), "--port", str(port), "--api-key", KEY],
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(url + "/health", headers={"Authorization": f"Bearer {KEY}"}, timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-        if proc.poll() is not None:
-            pytest.fail(f"server exited: {log.read_text()}")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=10)
+    srv = start_server(["serve", str(root / "tiny.yaml"), "--api-key", KEY], log)
+    yield srv.url
+    srv.stop(timeout=10)
 
 
 @pytest.fixture()
@@ -238,36 +209,38 @@ def test_bad_requests_get_openai_errors(server, case, method, path, body, header
     assert httpx.get(server + "/health", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
 
 
-def test_disconnect_mid_stream_frees_the_model(server, client):
-    """One event read, then the client hangs up: the server ends that answer ("cancelled" in its access line,
-    before its 100 tokens), and the next request is served."""
-
-    def cancelled() -> int:
-        return sum(" cancelled" in x for x in LOG["path"].read_text().splitlines() if x.startswith("access:"))
-
-    before = cancelled()
-    with httpx.stream(
-        "POST",
-        server + "/v1/chat/completions",
-        headers={"Authorization": f"Bearer {KEY}"},
-        json={
+def test_disconnect_mid_stream_frees_the_model(tiny_kit, tmp_path):
+    """The client reads the first piece of an answer of 8000 tokens (about 10 s here, the end token banned),
+    then hangs up: the server logs it "cancelled", serves the next request, and stops decoding it: its CPU is
+    idle a moment later. --parallel 4 leaves free sequences, so the next answer comes either way; only the
+    CPU shows a sequence that goes on decoding for nobody."""
+    root, *_ = tiny_kit
+    log = tmp_path / "serve.log"
+    srv = start_server(["serve", str(root / "tiny.yaml"), "--n-ctx", "8192", "--merge", "off", "--parallel", "4"], log)
+    try:
+        body = {
             "model": "tiny",
             "messages": [{"role": "user", "content": "go"}],
-            "max_tokens": 100,
+            "max_tokens": 8000,
             "stream": True,
             "temperature": 1.0,
-        },
-        timeout=30,
-    ) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: "):
-                break  # read one event, then hang up
-    assert ask(client, "tiny:mixed") is not None
-    for _ in range(100):
-        if cancelled() > before:
-            break
-        time.sleep(0.05)
-    assert cancelled() == before + 1
+            "logit_bias": {"2": -100},  # </s>: the answer can only end at max_tokens, or by the cancel
+        }
+        with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=30) as r:
+            for line in r.iter_lines():
+                if '"content"' in line:
+                    break  # decoding: hang up
+        r = httpx.post(srv.url + "/v1/chat/completions", json={**body, "stream": False, "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        time.sleep(0.3)
+        before = srv.cpu_seconds()
+        time.sleep(1.5)
+        busy = srv.cpu_seconds() - before
+        assert busy < 0.3, f"the server used {busy:.2f} CPU-s in 1.5 s after its client left: still decoding"
+        access = [x for x in srv.output().splitlines() if x.startswith("access:")]
+        assert len(access) == 2 and access[0].endswith(" cancelled") and access[1].endswith(" ok"), access
+    finally:
+        srv.stop()
 
 
 def test_lora_adapters_endpoint(server, client):

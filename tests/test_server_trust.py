@@ -23,48 +23,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from avgguf.testing.server import LiveServer as Live, free_port, start_server as start  # the names the cases use
+
 KEY = "trust-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Live:
-    def __init__(self, proc: subprocess.Popen, url: str, log: Path):
-        self.proc, self.url, self.log = proc, url, log
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self, sig=signal.SIGTERM, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        return self.proc.wait(timeout=timeout)
-
-
-def start(args: list[str], log: Path, health_key: str | None = None, env: dict | None = None) -> Live:
-    port = free_port()
-    out = log.open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "avgguf.cli", *args, "--port", str(port)],
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-    )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return Live(proc, url, log)
-        except httpx.HTTPError:
-            time.sleep(0.1)
-        if proc.poll() is not None:
-            pytest.fail(f"server exited: {log.read_text()}")
-    proc.kill()
-    pytest.fail("server did not start")
 
 
 @pytest.fixture(scope="module")

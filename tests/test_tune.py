@@ -103,8 +103,7 @@ def test_impossible_budget(tiny_kit, tmp_path):
 
 
 def test_transfer_to_another_fine_tune(tiny_kit, tmp_path):
-    from conftest import make_pair
-    from synthetic import Spec, to_gguf_tensors, write_gguf
+    from avgguf.testing.synthetic import Spec, make_pair, to_gguf_tensors, write_gguf
 
     root, p, q = tiny_kit
     other = tmp_path / "other-fine-tune.gguf"

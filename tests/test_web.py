@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,8 @@ import httpx
 import pytest
 import yaml
 
+from avgguf.testing.server import start_server
+
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 DRIVER = shutil.which("chromedriver")
@@ -24,30 +25,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(modelfile: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "avgguf.cli", "serve", str(modelfile), "--port", str(port), *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(url + "/", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.1)
-        if proc.poll() is not None:
-            pytest.fail(f"server exited: {proc.stdout.read()}")
-    pytest.fail("server did not start")
+    """`avgguf serve MODELFILE EXTRA...` on a free port (its output beside the modelfile: MODELFILE.log)."""
+    srv = start_server(["serve", str(modelfile), *extra], modelfile.with_suffix(".log"))
+    return srv.proc, srv.url
 
 
 @pytest.fixture(scope="module")

@@ -6,17 +6,13 @@ write a profile (the CSRF the audit reproduced), even with --allow-write."""
 from __future__ import annotations
 
 import http.server
-import os
 import stat
-import subprocess
-import sys
 import threading
-import time
 
 import httpx
 import pytest
 
-from test_server_trust import free_port
+from avgguf.testing.server import start_server
 from test_web import CHROMIUM, DRIVER, start, wait
 
 pytestmark = pytest.mark.skipif(
@@ -47,24 +43,12 @@ def desktop(tiny_kit, tmp_path_factory):
     browser = tmp / "browser.sh"
     browser.write_text(f'#!/bin/sh\necho "$1" > {seen}\n')
     browser.chmod(browser.stat().st_mode | stat.S_IEXEC)
-    port = free_port()
-    log = (tmp / "desktop.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "avgguf.cli", "desktop", str(root / "tiny.yaml"), "--port", str(port), "--allow-write"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "BROWSER": str(browser)},
-    )
-    for _ in range(600):
-        if seen.exists() and seen.read_text().strip():
-            break
-        time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail("desktop never opened the browser")
-    yield seen.read_text().strip(), root / "tiny.yaml"
-    proc.terminate()
-    proc.wait(timeout=30)
+    srv = start_server(["desktop", str(root / "tiny.yaml"), "--allow-write"], tmp / "desktop.log", env={"BROWSER": str(browser)})
+    try:
+        wait(lambda: seen.exists() and seen.read_text().strip(), 60, "the desktop to open the browser")
+        yield seen.read_text().strip(), root / "tiny.yaml"
+    finally:
+        srv.stop()
 
 
 def test_the_page_trades_its_one_time_code_for_the_key(browser, desktop):

@@ -1,5 +1,6 @@
 """Tiny synthetic models built at test time: a Hugging Face checkpoint (config.json + safetensors) and
-the GGUF llama.cpp's converter would make from it (same name map, same Q/K permutation)."""
+the GGUF llama.cpp's converter would make from it (same name map, same Q/K permutation), and a base paired
+with an aligned variant whose delta is known (make_pair). Fixed seeds: the same Spec gives the same bytes."""
 
 from __future__ import annotations
 
@@ -7,9 +8,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import gguf
-from safetensors.numpy import save_file
+import numpy as np
 
 from avgguf.gguf.arches import permute_rows
 
@@ -86,6 +86,10 @@ def hf_weights(spec: Spec) -> dict[str, np.ndarray]:
 
 
 def write_hf(path: Path, spec: Spec, weights: dict[str, np.ndarray], shards: int = 1) -> Path:
+    """An HF checkpoint directory: config.json and the weights in `shards` safetensors files (with an index
+    when more than one)."""
+    from safetensors.numpy import save_file  # the convert extra's; a desktop install has no safetensors
+
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(hf_config(spec), indent=1))
     names = sorted(weights)
@@ -210,3 +214,33 @@ def representable(spec: Spec, delta: Delta) -> Delta:
             continue
         keep[k] = d
     return Delta(keep)
+
+
+@dataclass
+class Pair:
+    """A tiny base model (HF dir + GGUF) and an aligned variant with a known delta."""
+
+    spec: Spec
+    weights: dict[str, np.ndarray]
+    delta: Delta
+    base_hf: Path
+    aligned_hf: Path
+    base_gguf: Path
+    root: Path
+
+    def gguf_of(self, weights: dict[str, np.ndarray], name: str) -> Path:
+        path = self.root / name
+        if not path.exists():
+            write_gguf(path, self.spec, to_gguf_tensors(self.spec, weights))
+        return path
+
+
+def make_pair(root: Path, spec: Spec, delta_seed: int = 1, **delta_kw) -> Pair:
+    """Base and aligned HF checkpoints under `root` (base/, aligned/) and the base's GGUF (base.gguf)."""
+    root.mkdir(parents=True, exist_ok=True)
+    w = hf_weights(spec)
+    delta = random_delta(spec, w, seed=delta_seed, **delta_kw)
+    base_hf = write_hf(root / "base", spec, w)
+    aligned_hf = write_hf(root / "aligned", spec, delta.applied_to(w))
+    base_gguf = write_gguf(root / "base.gguf", spec, to_gguf_tensors(spec, w))
+    return Pair(spec, w, delta, base_hf, aligned_hf, base_gguf, root)
