@@ -20,23 +20,10 @@ def add_parser(sub, parent) -> None:
         description="Bake a profile (its coefficients, with --set on top) into files that need no "
         "live knobs: stock llama.cpp, LM Studio, Ollama, transformers+peft, vLLM.",
     )
-    p.add_argument("target", metavar="MODELFILE[:PROFILE]|BASE.gguf")
-    p.add_argument(
-        "--lora", action="append", default=[], metavar="PATH[=SCALE]", help="with a base GGUF: an adapter as an AV (repeatable)"
-    )
+    cli_args.add_target_arg(p, profile=True)
+    cli_args.add_lora_args(p)
     cli_args.add_set_arg(p)
-    p.add_argument(
-        "--out",
-        required=True,
-        help="output file (gguf, adapter) or directory (ollama, peft); an existing "
-        "one is replaced only if avgguf wrote it (same format), see --force",
-    )
-    p.add_argument(
-        "--force",
-        action="store_true",
-        help="replace an existing --out avgguf did not write (a directory "
-        "keeps its other files); an --out that is, or holds, an input is refused even so",
-    )
+    cli_args.add_output_args(p, "output file (gguf, adapter) or directory (ollama, peft)")
     p.add_argument(
         "--format",
         required=True,
@@ -63,12 +50,12 @@ def add_parser(sub, parent) -> None:
         help="--format gguf: bake AV NAME from its full fine-tune delta (ALIGNED - BASE; HF directories or "
         "GGUFs) instead of its low-rank adapter: no low-rank loss, norms included (repeatable)",
     )
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    cli_args.add_json_arg(p, "the report")
 
 
 def run_bake(args) -> int:
     check_type(args.type)
-    mf, profile = open_target(args.target, args.lora)
+    mf, profile = open_target(args.target, cli_args.loras(args))
     coefs = mf.coefficients(profile, parse_assignments(args.sets), source="--set")
     sources = open_sources(args.source, mf) if args.source else None
     report = bake(

@@ -6,11 +6,12 @@ import json
 import math
 import sys
 import time
+from pathlib import Path
 
-from avgguf.gguf import adapter_format as fmt
-from avgguf.cli.args import non_negative_int, positive_int
+from avgguf.cli import args as cli_args
+from avgguf.cli.judging import JUDGE_CTX, av_for_domain, judge_engine, queries_by_domain
 from avgguf.config.coefficients import check_value
-from avgguf.runtime.engine import Engine
+from avgguf.config.modelfile import open_target
 from avgguf.errors import AvggufError
 from avgguf.eval.judge import (
     EXPERT_PROMPT,
@@ -22,25 +23,28 @@ from avgguf.eval.judge import (
     read_eval_data,
     sweep,
 )
-from avgguf.config.modelfile import open_target
-from avgguf.runtime.threads import ThreadPolicy
+from avgguf.gguf import adapter_format as fmt
+
+
+GENERATED_TOKENS = 96  # tokens per --generate answer without --max-tokens
+MAX_LAMBDAS = 201  # points of one sweep; each costs a pass of the judge over the domain's queries
 
 
 def add_parser(sub, parent) -> None:
-    p = sub.add_parser("eval", parents=[parent], help="judge avoidance/generic/expert shares as the AV coefficients move")
-    p.add_argument("modelfile", metavar="MODELFILE|BASE.gguf")
-    p.add_argument(
-        "--lora",
-        action="append",
-        default=[],
-        metavar="PATH[=SCALE]",
-        help="with a base GGUF: an adapter to evaluate as an AV (repeatable)",
+    p = sub.add_parser(
+        "eval",
+        parents=[parent],
+        help="judge avoidance/generic/expert shares as the AV coefficients move",
+        description="The level judge: which of each query's reference answers (avoidance, generic, expert) the "
+        "model finds likeliest, as each domain's AV coefficient λ moves. With --decode pad/pad-full, λ is the "
+        "AV's PAD reward weight and the references are scored under the decoding distribution.",
     )
-    p.add_argument("--threads", type=non_negative_int, help="CPU threads (default adaptive)")
-    p.add_argument("--data", required=True, help="preference JSONL (see README 'Preference data')")
+    cli_args.add_target_arg(p, dest="modelfile")
+    cli_args.add_lora_args(p)
+    cli_args.add_engine_args(p)
+    cli_args.add_data_args(p)
     p.add_argument("--domain", help="only this domain's queries")
     p.add_argument("--lambdas", default="-1:1.5:0.25", help="START:STOP:STEP or a list (default -1:1.5:0.25)")
-    p.add_argument("--limit", type=positive_int, help="at most this many queries per domain (evenly spaced)")
     p.add_argument("--cross", action="store_true", help="also: each AV and each profile on every domain")
     p.add_argument(
         "--prompting",
@@ -48,22 +52,16 @@ def add_parser(sub, parent) -> None:
         help="also: a system prompt asking for expert answers, "
         "without AVs, side by side with the AV at λ=1 (share and time per query)",
     )
-    p.add_argument(
-        "--decode",
-        default="weights",
-        choices=["weights", "pad", "pad-full"],
-        help="weights: λ·AV in the weights (default); pad / pad-full: λ is the AV's PAD reward weight "
-        "(the references are scored under the decoding distribution)",
-    )
+    cli_args.add_decode_arg(p)
     p.add_argument(
         "--generate",
-        type=positive_int,
+        type=cli_args.positive_int,
         metavar="N",
         help="also generate answers to N queries per "
         "domain and setting and judge their level with a classifier trained on --judge-data",
     )
     p.add_argument("--judge-data", help="training rows for the generated-answer classifier (default: train.jsonl beside --data)")
-    p.add_argument("--max-tokens", type=positive_int, default=96, help="tokens per generated answer (default 96)")
+    cli_args.add_max_tokens_arg(p)
     p.add_argument(
         "--transfer",
         metavar="OTHER.gguf",
@@ -71,10 +69,8 @@ def add_parser(sub, parent) -> None:
         "same base and show their effect there next to their effect on the base",
     )
     p.add_argument("--plot", help="write the λ sweep as a PNG")
-    p.add_argument("--json", action="store_true", help="print all results as JSON")
-
-
-MAX_LAMBDAS = 201  # points of one sweep; each costs a pass of the judge over the domain's queries
+    cli_args.add_json_arg(p, "all results")
+    p.set_defaults(decode="weights", max_tokens=GENERATED_TOKENS)
 
 
 def lambdas_arg(text: str) -> list[float]:
@@ -97,19 +93,12 @@ def lambdas_arg(text: str) -> list[float]:
     return [check_value("λ", lam, "--lambdas") for lam in parse_lambdas(text)]
 
 
-def _av_for_domain(mf, domain: str) -> str | None:
-    if domain in mf.av_paths:
-        return domain
-    for name, path in mf.av_paths.items():
-        if fmt.read_adapter(path).meta.get(fmt.KEY_DOMAIN) == domain:
-            return name
-    return None
+def _judge_data(args) -> str:
+    return args.judge_data or str(Path(args.data).with_name("train.jsonl"))
 
 
 def _check_paths(args) -> None:
     """Files named by flags that are used only after the sweeps: checked before minutes of work."""
-    from pathlib import Path
-
     if args.transfer is not None:
         path = Path(args.transfer)
         if not path.is_file() or fmt.gguf_kind(path) != "model":
@@ -117,73 +106,29 @@ def _check_paths(args) -> None:
                 f"--transfer {args.transfer!r}: expected a GGUF model (another fine-tune of the base)"
                 + ("" if path.is_file() else "; not found")
             )
-    if args.generate:
-        judge_data = args.judge_data or str(Path(args.data).with_name("train.jsonl"))
-        if not Path(judge_data).is_file():
-            raise AvggufError(f"--generate needs classifier training rows: --judge-data {judge_data!r} not found")
+    if args.generate and not Path(_judge_data(args)).is_file():
+        raise AvggufError(f"--generate needs classifier training rows: --judge-data {_judge_data(args)!r} not found")
     if args.plot is not None and not Path(args.plot).resolve().parent.is_dir():
         raise AvggufError(f"--plot {args.plot!r}: directory {str(Path(args.plot).resolve().parent)!r} does not exist")
 
 
 def run_eval(args) -> int:
-    mf, _ = open_target(args.modelfile, args.lora)
+    mf, _ = open_target(args.modelfile, cli_args.loras(args))
     rows = read_eval_data(args.data, args.domain)
     lambdas = lambdas_arg(args.lambdas)
     _check_paths(args)
-    by_domain: dict[str, list[dict]] = {}
-    for r in rows:
-        by_domain.setdefault(r["domain"], []).append(r)
-    if args.limit:  # an evenly spaced subset, so every held-out topic stays represented
-        by_domain = {d: rs[:: max(1, -(-len(rs) // args.limit))][: args.limit] for d, rs in by_domain.items()}
+    by_domain = queries_by_domain(rows, args.limit)
     log = (lambda msg: print(msg, file=sys.stderr)) if not args.json else None
-    eng = Engine(
-        mf.base_path,
-        n_ctx=1024,
-        logits_all=True,
-        verbose=args.verbose,
-        fuse="sync",
-        threads=ThreadPolicy.from_settings(args.threads, mf.spec.defaults.n_threads),
-    )
     out: dict = {"modelfile": str(mf.path), "data": args.data, "decode": args.decode, "sweeps": [], "cross": [], "prompting": []}
+    eng = judge_engine(mf, args)
     try:
-        for name, path in mf.av_paths.items():
-            eng.load_adapter(name, path)
-        zero = {name: 0.0 for name in mf.av_paths}
-        sweeps = []
-        for domain, drows in by_domain.items():
-            av = _av_for_domain(mf, domain)
-            if av is None:
-                if log:
-                    log(f"no AV for domain {domain!r} in {mf.path.name}; skipped in the sweep")
-                continue
-            if args.decode == "weights":
-                sweeps.append(sweep(eng, drows, av, lambdas, zero, progress=log))
-            else:
-                sweeps.append(pad_sweep(eng, drows, av, lambdas, zero, args.decode, progress=log))
+        sweeps = domain_sweeps(eng, mf, by_domain, lambdas, args.decode, log)
         out["sweeps"] = [s.__dict__ for s in sweeps]
         judge = Judge(eng)
         if args.cross:
-            settings = [("base", zero)] + [(f"{n}=1", {**zero, n: 1.0}) for n in mf.av_paths]
-            settings += [(f"profile {p}", mf.coefficients(p)) for p in mf.spec.profiles]
-            for label, coefs in settings:
-                eng.set_coefficients(coefs)
-                row = {"setting": label, "coefficients": coefs}
-                for domain, drows in by_domain.items():
-                    row[domain] = judge.level_shares(drows)
-                out["cross"].append(row)
-                if log:
-                    log(f"cross {label}: " + " ".join(f"{d} expert {row[d]['expert']:.2f}" for d in by_domain))
+            out["cross"] = cross_shares(judge, mf, by_domain, log)
         if args.prompting:
-            for domain, drows in by_domain.items():
-                av = _av_for_domain(mf, domain)
-                eng.set_coefficients(zero)
-                plain = judge.level_shares(drows)
-                prompted = judge.level_shares(drows, system=EXPERT_PROMPT)
-                entry = {"domain": domain, "base": plain, "prompting": prompted}
-                if av:
-                    eng.set_coefficients({**zero, av: 1.0})
-                    entry["av"] = judge.level_shares(drows)
-                out["prompting"].append(entry)
+            out["prompting"] = prompting_shares(judge, mf, by_domain)
     finally:
         eng.close()
     if args.transfer:
@@ -192,92 +137,120 @@ def run_eval(args) -> int:
         out.update(generated_shares(mf, by_domain, lambdas, args, log))
     if args.plot and sweeps:
         plot_sweeps(sweeps, args.plot)
-    if args.json:
-        print(json.dumps(out, indent=1))
-    else:
-        print(render(out, list(by_domain)))
+    print(json.dumps(out, indent=1) if args.json else render(out, list(by_domain)))
     return 0
 
 
+def domain_sweeps(eng, mf, by_domain: dict[str, list[dict]], lambdas: list[float], decode: str, log, skips: bool = True):
+    """The λ sweep of each domain's AV, λ·AV in the weights or as its PAD reward weight; a domain without an
+    AV is skipped (said so on `log` with `skips`)."""
+    zero = {name: 0.0 for name in mf.av_paths}
+    sweeps = []
+    for domain, drows in by_domain.items():
+        av = av_for_domain(mf, domain)
+        if av is None:
+            if log and skips:
+                log(f"no AV for domain {domain!r} in {mf.path.name}; skipped in the sweep")
+        elif decode == "weights":
+            sweeps.append(sweep(eng, drows, av, lambdas, zero, progress=log))
+        else:
+            sweeps.append(pad_sweep(eng, drows, av, lambdas, zero, decode, progress=log))
+    return sweeps
+
+
+def cross_shares(judge: Judge, mf, by_domain: dict[str, list[dict]], log) -> list[dict]:
+    """Every domain's level shares under the base, each AV at 1 alone, and each profile."""
+    zero = {name: 0.0 for name in mf.av_paths}
+    settings = [("base", zero)] + [(f"{n}=1", {**zero, n: 1.0}) for n in mf.av_paths]
+    settings += [(f"profile {p}", mf.coefficients(p)) for p in mf.spec.profiles]
+    out = []
+    for label, coefs in settings:
+        judge.engine.set_coefficients(coefs)
+        row = {"setting": label, "coefficients": coefs}
+        for domain, drows in by_domain.items():
+            row[domain] = judge.level_shares(drows)
+        out.append(row)
+        if log:
+            log(f"cross {label}: " + " ".join(f"{d} expert {row[d]['expert']:.2f}" for d in by_domain))
+    return out
+
+
+def prompting_shares(judge: Judge, mf, by_domain: dict[str, list[dict]]) -> list[dict]:
+    """Per domain: the base, the base asked for expert answers by a system prompt, and the domain's AV at 1."""
+    zero = {name: 0.0 for name in mf.av_paths}
+    out = []
+    for domain, drows in by_domain.items():
+        av = av_for_domain(mf, domain)
+        judge.engine.set_coefficients(zero)
+        entry = {"domain": domain, "base": judge.level_shares(drows)}
+        entry["prompting"] = judge.level_shares(drows, system=EXPERT_PROMPT)
+        if av:
+            judge.engine.set_coefficients({**zero, av: 1.0})
+            entry["av"] = judge.level_shares(drows)
+        out.append(entry)
+    return out
+
+
 def transfer_sweeps(mf, other: str, by_domain: dict[str, list[dict]], lambdas: list[float], args, log) -> dict:
-    """The modelfile's AVs on another fine-tune of its base: same sweeps, same judge."""
-    from pathlib import Path
-
-    from avgguf.gguf import adapter_format as fmt
-
+    """The modelfile's AVs on another fine-tune of its base (a GGUF model, checked by _check_paths): same
+    sweeps, same judge."""
     path = Path(other)
-    if fmt.gguf_kind(path) != "model":
-        raise AvggufError(f"--transfer {other!r}: expected a GGUF model (another fine-tune of the base)")
     info = fmt.read_base_model(path)
     for name, av in mf.av_paths.items():
         try:
             fmt.check_against_base(fmt.read_adapter(av), info)
         except AvggufError as exc:
             raise AvggufError(f"--transfer: AV {name!r} does not fit {other}: {exc}") from None
-    eng = Engine(
-        path,
-        n_ctx=1024,
-        logits_all=True,
-        fuse="sync",
-        verbose=args.verbose,
-        threads=ThreadPolicy.from_settings(args.threads, mf.spec.defaults.n_threads),
-    )
-    zero = {name: 0.0 for name in mf.av_paths}
+    eng = judge_engine(mf, args, model=path)
     try:
-        for name, av in mf.av_paths.items():
-            eng.load_adapter(name, av)
-        sweeps = []
-        for domain, drows in by_domain.items():
-            av = _av_for_domain(mf, domain)
-            if av is not None:
-                run = (
-                    sweep
-                    if args.decode == "weights"
-                    else (lambda e, r, a, lam, z, progress: pad_sweep(e, r, a, lam, z, args.decode, progress))
-                )
-                sweeps.append(run(eng, drows, av, lambdas, zero, progress=log).__dict__)
+        sweeps = domain_sweeps(eng, mf, by_domain, lambdas, args.decode, log, skips=False)
     finally:
         eng.close()
-    return {"model": str(path), "sweeps": sweeps}
+    return {"model": str(path), "sweeps": [s.__dict__ for s in sweeps]}
 
 
 def generated_shares(mf, by_domain: dict[str, list[dict]], lambdas: list[float], args, log) -> dict:
     """Answers generated per domain and λ (greedy), their levels by the classifier, its held-out accuracy."""
-    from pathlib import Path
-
     from avgguf.eval.levels import LevelClassifier
-    from avgguf.runtime.session import GenerationRequest, Runtime
+    from avgguf.runtime.session import Runtime
 
-    judge_data = args.judge_data or str(Path(args.data).with_name("train.jsonl"))
-    if not Path(judge_data).is_file():
-        raise AvggufError(f"--generate needs classifier training rows: --judge-data {judge_data!r} not found")
-    clf = LevelClassifier.train(read_eval_data(judge_data))
+    clf = LevelClassifier.train(read_eval_data(_judge_data(args)))
     held_out = [r for rs in by_domain.values() for r in rs]
     result = {"classifier": {"trained_on": clf.trained_on, "accuracy_on_references": clf.accuracy(held_out)}, "generated": []}
-    zero = {name: 0.0 for name in mf.av_paths}
-    rt = Runtime(mf, n_ctx=1024, threads=args.threads, fuse="sync", merge="off")
+    rt = Runtime(
+        mf, n_ctx=args.n_ctx or JUDGE_CTX, n_gpu_layers=args.n_gpu_layers, threads=args.threads, fuse="sync", merge="off"
+    )
     try:
         for domain, drows in by_domain.items():
-            av = _av_for_domain(mf, domain)
+            av = av_for_domain(mf, domain)
             if av is None:
                 continue
             entry = {"domain": domain, "av": av, "lambdas": lambdas, "shares": []}
             for lam in lambdas:
-                answers, t0 = [], time.perf_counter()
-                for row in drows[: args.generate]:
-                    req = GenerationRequest(
-                        messages=[{"role": "user", "content": row["query"]}], max_tokens=args.max_tokens, temperature=0.0, seed=0
-                    )
-                    answers.append("".join(rt.stream_chat_text(req, {**zero, av: lam}, decode=args.decode)))
-                shares = clf.shares(answers)
-                shares["seconds_per_answer"] = (time.perf_counter() - t0) / max(len(answers), 1)
-                entry["shares"].append(shares)
+                entry["shares"].append(_generated_level_shares(rt, clf, mf, drows[: args.generate], av, lam, args))
                 if log:
+                    shares = entry["shares"][-1]
                     log(f"generated {domain} {args.decode} {av}={lam:g}: " + " ".join(f"{k} {shares[k]:.2f}" for k in LEVELS))
             result["generated"].append(entry)
     finally:
         rt.close()
     return result
+
+
+def _generated_level_shares(rt, clf, mf, rows: list[dict], av: str, lam: float, args) -> dict:
+    """Greedy answers to `rows` with `av` at `lam` (the other AVs at 0), their level shares and time per answer."""
+    from avgguf.runtime.session import GenerationRequest
+
+    coefs = {**{name: 0.0 for name in mf.av_paths}, av: lam}
+    answers, t0 = [], time.perf_counter()
+    for row in rows:
+        req = GenerationRequest(
+            messages=[{"role": "user", "content": row["query"]}], max_tokens=args.max_tokens, temperature=0.0, seed=0
+        )
+        answers.append("".join(rt.stream_chat_text(req, coefs, decode=args.decode)))
+    shares = clf.shares(answers)
+    shares["seconds_per_answer"] = (time.perf_counter() - t0) / max(len(answers), 1)
+    return shares
 
 
 def render(out: dict, domains: list[str]) -> str:

@@ -1,4 +1,4 @@
-"""`avgguf tune`: coefficients for target levels per domain (see avgguf.tune)."""
+"""`avgguf tune`: coefficients for target levels per domain (see avgguf.eval.tune)."""
 
 from __future__ import annotations
 
@@ -6,13 +6,11 @@ import json
 import sys
 
 from avgguf.cli import args as cli_args
-from avgguf.cli.eval import _av_for_domain
-from avgguf.runtime.engine import Engine
-from avgguf.errors import AvggufError
-from avgguf.eval.judge import read_eval_data
+from avgguf.cli.judging import av_for_domain, judge_engine, queries_by_domain
 from avgguf.config.modelfile import open_target
 from avgguf.config.profile_save import check_profile_name, save_profile
-from avgguf.runtime.threads import ThreadPolicy
+from avgguf.errors import AvggufError
+from avgguf.eval.judge import read_eval_data
 from avgguf.eval.tune import grid, parse_target, tune
 
 
@@ -24,9 +22,10 @@ def add_parser(sub, parent) -> None:
         description="Find coefficients in [-2, 2] that make the level judge pick the target level "
         "in each domain, with far fewer evaluations than a grid.",
     )
-    p.add_argument("modelfile", metavar="MODELFILE|BASE.gguf")
-    p.add_argument("--lora", action="append", default=[], metavar="PATH[=SCALE]")
-    p.add_argument("--data", required=True, help="preference JSONL (the held-out split), as for `avgguf eval`")
+    cli_args.add_target_arg(p, dest="modelfile")  # --target is the levels
+    cli_args.add_lora_args(p)
+    cli_args.add_engine_args(p)
+    cli_args.add_data_args(p)
     p.add_argument(
         "--target",
         required=True,
@@ -39,28 +38,49 @@ def add_parser(sub, parent) -> None:
         help="at most this many evaluations "
         "(one evaluation = the judge on every target domain's queries at one coefficient set; default 150)",
     )
-    p.add_argument("--limit", type=cli_args.positive_int, help="at most this many queries per domain")
-    p.add_argument(
-        "--decode", default="weights", choices=["weights"], help="weights: AVs in the weights (PAD tuning is not implemented yet)"
-    )
+    cli_args.add_decode_arg(p)
     p.add_argument(
         "--grid", type=cli_args.grid_step, metavar="STEP", help="instead: the exhaustive grid at this step, in (0, 4] (baseline)"
     )
     p.add_argument("--save-profile", metavar="NAME", help="write the result into the modelfile as this profile")
-    p.add_argument("--threads", type=cli_args.non_negative_int)
-    p.add_argument("--json", action="store_true", help="print {coefficients, evaluations, seconds, achieved}")
+    cli_args.add_json_arg(p, "{coefficients, evaluations, seconds, achieved}")
+    p.set_defaults(decode="weights")
 
 
 def run_tune(args) -> int:
-    mf, _ = open_target(args.modelfile, args.lora)
+    if args.decode != "weights":
+        raise AvggufError(
+            f"--decode {args.decode}: tune searches coefficients in the weights only (PAD tuning is not implemented yet)"
+        )
+    mf, _ = open_target(args.modelfile, cli_args.loras(args))
     if args.save_profile is not None:
         check_profile_name(mf, args.save_profile, "--save-profile")  # before minutes of tuning, not after
-    rows = read_eval_data(args.data)
-    by_domain: dict[str, list[dict]] = {}
-    for r in rows:
-        by_domain.setdefault(r["domain"], []).append(r)
+    by_domain = queries_by_domain(read_eval_data(args.data), args.limit)  # --limit keeps every domain
     target = parse_target(args.target, sorted(by_domain))
-    av_for = {d: _av_for_domain(mf, d) for d in target}
+    av_for = _avs_for(mf, target)
+    progress = _progress(args)
+    eng = judge_engine(mf, args)
+    try:
+        if args.grid is not None:
+            result = grid(eng, list(mf.av_paths), by_domain, target, args.grid, progress)
+        else:
+            result = tune(eng, list(mf.av_paths), by_domain, target, av_for, args.budget, progress)
+    finally:
+        eng.close()
+        if progress:
+            print(file=sys.stderr)
+    saved = save_profile(mf, args.save_profile, result.coefficients) if args.save_profile else None
+    if args.json:
+        out = {"coefficients": result.coefficients, "evaluations": result.evaluations, "seconds": round(result.seconds, 2)}
+        print(json.dumps({**out, "achieved": result.achieved}, indent=1))
+    else:
+        _print_result(result, target, saved)
+    return 0
+
+
+def _avs_for(mf, target: dict[str, str]) -> dict[str, str]:
+    """The AV that moves each target domain; every domain needs one."""
+    av_for = {d: av_for_domain(mf, d) for d in target}
     missing = [d for d, av in av_for.items() if av is None]
     if missing:
         raise AvggufError(
@@ -68,50 +88,20 @@ def run_tune(args) -> int:
             f"(AVs: {', '.join(mf.av_paths) or 'none'}); the other AVs alone can still be tuned by "
             f"dropping it from --target"
         )
-    if args.limit:
-        by_domain = {d: rs[:: max(1, -(-len(rs) // args.limit))][: args.limit] for d, rs in by_domain.items()}
-    names = list(mf.av_paths)
-    progress = _progress(args)
-    eng = Engine(
-        mf.base_path,
-        n_ctx=1024,
-        logits_all=True,
-        fuse="sync",
-        verbose=args.verbose,
-        threads=ThreadPolicy.from_settings(args.threads, mf.spec.defaults.n_threads),
+    return av_for
+
+
+def _print_result(result, target: dict[str, str], saved) -> None:
+    print(
+        f"coefficients: {' '.join(f'{k}={v:g}' for k, v in result.coefficients.items())}  "
+        f"({result.evaluations} evaluations, {result.seconds:.1f} s)"
     )
-    try:
-        for name, path in mf.av_paths.items():
-            eng.load_adapter(name, path)
-        if args.grid is not None:
-            result = grid(eng, names, by_domain, target, args.grid, progress)
-        else:
-            result = tune(eng, names, by_domain, target, av_for, args.budget, progress)
-    finally:
-        eng.close()
-        if progress:
-            print(file=sys.stderr)
-    saved = save_profile(mf, args.save_profile, result.coefficients) if args.save_profile else None
-    out = {
-        "coefficients": result.coefficients,
-        "evaluations": result.evaluations,
-        "seconds": round(result.seconds, 2),
-        "achieved": result.achieved,
-    }
-    if args.json:
-        print(json.dumps(out, indent=1))
-    else:
-        print(
-            f"coefficients: {' '.join(f'{k}={v:g}' for k, v in result.coefficients.items())}  "
-            f"({result.evaluations} evaluations, {result.seconds:.1f} s)"
-        )
-        for d, lvl in target.items():
-            shares = result.achieved[d]
-            print(f"  {d}: target {lvl} {shares[lvl]:.2f}  (" + ", ".join(f"{k} {v:.2f}" for k, v in shares.items()) + ")")
-        if saved is not None:
-            replaced = " (replaced the old one)" if saved.replaced else ""
-            print(f"saved profile {saved.name} in {saved.path}{replaced}")
-    return 0
+    for d, lvl in target.items():
+        shares = result.achieved[d]
+        print(f"  {d}: target {lvl} {shares[lvl]:.2f}  (" + ", ".join(f"{k} {v:.2f}" for k, v in shares.items()) + ")")
+    if saved is not None:
+        replaced = " (replaced the old one)" if saved.replaced else ""
+        print(f"saved profile {saved.name} in {saved.path}{replaced}")
 
 
 def _progress(args):

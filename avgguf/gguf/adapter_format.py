@@ -392,6 +392,16 @@ def read_adapter(path: str | os.PathLike, check_values: bool = True) -> AdapterI
     types) and, with check_values, that every factor value is finite (streamed; once per file version)."""
     path = Path(path)
     reader = _open(path, "adapter")
+    arch, alpha, name = _adapter_header(reader, path)
+    pairs, ignored = _adapter_pairs(reader, path)
+    if check_values:
+        check_factor_values(path, [t for t in reader.tensors if not t.name.endswith(NORM_SUFFIX)])
+    meta = {key: f.contents() for key, f in reader.fields.items() if key.startswith("avgguf.")}
+    return AdapterInfo(path, arch, alpha, name, pairs, meta, ignored)
+
+
+def _adapter_header(reader: gguf.GGUFReader, path: Path) -> tuple[str, float, str | None]:
+    """general.type adapter, adapter.type lora, the architecture, a finite alpha and the optional name."""
     gtype = _field(reader, gguf.Keys.General.TYPE, VType.STRING, path)
     if gtype != gguf.GGUFType.ADAPTER:
         raise AdapterError(
@@ -411,8 +421,11 @@ def read_adapter(path: str | os.PathLike, check_values: bool = True) -> AdapterI
             f"{path}: key {gguf.Keys.Adapter.LORA_ALPHA!r} is {float(alpha)}, expected a finite "
             f"number (llama.cpp scales every pair by alpha / rank); re-create the adapter"
         )
-    name = _field(reader, gguf.Keys.General.NAME, VType.STRING, path, required=False)
+    return arch, float(alpha), _field(reader, gguf.Keys.General.NAME, VType.STRING, path, required=False)
 
+
+def _adapter_pairs(reader: gguf.GGUFReader, path: Path) -> tuple[dict[str, PairInfo], dict[str, tuple[int, ...]]]:
+    """Every tensor in a complete lora_a/lora_b pair, or a norm llama.cpp skips (returned as `ignored`)."""
     tensors = {t.name: t for t in reader.tensors}
     pairs: dict[str, PairInfo] = {}
     ignored: dict[str, tuple[int, ...]] = {}
@@ -430,39 +443,36 @@ def read_adapter(path: str | os.PathLike, check_values: bool = True) -> AdapterI
                 f"(nor {NORM_SUFFIX}, which llama.cpp skips); llama.cpp would refuse this file. "
                 f"Re-create the adapter (e.g. with `avgguf convert`)"
             )
-        if base in pairs:
-            continue
-        a, b = tensors.get(base + LORA_A), tensors.get(base + LORA_B)
-        if a is None or b is None:
-            missing = base + (LORA_A if a is None else LORA_B)
-            raise AdapterError(
-                f"{path}: tensor {missing!r} is missing; lora_a and lora_b come in pairs "
-                f"(llama.cpp refuses half a pair). Re-create the adapter"
-            )
-        a_shape, b_shape = numpy_shape(a), numpy_shape(b)
-        if len(a_shape) != 2 or len(b_shape) != 2:
-            raise AdapterError(
-                f"{path}: {base!r}: only 2-D LoRA pairs are supported, found "
-                f"lora_a {a_shape}, lora_b {b_shape}; re-create the adapter"
-            )
-        rank = b_shape[1]
-        ok = a_shape[1] == rank if base == TOKEN_EMBD else a_shape[0] == rank
-        if not ok or rank < 1:
-            raise AdapterError(
-                f"{path}: {base!r}: lora_a {a_shape} and lora_b {b_shape} disagree on the rank "
-                f"(expected a rank >= 1 shared by both); re-create the adapter"
-            )
-        for t_ in (a, b):
-            check_factor_type(path, t_)
-        pairs[base] = PairInfo(base, rank, a_shape, b_shape, a.tensor_type.name, b.tensor_type.name)
+        if base not in pairs:
+            pairs[base] = _pair(path, base, tensors.get(base + LORA_A), tensors.get(base + LORA_B))
+    return pairs, ignored
 
-    if check_values:
-        check_factor_values(path, [t for t in reader.tensors if not t.name.endswith(NORM_SUFFIX)])
-    meta = {}
-    for key, f in reader.fields.items():
-        if key.startswith("avgguf."):
-            meta[key] = f.contents()
-    return AdapterInfo(path, arch, float(alpha), name, pairs, meta, ignored)
+
+def _pair(path: Path, base: str, a, b) -> PairInfo:
+    """One pair's shapes and factor types checked: both halves, 2-D, one rank >= 1 (lora_a of token_embd is
+    stored transposed, as llama.cpp's converter writes it)."""
+    if a is None or b is None:
+        missing = base + (LORA_A if a is None else LORA_B)
+        raise AdapterError(
+            f"{path}: tensor {missing!r} is missing; lora_a and lora_b come in pairs "
+            f"(llama.cpp refuses half a pair). Re-create the adapter"
+        )
+    a_shape, b_shape = numpy_shape(a), numpy_shape(b)
+    if len(a_shape) != 2 or len(b_shape) != 2:
+        raise AdapterError(
+            f"{path}: {base!r}: only 2-D LoRA pairs are supported, found "
+            f"lora_a {a_shape}, lora_b {b_shape}; re-create the adapter"
+        )
+    rank = b_shape[1]
+    ok = a_shape[1] == rank if base == TOKEN_EMBD else a_shape[0] == rank
+    if not ok or rank < 1:
+        raise AdapterError(
+            f"{path}: {base!r}: lora_a {a_shape} and lora_b {b_shape} disagree on the rank "
+            f"(expected a rank >= 1 shared by both); re-create the adapter"
+        )
+    for t in (a, b):
+        check_factor_type(path, t)
+    return PairInfo(base, rank, a_shape, b_shape, a.tensor_type.name, b.tensor_type.name)
 
 
 def check_factor_type(path: Path, t) -> None:

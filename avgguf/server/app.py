@@ -355,16 +355,8 @@ def serve(
     from avgguf.server import run as server_run
 
     check_exposure(host, api_key, allow_write)
-    names: dict[str, Modelfile] = {}
-    for mf in modelfiles:
-        if mf.name in names:
-            raise AvggufError(
-                f"two models are named {mf.name!r} ({names[mf.name].path}, {mf.path}); model ids come from file names, rename one"
-            )
-        names[mf.name] = mf
+    names = model_ids(modelfiles)
     sock = bind(host, port)
-    for mf in list(names.values()):
-        names.update({f"{mf.name}:{profile}": mf.baked(profile) for profile in mf.baked_paths})
     runtimes = {
         name: (
             mf,
@@ -375,13 +367,7 @@ def serve(
     registry = Registry(runtimes, api_key, stats, allow_write, max_queue, parallel, kv_unified, contexts, merge)
     try:
         app = create_app(registry, host=host, docs=docs)
-        port = sock.getsockname()[1]
-        url = f"http://{_url_host(host)}:{port}/"
-        print(f"avgguf serve: {url}v1  chat page: {url}  models: {', '.join(registry.ids())}", flush=True)
-        if on_ready is not None and api_key:  # the page trades a one-time code for the key (server_guard.Handoff)
-            registry.handoff = Handoff(api_key)
-        code = f"#code={registry.handoff.code}" if registry.handoff else ""
-        ready = None if on_ready is None else (lambda: on_ready(url + code))
+        ready = _announce(registry, host, sock.getsockname()[1], api_key, on_ready)
         stopped = server_run.run(
             app,
             sock,
@@ -396,6 +382,34 @@ def serve(
             print(f"avgguf serve: stopped ({', '.join(stopped)})", flush=True)
     finally:
         registry.close()
+
+
+def model_ids(modelfiles: list[Modelfile]) -> dict[str, Modelfile]:
+    """Model id -> modelfile: each modelfile's name, then NAME:PROFILE for each of its baked profiles (a GGUF
+    of its own); two modelfiles of one name are refused."""
+    names: dict[str, Modelfile] = {}
+    for mf in modelfiles:
+        if mf.name in names:
+            raise AvggufError(
+                f"two models are named {mf.name!r} ({names[mf.name].path}, {mf.path}); model ids come from file names, rename one"
+            )
+        names[mf.name] = mf
+    for mf in list(names.values()):
+        names.update({f"{mf.name}:{profile}": mf.baked(profile) for profile in mf.baked_paths})
+    return names
+
+
+def _announce(registry: Registry, host: str, port: int, api_key: str | None, on_ready):
+    """Print the server's addresses; what to call once it serves: `on_ready(url)`, the URL's fragment carrying
+    a one-time code for the key (the page trades it for the key: avgguf.server.guard.Handoff)."""
+    url = f"http://{_url_host(host)}:{port}/"
+    print(f"avgguf serve: {url}v1  chat page: {url}  models: {', '.join(registry.ids())}", flush=True)
+    if on_ready is None:
+        return None
+    if api_key:
+        registry.handoff = Handoff(api_key)
+    code = f"#code={registry.handoff.code}" if registry.handoff else ""
+    return lambda: on_ready(url + code)
 
 
 def _url_host(host: str) -> str:

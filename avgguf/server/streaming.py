@@ -1,5 +1,6 @@
-"""Running one request on a model's runtime slots: plain JSON or server-sent events from a worker thread,
-usage counted in tokens, one access-log line per request."""
+"""Running one request: PAD requests on the model's runtime (a worker thread), the others on its batcher;
+plain JSON or server-sent events (one writer, SSE, for both paths), usage counted in tokens, one access-log
+line per request."""
 
 from __future__ import annotations
 
@@ -25,6 +26,35 @@ from avgguf.server.protocol import APIError, Common
 
 if TYPE_CHECKING:
     from avgguf.server.registry import Served
+
+
+class SSE:
+    """The one writer of the server-sent events of a streamed answer, for both paths (PAD and batched), in
+    OpenAI's stream format: each chunk as `data: JSON`, an error as an event of its own (the headers are sent
+    by then), and at the end the usage tail (only when the request asked for stream_options.include_usage)
+    and `data: [DONE]`."""
+
+    DONE = "data: [DONE]\n\n"
+
+    def __init__(self, body: Common):
+        self.include_usage = bool((body.stream_options or {}).get("include_usage"))
+
+    @staticmethod
+    def event(obj: dict) -> str:
+        return f"data: {json.dumps(obj)}\n\n"
+
+    def error(self, message: str) -> str:
+        return self.event({"error": {"message": message, "type": "server_error"}})
+
+    def end(self, head: dict | None, usage: dict) -> list[str]:
+        """The last events: the usage tail, `head` (id, created, model, object, in the caller's key order) with
+        no choices, when asked for and `head` is known; then [DONE]."""
+        tail = [self.event({**head, "choices": [], "usage": usage})] if self.include_usage and head is not None else []
+        return [*tail, self.DONE]
+
+
+def _usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 @dataclass
@@ -131,34 +161,22 @@ def start_worker(job: Job, slot: Runtime, cancel: threading.Event, queue: asynci
 
 
 async def stream_events(job: Job, queue: asyncio.Queue, cancel: threading.Event):
-    include_usage = bool((job.body.stream_options or {}).get("include_usage"))
-    last = None
+    """SSE of a PAD answer as its worker (start_worker) queues chunks; the stream's end sets `cancel`."""
+    sse = SSE(job.body)
+    head = None  # the last chunk's id, created and object: the usage tail's
     try:
         while True:
             kind, item = await queue.get()
             if kind == "chunk":
-                last = item
-                yield f"data: {json.dumps(item)}\n\n"
+                head = {"object": item.get("object"), "id": item.get("id"), "created": item.get("created")}
+                yield sse.event(item)
             elif kind == "error":
-                yield f"data: {json.dumps({'error': {'message': item, 'type': 'server_error'}})}\n\n"
+                yield sse.error(item)
                 break
             else:
-                if include_usage and last is not None:
-                    usage = {
-                        "prompt_tokens": job.prompt_tokens,
-                        "completion_tokens": item,
-                        "total_tokens": job.prompt_tokens + item,
-                    }
-                    tail = {
-                        "object": last.get("object"),
-                        "id": last.get("id"),
-                        "created": last.get("created"),
-                        "model": job.body.model,
-                        "choices": [],
-                        "usage": usage,
-                    }
-                    yield f"data: {json.dumps(tail)}\n\n"
-                yield "data: [DONE]\n\n"
+                tail = None if head is None else {**head, "model": job.body.model}
+                for event in sse.end(tail, _usage(job.prompt_tokens, item)):
+                    yield event
                 break
     finally:
         cancel.set()
@@ -192,10 +210,6 @@ def _logprobs(entries: list[dict], chat: bool):
         "token_logprobs": [e["logprob"] for e in entries],
         "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
     }
-
-
-def _usage(prompt: int, completion: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 class EventPipe:
@@ -285,42 +299,37 @@ async def _collect(queue: asyncio.Queue) -> tuple[list[str], list[dict], Event]:
     return parts, entries, ev
 
 
-def _chunk(bj: BatchJob, head: dict, text: str | None, finish: str | None, entries=None, role: bool = False) -> str:
+def _chunk(bj: BatchJob, head: dict, text: str | None, finish: str | None, entries=None, role: bool = False) -> dict:
     logprobs = _logprobs(entries, bj.chat) if entries else None
     if bj.chat:
         delta = {"role": "assistant"} if role else ({"content": text} if text else {})
         choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
     else:
         choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
-    obj = {**head, "object": "chat.completion.chunk" if bj.chat else "text_completion", "choices": [choice]}
-    return f"data: {json.dumps(obj)}\n\n"
+    return {**head, "object": _chunk_object(bj), "choices": [choice]}
+
+
+def _chunk_object(bj: BatchJob) -> str:
+    return "chat.completion.chunk" if bj.chat else "text_completion"
 
 
 async def batched_events(bj: BatchJob, req: BatchRequest, queue: asyncio.Queue):
     """SSE as the batcher emits; a client that goes away cancels its sequence (freed at the next step)."""
-    head = bj.head()
-    include_usage = bool((bj.job.body.stream_options or {}).get("include_usage"))
+    head, sse = bj.head(), SSE(bj.job.body)
     status = "cancelled"
     try:
         if bj.chat:
-            yield _chunk(bj, head, None, None, role=True)
+            yield sse.event(_chunk(bj, head, None, None, role=True))
         while (ev := await queue.get()).kind == "piece":
-            yield _chunk(bj, head, ev.text, None, ev.logprobs)
+            yield sse.event(_chunk(bj, head, ev.text, None, ev.logprobs))
         if ev.kind == "error":
             status = "error"
-            yield f"data: {json.dumps({'error': {'message': ev.text, 'type': 'server_error'}})}\n\n"
+            yield sse.error(ev.text)
             return
         status = "ok"
-        yield _chunk(bj, head, None, ev.finish)
-        if include_usage:
-            tail = {
-                **head,
-                "object": "chat.completion.chunk" if bj.chat else "text_completion",
-                "choices": [],
-                "usage": _usage(len(bj.tokens), ev.tokens),
-            }
-            yield f"data: {json.dumps(tail)}\n\n"
-        yield "data: [DONE]\n\n"
+        yield sse.event(_chunk(bj, head, None, ev.finish))
+        for event in sse.end({**head, "object": _chunk_object(bj)}, _usage(len(bj.tokens), ev.tokens)):
+            yield event
         bj.job.log(ev.tokens, stats=_stats(ev))
     finally:
         req.cancelled.set()
