@@ -205,7 +205,7 @@ def add_data_args(p) -> None:
         "--data",
         required=True,
         help='preference JSONL, rows {"domain", "query", "responses": {"avoidance", "generic", "expert"}} '
-        "(the held-out split; see README 'Preference data')",
+        "(the held-out split; see docs/eval-tune.md)",
     )
     p.add_argument("--limit", type=positive_int, help="at most this many queries per domain (evenly spaced)")
 

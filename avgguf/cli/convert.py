@@ -90,7 +90,7 @@ def _add_fit_args(fit) -> None:
         metavar="FILE.jsonl",
         help="calibration prompts/text for --fit distill "
         '(default: the built-in set; rows {"prompt"}, {"prompt","chosen","rejected"}, '
-        '{"messages"}, {"text"}, {"tokens"}; see README)',
+        '{"messages"}, {"text"}, {"tokens"}; see docs/convert.md)',
     )
     fit.add_argument(
         "--tokenizer", metavar="DIR_OR_GGUF", help="tokenizer for --fit distill (default: the one beside --aligned or --base)"

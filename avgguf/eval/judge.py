@@ -36,7 +36,7 @@ def read_eval_data(path: str | Path, domain: str | None = None) -> list[dict]:
         except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
             raise AvggufError(
                 f"{path}:{n}: expected a JSON object with 'domain', 'query' and 'responses' "
-                f"holding {', '.join(LEVELS)} (see README 'Preference data')"
+                f"holding {', '.join(LEVELS)} (see docs/eval-tune.md)"
             ) from None
         if domain is None or row["domain"] == domain:
             rows.append(row)
