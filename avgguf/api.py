@@ -135,7 +135,7 @@ def bake_to(
     **kwargs: Any,
 ) -> dict:
     """`avgguf bake`: a profile (`modelfile:profile`) or coefficients baked to `format` (gguf, adapter, ollama,
-    peft) at `out`. (Not `bake`: that name is the avgguf.bake module.)"""
+    peft) at `out`. (Not `bake`: the name of the avgguf.export.bake module.)"""
     from avgguf.export.bake import bake as bake_profile
     from avgguf.config.modelfile import open_target
 

@@ -1,4 +1,4 @@
-"""Decoding-time personalized alignment (PAD, ../papers/pad-*.md) from the same AVs.
+"""Decoding-time personalized alignment ("PAD: Personalized Alignment of LLMs at Decoding-Time"; docs/pad.md).
 
 An AV at scale 1 is a DPO-aligned policy π_i; log π_i − log π_base is its token-level implicit reward. At
 every step, over the base's top-k candidates (`pad`; k = 10 as in PAD's release) or the whole vocabulary
