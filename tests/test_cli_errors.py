@@ -85,6 +85,7 @@ CASES = [
     ("run: lora on a modelfile", ["run", DEMO, "hi", "--lora", MED], ["--lora applies to a bare base GGUF"]),
     # --lora file missing
     ("run: lora missing", ["run", "{base}", "hi", "--lora", "{root}/gone.gguf"], ["--lora", "gone.gguf' not found"]),
+    ("run: lora comma list", ["run", "{base}", "hi", "--lora", "{root}/a.gguf,{root}/b.gguf"], ["not found", "repeat --lora"]),
     # --lora scale not a number
     ("run: lora bad scale", ["run", "{base}", "hi", "--lora", MED + "=big"], ["--lora", "expected PATH[=SCALE]"]),
     # --lora scale out of range

@@ -494,7 +494,8 @@ def modelfile_from_gguf(base: Path, loras: list[tuple[Path, float]]) -> Modelfil
     scales: dict[str, float] = {}
     for path, scale in loras:
         if not path.is_file():
-            raise ModelfileError(f"--lora {str(path)!r} not found")
+            hint = "; a comma list is not split: repeat --lora for each adapter" if "," in str(path) else ""
+            raise ModelfileError(f"--lora {str(path)!r} not found{hint}")
         info = fmt.read_adapter(path)
         fmt.check_against_base(info, base_info)
         name = _av_name(info, set(av_paths))
