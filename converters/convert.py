@@ -12,8 +12,8 @@ from tqdm import tqdm
 from avgguf.version import __version__
 from avgguf.gguf import adapter_format as fmt
 from avgguf.errors import ConversionError
-from .lowrank import Factors, RankPolicy, factorize
-from avgguf.gguf.arches import unapplied_reason
+from .deltas import Delta, applicable_deltas, factor, load_delta, relative_error, rows_of
+from .lowrank import Factors, RankPolicy
 from .sources import TensorSource
 
 log = logging.getLogger(__name__)
@@ -101,18 +101,24 @@ class AdapterBuild:
         name: str,
         delta_shape: tuple[int, ...],
         f: Factors,
-        delta: np.ndarray | None = None,
+        delta: Delta | None = None,
         types: tuple[str, str] | None = None,
     ) -> None:
+        """Write one pair and book its error against `delta` (None: a low-rank source, against the
+        factors given)."""
         type_a, type_b = types or (self.dtype, self.dtype)
         lora_a, lora_b = fmt.pair_from_factors(name, f.left, f.right)
         a_seen, b_seen = self.writer.add_pair(name, lora_a, lora_b, type_a, type_b)
-        applied = fmt.delta_from_pair(name, a_seen, b_seen)
-        if delta is None:  # low-rank source: compare with the factors we were given
-            delta = f.left @ f.right
-        err = float(np.linalg.norm(delta - applied) / max(np.linalg.norm(delta), 1e-30))
+        if delta is None:
+            rows = lambda a, b: f.left[a:b] @ (f.right if f.right.ndim == 2 else f.right[a:b])  # noqa: E731
+        else:
+            rows = rows_of(delta)
+        err = relative_error(name, tuple(delta_shape), rows, a_seen, b_seen)
         stored = "/".join(fmt.type_name(fmt.storage_type(t, arr)) for t, arr in ((type_a, lora_a), (type_b, lora_b)))
         self.report.records.append(TensorRecord(name, tuple(delta_shape), f.rank, f.energy, f.kept, err, f.method, stored))
+
+    def count_zero(self) -> None:
+        self.report.zero_tensors += 1
 
     def skip(self, name: str, energy: float, reason: str) -> None:
         log.info("not applied by llama.cpp: %s (%s), %.3g of delta energy", name, reason, energy)
@@ -184,51 +190,9 @@ class Planned:
     types: tuple[str, str]
 
 
-CHUNK_ELEMENTS = 1 << 24  # rows read at a time for a tensor that is only booked (64 MB of float32)
-
-
-def _delta_energy(base: TensorSource, aligned: TensorSource, tname: str) -> float:
-    """Σ delta² of one tensor, read in row chunks (a skipped tied embedding never sits whole in memory)."""
-    shape = base.shape(tname)
-    step = max(1, CHUNK_ELEMENTS // max(1, int(np.prod(shape[1:], dtype=np.int64))))
-    energy = 0.0
-    for start in range(0, shape[0], step):
-        stop = min(shape[0], start + step)
-        chunk = aligned.load_rows(tname, start, stop)
-        chunk -= base.load_rows(tname, start, stop)
-        _check_finite(chunk, tname, base, aligned)
-        energy += float(np.sum(np.square(chunk, dtype=np.float64)))
-    return energy
-
-
-def _check_finite(delta: np.ndarray, tname: str, base: TensorSource, aligned: TensorSource) -> None:
-    if not np.all(np.isfinite(delta)):
-        raise ConversionError(
-            f"tensor {tname!r}: the delta has NaN/Inf values ({base.path} vs {aligned.path}); check both checkpoints"
-        )
-
-
 def _deltas(base: TensorSource, aligned: TensorSource, build: AdapterBuild, progress: bool, desc: str):
-    """(name, delta) for every tensor llama.cpp can apply; zero and unapplicable deltas are booked (those
-    by row chunks: they are never factored, so never loaded whole)."""
-    tied = base.tied_embeddings
-    for tname in tqdm(base.names(), desc=desc, unit="tensor", disable=not progress, leave=False):
-        shape = base.shape(tname)
-        reason = fmt.unapplicable_reason(tname, len(shape), tied) or unapplied_reason(base.arch, tname)
-        if reason:
-            energy = _delta_energy(base, aligned, tname)
-            if energy == 0.0:
-                build.report.zero_tensors += 1
-            else:
-                build.skip(tname, energy, reason)
-            continue
-        delta = aligned.load(tname)
-        delta -= base.load(tname)
-        _check_finite(delta, tname, base, aligned)
-        if not np.any(delta):
-            build.report.zero_tensors += 1
-            continue
-        yield tname, delta
+    names = tqdm(base.names(), desc=desc, unit="tensor", disable=not progress, leave=False)
+    yield from applicable_deltas(base, aligned, names, build.count_zero, build.skip)
 
 
 def _plan(
@@ -248,7 +212,7 @@ def _plan(
     plans: dict[str, Planned] = {}
     options: dict[str, list] = {}
     for tname, delta in _deltas(base, aligned, build, progress, "factoring"):
-        f = factorize(delta, policy, device)
+        f = factor(delta, policy, device)
         plans[tname] = Planned(delta.shape, f, (types[0], types[0]))
         if max_size is not None:
             a, b = fmt.pair_from_factors(tname, f.left, f.right)
@@ -266,8 +230,7 @@ def _plan(
 def _write_planned(base: TensorSource, aligned: TensorSource, build: AdapterBuild, plans: dict[str, Planned]) -> None:
     """Pass 2: write each planned pair; the delta is re-read to book the error against the real AV."""
     for tname, p in plans.items():
-        delta = aligned.load(tname) - base.load(tname)
-        build.add(tname, p.shape, p.factors, delta, p.types)
+        build.add(tname, p.shape, p.factors, load_delta(base, aligned, tname), p.types)
 
 
 def _pair_meta(base: TensorSource, aligned: TensorSource, name: str, domain: str | None, policy: RankPolicy) -> dict:
@@ -334,7 +297,7 @@ def convert_pair(
         meta = _pair_meta(base, aligned, name, domain, policy)
         if max_size is None and fit is None:
             for tname, delta in _deltas(base, aligned, build, progress, "converting"):
-                build.add(tname, delta.shape, factorize(delta, policy, device), delta)
+                build.add(tname, delta.shape, factor(delta, policy, device), delta)
                 del delta
         else:
             plans = _plan(base, aligned, build, policy, device, progress, max_size, types or (dtype,))

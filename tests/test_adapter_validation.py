@@ -39,6 +39,7 @@ SCALE_OFFSETS = {
     Q.Q6_K: (208,),
 }
 ATTN_Q = "blk.0.attn_q.weight"  # (64, 64) in the tiny llama base: lora_a (r, 64), lora_b (64, r)
+EXPS = "blk.0.ffn_gate_exps.weight"  # (2, 96, 64) in base3d: lora_a (2, r, 64), lora_b (2, 96, r)
 
 
 @dataclass
@@ -228,18 +229,26 @@ CASES = [
     ("not-gguf", lambda p: (p.write_text("base: x.gguf\n"), p)[1], ["not a readable GGUF"], True),
     ("empty-file", lambda p: (p.write_bytes(b""), p)[1], ["not a readable GGUF"], True),
     # --- fine as a file, wrong for this base ---
-    # a pair on a 1-D base tensor (a norm): avgguf supports 2-D matmul weights only
+    # a 2-D pair on a MoE expert stack (its pairs are 3-D, one per expert), and 3-D halves of two expert counts
+    ("2d-pair-on-experts", adapter(lambda: pair(name=EXPS, cols=64, rows=96)), [EXPS, "3-D per-expert"], True),
+    (
+        "expert-count-mismatch",
+        adapter(lambda: {EXPS + ".lora_a": zeros(2, 4, 64), EXPS + ".lora_b": zeros(3, 96, 4)}),
+        [EXPS, "expert count"],
+        True,
+    ),
+    # a pair on a 1-D base tensor (a norm): llama.cpp applies pairs to matmul weights and expert stacks only
     (
         "pair-on-1d-base",
         adapter(lambda: pair(name="output_norm.weight", cols=1, rows=64)),
-        ["output_norm.weight", "1-D", "2-D matmul weights only"],
+        ["output_norm.weight", "1-D", "2-D matmul weights and 3-D MoE expert stacks only"],
         False,
     ),
-    # a pair on a 3-D (MoE expert) base tensor (base3d has one)
+    # per-expert pairs for 3 experts on a base stack of 2 (base3d has one)
     (
         "pair-on-3d-base",
-        adapter(lambda: pair(name="blk.0.ffn_gate_exps.weight", cols=64, rows=96)),
-        ["blk.0.ffn_gate_exps.weight", "3-D", "2-D matmul weights only"],
+        adapter(lambda: {EXPS + ".lora_a": zeros(3, 4, 64), EXPS + ".lora_b": zeros(3, 96, 4)}),
+        [EXPS, "expected (2, 4, 64) / (2, 96, 4)"],
         False,
     ),
     # an adapter for another architecture

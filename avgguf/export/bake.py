@@ -166,6 +166,10 @@ def recompress(src: Path, out: Path, arch: str, rank: int, extra: dict) -> None:
 
 
 def _truncated_product(left: np.ndarray, right: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """left @ right truncated to `rank`; a MoE expert stack (E, out, r) @ (E, r, in) per expert, at one rank."""
+    if left.ndim == 3:
+        parts = [_truncated_product(le, ri, rank) for le, ri in zip(left, right)]
+        return np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts])
     ql, rl = np.linalg.qr(left)
     qr_, rr = np.linalg.qr(right.T)
     u, s, vt = np.linalg.svd(rl @ rr.T)

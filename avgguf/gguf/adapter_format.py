@@ -123,15 +123,21 @@ def lora_names(base_name: str) -> tuple[str, str]:
     return base_name + LORA_A, base_name + LORA_B
 
 
+def is_expert(base_name: str) -> bool:
+    """A stacked MoE expert tensor (ffn_{gate,up,down,gate_up}_exps): 3-D, [n_expert, out, in] in numpy order;
+    llama.cpp applies its pair per expert (build_lora_mm_id)."""
+    return "_exps." in base_name
+
+
 def unapplicable_reason(base_name: str, ndim: int, tied_embeddings: bool) -> str | None:
     """Why llama.cpp cannot apply a delta on this base tensor through a LoRA, or None if it can."""
     if "_norm" in base_name:
         return "norm (llama.cpp never applies norm deltas)"
     if base_name.endswith(".bias"):
         return "bias (llama.cpp LoRA reaches matmuls only)"
-    if ndim == 3 and "_exps." in base_name:
-        return "MoE expert tensor (3-D): per-expert adapter pairs are not written by avgguf yet"
-    if ndim != 2:
+    if ndim == 3 and not is_expert(base_name):
+        return "3-D tensor that is not a MoE expert stack (llama.cpp's LoRA path never reaches it)"
+    if ndim not in (2, 3):
         return f"{ndim}-D tensor (not a matmul weight)"
     if tied_embeddings and base_name in (TOKEN_EMBD, OUTPUT):
         return "tied embeddings (llama.cpp would apply it in the wrong orientation)"
@@ -142,6 +148,8 @@ def unapplicable_reason(base_name: str, ndim: int, tied_embeddings: bool) -> str
 
 def pair_from_factors(base_name: str, left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(lora_a, lora_b) for delta = left @ right, left (out, r), right (r, in) in the base's numpy order.
+    A 3-D expert stack has one such pair per expert: left (E, out, r), right (E, r, in), i.e. lora_a
+    ne [n_embd, r, n_expert] and lora_b ne [r, n_ff, n_expert] in GGUF order, one rank for all experts.
 
     token_embd is flipped in llama.cpp (get_rows on lora_a, then lora_b): lora_a (n_vocab, r),
     lora_b (n_embd, r).
@@ -151,18 +159,26 @@ def pair_from_factors(base_name: str, left: np.ndarray, right: np.ndarray) -> tu
     return np.ascontiguousarray(right), np.ascontiguousarray(left)
 
 
-def delta_from_pair(base_name: str, lora_a: np.ndarray, lora_b: np.ndarray) -> np.ndarray:
-    """The delta llama.cpp applies at scale 1 with alpha 0 (inverse of pair_from_factors)."""
+def delta_from_pair(
+    base_name: str, lora_a: np.ndarray, lora_b: np.ndarray, start: int | None = None, stop: int | None = None
+) -> np.ndarray:
+    """The delta llama.cpp applies at scale 1 with alpha 0 (inverse of pair_from_factors); only its rows
+    start:stop (experts start:stop of a 3-D stack) if given."""
     if base_name == TOKEN_EMBD:
-        return lora_a @ lora_b.T
-    return lora_b @ lora_a
+        return lora_a[start:stop] @ lora_b.T
+    if lora_b.ndim == 3:
+        return lora_b[start:stop] @ lora_a[start:stop]
+    return lora_b[start:stop] @ lora_a
 
 
 def expected_pair_shapes(base_name: str, base_shape: tuple[int, ...], rank: int) -> tuple[tuple, tuple]:
+    if len(base_shape) == 3 and is_expert(base_name):
+        n_expert, rows, cols = base_shape
+        return (n_expert, rank, cols), (n_expert, rows, rank)
     if len(base_shape) != 2:
         raise AdapterError(
-            f"pair on {base_name!r}, a {len(base_shape)}-D base tensor {tuple(base_shape)}: avgguf "
-            f"supports 2-D matmul weights only"
+            f"pair on {base_name!r}, a {len(base_shape)}-D base tensor {tuple(base_shape)}: llama.cpp "
+            f"applies pairs to 2-D matmul weights and 3-D MoE expert stacks (*_exps) only"
         )
     rows, cols = base_shape
     if base_name == TOKEN_EMBD:
@@ -449,7 +465,7 @@ def _adapter_pairs(reader: gguf.GGUFReader, path: Path) -> tuple[dict[str, PairI
 
 
 def _pair(path: Path, base: str, a, b) -> PairInfo:
-    """One pair's shapes and factor types checked: both halves, 2-D, one rank >= 1 (lora_a of token_embd is
+    """One pair's shapes and factor types checked: both halves, 2-D (3-D on expert stacks), one rank >= 1 (lora_a of token_embd is
     stored transposed, as llama.cpp's converter writes it)."""
     if a is None or b is None:
         missing = base + (LORA_A if a is None else LORA_B)
@@ -458,21 +474,29 @@ def _pair(path: Path, base: str, a, b) -> PairInfo:
             f"(llama.cpp refuses half a pair). Re-create the adapter"
         )
     a_shape, b_shape = numpy_shape(a), numpy_shape(b)
-    if len(a_shape) != 2 or len(b_shape) != 2:
-        raise AdapterError(
-            f"{path}: {base!r}: only 2-D LoRA pairs are supported, found "
-            f"lora_a {a_shape}, lora_b {b_shape}; re-create the adapter"
-        )
-    rank = b_shape[1]
-    ok = a_shape[1] == rank if base == TOKEN_EMBD else a_shape[0] == rank
-    if not ok or rank < 1:
-        raise AdapterError(
-            f"{path}: {base!r}: lora_a {a_shape} and lora_b {b_shape} disagree on the rank "
-            f"(expected a rank >= 1 shared by both); re-create the adapter"
-        )
+    rank = _pair_rank(path, base, a_shape, b_shape)
     for t in (a, b):
         check_factor_type(path, t)
     return PairInfo(base, rank, a_shape, b_shape, a.tensor_type.name, b.tensor_type.name)
+
+
+def _pair_rank(path: Path, base: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> int:
+    """The rank both halves agree on: 2-D pairs, or 3-D per-expert pairs (E, r, in) / (E, out, r) on a *_exps
+    tensor with one rank and one expert count."""
+    ndim = 3 if is_expert(base) else 2
+    if len(a_shape) != ndim or len(b_shape) != ndim:
+        what = "3-D per-expert pairs (n_expert, r, in) / (n_expert, out, r)" if ndim == 3 else "2-D pairs"
+        raise AdapterError(f"{path}: {base!r}: expected {what}, found lora_a {a_shape}, lora_b {b_shape}; re-create the adapter")
+    rank = b_shape[-1]
+    ok = a_shape[1] == rank if base == TOKEN_EMBD else a_shape[-2] == rank
+    if ndim == 3:
+        ok = ok and a_shape[0] == b_shape[0]
+    if not ok or rank < 1:
+        raise AdapterError(
+            f"{path}: {base!r}: lora_a {a_shape} and lora_b {b_shape} disagree on the rank "
+            f"(expected a rank >= 1 shared by both{' and one expert count' if ndim == 3 else ''}); re-create the adapter"
+        )
+    return rank
 
 
 def check_factor_type(path: Path, t) -> None:
@@ -609,12 +633,12 @@ def check_against_base(adapter: AdapterInfo, base: BaseModelInfo) -> None:
                 f"the adapter was built for another model: convert it against this base"
             )
         shape = base.shapes[base_name]
-        if len(shape) != 2:
+        if len(shape) != (3 if is_expert(base_name) else 2):
             raise AdapterError(
                 f"{where}: pair on {base_name!r}, a {len(shape)}-D base tensor {shape} of base "
-                f"{str(base.path)!r}; avgguf supports 2-D matmul weights only (llama.cpp never "
-                f"applies a LoRA to norms, biases or 3-D expert tensors). Re-convert the adapter "
-                f"with avgguf, which books such tensors as not applicable"
+                f"{str(base.path)!r}; llama.cpp applies a LoRA to 2-D matmul weights and 3-D MoE expert "
+                f"stacks only (never to norms or biases). Re-convert the adapter with avgguf, which books "
+                f"such tensors as not applicable"
             )
         if base.tied_embeddings and base_name in (TOKEN_EMBD, OUTPUT):
             raise AdapterError(

@@ -1,8 +1,9 @@
 """Several adapters at their coefficients as ONE adapter at scale 1: exact concatenation of the factors.
 
 For every base tensor, A = [A_1; A_2; ...] (ranks stacked) and B = [c_1·B_1, c_2·B_2, ...], so
-B @ A = Σ c_i·B_i @ A_i: llama.cpp then runs two matmuls per tensor instead of two per adapter. Where every
-source stores a factor in the same quantized type, the fused factor is the byte concatenation of their
+B @ A = Σ c_i·B_i @ A_i (per expert on a 3-D MoE expert stack, whose rank axis is the same): llama.cpp
+then runs two matmuls per tensor instead of two per adapter. Where every source
+stores a factor in the same quantized type, the fused factor is the byte concatenation of their
 blocks (rows of A; column blocks of B, whose per-block scales are multiplied by c_i), so it is as small as
 the sources together and exact up to one f16 rounding of each block scale; f16 sources stay f16 (B
 rounded once after scaling); otherwise the factor is written in float32 (dequantized sources are exact in
@@ -35,7 +36,7 @@ _SCALE_FIELDS = {QType.Q8_0: (0,), QType.Q5_0: (0,), QType.Q4_0: (0,), QType.Q5_
 class Factor:
     raw: np.ndarray  # as stored: float rows, or uint8 rows of blocks
     qtype: QType
-    shape: tuple[int, int]  # element shape, numpy order
+    shape: tuple[int, ...]  # element shape, numpy order (3-D on a MoE expert stack: experts first)
 
     def floats(self) -> np.ndarray:
         return fmt.decode(self.raw, self.qtype).reshape(self.shape).astype(np.float32)
@@ -60,13 +61,13 @@ def _native(qtype: QType) -> bool:
 
 
 def _fuse_a(parts: list[Factor], token_embd: bool, float_type: QType | None = None) -> Factor:
-    axis = 1 if token_embd else 0  # the rank axis
+    axis = 1 if token_embd else -2  # the rank axis (rows of A; per expert on an expert stack)
     types = {p.qtype for p in parts}
     native = _native(next(iter(types))) or types <= {QType.F32, QType.F16}
     if len(types) == 1 and not token_embd and native and float_type is None:
-        raw = np.concatenate([p.raw for p in parts], axis=0)
-        rows = sum(p.shape[0] for p in parts)
-        return Factor(raw, parts[0].qtype, (rows, parts[0].shape[1]))
+        raw = np.concatenate([p.raw for p in parts], axis=-2)
+        shape = (*parts[0].shape[:-2], sum(p.shape[-2] for p in parts), parts[0].shape[-1])
+        return Factor(raw, parts[0].qtype, shape)
     data = np.concatenate([p.floats() for p in parts], axis=axis)
     return _as(data, float_type)
 
@@ -81,9 +82,9 @@ def _fuse_b(parts: list[Factor], coefs: list[float], float_type: QType | None = 
     types = {p.qtype for p in parts}
     qtype = next(iter(types))
     if len(types) == 1 and _native(qtype) and float_type is None:
-        raw = np.concatenate([scaled_blocks(p.raw, qtype, c) for p, c in zip(parts, coefs)], axis=1)
-        return Factor(raw, qtype, (parts[0].shape[0], sum(p.shape[1] for p in parts)))
-    data = np.concatenate([c * p.floats() for p, c in zip(parts, coefs)], axis=1)
+        raw = np.concatenate([scaled_blocks(p.raw, qtype, c) for p, c in zip(parts, coefs)], axis=-1)
+        return Factor(raw, qtype, (*parts[0].shape[:-1], sum(p.shape[-1] for p in parts)))
+    data = np.concatenate([c * p.floats() for p, c in zip(parts, coefs)], axis=-1)
     if float_type is None and types == {QType.F16}:  # f16 sources: stay f16 (half the bytes of f32)
         float_type = QType.F16
     return _as(data, float_type)

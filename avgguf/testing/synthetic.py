@@ -14,6 +14,19 @@ import numpy as np
 from avgguf.gguf.arches import permute_rows
 
 N_VOCAB = 300  # 3 control tokens + 256 byte tokens + 41 pieces
+# the shared widths of the tiny transformers models each architecture's tests build from a config
+TINY_HF_CONFIG = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 @dataclass
