@@ -2,12 +2,13 @@
 (a merged GGUF) and llama.cpp's own llama-export-lora merge, relative to the base in the same run; what a
 knob change costs on each path; and, on the real demo AVs, how much of the profile's effect each keeps.
 
-    python bench/bake_speed.py [--models smollm2,synthetic-1b] [--repeats 3] [--tokens 64]
+    python bench/bake_speed.py [--models smollm2,synthetic-1b,synthetic-3b] [--repeats 3] [--tokens 64]
         [--export-lora /path/to/llama-export-lora]
 
 smollm2: the embedded SmolLM2-135M-Instruct Q4_1 with the three demo AVs (modelfiles/demo.yaml).
 synthetic-1b: a 1.2B llama-shaped GGUF with random weights (Q4_0; speed does not depend on values) and
-random f16 AVs at ranks 16 and 64. Fidelity against the full-precision merged model ("fp": the base's
+random f16 AVs at ranks 16 and 64. synthetic-3b: the same at Llama-3.2-3B's widths, Q4_K_M.
+Fidelity against the full-precision merged model ("fp": the base's
 weights in float32 + Σλ·ΔW): "KL kept" = 1 - KL(fp ‖ path) / KL(fp ‖ base) over expert answers to held-out
 queries (every deviation counts, noise included); "margin kept" = the path's change of the preference margin
 (mean log-prob of the expert minus the avoidance answer to held-out queries of the AVs' domains) over fp's.
@@ -144,15 +145,24 @@ def quantize(src: Path, out: Path, ftype_name: str) -> Path:
 # --- models -------------------------------------------------------------------------------------------------
 
 
-def synthetic_1b(work: Path) -> Path:
-    """A llama-shaped 1.2B model with random weights, written f16 then quantized to Q4_0 by llama.cpp."""
+# name -> (label, Spec arguments, llama.cpp file type): random weights, speed only (it does not depend on values)
+SYNTHETIC = {
+    "synthetic-1b": ("synthetic 1.2B Q4_0", dict(n_layer=16, n_embd=2048, n_head=32, n_head_kv=8, n_ff=8192), "MOSTLY_Q4_0"),
+    # Llama-3.2-3B's widths and depth (its 128256-token vocabulary cut to 32000: the embedding is not what is timed)
+    "synthetic-3b": ("synthetic 3.2B Q4_K_M", dict(n_layer=28, n_embd=3072, n_head=24, n_head_kv=8, n_ff=8192), "MOSTLY_Q4_K_M"),
+}
+
+
+def synthetic(work: Path, name: str) -> Path:
+    """A llama-shaped model with random weights, written f16 then quantized by llama.cpp to SYNTHETIC's type."""
     from avgguf.testing.synthetic import Spec, add_vocab
 
-    spec = Spec("llama", n_layer=16, n_embd=2048, n_head=32, n_head_kv=8, n_ff=8192, n_vocab=32000)
+    _, dims, ftype = SYNTHETIC[name]
+    spec = Spec("llama", n_vocab=32000, **dims)
     rng = np.random.default_rng(0)
-    f16 = work / "synthetic-1b-f16.gguf"
+    f16 = work / f"{name}-f16.gguf"
     w = gguf.GGUFWriter(str(f16), "llama")
-    w.add_name("synthetic-1b")
+    w.add_name(name)
     for add, value in (
         (w.add_context_length, 2048),
         (w.add_embedding_length, spec.n_embd),
@@ -200,7 +210,7 @@ def synthetic_1b(work: Path) -> Path:
         else:
             w.write_tensor_data((rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float16))
     w.close()
-    out = quantize(f16, work / "synthetic-1b-q4_0.gguf", "MOSTLY_Q4_0")
+    out = quantize(f16, work / f"{name}-{ftype.removeprefix('MOSTLY_').lower()}.gguf", ftype)
     f16.unlink()
     return out
 
@@ -393,14 +403,14 @@ def main() -> None:
                 work,
                 fidelity=True,
             )
-        if "synthetic-1b" in args.models:
-            base = synthetic_1b(work)
+        for name in [m for m in args.models.split(",") if m in SYNTHETIC]:
+            base = synthetic(work, name)
             sets = {}
-            for rank in (16, 64):
-                avs = {f"r{rank}-{i}": random_av(base, rank, i, work / f"r{rank}-{i}.gguf") for i in range(3)}
+            for rank in (16, 64) if name == "synthetic-1b" else (16,):  # 3B: rank 16 only (time)
+                avs = {f"r{rank}-{i}": random_av(base, rank, i, work / f"{name}-r{rank}-{i}.gguf") for i in range(3)}
                 sets[f"1 AV rank {rank}"] = {k: avs[k] for k in list(avs)[:1]}
                 sets[f"3 AVs rank {rank}"] = avs
-            rows += run_model("synthetic 1.2B Q4_0", base, sets, args, work, fidelity=False)
+            rows += run_model(SYNTHETIC[name][0], base, sets, args, work, fidelity=False)
     print(
         f"\nGeneration speed relative to the base in the same run ({args.tokens} tokens greedy, median of "
         f"{args.repeats}, paths alternating, {os.cpu_count()} threads):\n"

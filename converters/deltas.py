@@ -101,7 +101,8 @@ def applicable_deltas(base: TensorSource, aligned: TensorSource, names, book_zer
     tied = base.tied_embeddings
     for tname in names:
         shape = tuple(base.shape(tname))
-        reason = fmt.unapplicable_reason(tname, len(shape), tied) or unapplied_reason(base.arch, tname)
+        # the architecture's own reason first: it is the true one where both apply (DeepSeek's 3-D attn_k_b)
+        reason = unapplied_reason(base.arch, tname) or fmt.unapplicable_reason(tname, len(shape), tied)
         if reason:
             energy = delta_energy(base, aligned, tname)
             if energy == 0.0:
