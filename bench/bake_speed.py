@@ -33,7 +33,7 @@ import gguf
 import numpy as np
 
 from avgguf.gguf import adapter_format as fmt
-from avgguf.export.bake import Bake, baked_gguf, write_merged_f32
+from avgguf.export.bake import Bake, baked_gguf, fused_adapter, write_merged_f32
 from avgguf.runtime.engine import Engine
 from avgguf.gguf.fuse import write_fused
 from avgguf.config.modelfile import load_modelfile, modelfile_from_gguf
@@ -263,6 +263,9 @@ def run_set(label: str, base: Path, set_name: str, avs: dict[str, Path], args, w
         fused.set_coefficients(coefs)  # builds and loads the fused adapter
         extra[f"{set_name}: fused adapter"] = {"seconds": time.perf_counter() - t0}
         engines[f"{set_name}: fused adapter"] = fused
+    for r in RANKS if len(avs) > 1 else ():
+        key = f"{set_name}: {RECOMPRESSED % r}"
+        engines[key], extra[key] = recompressed(base, avs, r, work)
     hot_key = f"{set_name}: live, merged hot set"
     engines[hot_key], extra[hot_key] = hot_engine(base, avs, coefs)
     mf = modelfile_from_gguf(base, [(p, 1.0) for p in avs.values()])
@@ -295,6 +298,21 @@ def run_set(label: str, base: Path, set_name: str, avs: dict[str, Path], args, w
         {"model": label, "path": k, "gen_tps": g, "gen_rel": g / base_gen, "prompt_rel": p / base_prompt, **extra.get(k, {})}
         for k, (g, p) in measured.items()
     ]
+
+
+RANKS = (16, 32)  # re-compressed fused adapters (issue #25: the cheaper live path until a merge is in)
+RECOMPRESSED = "fused, re-compressed to rank %d"
+
+
+def recompressed(base: Path, avs: dict[str, Path], rank: int, work: Path, **kw) -> tuple[Engine, dict]:
+    """The set as ONE adapter of `rank` (the exact fused sum truncated by an SVD of each product, as
+    `avgguf bake --format adapter --rank`): (engine, build seconds / bytes / file)."""
+    mf = modelfile_from_gguf(base, [(p, 1.0) for p in avs.values()])
+    out = work / f"recompressed-{rank}.gguf"
+    t0 = time.perf_counter()
+    fused_adapter(Bake(mf, "lora", mf.coefficients()), out, rank)
+    info = {"seconds": time.perf_counter() - t0, "bytes": out.stat().st_size, "_file": str(out)}
+    return open_engine(base, {"rc": out}, {"rc": 1.0}, "off", **kw), info
 
 
 def hot_engine(base: Path, avs: dict[str, Path], coefs: dict[str, float], **kw) -> tuple[Engine, dict]:
@@ -332,6 +350,8 @@ def path_engine(key: str, row: dict, base: Path, avs: dict[str, Path], coefs: di
         return open_engine(base, avs, coefs, "sync", logits_all=True)
     if key.endswith("merged hot set"):
         return hot_engine(base, avs, coefs, logits_all=True)[0]
+    if "re-compressed" in key:
+        return open_engine(base, {"rc": Path(row["_file"])}, {"rc": 1.0}, "off", logits_all=True)
     return open_engine(Path(row["_file"]), {}, {}, "off", logits_all=True)
 
 

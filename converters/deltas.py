@@ -1,8 +1,9 @@
 """The deltas aligned - base of a pair, tensor by tensor, with bounded memory.
 
 A tensor up to `STREAM_ELEMENTS` is read whole; a bigger one (an 8B model's untied token_embd / output:
-128256 x 4096, 2.1 GB as float32) is a `StreamedDelta`, read in row chunks by converters.streaming and by
-the error check, so that no copy of it is ever whole in memory. Tensors llama.cpp never applies are only
+128256 x 4096, 2.1 GB as float32; a Qwen3-30B-A3B expert stack, 128 x 768 x 2048) is a `StreamedDelta`,
+read in row chunks (experts) by converters.streaming and by the error check, so that no copy of it is ever
+whole in memory. Tensors llama.cpp never applies are only
 measured (row chunks) and booked.
 """
 
@@ -19,7 +20,7 @@ from avgguf.gguf.arches import qk_heads, unapplied_reason
 
 from .lowrank import Factors, RankPolicy, factorize
 from .sources import TensorSource
-from .streaming import streamed_factorize
+from .streaming import streamed_factorize, streamed_factorize_experts
 
 CHUNK_ELEMENTS = 1 << 24  # elements per row chunk (64 MB of float32)
 STREAM_ELEMENTS = 1 << 26  # a 2-D delta above this many elements (256 MB of float32) is never read whole
@@ -38,7 +39,7 @@ def row_chunks(shape: tuple[int, ...]):
 
 @dataclass
 class StreamedDelta:
-    """aligned - base of one big 2-D tensor, read only as rows start:stop."""
+    """aligned - base of one big tensor, read only as rows start:stop (experts, of a 3-D expert stack)."""
 
     base: TensorSource
     aligned: TensorSource
@@ -60,6 +61,8 @@ def rows_of(delta: Delta) -> Callable[[int, int], np.ndarray]:
 
 
 def factor(delta: Delta, policy: RankPolicy, device: str = "cpu") -> Factors:
+    if isinstance(delta, StreamedDelta) and len(delta.shape) == 3:
+        return streamed_factorize_experts(delta.rows, delta.shape, policy, chunk_rows(delta.shape))
     if isinstance(delta, StreamedDelta):
         return streamed_factorize(delta.rows, delta.shape, policy, chunk_rows(delta.shape))
     return factorize(delta, policy, device)
@@ -80,9 +83,12 @@ def delta_energy(base: TensorSource, aligned: TensorSource, tname: str) -> float
 
 def _streamed(base: TensorSource, tname: str, shape: tuple[int, ...]) -> bool:
     """Big 2-D tensors whose rows read the same on both sides (Q/K rows of a Hugging Face checkpoint are
-    permuted only by a whole load; they are never this big)."""
-    big = len(shape) == 2 and int(np.prod(shape, dtype=np.int64)) > STREAM_ELEMENTS
-    return big and qk_heads(base.arch, tname, base.n_head, base.n_head_kv) is None
+    permuted only by a whole load; they are never this big), and big MoE expert stacks (read by experts)."""
+    if int(np.prod(shape, dtype=np.int64)) <= STREAM_ELEMENTS:
+        return False
+    if len(shape) == 3:
+        return fmt.is_expert(tname)
+    return len(shape) == 2 and qk_heads(base.arch, tname, base.n_head, base.n_head_kv) is None
 
 
 def load_delta(base: TensorSource, aligned: TensorSource, tname: str) -> Delta:

@@ -300,6 +300,35 @@ def test_moe_expert_deltas_reproduce_the_aligned_model(arch, expert_kits, tmp_pa
         assert got <= 0.01, f"{arch} {route} pair with expert deltas: KL ratio {got:.4f}"
 
 
+@pytest.mark.parametrize("route", ["hf", "gguf"])
+def test_moe_expert_stacks_streamed_by_experts_give_the_same_adapter(expert_kits, tmp_path, monkeypatch, capsys, route):
+    """Expert stacks above converters.deltas.STREAM_ELEMENTS are factored a few experts at a time (a
+    Qwen3-30B-A3B stack is 128 x 768 x 2048): the same pairs as whole, never loaded whole."""
+    from avgguf.converters import deltas
+    from avgguf.converters.sources import GGUFModel, HFCheckpoint
+
+    base, aligned = expert_kits("qwen3moe")
+    if route == "gguf":
+        base, aligned = to_gguf(base), to_gguf(aligned)
+    convert(tmp_path / "whole.gguf", "--base", str(base), "--aligned", str(aligned))
+    monkeypatch.setattr(deltas, "STREAM_ELEMENTS", 1000)
+    monkeypatch.setattr(deltas, "CHUNK_ELEMENTS", 4000)  # about two experts per chunk
+    cls = GGUFModel if route == "gguf" else HFCheckpoint
+    whole = cls.load
+
+    def load(self, name):
+        assert "_exps." not in name, f"{name} was loaded whole"
+        return whole(self, name)
+
+    monkeypatch.setattr(cls, "load", load)
+    convert(tmp_path / "streamed.gguf", "--base", str(base), "--aligned", str(aligned))
+    capsys.readouterr()
+    a, b = adapter_deltas(tmp_path / "whole.gguf"), adapter_deltas(tmp_path / "streamed.gguf")
+    assert a.keys() == b.keys() and any("_exps." in n for n in a)
+    for name in a:
+        np.testing.assert_allclose(b[name], a[name], atol=1e-3 * np.abs(a[name]).max(), err_msg=name)
+
+
 def test_misordered_experts_are_caught(expert_kits, tmp_path, monkeypatch, capsys):
     """The same check fails when the per-expert slices are stacked in the wrong order."""
     from avgguf.converters.sources import HFCheckpoint
