@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from avgguf.gguf import adapter_format as fmt
+from avgguf.gguf import control_vector as cvf
 from avgguf.config.coefficients import CoefficientError, Resolver, check_value
 from avgguf.errors import AvggufError
 from avgguf.config.builtin import builtin_names, builtin_path
@@ -426,13 +427,22 @@ def check_adapters_fit(where: Path, base_path: Path, av_paths: dict[str, Path]) 
         raise ModelfileError(f"{where}: base: {exc}") from None
     for name, (p, key) in todo.items():
         try:
-            fmt.check_against_base(fmt.read_adapter(p), base)
+            check_knob(p, base)
         except AvggufError as exc:
             raise ModelfileError(f"{where}: avs.{name}: {exc}") from None
         with _FITS_LOCK:
             _FITS[key] = None
             while len(_FITS) > _FITS_MAX:
                 _FITS.popitem(last=False)
+
+
+def check_knob(path: Path, base: fmt.BaseModelInfo) -> None:
+    """A LoRA adapter or a control vector (told apart by the file: avgguf.gguf.control_vector) fits the base."""
+    if cvf.is_control_vector(path):
+        cv = cvf.read_control_vector(path)
+        cvf.check_against_base(cv, base.embedding_length, base.block_count, base.arch, str(base.path))
+    else:
+        fmt.check_against_base(fmt.read_adapter(path), base)
 
 
 def _baked_paths(path: Path, spec: ModelfileSpec) -> dict[str, Path]:

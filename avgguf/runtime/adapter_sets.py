@@ -19,6 +19,7 @@ The invariant, kept in two shapes:
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from avgguf.errors import AvggufError
 from avgguf.gguf import adapter_format as fmt
 from avgguf.runtime import llama, merged
 from avgguf.runtime.background import Key
+from avgguf.runtime.cvec import ContextVectors, ControlVectors
 from avgguf.runtime.fused import FusedAdapters
 from avgguf.runtime.merged import MergedSets
 
@@ -60,6 +62,7 @@ class Host(Protocol):
 
     model_path: Path
     adapters: Mapping[str, LoadedAdapter]
+    control_vectors: ControlVectors
 
     @property
     def n_threads(self) -> int: ...
@@ -98,10 +101,23 @@ class AdapterSets:
         self._keep: tuple = ()  # the arrays handed to llama.cpp with the adapters
         self.fusion: FusedAdapters | None = None
         self._merged: MergedSets | None = None
+        self._vectors: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # per serving model: its vectors
 
     def select(self, key: Key) -> bool:
         """Serve this set from now on; True if what llama.cpp computes with changed (then the KV cache of the
-        context that serves it holds nothing computed under another set)."""
+        context that serves it holds nothing computed under another set). Control-vector knobs
+        (avgguf.runtime.cvec) go to whichever context serves the LoRA part, reset with it."""
+        lora_key, cvec_key = self._host.control_vectors.split(key)
+        changed = self._select_lora(lora_key)
+        vectors = self._vectors.get(self.llm)
+        if vectors is None:
+            vectors = self._vectors[self.llm] = ContextVectors(self._host.control_vectors)
+        if vectors.set(llama.context_handle(self.llm), cvec_key):
+            self.llm.reset()  # K/V computed under the old control vectors must never be reused
+            return True
+        return changed
+
+    def _select_lora(self, key: Key) -> bool:
         self.key = key
         merged_llm = self._merged.take(key, lambda llm: llm is self.llm) if self._merged is not None and key else None
         if merged_llm is not None:
@@ -190,9 +206,19 @@ class BatchAdapters:
     fused one builds in the background, and for good if it cannot be built. A sequence keeps the variant it
     started with (the switch happens at a request boundary), so its K/V is never part separate, part fused."""
 
-    def __init__(self, adapters: Mapping[str, LoadedAdapter], ctx, fusion: FusedAdapters, fuse: bool = True):
-        """`ctx`: the batching context (avgguf.runtime.contexts.BatchContext); `fusion`: its fused adapters."""
+    def __init__(
+        self,
+        adapters: Mapping[str, LoadedAdapter],
+        ctx,
+        fusion: FusedAdapters,
+        fuse: bool = True,
+        vectors: ControlVectors | None = None,
+    ):
+        """`ctx`: the batching context (avgguf.runtime.contexts.BatchContext); `fusion`: its fused adapters;
+        `vectors`: the engine's control vectors (a set's control-vector part is applied with its LoRA part)."""
         self._adapters, self._ctx, self._fusion, self.fuse = adapters, ctx, fusion, fuse
+        self._split = vectors.split if vectors is not None else lambda key: (key, ())
+        self._vectors = ContextVectors(vectors) if vectors is not None else None
         self._group: tuple | None = None  # the (set, fused?) the context's adapters are at
         self._applied_fused: object | None = None  # the fused adapter set on the context (never freed while so)
 
@@ -200,6 +226,7 @@ class BatchAdapters:
         """The fused adapter a new sequence of this set starts with: the loaded one if it is ready, else None
         (the separate adapters) and a background build is asked for. `in_use`: fused adapters that running
         sequences compute with (never evicted)."""
+        key = self._split(key)[0]  # fusion is of the LoRA part only
         if not self.fuse or len(key) < 2 or self._fusion.failed(key) is not None:
             return None
         try:
@@ -216,7 +243,10 @@ class BatchAdapters:
         if group == self._group and fused is self._applied_fused:
             return
         key, is_fused = group
-        self._ctx.set_adapters(pairs_for(self._adapters, key, fused if is_fused else None))
+        lora_key, cvec_key = self._split(key)
+        self._ctx.set_adapters(pairs_for(self._adapters, lora_key, fused if is_fused else None))
+        if self._vectors is not None:
+            self._vectors.set(self._ctx.ctx, cvec_key)  # each sequence's K/V stays its own group's
         self._group, self._applied_fused = group, fused
 
     def forget(self) -> None:

@@ -194,7 +194,7 @@ class Batcher:
         self._ctx = engine.batch_context(n_seq, unified=kv_unified)
         self.chunk = max(1, min(chunk or self._ctx.capacity, self._ctx.capacity))
         self._fusion = engine.fusion_cache(capacity=max(4, n_seq))
-        self._adapters = BatchAdapters(engine.adapters, self._ctx, self._fusion, fuse)
+        self._adapters = BatchAdapters(engine.adapters, self._ctx, self._fusion, fuse, engine.control_vectors)
         self._running: list[Sequence] = []
         self._slots = Slots(n_seq)
         self._turns = Turns(self.quantum)

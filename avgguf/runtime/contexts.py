@@ -25,6 +25,11 @@ class SideContext:
         self._batch_size = max(1, min(params.n_batch, n_ctx))
         self._keep = llama.set_adapters(self._ctx, adapters, "the adapters of a side context") if adapters else ()
 
+    @property
+    def ctx(self):
+        """The llama_context pointer (control vectors: avgguf.runtime.cvec)."""
+        return self._ctx
+
     def eval(self, tokens: Sequence[int]) -> None:
         import llama_cpp
 

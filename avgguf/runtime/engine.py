@@ -19,10 +19,12 @@ import numpy as np
 from avgguf.config.coefficients import Resolver, check_value
 from avgguf.errors import AdapterError, AvggufError
 from avgguf.gguf import adapter_format as fmt
+from avgguf.gguf.control_vector import is_control_vector
 from avgguf.runtime import llama
 from avgguf.runtime.adapter_sets import FUSE_MODES, AdapterSets, LoadedAdapter
 from avgguf.runtime.background import Key
 from avgguf.runtime.contexts import BatchContext, SideContext
+from avgguf.runtime.cvec import ContextVectors, ControlVectors, LoadedControlVector
 from avgguf.runtime.fused import FusedAdapters
 from avgguf.runtime.llama import chat_formatter
 from avgguf.runtime.sampling import log_softmax
@@ -144,6 +146,9 @@ class Engine(Vocabulary, Scoring):
         self._model_llm = self._load(self.model_path, self._n_threads, "base model")
         Vocabulary.__init__(self, self._model_llm, str(self.model_path))
         self.adapters: dict[str, LoadedAdapter] = {}
+        self.control_vectors = ControlVectors.for_model(
+            llama.model_handle(self._model_llm), self.base.arch, str(self.model_path)
+        )  # knobs next to the AVs (avgguf.runtime.cvec)
         self.coefficients: dict[str, float] = {}
         self.sets = AdapterSets(self, self._model_llm, fuse, merge)
         Scoring.__init__(self, self.sets, logits_all)
@@ -182,9 +187,13 @@ class Engine(Vocabulary, Scoring):
     def side_context(self, scales: Mapping[str, float], threads: int | None = None) -> SideContext:
         """Another context on this model (weights shared) with these adapters at these scales, own KV cache;
         `threads`: its CPU threads (default: the engine's current count)."""
-        adapters = [(self.adapters[n].handle, float(v)) for n, v in scales.items() if v != 0.0]
+        lora, vectors = self.control_vectors.split(tuple(sorted((n, float(v)) for n, v in scales.items() if v != 0.0)))
+        adapters = [(self.adapters[n].handle, v) for n, v in lora]
         params = llama.context_params(self._model_llm, threads or self._n_threads)
-        return SideContext(llama.model_handle(self._model_llm), params, self.n_vocab, self.n_ctx, adapters)
+        side = SideContext(llama.model_handle(self._model_llm), params, self.n_vocab, self.n_ctx, adapters)
+        side.vectors = ContextVectors(self.control_vectors)
+        side.vectors.set(side.ctx, vectors)  # a fresh context: nothing in its KV cache yet
+        return side
 
     def batch_context(self, n_seq: int, n_ctx_seq: int | None = None, unified: bool = False) -> BatchContext:
         """A context on this model decoding `n_seq` sequences together, each up to `n_ctx_seq` tokens (default:
@@ -216,10 +225,19 @@ class Engine(Vocabulary, Scoring):
 
     # -- adapters and coefficient sets -------------------------------------------------------------
 
-    def load_adapter(self, name: str, path: str | os.PathLike) -> LoadedAdapter:
-        if name in self.adapters:
+    @property
+    def knob_names(self) -> tuple[str, ...]:
+        """Every coefficient name: the LoRA AVs, then the control vectors (load order)."""
+        return (*self.adapters, *self.control_vectors.vectors)
+
+    def load_adapter(self, name: str, path: str | os.PathLike) -> LoadedAdapter | LoadedControlVector:
+        """A LoRA AV, or a control vector (detected from the file: avgguf.gguf.control_vector), as knob `name`."""
+        if name in self.knob_names:
             raise AvggufError(f"an adapter named {name!r} is already loaded")
         path = Path(path)
+        if is_control_vector(path):
+            self.coefficients[name] = 0.0
+            return self.control_vectors.load(name, path)
         info = fmt.read_adapter(path)
         fmt.check_against_base(info, self.base)
         handle = llama.init_adapter(llama.model_handle(self._model_llm), path)
@@ -232,15 +250,15 @@ class Engine(Vocabulary, Scoring):
     def coefficient_key(self, coefficients: Mapping[str, float]) -> Key:
         """The active set as llama.cpp computes it: (name, value) of the non-zero AVs, sorted; names and
         range checked."""
-        Resolver(tuple(self.adapters), where="the engine").check_names(coefficients, "coefficients")
-        wanted = {name: check_value(name, coefficients.get(name, 0.0)) for name in self.adapters}
+        Resolver(self.knob_names, where="the engine").check_names(coefficients, "coefficients")
+        wanted = {name: check_value(name, coefficients.get(name, 0.0)) for name in self.knob_names}
         return tuple((n, v) for n, v in sorted(wanted.items()) if v != 0.0)
 
     def set_coefficients(self, coefficients: Mapping[str, float]) -> bool:
         """Replace the whole coefficient set (unnamed adapters go to 0). Returns True if what llama.cpp
         computes with changed (then the KV cache was reset). Fused and merged variants: AdapterSets."""
         key = self.coefficient_key(coefficients)
-        self.coefficients = {name: 0.0 for name in self.adapters} | dict(key)
+        self.coefficients = {name: 0.0 for name in self.knob_names} | dict(key)
         return self.sets.select(key)
 
     fused = property(lambda self: self.sets.fused, doc="Whether the active set runs as one fused adapter now.")
