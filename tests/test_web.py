@@ -82,9 +82,12 @@ def wait(predicate, timeout: float = 60.0, what: str = "condition"):
     pytest.fail(f"timed out waiting for {what}")
 
 
-def open_page(browser, url):
+def open_page(browser, url, fresh: bool = True):
+    """The page with its sliders; `fresh`: in a new conversation (the page reopens the last one it kept)."""
     browser.get(url)
     wait(lambda: browser.find_elements("css selector", "input[type=range][data-av]"), what="sliders")
+    if fresh:
+        browser.find_element("css selector", "button#new-chat").click()
 
 
 def set_slider(browser, name: str, value: float) -> None:

@@ -18,7 +18,12 @@ from avgguf.config.profile_save import ModelfileBusy, save_profile
 from avgguf.server.protocol import APIError, parse_body
 
 web = APIRouter()
-STATIC = {"app.js": "text/javascript", "style.css": "text/css"}
+TYPES = {".js": "text/javascript", ".css": "text/css"}
+# the page's files, the vendored renderer among them (static/vendor: marked, DOMPurify, highlight.js)
+STATIC = frozenset(
+    ["app.js", "style.css"]
+    + [f"vendor/{n}" for n in ("marked.umd.js", "purify.min.js", "highlight.min.js", "hljs-light.min.css", "hljs-dark.min.css")]
+)
 PUBLIC = ("/", "/static/")  # served without the API key: the page asks for it and sends it with every call
 
 
@@ -30,7 +35,7 @@ RegistryDep = Annotated[object, Depends(_registry)]
 
 
 def _asset(name: str) -> bytes:
-    return resources.files("avgguf.server").joinpath("static", name).read_bytes()
+    return resources.files("avgguf.server").joinpath("static", *name.split("/")).read_bytes()
 
 
 @web.get("/", response_class=HTMLResponse)
@@ -38,11 +43,11 @@ async def page():
     return HTMLResponse(_asset("index.html"))
 
 
-@web.get("/static/{name}")
+@web.get("/static/{name:path}")
 async def static(name: str):
     if name not in STATIC:
         raise APIError(404, f"no static file {name!r}", code="not_found")
-    return Response(_asset(name), media_type=STATIC[name])
+    return Response(_asset(name), media_type=TYPES[name[name.rfind(".") :]], headers={"Cache-Control": "no-cache"})
 
 
 @web.get("/avgguf/models")
@@ -59,6 +64,7 @@ async def knobs(registry: RegistryDep):
                 "default_profile": mf.spec.default_profile,
                 "decode": dict(mf.spec.profile_decode),
                 "writable": registry.allow_write,
+                "n_ctx": served.runtime.n_ctx,  # tokens per conversation (the page's context gauge)
             }
         )
     return {"object": "list", "data": data}

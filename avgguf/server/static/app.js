@@ -1,14 +1,69 @@
-// avgguf desktop chat: one slider per alignment vector, streamed answers, compare, save as profile.
-// All user and model text is inserted with textContent, never as HTML.
+// avgguf desktop chat: one slider per alignment vector, streamed answers rendered as sanitized markdown,
+// conversations kept in this browser, compare and sweep views, save as profile.
+// Model text becomes HTML only through renderMarkdown (marked, its raw HTML escaped, then DOMPurify);
+// user text is always inserted with textContent.
 "use strict";
 
 const $ = (sel) => document.querySelector(sel);
-const state = { models: [], model: null, history: [], controller: null };
+const STORE = "avgguf-conversations"; // localStorage: {id: conversation}
+const CURRENT = "avgguf-current"; // localStorage: the open conversation's id
+const state = { models: [], model: null, conv: null, controllers: [], key: "" };
+
+// ---- markdown -------------------------------------------------------------------------------------------
+
+const escapeHtml = (s) =>
+  String(s).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
+
+function highlighted(text, lang) {
+  const hl = window.hljs;
+  if (!hl) return escapeHtml(text);
+  if (lang && hl.getLanguage(lang)) return hl.highlight(text, { language: lang, ignoreIllegals: true }).value;
+  return hl.highlightAuto(text).value;
+}
+
+const markdown =
+  window.marked &&
+  new marked.Marked({ gfm: true, breaks: true }).use({
+    renderer: {
+      html: (token) => escapeHtml(token.text || token.raw || ""), // raw HTML in the text is shown, not run
+      image: (token) => escapeHtml(token.text || ""), // no remote images: offline, nothing fetched
+      code(token) {
+        const lang = (token.lang || "").trim().split(/\s+/)[0].toLowerCase();
+        const known = lang && window.hljs && hljs.getLanguage(lang) ? " language-" + escapeHtml(lang) : "";
+        return `<pre><code class="hljs${known}">${highlighted(token.text, lang)}</code></pre>`;
+      },
+    },
+  });
+
+const PURIFY = {
+  FORBID_TAGS: ["img", "svg", "math", "style", "form", "input", "button", "textarea", "select", "iframe", "video", "audio"],
+  FORBID_ATTR: ["style", "id", "name"],
+  ALLOW_DATA_ATTR: false,
+};
+if (window.DOMPurify) {
+  DOMPurify.addHook("afterSanitizeAttributes", (node) => {
+    if (node.tagName === "A") {
+      node.setAttribute("target", "_blank");
+      node.setAttribute("rel", "noopener noreferrer");
+    }
+    if (node.tagName === "PRE" || node.tagName === "TABLE") node.setAttribute("tabindex", "0"); // scrolls by keys
+  });
+}
+
+function renderMarkdown(text) {
+  if (!markdown || !window.DOMPurify) return escapeHtml(text).replace(/\n/g, "<br>");
+  return DOMPurify.sanitize(markdown.parse(text), PURIFY);
+}
+
+function setMarkdown(el, text) {
+  el.innerHTML = renderMarkdown(text);
+}
+
+// ---- the server -----------------------------------------------------------------------------------------
 
 function headers() {
   const h = { "Content-Type": "application/json" };
-  const key = $("#api-key").value.trim();
-  if (key) h["Authorization"] = "Bearer " + key;
+  if (state.key) h["Authorization"] = "Bearer " + state.key;
   return h;
 }
 
@@ -21,7 +76,11 @@ function status(text, isError = false) {
 async function api(path, options = {}) {
   const r = await fetch(path, { ...options, headers: headers() });
   const body = await r.json().catch(() => ({}));
-  if (!r.ok) throw new Error((body.error && body.error.message) || r.statusText);
+  if (!r.ok) {
+    const err = new Error((body.error && body.error.message) || r.statusText);
+    err.status = r.status;
+    throw err;
+  }
   return body;
 }
 
@@ -29,22 +88,28 @@ async function loadModels() {
   try {
     state.models = (await api("/avgguf/models")).data;
   } catch (e) {
-    status("could not list models: " + e.message, true);
+    if (e.status === 401) {
+      $("#key-form").hidden = false; // a key set by hand (`serve --api-key...`): ask for it once
+      status("this server runs with an API key: type it above", true);
+    } else status("could not list models: " + e.message, true);
     return;
   }
+  $("#key-form").hidden = true;
   const select = $("#model");
-  const previous = select.value;
+  const previous = select.value || (state.conv && state.conv.model);
   select.replaceChildren();
   for (const m of state.models) {
-    for (const id of [m.id, ...Object.keys(m.profiles).map((p) => m.id + ":" + p)]) {
-      const opt = document.createElement("option");
-      opt.value = id;
-      opt.textContent = id;
-      select.append(opt);
-    }
+    for (const id of [m.id, ...Object.keys(m.profiles).map((p) => m.id + ":" + p)]) select.append(option(id));
   }
   if (previous && [...select.options].some((o) => o.value === previous)) select.value = previous;
   chooseModel();
+}
+
+function option(value, text = value) {
+  const opt = document.createElement("option");
+  opt.value = value;
+  opt.textContent = text;
+  return opt;
 }
 
 function currentModel() {
@@ -63,46 +128,48 @@ function chooseModel() {
   if (!info) return;
   state.model = info;
   buildSliders(info, profileCoefficients(info, profile));
-  const decode = (profile && info.decode[profile]) || "weights";
-  $("#decode").value = decode;
-  const compare = $("#compare-with");
-  compare.replaceChildren();
-  for (const label of ["base (all 0)", ...Object.keys(info.profiles)]) {
-    const opt = document.createElement("option");
-    opt.value = label;
-    opt.textContent = label;
-    compare.append(opt);
-  }
+  $("#decode").value = (profile && info.decode[profile]) || "weights";
+  $("#compare-with").replaceChildren(...["base (all 0)", ...Object.keys(info.profiles)].map((l) => option(l)));
+  $("#sweep-knob").replaceChildren(...info.avs.map((n) => option(n)));
+  showUsage();
+}
+
+// ---- sliders --------------------------------------------------------------------------------------------
+
+const clamp = (v) => Math.max(-2, Math.min(2, Math.round((Number(v) || 0) * 100) / 100));
+
+function knobRow(name, value) {
+  const row = document.createElement("div");
+  row.className = "knob";
+  const label = document.createElement("label");
+  label.textContent = name;
+  const range = document.createElement("input");
+  Object.assign(range, { type: "range", min: -2, max: 2, step: 0.05, value });
+  range.dataset.av = name;
+  const number = document.createElement("input");
+  Object.assign(number, { type: "number", min: -2, max: 2, step: 0.05, value });
+  number.dataset.avNumber = name;
+  number.setAttribute("aria-label", name + " coefficient");
+  range.addEventListener("input", () => (number.value = range.value));
+  range.addEventListener("keydown", (e) => {
+    if (e.key !== "PageUp" && e.key !== "PageDown") return;
+    e.preventDefault();
+    range.value = clamp(Number(range.value) + (e.key === "PageUp" ? 0.4 : -0.4));
+    range.dispatchEvent(new Event("input"));
+  });
+  number.addEventListener("change", () => {
+    number.value = range.value = clamp(number.value);
+  });
+  label.htmlFor = range.id = "av-" + name;
+  row.append(label, range, number);
+  return row;
 }
 
 function buildSliders(info, coefs) {
   const box = $("#sliders");
   box.replaceChildren();
-  if (!info.avs.length) {
-    box.textContent = "this model has no alignment vectors";
-    return;
-  }
-  for (const name of info.avs) {
-    const row = document.createElement("div");
-    row.className = "knob";
-    const label = document.createElement("label");
-    label.textContent = name;
-    const range = document.createElement("input");
-    Object.assign(range, { type: "range", min: -2, max: 2, step: 0.05, value: coefs[name] });
-    range.dataset.av = name;
-    const number = document.createElement("input");
-    Object.assign(number, { type: "number", min: -2, max: 2, step: 0.05, value: coefs[name] });
-    number.dataset.avNumber = name;
-    range.addEventListener("input", () => (number.value = range.value));
-    number.addEventListener("change", () => {
-      const v = Math.max(-2, Math.min(2, Number(number.value) || 0));
-      number.value = v;
-      range.value = v;
-    });
-    label.htmlFor = range.id = "av-" + name;
-    row.append(label, range, number);
-    box.append(row);
-  }
+  if (!info.avs.length) box.textContent = "this model has no alignment vectors";
+  for (const name of info.avs) box.append(knobRow(name, coefs[name]));
 }
 
 function sliderCoefficients() {
@@ -111,61 +178,362 @@ function sliderCoefficients() {
   return out;
 }
 
-function addMessage(role, text, parent = $("#messages")) {
-  const div = document.createElement("div");
-  div.className = "message " + role;
-  const body = document.createElement("span");
-  body.className = "text";
-  body.textContent = text;
-  div.append(body);
-  parent.append(div);
-  div.scrollIntoView({ block: "end" });
-  return div;
+// ---- conversations (this browser's localStorage) --------------------------------------------------------
+
+function loadAll() {
+  try {
+    const all = JSON.parse(localStorage.getItem(STORE) || "{}");
+    return all && typeof all === "object" && !Array.isArray(all) ? all : {};
+  } catch {
+    return {};
+  }
 }
+
+function saveAll(all) {
+  try {
+    localStorage.setItem(STORE, JSON.stringify(all));
+  } catch (e) {
+    status("could not keep the conversation in this browser: " + e.message, true);
+  }
+}
+
+const newId = () =>
+  window.crypto && crypto.randomUUID ? crypto.randomUUID() : Date.now().toString(36) + Math.random().toString(36).slice(2);
+
+function titleOf(conv) {
+  if (conv.title) return conv.title;
+  const first = conv.turns.find((t) => t.role === "user");
+  return first ? first.content.replace(/\s+/g, " ").slice(0, 48) : "new chat";
+}
+
+function persist() {
+  const conv = state.conv;
+  const all = loadAll();
+  if (conv.turns.length) {
+    conv.updated = Date.now();
+    conv.model = $("#model").value;
+    all[conv.id] = conv;
+  } else delete all[conv.id];
+  saveAll(all);
+  localStorage.setItem(CURRENT, conv.id);
+  renderList();
+}
+
+function newChat() {
+  stop();
+  state.conv = { id: newId(), title: "", created: Date.now(), updated: Date.now(), model: $("#model").value, turns: [] };
+  localStorage.setItem(CURRENT, state.conv.id);
+  renderConversation();
+  renderList();
+  $("#prompt").focus();
+}
+
+function openConversation(id) {
+  const conv = loadAll()[id];
+  if (!conv) return;
+  stop();
+  state.conv = conv;
+  localStorage.setItem(CURRENT, id);
+  if (conv.model && [...$("#model").options].some((o) => o.value === conv.model) && $("#model").value !== conv.model) {
+    $("#model").value = conv.model;
+    chooseModel();
+  }
+  renderConversation();
+  renderList();
+}
+
+function renderList() {
+  const list = $("#conversations");
+  const all = Object.values(loadAll()).sort((a, b) => b.updated - a.updated);
+  list.replaceChildren();
+  for (const conv of all) {
+    const li = document.createElement("li");
+    li.dataset.conversationId = conv.id;
+    const button = document.createElement("button");
+    button.type = "button";
+    button.textContent = titleOf(conv);
+    button.title = new Date(conv.updated).toLocaleString();
+    if (state.conv && conv.id === state.conv.id) button.setAttribute("aria-current", "true");
+    button.addEventListener("click", () => openConversation(conv.id));
+    li.append(button);
+    list.append(li);
+  }
+}
+
+function renameChat() {
+  const name = prompt("Name this conversation", titleOf(state.conv));
+  if (name === null) return;
+  state.conv.title = name.trim().slice(0, 120);
+  persist();
+}
+
+function deleteChat() {
+  if (!state.conv.turns.length || !confirm(`Delete the conversation “${titleOf(state.conv)}”?`)) return;
+  const all = loadAll();
+  delete all[state.conv.id];
+  saveAll(all);
+  const next = Object.values(all).sort((a, b) => b.updated - a.updated)[0];
+  if (next) openConversation(next.id);
+  else newChat();
+  status("deleted");
+}
+
+// ---- export / import ------------------------------------------------------------------------------------
+
+function exportJSON(conv = state.conv) {
+  return JSON.stringify({ format: "avgguf-conversation", version: 1, ...conv, title: titleOf(conv) }, null, 2);
+}
+
+function exportMarkdown(conv = state.conv) {
+  const out = [`# ${titleOf(conv)}`, ""];
+  for (const turn of conv.turns) {
+    if (turn.role === "user") out.push("## user", "", turn.content, "");
+    for (const a of turn.role === "assistant" ? answersOf(turn) : []) {
+      out.push(`## assistant (${describe(a.coefficients || {}, a.decode || "weights")})`, "", a.content, "");
+    }
+  }
+  return out.join("\n");
+}
+
+function download(text, type, ext) {
+  const a = document.createElement("a");
+  a.href = URL.createObjectURL(new Blob([text], { type }));
+  a.download = titleOf(state.conv).replace(/[^\w.-]+/g, "-").slice(0, 60) + ext;
+  document.body.append(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(a.href), 1000);
+}
+
+function validTurn(t) {
+  return t && (t.role === "user" || t.role === "assistant") && typeof t.content === "string";
+}
+
+function importText(text) {
+  const data = JSON.parse(text);
+  const convs = Array.isArray(data) ? data : data.conversations || [data];
+  const all = loadAll();
+  let last = null;
+  for (const c of convs) {
+    if (!c || !Array.isArray(c.turns) || !c.turns.every(validTurn)) throw new Error("not an avgguf conversation (turns)");
+    const id = typeof c.id === "string" && !all[c.id] ? c.id : newId();
+    const { format, version, ...conv } = c; // eslint-disable-line no-unused-vars
+    all[id] = { ...conv, id, title: String(c.title || ""), updated: Number(c.updated) || Date.now() };
+    last = id;
+  }
+  saveAll(all);
+  if (last) openConversation(last);
+  return convs.length;
+}
+
+async function importFile() {
+  const file = $("#import").files[0];
+  if (!file) return;
+  try {
+    const n = importText(await file.text());
+    status(`imported ${n} conversation${n === 1 ? "" : "s"}`);
+  } catch (e) {
+    status("could not import " + file.name + ": " + e.message, true);
+  }
+  $("#import").value = "";
+}
+
+// ---- messages -------------------------------------------------------------------------------------------
+
+const answersOf = (turn) => turn.answers || [turn];
 
 function describe(coefs, decode) {
   const parts = Object.entries(coefs).map(([k, v]) => `${k}=${v}`);
-  return (parts.join(" ") || "no AVs") + (decode !== "weights" ? ` · ${decode}` : "");
+  return (parts.join(" ") || "no AVs") + (decode && decode !== "weights" ? ` · ${decode}` : "");
+}
+
+function describeUsage(u) {
+  if (!u || !u.completion) return "";
+  return ` · ${u.completion} tokens` + (u.tps ? ` · ${u.tps.toFixed(1)} tok/s` : "");
+}
+
+function button(text, label, onClick) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.textContent = text;
+  b.setAttribute("aria-label", label);
+  b.addEventListener("click", onClick);
+  return b;
+}
+
+function messageDiv(role, parent) {
+  const div = document.createElement("div");
+  div.className = "message " + role;
+  div.setAttribute("role", "article");
+  div.setAttribute("aria-label", role === "user" ? "you" : "answer");
+  const body = document.createElement("div");
+  body.className = "text";
+  div.append(body);
+  parent.append(div);
+  return div;
+}
+
+function finishAnswer(div, answer, index, single) {
+  div.dataset.coefficients = JSON.stringify(answer.coefficients);
+  div.dataset.decode = answer.decode;
+  if (answer.stopped) div.dataset.stopped = "true";
+  if (answer.level) div.dataset.level = answer.level;
+  setMarkdown(div.querySelector(".text"), answer.content);
+  const meta = document.createElement("span");
+  meta.className = "meta";
+  meta.textContent = describe(answer.coefficients, answer.decode) + describeUsage(answer.usage);
+  const actions = document.createElement("div");
+  actions.className = "actions";
+  actions.append(button("copy", "copy this answer", () => copyText(answer.content)));
+  if (single) actions.append(button("regenerate", "regenerate this answer", () => regenerate(index)));
+  div.append(meta, actions);
+}
+
+function renderUser(turn, index, parent) {
+  const div = messageDiv("user", parent);
+  div.querySelector(".text").textContent = turn.content;
+  const actions = document.createElement("div");
+  actions.className = "actions";
+  actions.append(button("edit", "edit this message and send it again", () => editTurn(div, index)));
+  div.append(actions);
+}
+
+function renderTurn(turn, index, parent = $("#messages")) {
+  if (turn.role === "user") return renderUser(turn, index, parent);
+  if (turn.answers) {
+    const pane = document.createElement("div");
+    pane.className = turn.kind === "sweep" ? "sweep" : "compare";
+    parent.append(pane);
+    turn.answers.forEach((a) => finishAnswer(messageDiv("assistant", pane), a, index, false));
+    pane.append(button("regenerate", "regenerate these answers", () => regenerate(index)));
+  } else finishAnswer(messageDiv("assistant", parent), turn, index, true);
+}
+
+function renderConversation() {
+  $("#messages").replaceChildren();
+  state.conv.turns.forEach((t, i) => renderTurn(t, i));
+  showUsage();
+  const last = $("#messages").lastElementChild;
+  if (last) last.scrollIntoView({ block: "end" });
+}
+
+function showUsage() {
+  const n = state.model && state.model.n_ctx;
+  const last = state.conv && [...state.conv.turns].reverse().find((t) => t.role === "assistant");
+  const u = last && answersOf(last)[0].usage;
+  const used = u && u.prompt != null ? u.prompt + u.completion : 0;
+  const el = $("#usage");
+  el.dataset.used = used;
+  el.dataset.nCtx = n || "";
+  el.textContent = n ? `context ${used} / ${n} tokens` + (u && u.tps ? ` · ${u.tps.toFixed(1)} tok/s` : "") : "";
+}
+
+async function copyText(text) {
+  try {
+    await navigator.clipboard.writeText(text);
+  } catch {
+    const area = document.createElement("textarea");
+    area.value = text;
+    document.body.append(area);
+    area.select();
+    document.execCommand("copy");
+    area.remove();
+  }
+  status("copied");
+}
+
+function editTurn(div, index) {
+  if (state.controllers.length) return;
+  const text = div.querySelector(".text");
+  const area = document.createElement("textarea");
+  area.value = state.conv.turns[index].content;
+  area.rows = 3;
+  area.setAttribute("aria-label", "edit the message");
+  const save = button("send", "send the edited message", () => {
+    if (!area.value.trim()) return;
+    state.conv.turns = state.conv.turns.slice(0, index);
+    state.conv.turns.push({ role: "user", content: area.value });
+    renderConversation();
+    generate();
+  });
+  const cancel = button("cancel", "cancel the edit", renderConversation);
+  text.replaceChildren(area, save, cancel);
+  area.focus();
+}
+
+function regenerate(index) {
+  if (state.controllers.length) return;
+  state.conv.turns = state.conv.turns.slice(0, index);
+  renderConversation();
+  generate();
+}
+
+// ---- streaming ------------------------------------------------------------------------------------------
+
+function readEvents(buffer, onEvent) {
+  let cut;
+  while ((cut = buffer.indexOf("\n\n")) >= 0) {
+    const line = buffer.slice(0, cut).trim();
+    buffer = buffer.slice(cut + 2);
+    if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
+    const event = JSON.parse(line.slice(6));
+    if (event.error) throw new Error(event.error.message);
+    onEvent(event);
+  }
+  return buffer;
 }
 
 async function streamAnswer(div, messages, coefs, decode, signal) {
+  const answer = { content: "", coefficients: coefs, decode, usage: null };
   div.dataset.coefficients = JSON.stringify(coefs);
-  div.dataset.decode = decode;
-  const meta = document.createElement("span");
-  meta.className = "meta";
-  meta.textContent = describe(coefs, decode);
   const text = div.querySelector(".text");
-  const body = { model: state.model.id, messages, stream: true, avgguf: { coefficients: coefs, decode } };
-  const r = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(body), signal });
-  if (!r.ok) {
-    const err = await r.json().catch(() => ({}));
-    throw new Error((err.error && err.error.message) || r.statusText);
-  }
-  const reader = r.body.getReader();
-  const decoder = new TextDecoder();
-  let buffer = "";
+  const body = {
+    model: state.model.id,
+    messages,
+    stream: true,
+    stream_options: { include_usage: true },
+    avgguf: { coefficients: coefs, decode },
+  };
+  const t0 = performance.now();
+  let first = null;
+  let pending = false;
+  const paint = () => {
+    pending = false;
+    setMarkdown(text, answer.content);
+  };
+  const onEvent = (event) => {
+    if (event.usage) answer.usage = { prompt: event.usage.prompt_tokens, completion: event.usage.completion_tokens };
+    const piece = event.choices && event.choices[0] && event.choices[0].delta && event.choices[0].delta.content;
+    if (!piece) return;
+    if (first === null) first = performance.now();
+    answer.content += piece;
+    if (!pending) (pending = true), requestAnimationFrame(paint);
+  };
   div.classList.add("streaming");
   try {
+    const r = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(body), signal });
+    if (!r.ok) {
+      const err = await r.json().catch(() => ({}));
+      throw new Error((err.error && err.error.message) || r.statusText);
+    }
+    const reader = r.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
     for (;;) {
       const { value, done } = await reader.read();
       if (done) break;
-      buffer += decoder.decode(value, { stream: true });
-      let cut;
-      while ((cut = buffer.indexOf("\n\n")) >= 0) {
-        const line = buffer.slice(0, cut).trim();
-        buffer = buffer.slice(cut + 2);
-        if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
-        const event = JSON.parse(line.slice(6));
-        if (event.error) throw new Error(event.error.message);
-        const piece = event.choices && event.choices[0] && event.choices[0].delta && event.choices[0].delta.content;
-        if (piece) text.textContent += piece;
-      }
+      buffer = readEvents(buffer + decoder.decode(value, { stream: true }), onEvent);
     }
+  } catch (e) {
+    if (e.name !== "AbortError") throw e;
+    answer.stopped = true;
   } finally {
     div.classList.remove("streaming");
-    div.append(meta);
   }
-  return text.textContent;
+  const seconds = (performance.now() - (first || t0)) / 1000;
+  if (answer.usage && answer.usage.completion > 1 && seconds > 0) answer.usage.tps = (answer.usage.completion - 1) / seconds;
+  answer.seconds = (performance.now() - t0) / 1000;
+  return answer;
 }
 
 function compareCoefficients() {
@@ -175,53 +543,102 @@ function compareCoefficients() {
   return profileCoefficients(info, choice);
 }
 
-async function send(event) {
+function sweepValues() {
+  const values = $("#sweep-values")
+    .value.split(/[\s,;]+/)
+    .filter(Boolean)
+    .map(Number);
+  if (values.length < 2 || values.length > 6 || !values.every((v) => Number.isFinite(v) && v >= -2 && v <= 2)) {
+    throw new Error("sweep values: give 3 to 5 numbers between -2 and 2, comma separated (e.g. -2, -1, 0, 1, 2)");
+  }
+  return values;
+}
+
+function plan() {
+  const coefs = sliderCoefficients();
+  if ($("#sweep").checked) {
+    const knob = $("#sweep-knob").value;
+    if (!knob) throw new Error("this model has no knob to sweep");
+    return { kind: "sweep", knob, sets: sweepValues().map((v) => ({ ...coefs, [knob]: v })) };
+  }
+  if ($("#compare").checked) return { kind: "compare", sets: [coefs, compareCoefficients()] };
+  return { kind: null, sets: [coefs] };
+}
+
+function busy(on) {
+  $("#send").disabled = on;
+  $("#stop").disabled = !on;
+  if (!on) state.controllers = [];
+}
+
+async function generate() {
+  let p;
+  try {
+    p = plan();
+  } catch (e) {
+    return status(e.message, true);
+  }
+  const index = state.conv.turns.length;
+  const messages = state.conv.turns.map((t) => ({ role: t.role, content: t.content }));
+  const decode = $("#decode").value;
+  let parent = $("#messages");
+  if (p.kind) {
+    parent = document.createElement("div");
+    parent.className = p.kind;
+    if (p.kind === "sweep") parent.dataset.knob = p.knob;
+    $("#messages").append(parent);
+  }
+  const divs = p.sets.map(() => messageDiv("assistant", parent));
+  divs[divs.length - 1].scrollIntoView({ block: "end" });
+  state.controllers = p.sets.map(() => new AbortController());
+  busy(true);
+  status("generating…");
+  const t0 = performance.now();
+  const results = await Promise.allSettled(
+    p.sets.map((c, i) => streamAnswer(divs[i], messages, c, decode, state.controllers[i].signal))
+  );
+  const seconds = (performance.now() - t0) / 1000;
+  busy(false);
+  (parent === $("#messages") ? divs : [parent]).forEach((el) => el.remove()); // drawn again, finished
+  finishTurn(p, results, index, seconds);
+}
+
+function finishTurn(p, results, index, seconds) {
+  const failed = results.find((r) => r.status === "rejected");
+  const answers = results.filter((r) => r.status === "fulfilled").map((r) => r.value);
+  if (failed && !answers.length) {
+    const turn = state.conv.turns.pop(); // the question goes back into the box
+    if (turn && turn.role === "user" && !$("#prompt").value) $("#prompt").value = turn.content;
+    renderConversation();
+    return status(failed.reason.message, true);
+  }
+  const turn = p.kind ? { role: "assistant", content: answers[0].content, kind: p.kind, answers } : { role: "assistant", ...answers[0] };
+  if (p.kind === "sweep") turn.knob = p.knob;
+  turn.seconds = seconds;
+  state.conv.turns.push(turn);
+  renderTurn(turn, index);
+  $("#messages").lastElementChild.scrollIntoView({ block: "end" });
+  persist();
+  showUsage();
+  if (failed) status(failed.reason.message, true);
+  else status(answers.some((a) => a.stopped) ? "stopped" : p.kind === "sweep" ? `sweep: ${seconds.toFixed(1)} s` : "");
+}
+
+function send(event) {
   event.preventDefault();
   const prompt = $("#prompt").value;
-  if (!prompt.trim() || state.controller || !state.model) return;
+  if (!prompt.trim() || state.controllers.length || !state.model) return;
   $("#prompt").value = "";
-  addMessage("user", prompt);
-  state.history.push({ role: "user", content: prompt });
-  const coefs = sliderCoefficients();
-  const decode = $("#decode").value;
-  state.controller = new AbortController();
-  $("#send").disabled = true;
-  $("#stop").disabled = false;
-  status("generating…");
-  try {
-    if ($("#compare").checked) {
-      const pane = document.createElement("div");
-      pane.className = "compare";
-      $("#messages").append(pane);
-      const a = addMessage("assistant", "", pane);
-      const b = addMessage("assistant", "", pane);
-      const first = await streamAnswer(a, state.history, coefs, decode, state.controller.signal);
-      await streamAnswer(b, state.history, compareCoefficients(), decode, state.controller.signal);
-      state.history.push({ role: "assistant", content: first });
-    } else {
-      const div = addMessage("assistant", "");
-      const answer = await streamAnswer(div, state.history, coefs, decode, state.controller.signal);
-      state.history.push({ role: "assistant", content: answer });
-    }
-    status("");
-  } catch (e) {
-    if (e.name === "AbortError") {
-      status("stopped");
-      const last = [...document.querySelectorAll(".message.assistant")].pop();
-      if (last) {
-        last.dataset.stopped = "true";
-        state.history.push({ role: "assistant", content: last.querySelector(".text").textContent });
-      }
-    } else {
-      status(e.message, true);
-      state.history.pop();
-    }
-  } finally {
-    state.controller = null;
-    $("#send").disabled = false;
-    $("#stop").disabled = true;
-  }
+  state.conv.turns.push({ role: "user", content: prompt });
+  renderTurn(state.conv.turns[state.conv.turns.length - 1], state.conv.turns.length - 1);
+  generate();
 }
+
+function stop() {
+  for (const c of state.controllers) c.abort();
+}
+
+// ---- profiles -------------------------------------------------------------------------------------------
 
 async function saveProfile() {
   const name = $("#profile-name").value.trim();
@@ -239,21 +656,67 @@ async function saveProfile() {
   }
 }
 
-$("#model").addEventListener("change", chooseModel);
-$("#reset-knobs").addEventListener("click", chooseModel);
-$("#composer").addEventListener("submit", send);
-$("#stop").addEventListener("click", () => state.controller && state.controller.abort());
-$("#reset").addEventListener("click", () => {
-  state.history = [];
-  $("#messages").replaceChildren();
-});
-$("#save-profile").addEventListener("click", saveProfile);
-$("#prompt").addEventListener("keydown", (e) => {
-  if (e.key === "Enter" && !e.shiftKey) send(e);
-});
+// ---- keyboard and wiring --------------------------------------------------------------------------------
+
+const typing = (el) => el && (el.tagName === "TEXTAREA" || (el.tagName === "INPUT" && el.type !== "range" && el.type !== "checkbox"));
+
+function shortcuts(e) {
+  if (e.ctrlKey && e.shiftKey && e.key.toLowerCase() === "o") {
+    e.preventDefault();
+    newChat();
+  } else if (e.key === "Escape" && e.shiftKey) {
+    e.preventDefault();
+    $("#prompt").focus();
+  } else if (e.key === "Escape" && state.controllers.length) {
+    e.preventDefault();
+    stop();
+  } else if (e.key === "/" && !typing(e.target) && !e.ctrlKey && !e.metaKey) {
+    e.preventDefault();
+    $("#prompt").focus();
+  }
+}
+
+function exclusive(a, b) {
+  $(a).addEventListener("change", () => $(a).checked && ($(b).checked = false));
+}
+
+function wire() {
+  $("#model").addEventListener("change", chooseModel);
+  $("#reset-knobs").addEventListener("click", chooseModel);
+  $("#composer").addEventListener("submit", send);
+  $("#stop").addEventListener("click", stop);
+  $("#reset").addEventListener("click", newChat);
+  $("#new-chat").addEventListener("click", newChat);
+  $("#rename-chat").addEventListener("click", renameChat);
+  $("#delete-chat").addEventListener("click", deleteChat);
+  $("#export-md").addEventListener("click", () => download(exportMarkdown(), "text/markdown", ".md"));
+  $("#export-json").addEventListener("click", () => download(exportJSON(), "application/json", ".json"));
+  $("#import").addEventListener("change", importFile);
+  $("#save-profile").addEventListener("click", saveProfile);
+  exclusive("#compare", "#sweep");
+  exclusive("#sweep", "#compare");
+  $("#prompt").addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) send(e);
+  });
+  $("#help-toggle").addEventListener("click", () => {
+    const help = $("#help");
+    help.hidden = !help.hidden;
+    $("#help-toggle").setAttribute("aria-expanded", String(!help.hidden));
+  });
+  $("#key-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    state.key = $("#api-key").value.trim();
+    sessionStorage.setItem("avgguf-key", state.key);
+    $("#api-key").value = "";
+    loadModels();
+  });
+  document.addEventListener("keydown", shortcuts);
+}
+
 // `avgguf desktop` opens this page with a one-time code in the URL's fragment (never sent to any server as
 // part of the URL): trade it once for the API key, keep the key for this tab only (sessionStorage, not
-// localStorage) and drop the code from the address bar and history.
+// localStorage) and drop the code from the address bar and history. No code and no key: no key box either,
+// unless the server answers 401 (a key set by hand: `avgguf serve --api-key-file ...`).
 async function redeemCode() {
   const code = new URLSearchParams(location.hash.slice(1)).get("code");
   if (!code) return;
@@ -262,14 +725,22 @@ async function redeemCode() {
     const body = await api("/avgguf/session", { method: "POST", body: JSON.stringify({ code }) });
     sessionStorage.setItem("avgguf-key", body.key);
   } catch (e) {
-    status("could not get the API key from avgguf desktop: " + e.message + " (type it above)", true);
+    status("could not get the API key from avgguf desktop: " + e.message, true);
   }
 }
-$("#api-key").addEventListener("change", () => {
-  sessionStorage.setItem("avgguf-key", $("#api-key").value);
-  loadModels();
-});
-redeemCode().then(() => {
-  $("#api-key").value = sessionStorage.getItem("avgguf-key") || "";
-  loadModels();
-});
+
+function start() {
+  wire();
+  const all = loadAll();
+  const current = all[localStorage.getItem(CURRENT)];
+  state.conv = current || { id: newId(), title: "", created: Date.now(), updated: Date.now(), model: "", turns: [] };
+  renderConversation();
+  renderList();
+  redeemCode().then(() => {
+    state.key = sessionStorage.getItem("avgguf-key") || "";
+    loadModels();
+  });
+}
+
+window.avgguf = { renderMarkdown, exportJSON, exportMarkdown, importText, state }; // for tests and the console
+start();
