@@ -352,3 +352,125 @@ def test_stock_llama_cpp_gives_the_same_greedy_tokens(tmp_path):
     finally:
         eng.close()
     assert len(set(answers.values())) == len(answers)  # each setting really changes the answer
+
+
+# -- avgguf convert --kind control-vector ------------------------------------------------------------------
+
+
+def hf_block_means(hf_dir: Path, seqs: list[list[int]], vectors: dict[int, np.ndarray]) -> np.ndarray:
+    """Mean block outputs (positions >= 1) of the HF model with `vectors` added: [n_layer, n_embd]."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    sums, count = {}, 0
+
+    def hook(i):
+        add = torch.tensor(vectors[i]) if i in vectors else 0
+
+        def run(mod, inp, out):
+            h = (out[0] if isinstance(out, tuple) else out) + add
+            sums[i] = sums.get(i, 0) + h[0, 1:].sum(0)
+            return (h, *out[1:]) if isinstance(out, tuple) else h
+
+        return run
+
+    handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        for s in seqs:
+            model(torch.tensor([s]))
+            count += len(s) - 1
+    for h in handles:
+        h.remove()
+    return np.stack([sums[i].numpy() / count for i in range(len(sums))])
+
+
+def test_pair_vector_at_one_reproduces_the_aligned_mean_shift(tmp_path, capsys):
+    import json
+
+    from avgguf.cli import main
+    from avgguf.testing.synthetic import make_pair
+
+    p = make_pair(tmp_path / "pair", Spec("llama", n_layer=4), delta_seed=3, include_norms=False, scale=0.2)
+    rng = np.random.default_rng(0)
+    seqs = [[1, *rng.integers(3, 300, 30).tolist()] for _ in range(24)]
+    cal = tmp_path / "cal.jsonl"
+    cal.write_text("".join(json.dumps({"tokens": s}) + "\n" for s in seqs))
+    out = tmp_path / "cv.gguf"
+    argv = ["convert", "--kind", "control-vector", "--base", str(p.base_hf), "--aligned", str(p.aligned_hf)]
+    assert main([*argv, "--calibration", str(cal), "--out", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    cv = cvf.read_control_vector(out)
+    assert cv.layers == [1, 2, 3] and report["layers"] == [1, 2, 3] and report["tokens"] == 24 * 30
+    # scale 1.0: the base's mean residual stream after every block from 1 on is the aligned model's
+    want = hf_block_means(p.aligned_hf, seqs, {})
+    got = hf_block_means(p.base_hf, seqs, dict(cv.directions))
+    before = hf_block_means(p.base_hf, seqs, {})
+    for layer in (1, 2, 3):
+        assert np.abs(got[layer] - want[layer]).max() < 1e-4 * np.abs(want[layer] - before[layer]).max() + 1e-5
+    # in llama.cpp: the vector moves the base toward the aligned model (KL over every position)
+    aligned_gguf = p.gguf_of(p.delta.applied_to(p.weights), "aligned.gguf")
+    tokens = seqs[0]
+    kl = []
+    for model, knobs in ((p.base_gguf, {}), (p.base_gguf, {"cv": out})):
+        eng = engine(model, **knobs)
+        eng.set_coefficients({"cv": 1.0} if knobs else {})
+        kl.append(eng.all_logits(tokens))
+        eng.close()
+    eng = engine(aligned_gguf)
+    ref = eng.all_logits(tokens)
+    eng.close()
+
+    def mean_kl(q):
+        lp, lq = ref - np.logaddexp.reduce(ref, -1, keepdims=True), q - np.logaddexp.reduce(q, -1, keepdims=True)
+        return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
+
+    assert mean_kl(kl[1]) < mean_kl(kl[0]) and report["fit"]["kl_steered"] < report["fit"]["kl_base"]
+
+
+CONVERT_ERRORS = [
+    # (extra flags, message fragment)
+    (["--preferences", "P"], "add --kind control-vector"),
+    (["--kind", "control-vector", "--aligned", "A", "--rank", "8"], "--rank: LoRA options"),
+    (["--kind", "control-vector", "--peft", "A"], "not from a --peft adapter"),
+    (["--kind", "control-vector", "--preferences", "P", "--calibration", "P"], "--calibration applies to --aligned"),
+]
+
+
+@pytest.mark.parametrize("flags,fragment", CONVERT_ERRORS, ids=[c[1] for c in CONVERT_ERRORS])
+def test_convert_refuses_flags_that_do_not_apply(tiny, capsys, flags, fragment):
+    from avgguf.cli import main
+
+    root, base, a, _ = tiny
+    flags = [str(a) if f in ("P", "A") else f for f in flags]
+    assert main(["convert", "--base", str(base), *flags, "--out", str(root / "x.gguf")]) != 0
+    assert fragment in capsys.readouterr().err
+
+
+def test_preferences_vector_raises_the_chosen_margin_and_loads_on_the_gguf(tmp_path, capsys):
+    import json
+
+    from avgguf.cli import main
+
+    base = smollm2()
+    rows = [json.loads(x) for x in Path("data/preferences/train.jsonl").read_text().splitlines()[:3]]
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "pca.gguf"
+    argv = ["convert", "--kind", "control-vector", "--base", str(base), "--preferences", str(prefs), "--method", "pca"]
+    assert main([*argv, "--negative", "avoidance", "--layer-range", "5", "25", "--out", str(out), "--json"]) == 0
+    fit = json.loads(capsys.readouterr().out)["fit"]
+    assert fit["pairs"] == 3 and fit["margin_steered"] > fit["margin_base"]
+    cv = cvf.read_control_vector(out)
+    assert cv.layers == list(range(5, 26)) and cv.n_embd == 576 and cv.model_hint == "llama"
+    from avgguf.runtime.engine import Engine
+
+    eng = Engine(base, n_ctx=128)
+    try:
+        eng.load_adapter("expert", out)
+        prompt = eng.tokenize("What should I do about a peanut allergy reaction?")
+        plain = eng.next_logits(prompt)
+        eng.set_coefficients({"expert": 1.0})
+        assert np.abs(eng.next_logits(prompt) - plain).max() > 0.05
+    finally:
+        eng.close()

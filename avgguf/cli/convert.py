@@ -23,8 +23,21 @@ def add_convert_parser(sub, parent) -> None:
         help="turn an alignment vector (aligned - base, or a PEFT LoRA) into a GGUF LoRA",
         description="Write aligned - base (or a PEFT LoRA) as a GGUF LoRA adapter for llama.cpp.",
     )
+    p.add_argument(
+        "--kind",
+        default="lora",
+        choices=["lora", "control-vector"],
+        help="lora: a GGUF LoRA adapter (default); control-vector: a llama.cpp control vector (direction.N per "
+        "layer) measured on the base's residual stream, from --aligned or --preferences (see docs/convert.md)",
+    )
     p.add_argument("--base", required=True, help="base model: HF checkpoint directory or .gguf file")
     src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--preferences",
+        metavar="FILE.jsonl",
+        help="--kind control-vector: preference rows {prompt|query, chosen, rejected} or avgguf's {query, "
+        "responses: {level: text}} (see --positive/--negative)",
+    )
     src.add_argument("--aligned", help="aligned (fine-tuned) model: HF checkpoint directory or .gguf file")
     src.add_argument(
         "--peft",
@@ -44,7 +57,38 @@ def add_convert_parser(sub, parent) -> None:
         "10 power iterations above)",
     )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where torch runs the SVD")
+    _add_cvec_args(p.add_argument_group("control vectors (--kind control-vector)"))
     cli_args.add_json_arg(p, "the conversion report")
+
+
+def _add_cvec_args(g) -> None:
+    g.add_argument(
+        "--method",
+        default="mean",
+        choices=["mean", "pca"],
+        help="--preferences: mean difference, or the first principal direction of the per-pair differences "
+        "(cvector-generator's methods; the sign here is the mean's, never random)",
+    )
+    g.add_argument("--positive", default="expert", help="avgguf preference rows: the level that is chosen (default expert)")
+    g.add_argument(
+        "--negative",
+        default="generic,avoidance",
+        help="avgguf preference rows: the rejected levels, comma-separated (default generic,avoidance: "
+        "recipes/train_dpo.py's pairs)",
+    )
+    g.add_argument(
+        "--layer-range",
+        nargs=2,
+        type=cli_args.positive_int,
+        metavar=("START", "END"),
+        help="make directions for blocks START..END only (inclusive; default 1..n_layer-1)",
+    )
+    g.add_argument(
+        "--max-tokens",
+        type=cli_args.positive_int,
+        default=16384,
+        help="calibration tokens measured at most (all run as one batch; default 16384)",
+    )
 
 
 def _add_size_args(p) -> None:
@@ -106,7 +150,12 @@ def _add_fit_args(fit) -> None:
 
 def _check_inputs(args) -> None:
     """Paths the user named, checked before anything heavy is imported."""
-    for flag, value in (("--base", args.base), ("--aligned", args.aligned), ("--peft", args.peft)):
+    for flag, value in (
+        ("--base", args.base),
+        ("--aligned", args.aligned),
+        ("--peft", args.peft),
+        ("--preferences", args.preferences),
+    ):
         if value is not None and not Path(value).exists():
             raise AvggufError(f"{flag} {value!r} not found (a Hugging Face checkpoint directory or a .gguf file)")
     out_dir = Path(args.out).resolve().parent
@@ -114,9 +163,40 @@ def _check_inputs(args) -> None:
         raise AvggufError(f"--out {args.out!r}: directory {str(out_dir)!r} does not exist")
 
 
+def _check_cvec_options(args) -> None:
+    """--kind control-vector takes --aligned or --preferences; the LoRA-only flags are refused by name."""
+    if args.kind != "control-vector":
+        if args.preferences:
+            raise AvggufError("--preferences makes a control vector: add --kind control-vector")
+        return
+    if args.peft:
+        raise AvggufError("--kind control-vector is measured from --aligned or --preferences, not from a --peft adapter")
+    lora_only = [
+        f
+        for f, v in (
+            ("--rank", args.rank),
+            ("--energy", args.energy),
+            ("--max-size", args.max_size),
+            ("--max-rank", args.max_rank),
+            ("--dtype", args.dtype),
+        )
+        if v
+    ]
+    if args.fit != "svd":
+        lora_only.append("--fit")
+    if lora_only:
+        raise AvggufError(f"{', '.join(lora_only)}: LoRA options; a control vector has one F32 vector per layer")
+    if args.preferences and args.calibration:
+        raise AvggufError("--calibration applies to --aligned pairs; --preferences is the control vector's data")
+
+
 def _check_options(args) -> None:
     """Flags that do not go together, and values argparse cannot check, before torch is imported."""
     from avgguf.converters.budget import parse_size
+
+    _check_cvec_options(args)
+    if args.kind == "control-vector":
+        return _check_paths(args)
 
     if args.max_rank and args.energy is None and args.max_size is None:
         raise AvggufError("--max-rank only applies with --energy or --max-size; for a uniform rank use --rank")
@@ -127,7 +207,11 @@ def _check_options(args) -> None:
     if args.peft and (args.fit != "svd" or args.max_size):
         raise AvggufError("--fit distill and --max-size work on --aligned pairs; for a PEFT adapter use --rank/--energy")
     if args.fit != "distill" and (args.calibration or args.tokenizer):
-        raise AvggufError("--calibration/--tokenizer only apply with --fit distill")
+        raise AvggufError("--calibration/--tokenizer only apply with --fit distill (or --kind control-vector)")
+    _check_paths(args)
+
+
+def _check_paths(args) -> None:
     for flag, value in (("--calibration", args.calibration), ("--tokenizer", args.tokenizer)):
         if value is not None and not Path(value).exists():
             raise AvggufError(f"{flag} {value!r} not found")
@@ -148,11 +232,60 @@ def run_convert(args) -> int:
     name = args.name or Path(args.out).stem
     base = open_source(args.base, "--base")
     progress = sys.stderr.isatty()
+    if args.kind == "control-vector":
+        return _convert_cvec(args, base, name, progress)
     report = _convert_peft(args, base, name, progress) if args.peft else _convert_pair(args, base, name, progress)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
         _print_report(args.out, report)
+    return 0
+
+
+def _convert_cvec(args, base, name: str, progress: bool) -> int:
+    from avgguf.converters import control_vector as cc
+    from avgguf.converters.sources import open_source
+
+    common = dict(
+        layer_range=tuple(args.layer_range) if args.layer_range else None,
+        max_tokens=args.max_tokens,
+        device=args.device,
+        force=args.force,
+        name=name,
+        tokenizer=args.tokenizer,
+    )
+    if args.preferences:
+        negatives = tuple(x.strip() for x in args.negative.split(",") if x.strip())
+        report = cc.convert_preferences(
+            base,
+            args.preferences,
+            args.out,
+            method=args.method,
+            positive=args.positive,
+            negatives=negatives,
+            domain=args.domain,
+            **common,
+        )
+    else:
+        aligned = open_source(args.aligned, "--aligned")
+        report = cc.convert_pair(
+            base, aligned, args.out, calibration=args.calibration, samples=args.fit_samples, progress=progress, **common
+        )
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    fit = report.fit
+    print(
+        f"wrote {args.out}: control vector ({report.kind}, {report.method}), blocks {report.layers[0]}..{report.layers[-1]}, "
+        f"n_embd {report.n_embd}, {report.tokens} tokens measured, {report.seconds:.0f} s"
+    )
+    if "kl_base" in fit:
+        print(f"KL(aligned || base) {fit['kl_base']:.4f} -> KL(aligned || base + vector at 1.0) {fit['kl_steered']:.4f}")
+    if "margin_base" in fit:
+        print(
+            f"chosen - rejected log-prob per token: base {fit['margin_base']:.4f}, "
+            f"with the vector at 1.0 {fit['margin_steered']:.4f}"
+        )
     return 0
 
 
