@@ -56,6 +56,7 @@ def test_the_page_trades_its_one_time_code_for_the_key(browser, desktop):
     browser.get(url)
     wait(lambda: browser.find_elements("css selector", "input[type=range][data-av]"), what="sliders")
     assert "#code=" not in browser.current_url, "the code stayed in the address bar"
+    assert not browser.find_element("css selector", "#key-form").is_displayed()  # no key box: desktop handed it
     stored = browser.execute_script("return [sessionStorage.getItem('avgguf-key'), localStorage.getItem('avgguf-key')]")
     assert stored[0] and len(stored[0]) >= 24 and stored[1] is None
     base = url.split("#")[0].rstrip("/")
@@ -136,3 +137,32 @@ def test_saving_over_an_existing_profile_asks_first(browser, open_server):
         if not accept:
             assert modelfile.read_text() == before
     assert "medical: -1.5" in modelfile.read_text()
+
+
+def test_a_key_set_by_hand_gets_a_small_prompt(browser, tiny_kit, tmp_path):
+    """`avgguf serve --api-key-file`: the page has no key until the user types it; a wrong one asks again."""
+    root, *_ = tiny_kit
+    key_file = tmp_path / "key"
+    key_file.write_text("s3cret-key-for-the-page\n")
+    srv = start_server(["serve", str(root / "tiny.yaml"), "--api-key-file", str(key_file)], tmp_path / "key.log")
+    try:
+        browser.get(srv.url + "/")
+        browser.execute_script("sessionStorage.clear()")
+        browser.get(srv.url + "/")
+        form = browser.find_element("css selector", "#key-form")
+        wait(form.is_displayed, what="the key prompt")
+        assert "API key" in browser.find_element("css selector", "#status").text
+        assert not browser.find_elements("css selector", "input[type=range][data-av]")
+        for key, works in (("wrong", False), ("s3cret-key-for-the-page", True)):
+            box = browser.find_element("css selector", "#api-key")
+            box.clear()
+            box.send_keys(key + "\n")
+            if works:
+                wait(lambda: browser.find_elements("css selector", "input[type=range][data-av]"), what="sliders")
+                assert not form.is_displayed()
+            else:
+                wait(lambda: "API key" in browser.find_element("css selector", "#status").text, what="asked again")
+                assert form.is_displayed()
+        assert browser.execute_script("return sessionStorage.getItem('avgguf-key')") == "s3cret-key-for-the-page"
+    finally:
+        srv.stop()

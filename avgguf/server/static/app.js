@@ -90,10 +90,15 @@ async function loadModels() {
   } catch (e) {
     if (e.status === 401) {
       $("#key-form").hidden = false; // a key set by hand (`serve --api-key...`): ask for it once
-      status("this server runs with an API key: type it above", true);
+      status(
+        "this server needs its API key: type it above (a page that `avgguf desktop` opens gets it by " +
+          "itself; start it again for a fresh one)",
+        true
+      );
     } else status("could not list models: " + e.message, true);
     return;
   }
+  if (!$("#key-form").hidden) status("");
   $("#key-form").hidden = true;
   const select = $("#model");
   const previous = select.value || (state.conv && state.conv.model);
@@ -708,6 +713,7 @@ function wire() {
     state.key = $("#api-key").value.trim();
     sessionStorage.setItem("avgguf-key", state.key);
     $("#api-key").value = "";
+    status("checking the key…");
     loadModels();
   });
   document.addEventListener("keydown", shortcuts);
