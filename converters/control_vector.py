@@ -20,7 +20,7 @@ constant vector cannot carry, and the report measures it):
   to agree with the mean difference (cvector-generator's sign is random), and its length fitted as above along
   that direction only.
 All sequences run as one padded batch (the fit needs every token's mean at block N before block N+1 runs), so
-`max_tokens` bounds the calibration set.
+`max_tokens` (--calibration-tokens) bounds the calibration set.
 """
 
 from __future__ import annotations
@@ -205,7 +205,7 @@ def _cap(seqs: list[list[int]], starts: list[int], max_tokens: int, what: str):
             break
         kept, total = kept + 1, total + len(s)
     if kept < len(seqs):
-        log.warning("%s: %d of %d sequences kept (--max-tokens %d)", what, kept, len(seqs), max_tokens)
+        log.warning("%s: %d of %d sequences kept (--calibration-tokens %d)", what, kept, len(seqs), max_tokens)
     return seqs[:kept], starts[:kept]
 
 

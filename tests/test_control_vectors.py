@@ -474,3 +474,47 @@ def test_preferences_vector_raises_the_chosen_margin_and_loads_on_the_gguf(tmp_p
         assert np.abs(eng.next_logits(prompt) - plain).max() > 0.05
     finally:
         eng.close()
+
+
+# -- the CLI: llama.cpp's flags on a bare GGUF -----------------------------------------------------------------
+
+
+def run_cli(capsys, *argv) -> str:
+    from avgguf.cli import main
+
+    assert main(["run", *argv, "--max-tokens", "12", "--temperature", "0", "--n-ctx", "128"]) == 0
+    return capsys.readouterr().out
+
+
+def test_run_takes_llamas_control_vector_flags(tiny, capsys):
+    root, base, a, b = tiny
+    only2 = cvf.write_control_vector(root / "only2.gguf", {2: directions(5)[2]}, "llama")
+    plain = run_cli(capsys, str(base), "a b c")
+    steered = run_cli(capsys, str(base), "a b c", "--control-vector", f"{a}=1.5")
+    assert steered != plain
+    assert run_cli(capsys, str(base), "a b c", "--control-vector-scaled", str(a), "1.5") == steered
+    # a control vector given to --lora is told apart by the file, and mixes with --control-vector
+    both = run_cli(capsys, str(base), "a b c", "--control-vector", f"{a}=1.5", "--lora", f"{b}=-1")
+    assert both not in (plain, steered)
+    # the layer range keeps block 2's direction only: the same as a file holding only that direction
+    ranged = run_cli(capsys, str(base), "a b c", "--control-vector", f"{a}=1.5", "--control-vector-layer-range", "2", "2")
+    assert ranged == run_cli(capsys, str(base), "a b c", "--control-vector", f"{only2}=1.5") and ranged != steered
+
+
+def test_modelfile_control_vector_layers_and_a_wrong_vector(tiny, tmp_path, capsys):
+    from avgguf.cli import main
+    from avgguf.config.modelfile import load_modelfile
+
+    root, base, a, _ = tiny
+    mf = {"base": str(base), "avs": {"steer": str(a)}, "profiles": {"on": {"steer": 1.5}}, "control_vector_layers": [2, 2]}
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(mf))
+    only2 = cvf.write_control_vector(tmp_path / "only2.gguf", {2: directions(5)[2]}, "llama")
+    assert run_cli(capsys, f"{tmp_path / 'm.yaml'}:on", "a b c") == run_cli(
+        capsys, str(base), "a b c", "--control-vector", f"{only2}=1.5"
+    )
+    narrow = cvf.write_control_vector(tmp_path / "narrow.gguf", directions(1, n_embd=32), "llama")
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"base": str(base), "avs": {"steer": str(narrow)}}))
+    with pytest.raises(AvggufError, match="avs.steer: control vector .* has n_embd 32 but base .* has n_embd 64"):
+        load_modelfile(tmp_path / "bad.yaml")
+    assert main(["run", str(base), "x", "--control-vector", str(narrow)]) != 0
+    assert "n_embd 32" in capsys.readouterr().err

@@ -104,9 +104,47 @@ def add_lora_args(p) -> None:
     )
 
 
+def add_control_vector_args(p) -> None:
+    """Control vectors on a bare base GGUF, llama.cpp's flags (read by `loras` and `cvec_layers`)."""
+    scale = f"a number in [{COEF_MIN:g}, {COEF_MAX:g}]"
+    p.add_argument(
+        "--control-vector",
+        action="append",
+        default=[],
+        metavar="PATH[=SCALE]",
+        help=f"with a base GGUF or builtin:NAME: a llama.cpp control vector to load as a knob, at SCALE ({scale}; "
+        "default 1, like llama.cpp's --control-vector FNAME); repeatable",
+    )
+    p.add_argument(
+        "--control-vector-scaled",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("PATH", "SCALE"),
+        help="the same as --control-vector PATH=SCALE, as two arguments (llama.cpp's form); repeatable",
+    )
+    p.add_argument(
+        "--control-vector-layer-range",
+        nargs=2,
+        type=int,
+        metavar=("START", "END"),
+        help="blocks the control vectors apply to, inclusive (llama.cpp's flag; default all; overrides a "
+        "modelfile's control_vector_layers)",
+    )
+
+
+def cvec_layers(args) -> tuple[int, int] | None:
+    """--control-vector-layer-range, checked."""
+    given = getattr(args, "control_vector_layer_range", None)
+    if given and given[0] > 0 and given[1] > 0 and given[0] > given[1]:
+        raise AvggufError(f"--control-vector-layer-range {given[0]} {given[1]}: START must be <= END")
+    return tuple(given) if given else None
+
+
 def loras(args) -> list[str]:
-    """--lora and --lora-scaled together, as PATH=SCALE strings (open_target checks paths and scales)."""
-    for path, scale in args.lora_scaled:
+    """--lora, --lora-scaled, --control-vector and --control-vector-scaled together, as PATH=SCALE strings
+    (open_target checks paths and scales and tells the kinds apart from the files)."""
+    for path, scale in [*args.lora_scaled, *getattr(args, "control_vector_scaled", [])]:
         try:
             float(scale)
         except ValueError:
@@ -115,7 +153,8 @@ def loras(args) -> list[str]:
                 f"second (llama.cpp's FNAME:SCALE,... is one argument; here write --lora-scaled PATH SCALE or "
                 f"--lora PATH=SCALE)"
             ) from None
-    return list(args.lora) + [f"{path}={scale}" for path, scale in args.lora_scaled]
+    cvecs = [*getattr(args, "control_vector", []), *(f"{p}={v}" for p, v in getattr(args, "control_vector_scaled", []))]
+    return list(args.lora) + [f"{path}={scale}" for path, scale in args.lora_scaled] + cvecs
 
 
 def add_engine_args(p) -> None:
@@ -148,6 +187,7 @@ def add_model_args(p, many: bool = False) -> None:
     builtin:NAME), adapters llama.cpp-style, the engine options and --stats."""
     add_target_arg(p, "+" if many else None, profile=not many)
     add_lora_args(p)
+    add_control_vector_args(p)
     add_engine_args(p)
     add_stats_arg(p)
 
@@ -273,7 +313,7 @@ def join_negative_values(argv: list[str]) -> list[str]:
             and "=" not in tok
             and i + 1 < len(argv)
             and _NUMBERISH.match(argv[i + 1])
-            and tok not in ("--lora-scaled",)
+            and tok not in ("--lora-scaled", "--control-vector-scaled")
         ):
             out.append(f"{tok}={argv[i + 1]}")
             i += 2

@@ -76,7 +76,7 @@ def _runtime(args, mf: Modelfile, merge: str | None = None) -> Runtime:
 
 def _open(args) -> tuple[Modelfile, str | None, dict[str, float]]:
     """The model and the coefficients the command starts with; every check before the model loads."""
-    mf, profile = open_target(args.target, cli_args.loras(args))
+    mf, profile = open_target(args.target, cli_args.loras(args), cli_args.cvec_layers(args))
     return mf, profile, mf.coefficients(profile, parse_assignments(args.sets), source="--set")
 
 
@@ -84,9 +84,8 @@ def _request(args, messages: list[dict]) -> GenerationRequest:
     return GenerationRequest(messages=messages, max_tokens=args.max_tokens, seed=args.seed, temperature=args.temperature)
 
 
-def _stream(
-    rt: Runtime, req: GenerationRequest, coefs: dict[str, float], stats: bool, out=sys.stdout, decode: str = "weights"
-) -> str:
+def _stream(rt: Runtime, req: GenerationRequest, coefs: dict[str, float], stats: bool, out=None, decode: str = "weights") -> str:
+    out = out or sys.stdout  # at call time: a default bound at import would outlive a replaced sys.stdout
     pieces = []
     for piece in rt.stream_chat_text(req, coefs, decode=decode):
         pieces.append(piece)

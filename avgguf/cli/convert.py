@@ -84,7 +84,7 @@ def _add_cvec_args(g) -> None:
         help="make directions for blocks START..END only (inclusive; default 1..n_layer-1)",
     )
     g.add_argument(
-        "--max-tokens",
+        "--calibration-tokens",
         type=cli_args.positive_int,
         default=16384,
         help="calibration tokens measured at most (all run as one batch; default 16384)",
@@ -248,7 +248,7 @@ def _convert_cvec(args, base, name: str, progress: bool) -> int:
 
     common = dict(
         layer_range=tuple(args.layer_range) if args.layer_range else None,
-        max_tokens=args.max_tokens,
+        max_tokens=args.calibration_tokens,
         device=args.device,
         force=args.force,
         name=name,

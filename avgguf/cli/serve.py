@@ -101,7 +101,7 @@ def _serve(args, on_ready=None, key: str | None = None) -> int:
     loras = cli_args.loras(args)
     if loras and len(args.targets) != 1:
         raise AvggufError("--lora applies to one base GGUF; give a single BASE.gguf (or list adapters in modelfiles)")
-    models = [open_target(t, loras)[0] for t in args.targets]
+    models = [open_target(t, loras, cli_args.cvec_layers(args))[0] for t in args.targets]
     passed = {name: getattr(args, name) for name in SERVE_OPTIONS}
     serve(models, args.host, args.port, key, max_queue=args.max_queue or 4 * args.parallel, on_ready=on_ready, **passed)
     return 0

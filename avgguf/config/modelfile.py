@@ -6,7 +6,7 @@ from __future__ import annotations
 import difflib
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -79,6 +79,18 @@ class ModelfileSpec(Strict):
     default_profile: str | None = None
     defaults: Defaults = Defaults()
     profile_decode: dict[str, Literal["weights", "pad", "pad-full"]] = {}  # from each profile's `decode:` key
+    # blocks the control vectors among the avs apply to, inclusive (llama.cpp's --control-vector-layer-range);
+    # None: all (1..n_layer)
+    control_vector_layers: list[int] | None = None
+
+    @field_validator("control_vector_layers")
+    @classmethod
+    def _layer_range(cls, v):
+        if v is not None and len(v) != 2:
+            raise ValueError(f"control_vector_layers is [START, END] (two block numbers), found {v}")
+        if v is not None and v[0] > 0 and v[1] > 0 and v[0] > v[1]:
+            raise ValueError(f"control_vector_layers [{v[0]}, {v[1]}] is empty: START must be <= END")
+        return v
 
     @model_validator(mode="before")
     @classmethod
@@ -486,8 +498,7 @@ def parse_lora(item: str) -> tuple[Path, float]:
     return Path(item), 1.0
 
 
-def _av_name(info: fmt.AdapterInfo, taken: set[str]) -> str:
-    raw = str(info.meta.get(fmt.KEY_NAME) or info.path.stem)
+def _unique_name(raw: str, taken: set[str]) -> str:
     name = "".join(c if c.isalnum() or c in "-_." else "-" for c in raw) or "av"
     candidate, n = name, 2
     while candidate in taken:
@@ -495,7 +506,7 @@ def _av_name(info: fmt.AdapterInfo, taken: set[str]) -> str:
     return candidate
 
 
-def modelfile_from_gguf(base: Path, loras: list[tuple[Path, float]]) -> Modelfile:
+def modelfile_from_gguf(base: Path, loras: list[tuple[Path, float]], cvec_layers: tuple[int, int] | None = None) -> Modelfile:
     """A base GGUF plus adapters given on the command line, as an in-memory modelfile: AV names from each
     adapter's avgguf.av.name (else its file stem), the given scales as its default profile 'lora'."""
     base_path = base.resolve()
@@ -506,25 +517,37 @@ def modelfile_from_gguf(base: Path, loras: list[tuple[Path, float]]) -> Modelfil
         if not path.is_file():
             hint = "; a comma list is not split: repeat --lora for each adapter" if "," in str(path) else ""
             raise ModelfileError(f"--lora {str(path)!r} not found{hint}")
-        info = fmt.read_adapter(path)
-        fmt.check_against_base(info, base_info)
-        name = _av_name(info, set(av_paths))
+        if cvf.is_control_vector(path):  # --control-vector, or a control vector given to --lora
+            cv = cvf.read_control_vector(path)
+            cvf.check_against_base(cv, base_info.embedding_length, base_info.block_count, base_info.arch, str(base_path))
+            raw_name = cv.meta.get("general.name") or path.stem
+        else:
+            info = fmt.read_adapter(path)
+            fmt.check_against_base(info, base_info)
+            raw_name = info.meta.get(fmt.KEY_NAME) or info.path.stem
+        name = _unique_name(str(raw_name), set(av_paths))
         av_paths[name], scales[name] = path.resolve(), scale
     spec = ModelfileSpec(
         base=str(base_path),
         avs={n: AVSpec(path=str(p)) for n, p in av_paths.items()},
         profiles={LORA_PROFILE: scales} if loras else {},
         default_profile=LORA_PROFILE if loras else None,
+        control_vector_layers=list(cvec_layers) if cvec_layers else None,
     )
     return Modelfile(base_path, spec, base_path, av_paths)
 
 
-def open_target(target: str, loras: list[str] | None = None) -> tuple[Modelfile, str | None]:
+def open_target(
+    target: str, loras: list[str] | None = None, cvec_layers: tuple[int, int] | None = None
+) -> tuple[Modelfile, str | None]:
     """What the CLI accepts where a model is expected: MODELFILE[:PROFILE], BASE.gguf or builtin:NAME (then
-    adapters come from --lora PATH[=SCALE]). Returns the modelfile and the profile named, if any."""
+    adapters and control vectors come from --lora/--control-vector PATH[=SCALE]; `cvec_layers`:
+    --control-vector-layer-range, which overrides a modelfile's control_vector_layers). Returns the modelfile
+    and the profile named, if any."""
     loras = loras or []
     if target.startswith(BUILTIN_PREFIX):
-        return modelfile_from_gguf(resolve_base(target, Path("command line")), [parse_lora(x) for x in loras]), None
+        base = resolve_base(target, Path("command line"))
+        return modelfile_from_gguf(base, [parse_lora(x) for x in loras], cvec_layers), None
     path, profile = parse_target(target)
     if not Path(path).is_file():
         raise ModelfileError(
@@ -539,12 +562,14 @@ def open_target(target: str, loras: list[str] | None = None) -> tuple[Modelfile,
     if kind == "model":
         if profile:
             raise ModelfileError(f"{target!r}: a bare GGUF has no profiles; set coefficients with --lora/--set")
-        return modelfile_from_gguf(Path(path), [parse_lora(x) for x in loras]), None
+        return modelfile_from_gguf(Path(path), [parse_lora(x) for x in loras], cvec_layers), None
     if loras:
         raise ModelfileError(
             f"--lora applies to a bare base GGUF; {path} is a modelfile: list the adapter under its avs: instead"
         )
     mf = load_modelfile(path)
+    if cvec_layers is not None:
+        mf = replace(mf, spec=mf.spec.model_copy(update={"control_vector_layers": list(cvec_layers)}))
     if profile in mf.baked_paths:
         return mf.baked(profile), None
     mf.coefficients(profile)  # an unknown profile fails before any model loads

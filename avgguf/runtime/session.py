@@ -49,7 +49,9 @@ class Runtime:
             merge=merge or d.merge,
         )
         for name, path in modelfile.av_paths.items():
-            self.engine.load_adapter(name, path)
+            self.engine.load_adapter(name, path)  # a LoRA AV or a control vector (told apart by the file)
+        if modelfile.spec.control_vector_layers is not None:
+            self.engine.control_vectors.set_layer_range(*modelfile.spec.control_vector_layers)
         self._pad_perf: tuple[int, float, int, float] | None = None  # the last PAD request's counts and times
 
     @property
