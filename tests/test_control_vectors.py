@@ -518,3 +518,30 @@ def test_modelfile_control_vector_layers_and_a_wrong_vector(tiny, tmp_path, caps
         load_modelfile(tmp_path / "bad.yaml")
     assert main(["run", str(base), "x", "--control-vector", str(narrow)]) != 0
     assert "n_embd 32" in capsys.readouterr().err
+
+
+def test_bake_writes_the_summed_vector_beside_the_model_or_says_why_not(mixed, tmp_path, capsys):
+    import json
+
+    from avgguf.cli import main
+    from avgguf.runtime.engine import Engine
+
+    root, *_ = mixed
+    out = tmp_path / "baked.gguf"
+    assert main(["bake", f"{root / 'mixed.yaml'}:steered", "--format", "gguf", "--out", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    summed = Path(report["control_vector"])
+    assert summed == tmp_path / "baked.cvec.gguf" and cvf.read_control_vector(summed).layers == [1]
+    # the baked model + the summed vector at 1 computes what the live profile computes
+    live = engine(root / "med" / "base.gguf", medical=root / "medical.gguf", steer=root / "steer.gguf")
+    live.set_coefficients({"medical": 1.0, "steer": 1.0})
+    want = live.all_logits(TOKENS)
+    live.close()
+    baked = Engine(out, n_ctx=64, logits_all=True, type_k=F32, type_v=F32)
+    baked.load_adapter("sum", summed)
+    baked.set_coefficients({"sum": 1.0})
+    got = baked.all_logits(TOKENS)
+    baked.close()
+    assert np.abs(got - want).max() < 1e-3 * max(1.0, np.abs(want).max())
+    assert main(["bake", f"{root / 'mixed.yaml'}:steered", "--format", "ollama", "--out", str(tmp_path / "o")]) != 0
+    assert "has no place for a llama.cpp control vector" in capsys.readouterr().err

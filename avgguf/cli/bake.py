@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from avgguf.cli import args as cli_args
 from avgguf.export.bake import FORMATS, GGUF_TYPES, bake, check_type, open_sources
 from avgguf.config.coefficients import describe, parse_assignments
 from avgguf.gguf.inspect import terminal_safe
 from avgguf.config.modelfile import open_target
+from avgguf.errors import AvggufError
+from avgguf.gguf import adapter_format as fmt
+from avgguf.gguf import control_vector as cvf
 
 
 def add_parser(sub, parent) -> None:
@@ -53,15 +57,43 @@ def add_parser(sub, parent) -> None:
     cli_args.add_json_arg(p, "the report")
 
 
+def split_control_vectors(mf, profile: str | None, coefs: dict[str, float], format_: str) -> tuple[dict, dict]:
+    """(LoRA coefficients, active control vectors) of a profile. Control vectors are not weights: gguf and
+    adapter outputs get their sum as one control-vector file beside them; Ollama and PEFT have no place for
+    one, so a profile that sets one is refused there with what to do instead."""
+    names = {n for n, p in mf.av_paths.items() if cvf.is_control_vector(p)}
+    active = {n: c for n, c in coefs.items() if n in names and c != 0.0}
+    if active and format_ not in ("gguf", "adapter"):
+        raise AvggufError(
+            f"bake --format {format_}: {mf.name}:{profile or 'custom'} sets control vector(s) {describe(active)}; "
+            f"{format_} has no place for a llama.cpp control vector. Bake --format gguf or adapter (the summed "
+            f"vector is written beside it as a .cvec.gguf for llama.cpp's --control-vector), or set "
+            f"{' '.join(f'{n}=0' for n in active)} with --set"
+        )
+    return {n: c for n, c in coefs.items() if n not in names}, active
+
+
+def _bake_control_vectors(mf, active: dict[str, float], out: str, force: bool) -> str | None:
+    if not active:
+        return None
+    base = fmt.read_base_model(mf.base_path)
+    target = str(Path(out).with_suffix("")) + ".cvec.gguf"
+    vectors = [(cvf.read_control_vector(mf.av_paths[n]), c) for n, c in active.items()]
+    layers = mf.spec.control_vector_layers
+    cvf.write_summed(target, vectors, base.embedding_length, base.block_count, layers, base.arch, force=force)
+    return target
+
+
 def run_bake(args) -> int:
     check_type(args.type)
     mf, profile = open_target(args.target, cli_args.loras(args))
     coefs = mf.coefficients(profile, parse_assignments(args.sets), source="--set")
+    lora_coefs, vectors = split_control_vectors(mf, profile, coefs, args.format)
     sources = open_sources(args.source, mf) if args.source else None
     report = bake(
         mf,
         profile,
-        coefs,
+        lora_coefs,
         args.out,
         args.format,
         args.type,
@@ -70,6 +102,9 @@ def run_bake(args) -> int:
         sources=sources,
         force=args.force,
     )
+    cvec = _bake_control_vectors(mf, vectors, args.out, args.force)
+    if cvec:
+        report = {**report, "coefficients": coefs, "control_vector": cvec}
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -84,4 +119,6 @@ def run_bake(args) -> int:
             )
         elif report.get("base") == "copied":
             print(terminal_safe(f"  {report['base_file']} is a copy of the base {mf.base_path} (another file system)"))
+        if cvec:
+            print(terminal_safe(f"  control vectors {describe(vectors)} summed into {cvec}: run with --control-vector {cvec}"))
     return 0

@@ -224,3 +224,25 @@ def write_control_vector(
         finally:
             w.close()
     return Path(out_path)
+
+
+def write_summed(
+    out_path: str | os.PathLike,
+    vectors: Sequence[tuple[ControlVector, float]],
+    n_embd: int,
+    n_layer: int,
+    layers: tuple[int, int] | None = None,
+    model_hint: str = "",
+    *,
+    force: bool = False,
+) -> Path:
+    """One control vector that llama.cpp applies at scale 1 exactly as it applies these files at their scales
+    over the inclusive block range `layers` (directions outside it are left out): bake's output beside a
+    baked model or adapter. Metadata records the sources and scales."""
+    start, end = layer_range(n_layer, *(layers or (None, None)))
+    flat = flat_buffer(vectors, n_embd, n_layer).reshape(-1, n_embd)
+    directions = {i + 1: flat[i] for i in range(len(flat)) if start <= i + 1 <= end and np.any(flat[i])}
+    if not directions:
+        directions = {start: np.zeros(n_embd, dtype=np.float32)}  # all scales 0: a vector that adds nothing
+    sources = ", ".join(f"{cv.path.name if cv.path else '?'}={scale:g}" for cv, scale in vectors)
+    return write_control_vector(out_path, directions, model_hint, metadata={"avgguf.cv.summed": sources}, force=force)
