@@ -6,6 +6,7 @@ tokens/s and the context gauge, keyboard use, dark mode, an axe-core scan, 400 p
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -32,7 +33,9 @@ def modelfile(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(modelfile):
-    proc, url = start(modelfile, "--parallel", "5")  # the sweep's 5 answers decode together
+    proc, url = start(
+        modelfile, "--parallel", "5", *os.environ.get("AVGGUF_WEB_SERVE", "").split()
+    )  # the sweep's 5 answers decode together
     yield url
     proc.terminate()
     proc.wait(timeout=10)
@@ -329,9 +332,17 @@ def test_sweep_streams_one_answer_per_value(browser, server):
     fresh(browser, server)
     values = [-2, -1, 0, 1, 2]
     question = "I have had a headache for three days. What should I do?"
+    judged = browser.execute_script("return avgguf.state.judge")
+    answer(browser, question)  # warm: the judge trained, the prompt path run once
+    if judged:
+        wait(lambda: answers(browser)[-1].get_attribute("data-level"), 120, "the judge's level")
+    browser.find_element("css selector", "#new-chat").click()
     t0 = time.time()
     answer(browser, question)
     one = time.time() - t0
+    one_tokens = browser.execute_script("return avgguf.state.conv.turns[1].usage.completion")
+    if judged:
+        wait(lambda: answers(browser)[-1].get_attribute("data-level"), 120, "the judge's level")
     browser.find_element("css selector", "#new-chat").click()
     from selenium.webdriver.support.ui import Select
 
@@ -350,7 +361,13 @@ def test_sweep_streams_one_answer_per_value(browser, server):
     assert got == [{**DEMO, "medical": v} for v in values]
     texts = [e.find_element("css selector", ".text").text for e in css(browser, ".sweep .message.assistant")]
     assert all(texts) and len(set(texts)) > 1
-    print(f"\nsweep of {len(values)} values: {five:.2f} s; one answer: {one:.2f} s; ratio {five / one:.2f}")
+    tokens = browser.execute_script("return avgguf.state.conv.turns[1].answers.map(a => a.usage.completion)")
+    if judged:  # each answer of the sweep gets its level too
+        wait(lambda: len(css(browser, ".sweep .message.assistant[data-level]")) == 5, 120, "the sweep's levels")
+    print(
+        f"\nsweep of {len(values)} values: {five:.2f} s ({tokens} tokens); one answer: {one:.2f} s ({one_tokens} tokens);"
+        f" ratio {five / one:.2f}"
+    )
     browser.refresh()  # the sweep is kept with the conversation
     wait(lambda: len(css(browser, ".sweep .message.assistant")) == 5, what="the kept sweep")
 
@@ -373,3 +390,28 @@ def test_page_weight_and_no_remote_assets(server):
         assert not re.search(r"https?://", httpx.get(server + "/static/" + name).text), name
     assert httpx.get(server + "/static/vendor/nope.js").status_code == 404
     assert httpx.get(server + "/static/../web.py").status_code == 404
+
+
+def test_each_finished_answer_gets_the_judges_level(browser, server):
+    """data-level on each answer: the level judge's reading (avgguf.eval.answer_judge, as `eval --generate`),
+    the same as the judge gives in this process for the same domain, question and answer."""
+    pytest.importorskip("sklearn")
+    answer_judge = pytest.importorskip("avgguf.eval.answer_judge")
+    import httpx
+
+    fresh(browser, server)
+    set_slider(browser, "medical", 1.5)
+    question = "I have had a headache for three days. What should I do?"
+    last = answer(browser, question)
+    level = wait(lambda: last.get_attribute("data-level"), 120, "the judge's level")
+    assert level in answer_judge.LEVELS
+    assert last.find_element("css selector", ".level").text.startswith("level: " + level)
+    content = browser.execute_script("return avgguf.state.conv.turns[1].content")
+    want = answer_judge.judge_answers([{"domain": "medical", "query": question, "answer": content}])[0]
+    assert level == want["level"]
+    kept = browser.execute_script("return avgguf.state.conv.turns[1]")
+    assert kept["probabilities"] == pytest.approx(want["probabilities"], abs=1e-6)
+    browser.refresh()  # the level is kept with the conversation
+    wait(lambda: answers(browser) and answers(browser)[0].get_attribute("data-level") == level, what="the kept level")
+    bad = httpx.post(server + "/avgguf/judge", json={"rows": [{"domain": "medical", "query": "q"}]})
+    assert bad.status_code == 400 and "answer" in bad.text

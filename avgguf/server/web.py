@@ -4,6 +4,7 @@ OpenAI API: what each model's knobs are, and saving the knobs as a profile (only
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import threading
 from importlib import resources
 from typing import Annotated, Literal
@@ -67,7 +68,49 @@ async def knobs(registry: RegistryDep):
                 "n_ctx": served.runtime.n_ctx,  # tokens per conversation (the page's context gauge)
             }
         )
-    return {"object": "list", "data": data}
+    return {"object": "list", "data": data, "judge": _judge_available()}
+
+
+def _judge_available() -> bool:
+    """Whether the level judge (avgguf.eval.answer_judge, scikit-learn) can run here: the page then asks it
+    for each finished answer's level."""
+    return all(importlib.util.find_spec(m) is not None for m in ("sklearn", "avgguf.eval.answer_judge"))
+
+
+class JudgeRow(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    domain: str = Field(max_length=64)
+    query: str = Field(max_length=20000)
+    answer: str = Field(max_length=40000)
+
+
+class Judge(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    rows: list[JudgeRow] = Field(min_length=1, max_length=8)
+
+
+_JUDGE_LOCK = threading.Lock()  # the first call trains the judge (seconds); the others wait for it
+
+
+def _judge(rows: list[dict]) -> list[dict]:
+    from avgguf.eval.answer_judge import judge_answers
+
+    with _JUDGE_LOCK:
+        return judge_answers(rows)
+
+
+@web.post("/avgguf/judge")
+async def judge(request: Request):
+    """The level judge's reading of answers (the same judge as `avgguf eval --generate`): rows {domain,
+    query, answer} -> {level: avoidance|generic|expert|off-level, probabilities}."""
+    body = await parse_body(request, Judge)
+    if not _judge_available():
+        raise APIError(501, "the level judge is not installed here: pip install 'avgguf[eval]'", code="not_implemented")
+    try:
+        judged = await asyncio.to_thread(_judge, [r.model_dump() for r in body.rows])
+    except AvggufError as exc:
+        raise APIError(400, str(exc)) from None
+    return {"data": [{"level": j["level"], "probabilities": j["probabilities"]} for j in judged]}
 
 
 class Session(BaseModel):

@@ -7,7 +7,7 @@
 const $ = (sel) => document.querySelector(sel);
 const STORE = "avgguf-conversations"; // localStorage: {id: conversation}
 const CURRENT = "avgguf-current"; // localStorage: the open conversation's id
-const state = { models: [], model: null, conv: null, controllers: [], key: "" };
+const state = { models: [], model: null, conv: null, controllers: [], key: "", judge: false };
 
 // ---- markdown -------------------------------------------------------------------------------------------
 
@@ -86,7 +86,9 @@ async function api(path, options = {}) {
 
 async function loadModels() {
   try {
-    state.models = (await api("/avgguf/models")).data;
+    const listed = await api("/avgguf/models");
+    state.models = listed.data;
+    state.judge = Boolean(listed.judge);
   } catch (e) {
     if (e.status === 401) {
       $("#key-form").hidden = false; // a key set by hand (`serve --api-key...`): ask for it once
@@ -378,11 +380,25 @@ function messageDiv(role, parent) {
   return div;
 }
 
-function finishAnswer(div, answer, index, single) {
+function showLevel(div, answer) {
+  if (!answer.level) return;
+  div.dataset.level = answer.level;
+  const p = answer.probabilities || {};
+  const shares = Object.entries(p)
+    .sort((a, b) => b[1] - a[1])
+    .map(([k, v]) => `${k} ${Math.round(v * 100)}%`);
+  const el = div.querySelector(".level") || document.createElement("span");
+  el.className = "level";
+  el.textContent = "level: " + answer.level + (shares.length ? " (" + shares.join(" · ") + ")" : "");
+  div.querySelector(".meta").after(el);
+}
+
+function finishAnswer(div, answer, index, single, j = 0) {
   div.dataset.coefficients = JSON.stringify(answer.coefficients);
   div.dataset.decode = answer.decode;
+  div.dataset.turn = index;
+  div.dataset.answer = j;
   if (answer.stopped) div.dataset.stopped = "true";
-  if (answer.level) div.dataset.level = answer.level;
   setMarkdown(div.querySelector(".text"), answer.content);
   const meta = document.createElement("span");
   meta.className = "meta";
@@ -392,6 +408,7 @@ function finishAnswer(div, answer, index, single) {
   actions.append(button("copy", "copy this answer", () => copyText(answer.content)));
   if (single) actions.append(button("regenerate", "regenerate this answer", () => regenerate(index)));
   div.append(meta, actions);
+  showLevel(div, answer);
 }
 
 function renderUser(turn, index, parent) {
@@ -409,7 +426,7 @@ function renderTurn(turn, index, parent = $("#messages")) {
     const pane = document.createElement("div");
     pane.className = turn.kind === "sweep" ? "sweep" : "compare";
     parent.append(pane);
-    turn.answers.forEach((a) => finishAnswer(messageDiv("assistant", pane), a, index, false));
+    turn.answers.forEach((a, j) => finishAnswer(messageDiv("assistant", pane), a, index, false, j));
     pane.append(button("regenerate", "regenerate these answers", () => regenerate(index)));
   } else finishAnswer(messageDiv("assistant", parent), turn, index, true);
 }
@@ -625,8 +642,37 @@ function finishTurn(p, results, index, seconds) {
   $("#messages").lastElementChild.scrollIntoView({ block: "end" });
   persist();
   showUsage();
+  judgeTurn(turn, index);
   if (failed) status(failed.reason.message, true);
   else status(answers.some((a) => a.stopped) ? "stopped" : p.kind === "sweep" ? `sweep: ${seconds.toFixed(1)} s` : "");
+}
+
+// the level judge's reading of each answer (the server's /avgguf/judge, when it has the judge)
+function domainOf(turn, answer) {
+  if (turn.knob) return turn.knob;
+  const entries = Object.entries(answer.coefficients || {}).sort((a, b) => Math.abs(b[1]) - Math.abs(a[1]));
+  return entries.length ? entries[0][0] : "general";
+}
+
+async function judgeTurn(turn, index) {
+  const question = state.conv.turns[index - 1];
+  const conv = state.conv;
+  if (!state.judge || !question) return;
+  const list = answersOf(turn);
+  const rows = list.map((a) => ({ domain: domainOf(turn, a), query: question.content, answer: a.content }));
+  try {
+    const judged = (await api("/avgguf/judge", { method: "POST", body: JSON.stringify({ rows }) })).data;
+    judged.forEach((j, k) => Object.assign(list[k], { level: j.level, probabilities: j.probabilities }));
+  } catch (e) {
+    return status("the level judge: " + e.message, true);
+  }
+  const all = loadAll();
+  if (all[conv.id]) saveAll({ ...all, [conv.id]: conv });
+  if (conv !== state.conv || conv.turns[index] !== turn) return; // another chat is open now: kept, not drawn
+  list.forEach((a, k) => {
+    const div = document.querySelector(`.message.assistant[data-turn="${index}"][data-answer="${k}"]`);
+    if (div) showLevel(div, a);
+  });
 }
 
 function send(event) {
