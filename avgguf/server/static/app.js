@@ -368,11 +368,17 @@ function button(text, label, onClick) {
   return b;
 }
 
-function messageDiv(role, parent) {
+function messageDiv(role, parent, heading = "") {
   const div = document.createElement("div");
   div.className = "message " + role;
   div.setAttribute("role", "article");
-  div.setAttribute("aria-label", role === "user" ? "you" : "answer");
+  div.setAttribute("aria-label", role === "user" ? "you" : heading ? "answer at " + heading : "answer");
+  if (heading) {
+    const h = document.createElement("div");
+    h.className = "knob-value";
+    h.textContent = heading;
+    div.append(h);
+  }
   const body = document.createElement("div");
   body.className = "text";
   div.append(body);
@@ -386,6 +392,7 @@ function showLevel(div, answer) {
   const p = answer.probabilities || {};
   const shares = Object.entries(p)
     .sort((a, b) => b[1] - a[1])
+    .filter(([, v]) => v >= 0.05)
     .map(([k, v]) => `${k} ${Math.round(v * 100)}%`);
   const el = div.querySelector(".level") || document.createElement("span");
   el.className = "level";
@@ -426,7 +433,8 @@ function renderTurn(turn, index, parent = $("#messages")) {
     const pane = document.createElement("div");
     pane.className = turn.kind === "sweep" ? "sweep" : "compare";
     parent.append(pane);
-    turn.answers.forEach((a, j) => finishAnswer(messageDiv("assistant", pane), a, index, false, j));
+    const heading = (a) => (turn.kind === "sweep" ? `${turn.knob} = ${a.coefficients[turn.knob]}` : "");
+    turn.answers.forEach((a, j) => finishAnswer(messageDiv("assistant", pane, heading(a)), a, index, false, j));
     pane.append(button("regenerate", "regenerate these answers", () => regenerate(index)));
   } else finishAnswer(messageDiv("assistant", parent), turn, index, true);
 }
@@ -610,7 +618,7 @@ async function generate() {
     if (p.kind === "sweep") parent.dataset.knob = p.knob;
     $("#messages").append(parent);
   }
-  const divs = p.sets.map(() => messageDiv("assistant", parent));
+  const divs = p.sets.map((c) => messageDiv("assistant", parent, p.kind === "sweep" ? `${p.knob} = ${c[p.knob]}` : ""));
   divs[divs.length - 1].scrollIntoView({ block: "end" });
   state.controllers = p.sets.map(() => new AbortController());
   busy(true);
