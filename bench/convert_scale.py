@@ -126,10 +126,11 @@ def write_pair(work: Path, name: str) -> float:
     }
     if n_expert:
         config |= {"num_experts": n_expert, "moe_intermediate_size": n_ffe, "head_dim": 128, "num_experts_per_tok": 8}
+    size = sum(f.stat().st_size for f in (work / "base").glob("*.safetensors"))  # transformers wants metadata
     for side in ("base", "aligned"):
         (work / side / "config.json").write_text(json.dumps(config))
-        (work / side / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
-    return sum(f.stat().st_size for f in (work / "base").glob("*.safetensors")) / 1e9
+        (work / side / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": size}, "weight_map": index}))
+    return size / 1e9
 
 
 # mergekit-extract-lora in its own interpreter (the EXE's shebang), reporting VmHWM like convert_speed's CHILD
