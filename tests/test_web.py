@@ -218,6 +218,8 @@ def test_save_is_refused_without_allow_write(modelfile, tmp_path):
     try:
         r = httpx.post(url + "/avgguf/profiles", json={"model": "ro", "name": "x", "coefficients": {"medical": 1}})
         assert r.status_code == 403 and "--allow-write" in r.json()["error"]["message"]
+        r = httpx.post(url + "/avgguf/profiles/edit", json={"model": "ro", "action": "delete", "name": "expert-medical"})
+        assert r.status_code == 403 and "--allow-write" in r.json()["error"]["message"]
         assert copy.read_text() == modelfile.read_text()  # untouched
     finally:
         proc.terminate()

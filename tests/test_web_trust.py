@@ -166,3 +166,42 @@ def test_a_key_set_by_hand_gets_a_small_prompt(browser, tiny_kit, tmp_path):
         assert browser.execute_script("return sessionStorage.getItem('avgguf-key')") == "s3cret-key-for-the-page"
     finally:
         srv.stop()
+
+
+def test_the_profile_editor_renames_sets_default_and_deletes(browser, open_server):
+    """The page's profile editor (with --allow-write): each change lands in the modelfile (comments and the
+    other profiles kept) and in the page's lists."""
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from avgguf.config.modelfile import load_modelfile
+
+    base, modelfile = open_server
+    modelfile.write_text("# keep me\n" + modelfile.read_text())
+    browser.get(base + "/")
+    wait(lambda: browser.find_elements("css selector", "input[type=range][data-av]"), what="sliders")
+    assert browser.find_element("css selector", "#profile-editor").is_displayed()
+    status = lambda: browser.find_element("css selector", "#status").text  # noqa: E731
+    models = lambda: browser.execute_script("return [...document.querySelectorAll('select#model option')].map(o => o.value)")  # noqa: E731
+    Select(browser.find_element("css selector", "#profile-pick")).select_by_value("mixed")
+    browser.find_element("css selector", "#profile-rename").click()
+    prompt = WebDriverWait(browser, 10).until(expected_conditions.alert_is_present())
+    prompt.send_keys("blend")
+    prompt.accept()
+    wait(lambda: status() == "renamed mixed to blend", what="renamed")
+    assert "open:blend" in models() and "open:mixed" not in models()
+    browser.find_element("css selector", "#profile-default").click()
+    wait(lambda: status() == "blend is the default profile", what="default set")
+    assert browser.execute_script("return document.querySelector('#profile-pick option[value=blend]').text") == "blend (default)"
+    mf = load_modelfile(modelfile)
+    assert mf.spec.default_profile == "blend" and mf.spec.profiles["blend"] == {"medical": 0.5, "legal": -1.0}
+    Select(browser.find_element("css selector", "#profile-pick")).select_by_value("expert-medical")
+    browser.find_element("css selector", "#profile-delete").click()
+    WebDriverWait(browser, 10).until(expected_conditions.alert_is_present()).accept()
+    wait(lambda: status() == "deleted profile expert-medical", what="deleted")
+    assert "open:expert-medical" not in models()
+    mf = load_modelfile(modelfile)
+    assert list(mf.spec.profiles) == ["blend"] and mf.spec.default_profile == "blend"
+    assert modelfile.read_text().startswith("# keep me\n")
+    r = httpx.post(base + "/avgguf/profiles/edit", json={"model": "open", "action": "delete", "name": "nope"})
+    assert r.status_code == 400 and "not in the modelfile" in r.json()["error"]["message"]

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from avgguf.errors import AvggufError
 from avgguf.config.modelfile import PROFILE_NAME
+from avgguf.config.profile_edit import delete_profile, rename_profile, set_default_profile
 from avgguf.config.profile_save import ModelfileBusy, save_profile
 from avgguf.server.protocol import APIError, parse_body
 
@@ -154,16 +155,23 @@ def _save_and_update(served, body: SaveProfile):
         return saved
 
 
-@web.post("/avgguf/profiles")
-async def save(request: Request, registry: RegistryDep):
+def _writable(registry, model: str):
     if not registry.allow_write:
         raise APIError(
             403, "saving profiles is off: start the server with --allow-write", code="read_only", type_="permission_error"
         )
-    body = await parse_body(request, SaveProfile)
-    served = registry.models.get(body.model)
+    served = registry.models.get(model)
     if served is None:
-        raise APIError(404, f"model {body.model!r} does not exist; models: {list(registry.models)}", param="model")
+        raise APIError(404, f"model {model!r} does not exist; models: {list(registry.models)}", param="model")
+    return served
+
+
+@web.post("/avgguf/profiles")
+async def save(request: Request, registry: RegistryDep):
+    if not registry.allow_write:
+        _writable(registry, "")
+    body = await parse_body(request, SaveProfile)
+    served = _writable(registry, body.model)
     try:
         saved = await asyncio.to_thread(_save_and_update, served, body)
     except ModelfileBusy as exc:
@@ -177,3 +185,43 @@ async def save(request: Request, registry: RegistryDep):
         "decode": saved.decode,
         "replaced": saved.replaced,
     }
+
+
+class EditProfile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    action: Literal["rename", "delete", "default"]
+    name: str | None = Field(default=None, max_length=64)  # None with "default": no default profile
+    new_name: str | None = Field(default=None, pattern=f"^{PROFILE_NAME}$")
+
+
+def _edit_and_update(served, body: EditProfile):
+    with _SAVE_LOCK:
+        mf = served.modelfile
+        if body.action == "delete":
+            served.modelfile = delete_profile(mf, body.name)
+        elif body.action == "rename":
+            if not body.new_name:
+                raise AvggufError("rename: give new_name, the profile's new name")
+            served.modelfile = rename_profile(mf, body.name, body.new_name)
+        else:
+            served.modelfile = set_default_profile(mf, body.name)
+        return served.modelfile
+
+
+@web.post("/avgguf/profiles/edit")
+async def edit_profiles(request: Request, registry: RegistryDep):
+    """The page's profile editor: rename or delete a profile, or set the default one (--allow-write)."""
+    if not registry.allow_write:
+        _writable(registry, "")
+    body = await parse_body(request, EditProfile)
+    served = _writable(registry, body.model)
+    if body.action != "default" and not body.name:
+        raise APIError(400, f"{body.action}: give name, the profile to {body.action}", param="name")
+    try:
+        mf = await asyncio.to_thread(_edit_and_update, served, body)
+    except ModelfileBusy as exc:
+        raise APIError(409, str(exc), code="busy") from None
+    except AvggufError as exc:
+        raise APIError(400, str(exc)) from None
+    return {"modelfile": str(mf.path), "profiles": mf.spec.profiles, "default_profile": mf.spec.default_profile}

@@ -138,7 +138,43 @@ function chooseModel() {
   $("#decode").value = (profile && info.decode[profile]) || "weights";
   $("#compare-with").replaceChildren(...["base (all 0)", ...Object.keys(info.profiles)].map((l) => option(l)));
   $("#sweep-knob").replaceChildren(...info.avs.map((n) => option(n)));
+  profileEditor(info);
   showUsage();
+}
+
+function profileEditor(info) {
+  const names = Object.keys(info.profiles);
+  $("#profile-editor").hidden = !info.writable || !names.length;
+  const pick = $("#profile-pick");
+  const previous = pick.value;
+  pick.replaceChildren(...names.map((n) => option(n, n === info.default_profile ? n + " (default)" : n)));
+  if (names.includes(previous)) pick.value = previous;
+  const isDefault = () => pick.value === info.default_profile;
+  $("#profile-default").textContent = isDefault() ? "no default" : "make default";
+  pick.onchange = () => ($("#profile-default").textContent = isDefault() ? "no default" : "make default");
+}
+
+async function editProfile(action) {
+  const name = $("#profile-pick").value;
+  const info = state.model;
+  if (!name) return;
+  const body = { model: info.id, action, name };
+  if (action === "rename") {
+    const fresh = prompt(`New name for the profile ${name}`, name);
+    if (!fresh || fresh.trim() === name) return;
+    body.new_name = fresh.trim();
+  } else if (action === "delete" && !confirm(`Delete the profile ${name} from the modelfile?`)) return;
+  else if (action === "default" && name === info.default_profile) body.name = null;
+  try {
+    await api("/avgguf/profiles/edit", { method: "POST", body: JSON.stringify(body) });
+    await loadModels();
+    if (action === "rename") $("#profile-pick").value = body.new_name;
+    profileEditor(state.model);
+    const done = { rename: `renamed ${name} to ${body.new_name}`, delete: `deleted profile ${name}` };
+    status(done[action] || (body.name ? `${name} is the default profile` : "no default profile"));
+  } catch (e) {
+    status("not changed: " + e.message, true);
+  }
 }
 
 // ---- sliders --------------------------------------------------------------------------------------------
@@ -708,8 +744,8 @@ async function saveProfile() {
   try {
     const body = { model: state.model.id, name, coefficients: sliderCoefficients(), decode: $("#decode").value };
     const saved = await api("/avgguf/profiles", { method: "POST", body: JSON.stringify(body) });
-    status(saved.replaced ? `replaced profile ${name}` : `saved profile ${name}`);
     await loadModels();
+    status(saved.replaced ? `replaced profile ${name}` : `saved profile ${name}`);
   } catch (e) {
     status("not saved: " + e.message, true);
   }
@@ -752,6 +788,9 @@ function wire() {
   $("#export-json").addEventListener("click", () => download(exportJSON(), "application/json", ".json"));
   $("#import").addEventListener("change", importFile);
   $("#save-profile").addEventListener("click", saveProfile);
+  $("#profile-rename").addEventListener("click", () => editProfile("rename"));
+  $("#profile-delete").addEventListener("click", () => editProfile("delete"));
+  $("#profile-default").addEventListener("click", () => editProfile("default"));
   exclusive("#compare", "#sweep");
   exclusive("#sweep", "#compare");
   $("#prompt").addEventListener("keydown", (e) => {
