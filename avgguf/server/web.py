@@ -66,10 +66,15 @@ async def knobs(registry: RegistryDep):
                 "default_profile": mf.spec.default_profile,
                 "decode": dict(mf.spec.profile_decode),
                 "writable": registry.allow_write,
-                "n_ctx": served.runtime.n_ctx,  # tokens per conversation (the page's context gauge)
+                "n_ctx": _n_ctx(served),  # tokens per conversation (the page's context gauge)
             }
         )
     return {"object": "list", "data": data, "judge": _judge_available()}
+
+
+def _n_ctx(served) -> int | None:
+    runtime = getattr(served, "runtime", None)  # None: a stand-in without one (tests of the save path)
+    return runtime.n_ctx if runtime is not None else None
 
 
 def _judge_available() -> bool:
