@@ -219,6 +219,15 @@ def test_regenerate_edit_copy_stop_and_usage(browser, server):
     browser.find_element("css selector", "textarea#prompt").send_keys("\ue00c")  # Escape
     wait(lambda: done(browser) and len(answers(browser)) == 2, what="stopped")
     assert answers(browser)[-1].get_attribute("data-stopped") == "true"
+    # a new chat while an answer streams: the answer stops and stays with its own conversation
+    cid = browser.execute_script("return avgguf.state.conv.id")
+    ask(browser, "Write another long essay, about the history of law.")
+    wait(lambda: [e for e in css(browser, ".message.assistant.streaming") if e.text.strip()], what="streaming")
+    browser.find_element("css selector", "#new-chat").click()
+    wait(lambda: done(browser), what="stopped by the new chat")
+    assert not answers(browser) and browser.execute_script("return avgguf.state.conv.turns.length") == 0
+    kept = browser.execute_script("return JSON.parse(localStorage.getItem('avgguf-conversations'))[arguments[0]].turns", cid)
+    assert [t["role"] for t in kept] == ["user", "assistant"] * 3 and kept[-1]["stopped"] and kept[-1]["content"]
 
 
 def test_keyboard_reaches_every_control(browser, server):

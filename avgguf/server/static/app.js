@@ -315,6 +315,7 @@ function deleteChat() {
   const all = loadAll();
   delete all[state.conv.id];
   saveAll(all);
+  state.conv.deleted = true; // an answer still streaming into it is dropped, not kept
   const next = Object.values(all).sort((a, b) => b.updated - a.updated)[0];
   if (next) openConversation(next.id);
   else newChat();
@@ -644,8 +645,9 @@ async function generate() {
   } catch (e) {
     return status(e.message, true);
   }
-  const index = state.conv.turns.length;
-  const messages = state.conv.turns.map((t) => ({ role: t.role, content: t.content }));
+  const conv = state.conv;
+  const index = conv.turns.length;
+  const messages = conv.turns.map((t) => ({ role: t.role, content: t.content }));
   const decode = $("#decode").value;
   let parent = $("#messages");
   if (p.kind) {
@@ -666,21 +668,34 @@ async function generate() {
   const seconds = (performance.now() - t0) / 1000;
   busy(false);
   (parent === $("#messages") ? divs : [parent]).forEach((el) => el.remove()); // drawn again, finished
-  finishTurn(p, results, index, seconds);
+  finishTurn(p, results, index, seconds, conv);
 }
 
-function finishTurn(p, results, index, seconds) {
+function keepAway(conv, turn) {
+  // the answer of a conversation that is no longer open (new chat or another one opened while it streamed)
+  if (!turn || conv.deleted) return;
+  conv.turns.push(turn);
+  conv.updated = Date.now();
+  saveAll({ ...loadAll(), [conv.id]: conv });
+  renderList();
+}
+
+function finishTurn(p, results, index, seconds, conv) {
   const failed = results.find((r) => r.status === "rejected");
   const answers = results.filter((r) => r.status === "fulfilled").map((r) => r.value);
+  const turn = !answers.length
+    ? null
+    : p.kind
+      ? { role: "assistant", content: answers[0].content, kind: p.kind, answers, seconds }
+      : { role: "assistant", ...answers[0], seconds };
+  if (turn && p.kind === "sweep") turn.knob = p.knob;
+  if (conv !== state.conv) return keepAway(conv, turn);
   if (failed && !answers.length) {
-    const turn = state.conv.turns.pop(); // the question goes back into the box
-    if (turn && turn.role === "user" && !$("#prompt").value) $("#prompt").value = turn.content;
+    const question = state.conv.turns.pop(); // the question goes back into the box
+    if (question && question.role === "user" && !$("#prompt").value) $("#prompt").value = question.content;
     renderConversation();
     return status(failed.reason.message, true);
   }
-  const turn = p.kind ? { role: "assistant", content: answers[0].content, kind: p.kind, answers } : { role: "assistant", ...answers[0] };
-  if (p.kind === "sweep") turn.knob = p.knob;
-  turn.seconds = seconds;
   state.conv.turns.push(turn);
   renderTurn(turn, index);
   $("#messages").lastElementChild.scrollIntoView({ block: "end" });
