@@ -290,13 +290,16 @@ def test_dark_light_and_axe_scan(browser, server):
                     {
                         "role": "assistant",
                         "content": "Here:\n\n```python\nprint('hi')  # x\n```\n\n| a | b |\n|---|---|\n| 1 | 2 |",
-                        "coefficients": DEMO,
+                        "coefficients": {"medical": "<b>1</b>", "legal": 0.5},  # imported: only numbers kept
+                        "level": "<img src=x onerror=alert(1)>",  # not a level: dropped
                     },
                 ]
             }
         ),
     )
     wait(lambda: answers(browser), what="the imported answer")
+    assert json.loads(answers(browser)[0].get_attribute("data-coefficients")) == {"legal": 0.5}
+    assert answers(browser)[0].get_attribute("data-level") is None
     bg = "return getComputedStyle(document.body).backgroundColor"
     try:
         for on, want in ((False, "rgb(247, 247, 248)"), (True, "rgb(22, 23, 26)")):

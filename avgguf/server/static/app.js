@@ -353,6 +353,37 @@ function validTurn(t) {
   return t && (t.role === "user" || t.role === "assistant") && typeof t.content === "string";
 }
 
+const LEVELS = ["avoidance", "generic", "expert", "off-level"];
+
+function numbers(obj) {
+  const out = {};
+  for (const [k, v] of Object.entries(obj && typeof obj === "object" ? obj : {})) {
+    if (typeof v === "number" && Number.isFinite(v)) out[String(k)] = v;
+  }
+  return out;
+}
+
+function cleanAnswer(a) {
+  // an imported answer: only the fields the page uses, of the types it expects
+  const out = { content: String(a.content || ""), coefficients: numbers(a.coefficients) };
+  out.decode = ["weights", "pad", "pad-full"].includes(a.decode) ? a.decode : "weights";
+  if (a.stopped) out.stopped = true;
+  if (a.usage && typeof a.usage === "object") out.usage = numbers(a.usage);
+  if (LEVELS.includes(a.level)) Object.assign(out, { level: a.level, probabilities: numbers(a.probabilities) });
+  return out;
+}
+
+function cleanTurn(t) {
+  if (t.role === "user") return { role: "user", content: t.content };
+  const answers = Array.isArray(t.answers) ? t.answers.filter(validTurnish).map(cleanAnswer) : null;
+  if (!answers || !answers.length) return { role: "assistant", ...cleanAnswer(t) };
+  const turn = { role: "assistant", content: answers[0].content, kind: t.kind === "sweep" ? "sweep" : "compare", answers };
+  if (turn.kind === "sweep") turn.knob = String(t.knob || Object.keys(answers[0].coefficients)[0] || "");
+  return turn;
+}
+
+const validTurnish = (a) => a && typeof a === "object" && typeof a.content === "string";
+
 function importText(text) {
   const data = JSON.parse(text);
   const convs = Array.isArray(data) ? data : data.conversations || [data];
@@ -361,8 +392,9 @@ function importText(text) {
   for (const c of convs) {
     if (!c || !Array.isArray(c.turns) || !c.turns.every(validTurn)) throw new Error("not an avgguf conversation (turns)");
     const id = typeof c.id === "string" && !all[c.id] ? c.id : newId();
-    const { format, version, ...conv } = c; // eslint-disable-line no-unused-vars
-    all[id] = { ...conv, id, title: String(c.title || ""), updated: Number(c.updated) || Date.now() };
+    const turns = c.turns.map(cleanTurn);
+    const created = Number(c.created) || Date.now();
+    all[id] = { id, title: String(c.title || ""), created, updated: Number(c.updated) || Date.now(), model: String(c.model || ""), turns };
     last = id;
   }
   saveAll(all);
