@@ -12,6 +12,7 @@ from avgguf.cli import bake as cli_bake
 from avgguf.cli import chat as cli_chat
 from avgguf.cli import convert as cli_convert
 from avgguf.cli import eval as cli_eval
+from avgguf.cli import judge_cmd as cli_judge
 from avgguf.cli import serve as cli_serve
 from avgguf.cli import tune as cli_tune
 from avgguf.errors import AvggufError
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_serve.add_desktop_parser(sub, parent)
     cli_chat.add_demo_parser(sub, parent)
     cli_eval.add_parser(sub, parent)
+    cli_judge.add_parser(sub, parent)
     cli_bake.add_parser(sub, parent)
     cli_tune.add_parser(sub, parent)
     return parser
@@ -48,6 +50,7 @@ COMMANDS = {
     "profiles": cli_chat.run_profiles,
     "demo": cli_chat.run_demo,
     "eval": cli_eval.run_eval,
+    "judge": cli_judge.run_judge,
     "serve": cli_serve.run_serve,
     "bake": cli_bake.run_bake,
     "desktop": cli_serve.run_desktop,

@@ -13,6 +13,8 @@ from avgguf.cli.judging import JUDGE_CTX, av_for_domain, judge_engine, queries_b
 from avgguf.config.coefficients import check_value
 from avgguf.config.modelfile import open_target
 from avgguf.errors import AvggufError
+from avgguf.eval import answer_judge
+from avgguf.eval.answer_judge import LEVELS as JUDGED
 from avgguf.eval.judge import (
     EXPERT_PROMPT,
     LEVELS,
@@ -58,9 +60,14 @@ def add_parser(sub, parent) -> None:
         type=cli_args.positive_int,
         metavar="N",
         help="also generate answers to N queries per "
-        "domain and setting and judge their level with a classifier trained on --judge-data",
+        "domain and setting and judge their level (avoidance/generic/expert/off-level) with the answer judge, "
+        "trained on hand-labeled generated answers (--judge-data)",
     )
-    p.add_argument("--judge-data", help="training rows for the generated-answer classifier (default: train.jsonl beside --data)")
+    p.add_argument(
+        "--judge-data",
+        help="the answer judge's hand-labeled generated answers (default: judge/answers.jsonl in the folder "
+        "above --data's, i.e. data/judge/answers.jsonl for data/preferences/eval.jsonl)",
+    )
     cli_args.add_max_tokens_arg(p)
     p.add_argument(
         "--transfer",
@@ -94,7 +101,9 @@ def lambdas_arg(text: str) -> list[float]:
 
 
 def _judge_data(args) -> str:
-    return args.judge_data or str(Path(args.data).with_name("train.jsonl"))
+    """--judge-data, else judge/answers.jsonl in the folder above --data's (data/preferences/eval.jsonl ->
+    data/judge/answers.jsonl), as the references are found beside --data."""
+    return args.judge_data or str(Path(args.data).resolve().parent.parent / "judge" / "answers.jsonl")
 
 
 def _check_paths(args) -> None:
@@ -107,7 +116,10 @@ def _check_paths(args) -> None:
                 + ("" if path.is_file() else "; not found")
             )
     if args.generate and not Path(_judge_data(args)).is_file():
-        raise AvggufError(f"--generate needs classifier training rows: --judge-data {_judge_data(args)!r} not found")
+        raise AvggufError(
+            f"--generate needs the answer judge's labeled answers: --judge-data {_judge_data(args)!r} not found "
+            "(data/judge/answers.jsonl of the source tree, made by recipes/make_judge_set.py)"
+        )
     if args.plot is not None and not Path(args.plot).resolve().parent.is_dir():
         raise AvggufError(f"--plot {args.plot!r}: directory {str(Path(args.plot).resolve().parent)!r} does not exist")
 
@@ -210,13 +222,16 @@ def transfer_sweeps(mf, other: str, by_domain: dict[str, list[dict]], lambdas: l
 
 
 def generated_shares(mf, by_domain: dict[str, list[dict]], lambdas: list[float], args, log) -> dict:
-    """Answers generated per domain and λ (greedy), their levels by the classifier, its held-out accuracy."""
-    from avgguf.eval.levels import LevelClassifier
+    """Answers generated per domain and λ (greedy), their levels by the answer judge (avgguf.eval.answer_judge,
+    trained on hand-labeled generated answers) and its agreement with people on the held-out labeled answers."""
     from avgguf.runtime.session import Runtime
 
-    clf = LevelClassifier.train(read_eval_data(_judge_data(args)))
-    held_out = [r for rs in by_domain.values() for r in rs]
-    result = {"classifier": {"trained_on": clf.trained_on, "accuracy_on_references": clf.accuracy(held_out)}, "generated": []}
+    data = _judge_data(args)
+    report = answer_judge.held_out_report(data)
+    result = {
+        "judge": {key: report[key] for key in ("agreement", "n", "confusion", "trained_on", "data")},
+        "generated": [],
+    }
     rt = Runtime(
         mf, n_ctx=args.n_ctx or JUDGE_CTX, n_gpu_layers=args.n_gpu_layers, threads=args.threads, fuse="sync", merge="off"
     )
@@ -227,18 +242,19 @@ def generated_shares(mf, by_domain: dict[str, list[dict]], lambdas: list[float],
                 continue
             entry = {"domain": domain, "av": av, "lambdas": lambdas, "shares": []}
             for lam in lambdas:
-                entry["shares"].append(_generated_level_shares(rt, clf, mf, drows[: args.generate], av, lam, args))
+                entry["shares"].append(_generated_level_shares(rt, data, mf, drows[: args.generate], av, lam, args))
                 if log:
                     shares = entry["shares"][-1]
-                    log(f"generated {domain} {args.decode} {av}={lam:g}: " + " ".join(f"{k} {shares[k]:.2f}" for k in LEVELS))
+                    log(f"generated {domain} {args.decode} {av}={lam:g}: " + " ".join(f"{k} {shares[k]:.2f}" for k in JUDGED))
             result["generated"].append(entry)
     finally:
         rt.close()
     return result
 
 
-def _generated_level_shares(rt, clf, mf, rows: list[dict], av: str, lam: float, args) -> dict:
-    """Greedy answers to `rows` with `av` at `lam` (the other AVs at 0), their level shares and time per answer."""
+def _generated_level_shares(rt, data, mf, rows: list[dict], av: str, lam: float, args) -> dict:
+    """Greedy answers to `rows` with `av` at `lam` (the other AVs at 0), their level shares (off-level
+    included) and time per answer."""
     from avgguf.runtime.session import GenerationRequest
 
     coefs = {**{name: 0.0 for name in mf.av_paths}, av: lam}
@@ -247,10 +263,12 @@ def _generated_level_shares(rt, clf, mf, rows: list[dict], av: str, lam: float, 
         req = GenerationRequest(
             messages=[{"role": "user", "content": row["query"]}], max_tokens=args.max_tokens, temperature=0.0, seed=0
         )
-        answers.append("".join(rt.stream_chat_text(req, coefs, decode=args.decode)))
-    shares = clf.shares(answers)
-    shares["seconds_per_answer"] = (time.perf_counter() - t0) / max(len(answers), 1)
-    return shares
+        text = "".join(rt.stream_chat_text(req, coefs, decode=args.decode))
+        answers.append({"domain": row["domain"], "query": row["query"], "answer": text})
+    secs = (time.perf_counter() - t0) / max(len(answers), 1)
+    levels = [r["level"] for r in answer_judge.judge_answers(answers, data=data)]
+    shares = {lvl: levels.count(lvl) / max(len(levels), 1) for lvl in JUDGED}
+    return {**shares, "n": len(levels), "seconds_per_answer": secs}
 
 
 def render(out: dict, domains: list[str]) -> str:
@@ -271,17 +289,20 @@ def render(out: dict, domains: list[str]) -> str:
             for lam, a, b in zip(s["lambdas"], s["shares"], t["shares"]):
                 lines.append(f"| {lam:g} | {a['expert']:.2f} | {b['expert']:.2f} | {a['avoidance']:.2f} | {b['avoidance']:.2f} |")
     if out.get("generated"):
-        acc = out["classifier"]["accuracy_on_references"]
-        lines.append(f"\ngenerated answers judged by the level classifier (accuracy on held-out references {acc:.2f}):")
+        j = out["judge"]
+        lines.append(
+            f"\ngenerated answers judged by the answer judge (agreement with people's labels on "
+            f"{j['n']} held-out generated answers: {j['agreement']:.2f}):"
+        )
         for g in out["generated"]:
             lines += [
                 f"\n{g['domain']} queries (n={g['shares'][0]['n']}), {g['av']} AV, {out['decode']}:",
-                "| λ | avoidance | generic | expert | s/answer |",
-                "|---|---|---|---|---|",
+                "| λ | " + " | ".join(JUDGED) + " | s/answer |",
+                "|---" * (len(JUDGED) + 2) + "|",
             ]
             for lam, sh in zip(g["lambdas"], g["shares"]):
                 lines.append(
-                    f"| {lam:g} | " + " | ".join(f"{sh[lvl]:.2f}" for lvl in LEVELS) + f" | {sh['seconds_per_answer']:.1f} |"
+                    f"| {lam:g} | " + " | ".join(f"{sh[lvl]:.2f}" for lvl in JUDGED) + f" | {sh['seconds_per_answer']:.1f} |"
                 )
     if out["cross"]:
         lines += [

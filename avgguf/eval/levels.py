@@ -1,6 +1,10 @@
 """Judging *generated* answers offline: a level classifier (avoidance / generic / expert) of answer text,
 trained on the training split's reference responses (TF-IDF word n-grams + logistic regression, scikit-learn),
-and the level shares of answers generated under a setting."""
+and the level shares of answers generated under a setting.
+
+Kept for the reference texts (bench/pad_compare.py, tests/test_pad.py): on *generated* answers it agrees with
+people's labels on about half (bench/results/judge.md). `avgguf eval --generate` and `avgguf judge` use
+avgguf.eval.answer_judge, trained on hand-labeled generated answers."""
 
 from __future__ import annotations
 
