@@ -11,8 +11,8 @@ earlier ones already applied: v_N = target_N - mean(steered block-N output), whe
 running with v_1..v_{N-1} added. At scale 1.0 the steered base's mean residual stream then equals the target's
 at every block from 1 on, on the calibration tokens (exactly for the mean; the per-token spread is what a
 constant vector cannot carry, and the report measures it):
-- pair (a): target = the aligned model's mean block outputs on calibration text and its own sampled answers
-  (the tokens averaged: every position but the first); steered = the base on the same tokens;
+- pair (a): target = the aligned model's mean block outputs on calibration text (prompts included) and its
+  own sampled answers (the tokens averaged: every position but the first); steered = the base on the same tokens;
 - preferences (b), `--method mean`: target = the base's mean block outputs over the chosen answers' tokens,
   steered = the base on the rejected answers (prompts excluded): at 1.0 the rejected answers' mean residual
   stream moves onto the chosen ones'; `--method pca` (cvector-generator's idea): per block, the first
@@ -38,7 +38,7 @@ from avgguf.errors import ConversionError
 from avgguf.gguf import control_vector as cvf
 
 from .calibration import read_calibration
-from .distill import DistillSettings, build_sequences, load_tokenizer
+from .distill import DistillSettings, _encode_row, build_sequences, load_tokenizer
 from .sources import GGUFModel, TensorSource
 
 log = logging.getLogger(__name__)
@@ -223,8 +223,15 @@ def _positions(batch: Batch) -> torch.Tensor:
 
 
 def _pair_sequences(aligned, tok, calibration: str | None, samples: int, max_len: int, progress: bool) -> list[list[int]]:
-    rows, _ = read_calibration(calibration)
-    return build_sequences(rows, tok, aligned, DistillSettings(samples=samples, max_len=max_len), progress)
+    """The calibration text: each prompt row's chat-templated prompt itself, then what build_sequences makes
+    (text and token rows, prompts with their given answers, `samples` answers of the aligned model each)."""
+    rows, label = read_calibration(calibration)
+    prompts = [_encode_row(tok, row, f"calibration row {i + 1}")[0][:max_len] for i, row in enumerate(rows) if row.is_prompt]
+    seqs = build_sequences(rows, tok, aligned, DistillSettings(samples=samples, max_len=max_len), progress)
+    out = [q for q in prompts if len(q) >= 2] + seqs
+    if not out:
+        raise ConversionError(f"calibration {label}: no sequence of 2 tokens or more to measure the residual stream on")
+    return out
 
 
 def convert_pair(
