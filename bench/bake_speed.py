@@ -33,7 +33,7 @@ import gguf
 import numpy as np
 
 from avgguf.gguf import adapter_format as fmt
-from avgguf.export.bake import Bake, baked_gguf, fused_adapter, write_merged_f32
+from avgguf.export.bake import GGUF_TYPES, Bake, baked_gguf, fused_adapter, write_merged_f32
 from avgguf.runtime.engine import Engine
 from avgguf.gguf.fuse import write_fused
 from avgguf.config.modelfile import load_modelfile, modelfile_from_gguf
@@ -269,11 +269,21 @@ def run_set(label: str, base: Path, set_name: str, avs: dict[str, Path], args, w
     hot_key = f"{set_name}: live, merged hot set"
     engines[hot_key], extra[hot_key] = hot_engine(base, avs, coefs)
     mf = modelfile_from_gguf(base, [(p, 1.0) for p in avs.values()])
-    for type_ in [None, "q4_1"] if "Q4_1" in label else [None]:
+    own = own_type(base) if args.own_type else None
+    for type_ in [None, own] if own else [None]:
         out = work / f"baked-{type_}.gguf"
         t0 = time.perf_counter()
         report = baked_gguf(Bake(mf, "lora", mf.coefficients()), out, type_)
-        key = f"{set_name}: avgguf bake ({type_ or 'default: ' + report['type']})"
+        how = ", delta-preserving" if type_ else ""
+        key = f"{set_name}: avgguf bake ({type_ or 'default: ' + report['type']}{how})"
+        extra[key] = {"seconds": time.perf_counter() - t0, "bytes": out.stat().st_size, "_file": str(out)}
+        engines[key] = open_engine(out, {}, {}, "off")
+    if own:  # today's snap-back: a fresh quantization of the merged weights to the base's own type
+        t0 = time.perf_counter()
+        merged = write_merged_f32(Bake(mf, "lora", mf.coefficients()), work / "merged-f32.gguf")
+        out = quantize(merged, work / f"requant-{own}.gguf", GGUF_TYPES[own])
+        merged.unlink()
+        key = f"{set_name}: merged, plain requantization to {own}"
         extra[key] = {"seconds": time.perf_counter() - t0, "bytes": out.stat().st_size, "_file": str(out)}
         engines[key] = open_engine(out, {}, {}, "off")
     if tool:
@@ -298,6 +308,17 @@ def run_set(label: str, base: Path, set_name: str, avs: dict[str, Path], args, w
         {"model": label, "path": k, "gen_tps": g, "gen_rel": g / base_gen, "prompt_rel": p / base_prompt, **extra.get(k, {})}
         for k, (g, p) in measured.items()
     ]
+
+
+def own_type(base: Path) -> str | None:
+    """The base's own --type name where it is below 8 bits (the rows a 4-bit user cares about), else None."""
+    from avgguf.export.bake import KEEPS_EFFECT, stored_ftype
+    import llama_cpp
+
+    ftype = stored_ftype(gguf.GGUFReader(base))
+    names = {getattr(llama_cpp, f"LLAMA_FTYPE_{v}"): k for k, v in GGUF_TYPES.items()}
+    keeps = {getattr(llama_cpp, f"LLAMA_FTYPE_{v}") for v in KEEPS_EFFECT}
+    return names.get(ftype) if ftype not in keeps else None
 
 
 RANKS = (16, 32)  # re-compressed fused adapters (issue #25: the cheaper live path until a merge is in)
@@ -406,6 +427,13 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--export-lora", default=shutil.which("llama-export-lora"))
     ap.add_argument("--json", help="also write the rows as JSON here")
+    ap.add_argument(
+        "--own-type",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="rows merged at the base's own 4-bit type (delta-preserving and plain requantization; the former "
+        "calibrates on the base in transformers: minutes above 1B)",
+    )
     ap.add_argument("--work", help="directory for the large temporary files (default: the system's temp dir)")
     args = ap.parse_args()
     rows = []

@@ -54,6 +54,12 @@ def add_parser(sub, parent) -> None:
         help="--format gguf: bake AV NAME from its full fine-tune delta (ALIGNED - BASE; HF directories or "
         "GGUFs) instead of its low-rank adapter: no low-rank loss, norms included (repeatable)",
     )
+    p.add_argument(
+        "--calibration",
+        metavar="FILE.jsonl",
+        help="--format gguf at the base's own quantized type: text whose layer inputs the merge keeps the AVs' "
+        "effect on (convert's calibration format; default: the built-in set)",
+    )
     cli_args.add_json_arg(p, "the report")
 
 
@@ -101,6 +107,7 @@ def run_bake(args) -> int:
         progress=sys.stderr.isatty(),
         sources=sources,
         force=args.force,
+        calibration=args.calibration,
     )
     cvec = _bake_control_vectors(mf, vectors, args.out, args.force)
     if cvec:

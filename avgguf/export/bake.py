@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
@@ -26,12 +25,11 @@ from avgguf.gguf import adapter_format as fmt
 from avgguf import atomic
 from avgguf.errors import AvggufError
 from avgguf.gguf.fuse import Cancelled, write_fused
+from avgguf.export.merge import Bake, open_av_sources, touched_names, write_merged_f32
+from avgguf.export.requant_bake import baked_kept_type
 from avgguf.config.modelfile import Modelfile
 
 FORMATS = ("gguf", "adapter", "ollama", "peft")
-KEY_PROFILE = "avgguf.baked.profile"
-KEY_COEFS = "avgguf.baked.coefficients"
-KEY_NAMES = "avgguf.baked.names"
 # --type for `--format gguf` -> llama.cpp's LLAMA_FTYPE_* name
 GGUF_TYPES = {
     "f32": "ALL_F32",
@@ -69,59 +67,6 @@ BYTES_PER_WEIGHT = {
     "q3_k_m": 110 / 256 * 1.1,
     "q2_k": 84 / 256 * 1.2,
 }
-
-
-@dataclass
-class Bake:
-    modelfile: Modelfile
-    profile: str | None
-    coefficients: dict[str, float]
-    sources: dict = None  # AV name -> (base, aligned) TensorSource: bake the full delta, not the adapter
-    force: bool = False  # replace an existing --out avgguf did not write (--force)
-
-    @property
-    def active(self) -> list[tuple[str, Path, float]]:
-        return [(n, self.modelfile.av_paths[n], c) for n, c in self.coefficients.items() if c != 0.0]
-
-    @property
-    def label(self) -> str:
-        return self.profile or "custom"
-
-    @property
-    def full_base(self):
-        """The full-precision base to merge into: the --source base when every active AV has a --source and
-        they name one base (the GGUF's own 4-bit rounding is then not compounded: bench/bake_source.py); else
-        None. The default type stays q8_0 for a 4-bit base even so: the demo's DPO effect is below 4-bit
-        rounding from any start (quantizing the full-precision aligned model to Q4_1 kept 0.07-0.11 of it)."""
-        sources = self.sources or {}
-        if not self.active or any(name not in sources for name, _, _ in self.active):
-            return None
-        bases = {Path(sources[name][0].path).resolve() for name, _, _ in self.active}
-        return sources[self.active[0][0]][0] if len(bases) == 1 else None
-
-    def metadata(self) -> dict:
-        return {
-            KEY_PROFILE: self.label,
-            KEY_NAMES: list(self.coefficients),
-            KEY_COEFS: [float(v) for v in self.coefficients.values()],
-        }
-
-    def inputs(self) -> list[Path]:
-        """Every file the bake reads: --out may be none of them (nor a directory holding one)."""
-        mf = self.modelfile
-        paths = [mf.path, mf.base_path, *mf.av_paths.values(), *mf.baked_paths.values()]
-        for base, aligned in (self.sources or {}).values():
-            paths += [Path(base.path), Path(aligned.path)]
-        return paths
-
-    def file_policy(self, kind: str) -> dict:
-        """avgguf.atomic's rule for a file output of `kind` ('adapter' or 'model')."""
-        return {
-            "force": self.force,
-            "previous": lambda p: fmt.written_by_avgguf(p, kind),
-            "inputs": self.inputs(),
-            "what": "adapter" if kind == "adapter" else "baked GGUF",
-        }
 
 
 # --- shared helpers ----------------------------------------------------------------------------------------
@@ -199,75 +144,21 @@ def stored_ftype(reader: gguf.GGUFReader) -> int | None:
     return None if field is None else int(field.contents())
 
 
+def keeps_blocks(reader: gguf.GGUFReader, ftype: int, type_: str | None) -> bool:
+    """Whether `--type` asks for the base's own quantized type: then the merge keeps the base's blocks
+    (avgguf.export.requant_bake) instead of re-deciding every rounding, which loses a small AV's effect."""
+    import llama_cpp
+
+    full = {getattr(llama_cpp, f"LLAMA_FTYPE_{name}") for name in ("ALL_F32", "MOSTLY_F16", "MOSTLY_BF16")}
+    return type_ is not None and ftype == stored_ftype(reader) and ftype not in full
+
+
 def default_ftype(reader: gguf.GGUFReader) -> int:
     import llama_cpp
 
     stored = stored_ftype(reader)
     keeps = {getattr(llama_cpp, f"LLAMA_FTYPE_{name}") for name in KEEPS_EFFECT}
     return stored if stored in keeps else llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
-
-
-def _merged(
-    reader_tensors: dict,
-    name: str,
-    sources: list[tuple[fmt.AdapterInfo, dict, float]],
-    full: list[tuple[object, object, float]] = (),
-    full_base=None,
-) -> np.ndarray:
-    w = fmt.tensor_floats(reader_tensors[name])
-    if full_base is not None and name in full_base.names():
-        w = _same_model(full_base.load(name).astype(np.float32), w, name)
-    for base, aligned, c in full:
-        if name in base.names() and name in aligned.names():
-            delta = aligned.load(name) - base.load(name)
-            if delta.shape != w.shape:
-                raise AvggufError(
-                    f"--source: tensor {name!r} has shape {delta.shape} there but {w.shape} in the base "
-                    f"GGUF; the source is another model"
-                )
-            w += np.float32(c) * delta.astype(np.float32)
-    for info, tensors, c in sources:
-        if name in info.pairs:
-            a, b = (fmt.tensor_floats(tensors[name + suffix], np.float64) for suffix in (fmt.LORA_A, fmt.LORA_B))
-            scale = c * (info.alpha / info.pairs[name].rank if info.alpha else 1.0)
-            w += (scale * fmt.delta_from_pair(name, a, b)).astype(np.float32)
-    return w
-
-
-def _same_model(full: np.ndarray, stored: np.ndarray, name: str) -> np.ndarray:
-    """The --source base's tensor, once it is seen to be the base GGUF's before quantization (4-bit rounding
-    moves a tensor by ~10 % of its norm; another model's differs by about its whole norm)."""
-    if full.shape != stored.shape:
-        raise AvggufError(
-            f"--source: tensor {name!r} has shape {full.shape} there but {stored.shape} in the base "
-            f"GGUF; the source is another model"
-        )
-    rel = float(np.linalg.norm(full - stored) / max(float(np.linalg.norm(full)), 1e-30))
-    if rel > 0.5:
-        raise AvggufError(
-            f"--source: the base checkpoint's {name!r} differs from the base GGUF's by {rel:.0%} of "
-            f"its norm (quantization moves it by ~10 %); give the checkpoint the base GGUF was made "
-            f"from"
-        )
-    return full
-
-
-def _open_sources(bake: Bake) -> tuple[list, list]:
-    """(adapter sources [(info, tensors, c)], full sources [(base, aligned, c)]) of the active AVs."""
-    full_sources = bake.sources or {}
-    sources, full = [], []
-    for name, path, c in bake.active:
-        if name in full_sources:
-            full.append((*full_sources[name], c))
-            continue
-        info = fmt.read_adapter(path)
-        sources.append((info, {t.name: t for t in gguf.GGUFReader(path).tensors}, c))
-    return sources, full
-
-
-def _touched(tensors: dict, sources: list, full: list) -> set[str]:
-    touched = {name for info, _, _ in sources for name in info.pairs}
-    return touched | {n for base, aligned, _ in full for n in tensors if n in base.names() and n in aligned.names()}
 
 
 def bake_bytes(reader: gguf.GGUFReader, touched: set[str], type_name: str) -> tuple[int, int]:
@@ -280,65 +171,31 @@ def bake_bytes(reader: gguf.GGUFReader, touched: set[str], type_name: str) -> tu
     return merged, output
 
 
-def write_merged_f32(bake: Bake, out: Path, progress: bool = False, stop=None) -> Path:
-    """base + Σ c·ΔW as a GGUF: merged tensors in float32, all others exactly as stored; streamed. `stop()`
-    true between tensors raises avgguf.gguf.fuse.Cancelled."""
-    from tqdm import tqdm
-
-    reader = gguf.GGUFReader(bake.modelfile.base_path)
-    arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
-    sources, full = _open_sources(bake)
-    tensors = {t.name: t for t in reader.tensors}
-    touched = _touched(tensors, sources, full)
-    writer = gguf.GGUFWriter(None, arch)
-    fmt.copy_metadata(reader, writer)
-    for key, value in bake.metadata().items():
-        _add_meta(writer, key, value)
-    for t in reader.tensors:
-        if t.name in touched:
-            shape = fmt.numpy_shape(t)
-            writer.add_tensor_info(t.name, shape, np.dtype(np.float32), int(np.prod(shape)) * 4)
-        else:
-            writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, raw_dtype=t.tensor_type)
-    writer.write_header_to_file(out)
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for t in tqdm(reader.tensors, desc="merge", unit="tensor", disable=not progress):
-        if stop is not None and stop():
-            writer.close()
-            raise Cancelled
-        data = _merged(tensors, t.name, sources, full, bake.full_base) if t.name in touched else np.asarray(t.data)
-        writer.write_tensor_data(data)
-    writer.close()
-    return out
-
-
-def _add_meta(writer: gguf.GGUFWriter, key: str, value) -> None:
-    if isinstance(value, str):
-        writer.add_string(key, value)
-    elif value and isinstance(value[0], str):
-        writer.add_array(key, value)
-    else:
-        writer.add_key_value(key, [float(v) for v in value], gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.FLOAT32)
-
-
 def baked_gguf(
-    bake: Bake, out: Path, type_: str | None = None, progress: bool = False, threads: int | None = None, stop=None
+    bake: Bake,
+    out: Path,
+    type_: str | None = None,
+    progress: bool = False,
+    threads: int | None = None,
+    stop=None,
+    calibration: str | Path | None = None,
 ) -> dict:
     """The whole model with the profile merged in, quantized by llama.cpp to `type_` (default: see
     default_ftype) on `threads` threads (default: all cores); tensors the profile does not touch keep their
     stored type where that type is chosen. `stop`: see write_merged_f32 (checked before quantizing too).
     The float32 intermediate lives in a scratch directory beside `out`; both sizes are checked against the
-    free space there first."""
+    free space there first. A `type_` that is the base's own quantized type keeps the base's blocks instead
+    (keeps_blocks; `calibration`: the text whose layer inputs the merge is fitted on)."""
     import llama_cpp
 
     base_reader = gguf.GGUFReader(bake.modelfile.base_path)
     ftype = _ftype(type_) if type_ else default_ftype(base_reader)
-    sources, full = _open_sources(bake)
-    merged_size, out_size = bake_bytes(
-        base_reader, _touched({t.name: t for t in base_reader.tensors}, sources, full), type_ or _type_name(ftype)
-    )
+    sources, full = open_av_sources(bake)
+    touched = touched_names({t.name: t for t in base_reader.tensors}, sources, full)
     del sources, full
+    if bake.full_base is None and keeps_blocks(base_reader, ftype, type_):  # from full precision: quantize afresh
+        return {"type": type_, **baked_kept_type(bake, out, touched, progress, stop, calibration)}
+    merged_size, out_size = bake_bytes(base_reader, touched, type_ or _type_name(ftype))
     with (
         atomic.output_file(out, needed_bytes=merged_size + out_size, **bake.file_policy("model")) as partial,
         atomic.scratch_dir(out) as tmp,
@@ -484,6 +341,7 @@ def bake(
     progress: bool = False,
     sources: dict | None = None,
     force: bool = False,
+    calibration: str | Path | None = None,
 ) -> dict:
     """Bake into `out`; `force`: replace an existing output avgguf did not write (a directory output keeps the
     other files it holds)."""
@@ -496,11 +354,13 @@ def bake(
         raise AvggufError("--type applies to --format gguf (adapters keep their factor types; see --rank)")
     if rank is not None and format_ != "adapter":
         raise AvggufError("--rank applies to --format adapter")
+    if calibration is not None and format_ != "gguf":
+        raise AvggufError("--calibration applies to --format gguf at the base's own quantized --type")
     job = Bake(mf, profile, coefficients, sources, force)
     if format_ in ("gguf", "adapter"):  # before any heavy work (output_file checks again when publishing)
         atomic.check_output_file(out, **job.file_policy("model" if format_ == "gguf" else "adapter"))
     if format_ == "gguf":
-        report = baked_gguf(job, out, type_, progress)
+        report = baked_gguf(job, out, type_, progress, calibration=calibration)
     elif format_ == "adapter":
         fused_adapter(job, out, rank)
         report = {"format": "adapter", "bytes": out.stat().st_size, "rank": rank or "exact"}
