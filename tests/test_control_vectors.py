@@ -567,3 +567,47 @@ def test_bake_writes_the_summed_vector_beside_the_model_or_says_why_not(mixed, t
     assert np.abs(got - want).max() < 1e-3 * max(1.0, np.abs(want).max())
     assert main(["bake", f"{root / 'mixed.yaml'}:steered", "--format", "ollama", "--out", str(tmp_path / "o")]) != 0
     assert "has no place for a llama.cpp control vector" in capsys.readouterr().err
+
+
+def test_server_takes_control_vector_scales_per_request(mixed, tmp_path):
+    """`avgguf serve` with a modelfile mixing both kinds: per-request coefficients (avgguf's and llama-server's
+    `lora` ids, where a control vector has its id in load order) answer as the one-request runtime does."""
+    import httpx
+
+    from avgguf.config.modelfile import load_modelfile
+    from avgguf.runtime.session import GenerationRequest, Runtime
+    from avgguf.testing.server import start_server
+
+    root, *_ = mixed
+    sets = [{}, {"steer": 1.0}, {"steer": -1.0, "medical": 1.0}]
+    rt = Runtime(load_modelfile(root / "mixed.yaml"))
+    try:
+        want = []
+        for s in sets:
+            req = GenerationRequest(messages=[{"role": "user", "content": "hello"}], max_tokens=8, temperature=0, seed=0)
+            want.append(rt.chat(req, rt.modelfile.resolver.resolve(None, overrides=s))["choices"][0]["message"]["content"])
+    finally:
+        rt.close()
+    srv = start_server(["serve", str(root / "mixed.yaml")], tmp_path / "serve.log")
+    try:
+
+        def ask(**extra):
+            body = {"model": "mixed", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8, "temperature": 0}
+            r = httpx.post(srv.url + "/v1/chat/completions", json={**body, "seed": 0, **extra}, timeout=60)
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["message"]["content"]
+
+        got = [ask(avgguf={"coefficients": s}) for s in sets]
+        listed = httpx.get(srv.url + "/lora-adapters", timeout=10).json()
+        steer_id = next(a["id"] for a in listed if a["name"] == "steer")
+        by_id = ask(lora=[{"id": steer_id, "scale": 1.0}])
+        bad = httpx.post(
+            srv.url + "/v1/chat/completions",
+            json={"model": "mixed", "messages": [{"role": "user", "content": "x"}], "avgguf": {"coefficients": {"steer": 9}}},
+            timeout=60,
+        )
+    finally:
+        srv.stop(timeout=10)
+    # (the one-request path may run past max_tokens to end a character)
+    assert all(w.startswith(g) and g for g, w in zip(got, want)) and len(set(got)) == 3 and by_id == got[1], (got, want)
+    assert bad.status_code == 400 and "steer" in bad.text
