@@ -588,7 +588,7 @@ def test_server_takes_control_vector_scales_per_request(mixed, tmp_path):
             want.append(rt.chat(req, rt.modelfile.resolver.resolve(None, overrides=s))["choices"][0]["message"]["content"])
     finally:
         rt.close()
-    srv = start_server(["serve", str(root / "mixed.yaml")], tmp_path / "serve.log")
+    srv = start_server(["serve", str(root / "mixed.yaml"), "--merge", "on"], tmp_path / "serve.log")
     try:
 
         def ask(**extra):
@@ -598,6 +598,9 @@ def test_server_takes_control_vector_scales_per_request(mixed, tmp_path):
             return r.json()["choices"][0]["message"]["content"]
 
         got = [ask(avgguf={"coefficients": s}) for s in sets]
+        # a hot set with a control vector is never baked into merged weights (they hold LoRA deltas only)
+        repeated = [ask(avgguf={"coefficients": sets[2]}) for _ in range(12)]
+        card = httpx.get(srv.url + "/v1/models/mixed", timeout=10).json()["avgguf"]
         listed = httpx.get(srv.url + "/lora-adapters", timeout=10).json()
         steer_id = next(a["id"] for a in listed if a["name"] == "steer")
         by_id = ask(lora=[{"id": steer_id, "scale": 1.0}])
@@ -611,3 +614,5 @@ def test_server_takes_control_vector_scales_per_request(mixed, tmp_path):
     # (the one-request path may run past max_tokens to end a character)
     assert all(w.startswith(g) and g for g, w in zip(got, want)) and len(set(got)) == 3 and by_id == got[1], (got, want)
     assert bad.status_code == 400 and "steer" in bad.text
+    assert set(repeated) == {got[2]} and card["merged_sets"] == [] and card["merging"] is None, card
+    assert "could not merge" not in (tmp_path / "serve.log").read_text()  # not even tried

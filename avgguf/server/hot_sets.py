@@ -51,6 +51,7 @@ class HotSets:
     def __init__(self, served: Host):
         engine = served.engine
         paths = {n: a.path for n, a in engine.adapters.items()}
+        self._control_vectors = engine.control_vectors  # not weights: a set using one is never merged
         self._recent: deque = deque(maxlen=self.WINDOW)
         self._sets = MergedSets(
             engine.model_path,
@@ -61,7 +62,7 @@ class HotSets:
         )
 
     def batcher(self, key: tuple) -> Batcher | None:
-        if not key:
+        if not key or any(v and n in self._control_vectors.vectors for n, v in key):
             return None
         self._recent.append(key)
         merged = self._sets.take(key, lambda m: m.batcher.load > 0)
