@@ -61,7 +61,7 @@ SHARED = [
     ("--header-timeout", {"serve", "desktop"}),
     ("--max-connections", {"serve", "desktop"}),
     # machine-readable output (the help names what is printed, so only the flag's shape is shared)
-    ("--json", {"convert", "inspect", "eval", "bake", "tune"}),
+    ("--json", {"convert", "inspect", "eval", "bake", "tune", "judge"}),
 ]
 
 
