@@ -129,7 +129,8 @@ def write_pair(work: Path, name: str) -> float:
     size = sum(f.stat().st_size for f in (work / "base").glob("*.safetensors"))  # transformers wants metadata
     for side in ("base", "aligned"):
         (work / side / "config.json").write_text(json.dumps(config))
-        (work / side / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": size}, "weight_map": index}))
+        index_json = {"metadata": {"total_size": size}, "weight_map": index}
+        (work / side / "model.safetensors.index.json").write_text(json.dumps(index_json))
     return size / 1e9
 
 

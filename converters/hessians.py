@@ -40,8 +40,9 @@ def _texts(tok, calibration: str | Path | None) -> list[list[int]]:
         elif row.text is not None:
             seqs.append(tok(row.text)["input_ids"])
         else:
-            turns = [*row.messages, *({"role": "assistant", "content": a} for a in row.answers[:1])]
-            seqs.append(list(tok.apply_chat_template(turns, tokenize=True, return_dict=False)))
+            for answer in row.answers or [None]:  # each given answer after its prompt, or the prompt alone
+                turns = [*row.messages, *([{"role": "assistant", "content": answer}] if answer else [])]
+                seqs.append(list(tok.apply_chat_template(turns, tokenize=True, return_dict=False)))
     return [s[:MAX_SEQ] for s in seqs if len(s) > 1]
 
 
