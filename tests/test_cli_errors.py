@@ -139,7 +139,11 @@ CASES = [
         ["--base", "nope' not found"],
     ),
     # convert: neither --aligned nor --peft
-    ("convert: no source", ["convert", "--base", "{hf}", "--out", "{out}"], ["one of the arguments --preferences --aligned --peft"]),
+    (
+        "convert: no source",
+        ["convert", "--base", "{hf}", "--out", "{out}"],
+        ["one of the arguments --preferences --aligned --peft"],
+    ),
     # convert: both --aligned and --peft
     (
         "convert: aligned and peft",
