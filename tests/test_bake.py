@@ -11,7 +11,7 @@ import gguf
 import numpy as np
 import pytest
 from avgguf.testing.logits import F32, TOKENS, assert_logits_close, logits, merged_logits
-from avgguf.testing.synthetic import representable
+from avgguf.testing.synthetic import quantized, representable
 
 from avgguf.gguf import adapter_format as fmt
 from avgguf.runtime.engine import Engine
@@ -237,12 +237,7 @@ def test_a_source_of_another_model_is_refused(tiny_kit, tmp_path):
 
 
 def _q4_0(src, out):
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
-    assert llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), params) == 0
-    return out
+    return quantized(src, out)  # avgguf.testing.synthetic: llama.cpp's quantizer
 
 
 def test_a_source_bake_starts_from_the_full_precision_base(tiny_kit, tmp_path):

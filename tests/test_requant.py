@@ -14,6 +14,7 @@ from gguf import quants
 
 from avgguf.errors import AvggufError
 from avgguf.gguf import requant
+from avgguf.testing.synthetic import quantized
 
 TYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K]
 
@@ -88,12 +89,7 @@ def test_error_feedback_keeps_a_sub_step_delta_on_the_layer_output(qtype):
 
 
 def _q4_0(src, out):
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
-    assert llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), params) == 0
-    return out
+    return quantized(src, out)  # avgguf.testing.synthetic: llama.cpp's quantizer
 
 
 def test_bake_at_the_base_type_keeps_its_blocks_and_the_effect(tiny_kit, tmp_path):

@@ -257,3 +257,14 @@ def make_pair(root: Path, spec: Spec, delta_seed: int = 1, **delta_kw) -> Pair:
     aligned_hf = write_hf(root / "aligned", spec, delta.applied_to(w))
     base_gguf = write_gguf(root / "base.gguf", spec, to_gguf_tensors(spec, w))
     return Pair(spec, w, delta, base_hf, aligned_hf, base_gguf, root)
+
+
+def quantized(src: Path, out: Path, ftype: str = "MOSTLY_Q4_0") -> Path:
+    """`src` quantized by llama.cpp's own quantizer to LLAMA_FTYPE_`ftype`, written to `out`."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{ftype}")
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), params) != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {src} to {ftype}")
+    return out
