@@ -37,17 +37,55 @@ def confusion_table(rows: list[dict], predicted: list[str], levels=aj.LEVELS) ->
     return lines
 
 
-def grouped_cv(train: list[dict], folds: int = 5) -> float:
-    """Agreement of judges trained on 4/5 of the train split's queries, tested on the other 1/5 (5 folds)."""
+# the judge settings compared by cross-validation on the train split (the held-out split never chose among them)
+CANDIDATES = {
+    "two logistic regressions (hand 0.5, embedding 0.5)": {"hand_weight": 0.5, "embedding_weight": 0.5},
+    "two logistic regressions + random forest on the hand features (0.25 / 0.5 / 0.25)": {},
+    "embedding regression + random forest (0 / 0.5 / 0.5)": {"hand_weight": 0.0, "embedding_weight": 0.5},
+}
+REPEATS = 8  # fold assignments: the first is queries[k::folds], the others seeded shuffles of the queries
+
+
+class CachedFeatures(aj.Features):
+    """The judge's features, each row computed once (cross-validation refits on the same rows)."""
+
+    def __init__(self, table):
+        super().__init__(table)
+        self.cache: dict[tuple[str, str, str], object] = {}
+
+    def row(self, query: str, answer: str, domain: str = ""):
+        key = (query, answer, domain)
+        if key not in self.cache:
+            self.cache[key] = super().row(query, answer, domain)
+        return self.cache[key]
+
+
+def grouped_cv(train: list[dict], folds: int = 5, seed: int = 0, features=None, **settings) -> float:
+    """Agreement of judges trained on 4/5 of the train split's queries, tested on the other 1/5 (5 folds);
+    seed 0: queries[k::folds] in sorted order, else a seeded shuffle of the queries first."""
+    import random
+
+    features = features or CachedFeatures(aj.gguf_tokens.default_table())
     queries = sorted({(r["domain"], r["query"]) for r in train})
+    if seed:
+        random.Random(seed).shuffle(queries)
     hits = 0
     for k in range(folds):
         test_q = set(queries[k::folds])
         fit = [r for r in train if (r["domain"], r["query"]) not in test_q]
         test = [r for r in train if (r["domain"], r["query"]) in test_q]
-        judge = aj.AnswerJudge(aj.Features(aj.gguf_tokens.default_table())).fit(fit)
+        judge = aj.AnswerJudge(features, **settings).fit(fit)
         hits += sum(p == r["label"] for p, r in zip(judge.predict(test), test))
     return hits / len(train)
+
+
+def selection_lines(train: list[dict]) -> list[str]:
+    features = CachedFeatures(aj.gguf_tokens.default_table())
+    lines = ["| judge settings | CV, first fold assignment | CV, mean of " + f"{REPEATS} fold assignments |", "|---|---|---|"]
+    for name, settings in CANDIDATES.items():
+        scores = [grouped_cv(train, seed=s, features=features, **settings) for s in range(REPEATS)]
+        lines.append(f"| {name}{' (the judge)' if not settings else ''} | {scores[0]:.3f} | {sum(scores) / REPEATS:.3f} |")
+    return lines
 
 
 def agree(rows: list[dict], predicted: list[str]) -> tuple[int, int]:
@@ -79,13 +117,27 @@ def report(data: Path) -> str:
         "",
         "| judge | agreement, all held-out | agreement, held-out without off-level |",
         "|---|---|---|",
-        "| new: hand features + token embeddings, two logistic regressions averaged (avgguf.eval.answer_judge) | "
+        "| new: hand features + token embeddings, two logistic regressions and a random forest averaged "
+        "(avgguf.eval.answer_judge) | "
         f"{h_new}/{n} = {h_new / n:.2f} | "
         f"{h_new_on}/{n_on} = {h_new_on / n_on:.2f} |",
         f"| old: TF-IDF on reference responses (avgguf.eval.levels) | {h_old}/{n} = {h_old / n:.2f} | "
         f"{h_old_on}/{n_on} = {h_old_on / n_on:.2f} |",
         "",
-        f"Grouped 5-fold cross-validation of the new judge on the train split (folds by query): {grouped_cv(train):.2f}.",
+        "**Model selection: grouped 5-fold cross-validation on the train split only** (folds by query; 234 answers). "
+        "The judge's settings are the best of these by the mean over fold assignments; the held-out split was scored "
+        "once for the chosen settings (one candidate looked at on held-out in this round; the previous settings, first "
+        "row below, scored 0.77 there). Issue #23's goal, 0.85 on held-out, is not reached: cross-validation on the "
+        "train split plateaus at 0.84-0.86 for every judge tried, and the held-out queries come out lower (their "
+        "commonest misses, expert answers called generic and generic ones called off-level, are the rubric's "
+        "borderlines). Also tried by the same cross-validation and dropped (no gain): SmolLM2's "
+        "contextual hidden states from llama.cpp (mean-pooled or last token, answer alone or after the query; "
+        "0.78-0.84, and about 3 s of CPU per answer), eight more hand features (new domain terms, 'such as' lists, "
+        "parenthesised acronyms, self-introductions, first-person narrative, non-ASCII letters, query words in the "
+        "first sentence, long words; 0.84-0.85), other regularisation, no class weights, gradient boosting and "
+        "extra trees.",
+        "",
+        *selection_lines(train),
         "",
         "**New judge, held-out confusion (rows: people, columns: judge)**",
         "",

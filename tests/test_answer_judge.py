@@ -16,7 +16,7 @@ from avgguf.errors import AvggufError
 from avgguf.eval import answer_judge as aj
 
 ROOT = Path(__file__).resolve().parent.parent
-# measured: 0.77 (97 of 126) on the held-out answers (bench/results/judge.md); the margin allows a 1-2 answer drift from a
+# measured: 0.78 (98 of 126) on the held-out answers (bench/results/judge.md); the margin allows a 1-2 answer drift from a
 # scikit-learn or llama.cpp tokenizer upgrade, not a judge that stopped working
 MIN_AGREEMENT = 0.72
 QUERY = "Could you walk me through a fever in an adult?"

@@ -6,7 +6,8 @@ Features (robust to the templated reference texts: nothing keys on their exact w
     mean-pooled over the answer, and the cosine between the answer's and the query's pooled embedding;
   * hand features: length, refusal and redirect phrases, AI self-reference, digits / units / acronym density,
     echo of the query (shared word n-grams, coverage), repetition (repeated n-grams and lines), list markers.
-A scikit-learn logistic regression on the standardised features. The labeled set splits deterministically by
+scikit-learn models on them: logistic regressions on the standardised hand features and on the embedding, and a
+random forest on the hand features, their probabilities averaged. The labeled set splits deterministically by
 query (`split`): the judge is trained on the train part; `held_out_report` measures its agreement with the
 people's labels on the rest. Training takes a few seconds and is cached per process; `judge_answers` is the
 thread-safe entry point (the server calls it).
@@ -269,35 +270,41 @@ def split(rows: list[dict]) -> tuple[list[dict], list[dict]]:
 
 
 class AnswerJudge:
-    """Two logistic regressions, one on the standardised hand features, one on the pooled embedding (class
-    weights balanced: expert answers are few), their level probabilities averaged. The settings were chosen by
-    a grouped cross-validation on the train split only (bench/judge_agreement.py prints it)."""
+    """Three models, their level probabilities averaged: a logistic regression on the standardised hand
+    features (weight `hand_weight`), one on the pooled embedding (`embedding_weight`) and a random forest on the
+    hand features (the rest). Class weights balanced: expert answers are few. The settings were chosen by a
+    repeated grouped cross-validation on the train split only (bench/judge_agreement.py prints it)."""
 
-    def __init__(self, features: Features, c: float = 0.1, hand_weight: float = 0.5):
-        self.features, self.c, self.hand_weight = features, c, hand_weight
-        self.parts: list[tuple[slice, object, object]] = []
+    def __init__(self, features: Features, c: float = 0.1, hand_weight: float = 0.25, embedding_weight: float = 0.5):
+        self.features, self.c = features, c
+        self.weights = (hand_weight, embedding_weight, 1.0 - hand_weight - embedding_weight)
+        self.parts: list[tuple[slice, object, object, float]] = []
         self.trained_on = 0
 
     def fit(self, rows: list[dict]) -> AnswerJudge:
         try:
+            from sklearn.ensemble import RandomForestClassifier
             from sklearn.linear_model import LogisticRegression
             from sklearn.preprocessing import StandardScaler
         except ImportError:
             raise AvggufError("the answer judge needs scikit-learn: pip install 'avgguf[eval]'") from None
         x, y = self.features.matrix(rows), [r["label"] for r in rows]
         self.parts = []
-        for cols in (slice(0, N_HAND), slice(N_HAND, None)):
+        for cols, weight in zip((slice(0, N_HAND), slice(N_HAND, None)), self.weights):
             scaler = StandardScaler().fit(x[:, cols])
             model = LogisticRegression(C=self.c, max_iter=5000, class_weight="balanced").fit(scaler.transform(x[:, cols]), y)
-            self.parts.append((cols, scaler, model))
+            self.parts.append((cols, scaler, model, weight))
+        if self.weights[2] > 0:  # n_jobs=1: deterministic and no worker pool in the server's threads
+            forest = RandomForestClassifier(500, min_samples_leaf=2, class_weight="balanced", random_state=0, n_jobs=1)
+            self.parts.append((slice(0, N_HAND), None, forest.fit(x[:, :N_HAND], y), self.weights[2]))
         self.trained_on = len(rows)
         return self
 
     def _proba(self, x: np.ndarray) -> np.ndarray:
-        """(rows, LEVELS) probabilities: the hand model's weighted `hand_weight`, the embedding model's the rest."""
+        """(rows, LEVELS) probabilities: each part's, weighted."""
         out = np.zeros((len(x), len(LEVELS)))
-        for (cols, scaler, model), weight in zip(self.parts, (self.hand_weight, 1 - self.hand_weight)):
-            p = model.predict_proba(scaler.transform(x[:, cols]))
+        for cols, scaler, model, weight in self.parts:
+            p = model.predict_proba(x[:, cols] if scaler is None else scaler.transform(x[:, cols]))
             for j, lvl in enumerate(model.classes_):
                 out[:, LEVELS.index(lvl)] += weight * p[:, j]
         return out
