@@ -223,3 +223,47 @@ def test_two_contexts_route_a_set_together_and_answer_as_solo(tiny_kit):
     finally:
         registry.close()
         runtime.close()
+
+
+def test_kv_unified_steps_stay_under_the_flash_attention_tile_and_serve_8_at_once(rt):
+    """--kv-unified (one shared buffer, flash attention): a step holds at most EXACT_ROWS tokens (llama.cpp's
+    CPU flash attention goes tiled at 64 rows: a prompt chunk would otherwise change the kernel of the other
+    sequences' rows), and 8 requests at once, prompts evaluated next to others' decoding, all finish. Their
+    greedy answers are not asserted equal to solo ones: where a sequence's cells lie in the shared buffer
+    orders its attention sums (avgguf.runtime.contexts.BatchContext; bench/server_load.py counts them)."""
+    batcher = Batcher(rt.engine, n_seq=8, kv_unified=True)
+    try:
+        assert batcher._ctx.capacity == 63 and batcher.chunk == 63
+        for _ in range(2):  # the second round reuses the prompt cache
+            waits = [submit(batcher, rt, t, p, max_tokens=16, temperature=0) for t, p in JOBS]  # all at once
+            results = [w() for w in waits]
+            assert all(done.kind == "done" and done.tokens > 0 for _, done in results)
+    finally:
+        batcher.close()
+
+
+def test_kv_unified_requests_near_the_context_limit_together(rt):
+    """--kv-unified: every sequence of the shared buffer can reach the per-request context length at once: four
+    prompts of n_ctx - 6 tokens with 6 tokens to generate all finish, together and one by one (no llama.cpp
+    failure, no crash: the buffer holds n_seq x n_ctx cells)."""
+    n_ctx = rt.engine.n_ctx
+    base = rt.engine.tokenize(rt.engine.format_chat(rt.with_system([{"role": "user", "content": "hello there"}])))
+    prompts = [(base * (n_ctx // len(base) + 1))[i : i + n_ctx - 6] for i in range(4)]
+    batcher = Batcher(rt.engine, n_seq=4, kv_unified=True)
+
+    def answer(events: queue.Queue):
+        parts = []
+        while (ev := events.get(timeout=120)).kind == "piece":
+            parts.append(ev.text)
+        return "".join(parts), ev
+
+    try:
+        queues = []
+        for tokens in prompts + prompts:  # four at once, then four more that wait for free sequences
+            q: queue.Queue = queue.Queue()
+            batcher.submit(BatchRequest(tokens, (), Sampling(max_tokens=6, temperature=0), q.put))
+            queues.append(q)
+        done = [answer(q)[1] for q in queues]
+    finally:
+        batcher.close()
+    assert all(ev.kind == "done" and ev.finish in ("length", "stop") and ev.tokens > 0 for ev in done)

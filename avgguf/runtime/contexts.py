@@ -10,6 +10,10 @@ import numpy as np
 from avgguf.errors import AvggufError
 from avgguf.runtime import llama
 
+# Unified K/V (BatchContext): query rows per step at most, below llama.cpp's CPU flash-attention tile (64 rows,
+# GGML_FA_TILE_Q), so a row takes the same row-at-a-time kernel in a big step as in a small one.
+EXACT_ROWS = 63
+
 
 class SideContext:
     """A llama_context on `model` with fixed adapters; tokens are appended (KV kept), last logits read."""
@@ -62,22 +66,32 @@ class SideContext:
 
 class BatchContext:
     """A llama_context decoding several sequences per step (continuous batching), each token tagged with its
-    sequence so attention never crosses sequences. K/V: a stream of `n_ctx_seq` cells per sequence, so a
-    sequence's attention sums run over its own cells only and its answer does not depend on the others (nor
-    on batching: the same as the one-request context's); or (`unified`, llama-server's --kv-unified) one
-    buffer of n_seq x n_ctx_seq cells shared by all, with flash attention: faster here, but where a
-    sequence's cells lie changes float rounding (measured: greedy answers differ from solo ones).
+    sequence so attention never crosses sequences. K/V: a stream of `n_ctx_seq` cells per sequence (default),
+    so a sequence's attention sums run over its own cells only and its answer does not depend on the others'
+    attention; or (`unified`, llama-server's --kv-unified) one buffer of n_seq x n_ctx_seq cells shared by all,
+    with flash attention: about twice the requests/s at 8 clients here, but not exact under load.
+
+    Unified and float rounding (llama.cpp's CPU flash attention): a step of 64+ query rows takes a tiled
+    kernel, fewer rows one row at a time over the buffer's cells (masked ones skipped exactly), one row next
+    to 512+ cells splits them between threads. Steps here stay under EXACT_ROWS, so a prompt chunk next to
+    other sequences' tokens never goes tiled (on the tests' tiny model, without the cap concurrent greedy
+    answers differed from solo ones; with it they mostly agree). What is left (read from llama.cpp, not
+    isolated): a sequence's cells are visited in buffer order, and where its new cells land depends on which
+    cells the others freed (llama.cpp reuses the lowest free cells), so its attention sums run in another
+    order under load; on SmolLM2 most 32-token greedy answers then part from the solo ones somewhere
+    (bench/results/server_load.md), as llama-server's do on one set.
     The adapter set is the context's and may change between steps: K/V already stored for a sequence stays
     the one computed under that sequence's own set."""
 
     def __init__(self, model, params, n_vocab: int, n_seq: int, n_ctx_seq: int, unified: bool = False):
         import llama_cpp
 
+        self.unified = unified
         params.n_seq_max = n_seq
-        params.n_ctx = n_seq * n_ctx_seq
+        params.n_ctx = n_seq * n_ctx_seq  # unified: every sequence can reach n_ctx_seq while the others do
         params.n_outputs_max, params.n_outputs_max_per_seq = n_seq, 1  # one logits row per sequence and step
         params.kv_unified = unified
-        if unified:  # throughput mode: llama-server's flash attention too (other rounding than `avgguf run`)
+        if unified:  # llama-server's flash attention too (other rounding than `avgguf run`'s context)
             params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
         self._ctx = llama_cpp.llama_init_from_model(model, params)
         if not self._ctx:
@@ -85,7 +99,8 @@ class BatchContext:
                 f"llama.cpp could not create a context of {n_seq} x {n_ctx_seq} tokens "
                 f"(out of memory? lower --parallel or --n-ctx)"
             )
-        self.n_vocab, self.n_seq, self.capacity = n_vocab, n_seq, max(1, params.n_batch)
+        self.n_vocab, self.n_seq = n_vocab, n_seq
+        self.capacity = max(1, min(params.n_batch, EXACT_ROWS) if unified else params.n_batch)
         self._batch = llama_cpp.llama_batch_init(self.capacity, 0, 1)
         self._keep: tuple = ()
 
