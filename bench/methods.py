@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from avgguf import atomic  # noqa: E402
 from avgguf.config.builtin import builtin_path  # noqa: E402
 from avgguf.config.modelfile import load_modelfile  # noqa: E402
 from avgguf.eval import answer_judge  # noqa: E402
@@ -176,7 +176,7 @@ def render_shares(table: dict, domains: list[str], lambdas: list[float]) -> list
     return lines
 
 
-def plot(table: dict, domains: list[str], out: Path) -> None:
+def plot(table: dict, domains: list[str], out: Path, force: bool = False) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -197,10 +197,18 @@ def plot(table: dict, domains: list[str], out: Path) -> None:
     axes[0][0].legend(fontsize=7, loc="center left")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, out)
+    # an earlier plot of this bench (its metadata names it) is replaced; any other file is refused
+    with atomic.output_file(out, force=force, previous=_our_plot, what="plot", flag="--plot") as tmp:
+        fig.savefig(tmp, dpi=110, format="png", metadata={"Software": PLOT_MARK})
     plt.close(fig)
+
+
+PLOT_MARK = "avgguf bench/methods.py"
+
+
+def _our_plot(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return PLOT_MARK.encode() in f.read(4096)
 
 
 # --- speed, memory, knob change -----------------------------------------------------------------------------
@@ -351,6 +359,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "out" / "methods", help="artifacts are kept here")
     ap.add_argument("--plot", type=Path, help="draw the shares against λ (PNG)")
     ap.add_argument("--out", type=Path, help="also write the tables here (Markdown)")
+    ap.add_argument("--force", action="store_true", help="replace a --plot file this bench did not write")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     lambdas = [float(x) for x in args.lambdas.split(",")]
@@ -389,7 +398,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.plot:
-        plot(table, domains, args.plot)
+        plot(table, domains, args.plot, args.force)
     if args.out:
         args.out.write_text(text)
 

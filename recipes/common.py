@@ -71,3 +71,21 @@ def save_hf(model, path: Path) -> None:
 def read_jsonl(path: Path, domain: str | None = None) -> list[dict]:
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     return [r for r in rows if domain is None or r["domain"] == domain]
+
+
+def response_logps(model, seqs: list[tuple[list[int], list[int]]]):
+    """Sum of log p(response | prompt) and the response's length for each (prompt, response), one padded batch."""
+    import torch
+    import torch.nn.functional as F
+
+    width = max(len(p) + len(c) for p, c in seqs)
+    ids = torch.zeros((len(seqs), width), dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    target = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for i, (p, c) in enumerate(seqs):
+        ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+        mask[i, : len(p) + len(c)] = 1
+        target[i, len(p) : len(p) + len(c)] = True
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    logp = torch.gather(F.log_softmax(logits.float(), -1), 2, ids[:, 1:, None]).squeeze(-1)
+    return (logp * target[:, 1:]).sum(-1), target[:, 1:].sum(-1).float()

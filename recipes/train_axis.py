@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import load_smollm2, prompt_tokens, read_jsonl, response_tokens, save_hf, save_hf_tokenizer, tokenizer
+from common import load_smollm2, prompt_tokens, read_jsonl, response_logps, response_tokens, save_hf, save_hf_tokenizer, tokenizer
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "preferences"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -77,20 +77,10 @@ def add_lora(model, rank: int, seed: int) -> list[SignedLoRA]:
 
 def seq_logps(model, loras, seqs: list[tuple[list[int], list[int]]], signs: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of log p(response | prompt) and response length for each (prompt, response), row i at sign signs[i]."""
-    width = max(len(p) + len(c) for p, c in seqs)
-    ids = torch.zeros((len(seqs), width), dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    target = torch.zeros((len(seqs), width), dtype=torch.bool)
-    for i, (p, c) in enumerate(seqs):
-        ids[i, : len(p) + len(c)] = torch.tensor(p + c)
-        mask[i, : len(p) + len(c)] = 1
-        target[i, len(p) : len(p) + len(c)] = True
     sign = torch.tensor(signs, dtype=torch.float32)
     for lora in loras:
         lora.sign = sign
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-    logp = torch.gather(F.log_softmax(logits.float(), -1), 2, ids[:, 1:, None]).squeeze(-1)
-    return (logp * target[:, 1:]).sum(-1), target[:, 1:].sum(-1).float()
+    return response_logps(model, seqs)
 
 
 def ranking_loss(reward: torch.Tensor) -> torch.Tensor:

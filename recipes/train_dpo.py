@@ -31,6 +31,7 @@ from common import (  # recipes/common.py: a script's own folder is importable
     load_smollm2,
     prompt_tokens,
     read_jsonl,
+    response_logps,
     response_tokens,
     save_hf,
     save_hf_tokenizer,
@@ -53,17 +54,7 @@ def build_pairs(rows: list[dict], tok) -> list[tuple[list[int], list[int], list[
 
 def batch_logps(model, seqs: list[tuple[list[int], list[int]]]) -> torch.Tensor:
     """Sum of log p(response | prompt) for each (prompt, response)."""
-    width = max(len(p) + len(c) for p, c in seqs)
-    ids = torch.zeros((len(seqs), width), dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    target = torch.zeros((len(seqs), width), dtype=torch.bool)
-    for i, (p, c) in enumerate(seqs):
-        ids[i, : len(p) + len(c)] = torch.tensor(p + c)
-        mask[i, : len(p) + len(c)] = 1
-        target[i, len(p) : len(p) + len(c)] = True
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-    logp = torch.gather(F.log_softmax(logits.float(), -1), 2, ids[:, 1:, None]).squeeze(-1)
-    return (logp * target[:, 1:]).sum(-1)
+    return response_logps(model, seqs)[0]
 
 
 def train(domain: str, out: Path, steps: int, batch: int, lr: float, beta: float, seed: int, all_tensors: bool = False) -> dict:
