@@ -267,3 +267,32 @@ def test_kv_unified_requests_near_the_context_limit_together(rt):
     finally:
         batcher.close()
     assert all(ev.kind == "done" and ev.finish in ("length", "stop") and ev.tokens > 0 for ev in done)
+
+
+def test_a_step_lists_its_sequences_in_id_order(rt, monkeypatch):
+    """With a K/V stream per sequence (the default) llama.cpp splits a batch into micro-batches of consecutive
+    sequence ids only (split_equal, sequential), so a step's entries go in sequence-id order: else a step of 8
+    decoding sequences ran as up to 8 forward passes (issue #25 item 4). Requests of mixed lengths finish and
+    are replaced in another order than they came, so the slots of the running sequences get shuffled."""
+    from avgguf.runtime.contexts import BatchContext
+
+    steps: list[list[int]] = []
+    decode = BatchContext.decode
+
+    def recording(self, tokens):
+        steps.append([seq for _, _, seq, _ in tokens])
+        return decode(self, tokens)
+
+    monkeypatch.setattr(BatchContext, "decode", recording)
+    batcher = Batcher(rt.engine, n_seq=4)
+    try:
+        for round_ in range(3):
+            waits = [
+                submit(batcher, rt, t, None, max_tokens=3 + (5 * i + round_) % 9, temperature=0) for i, (t, _) in enumerate(JOBS)
+            ]
+            assert all(w()[1].kind == "done" for w in waits)
+    finally:
+        batcher.close()
+    multi = [s for s in steps if len(set(s)) > 1]
+    assert len(multi) > 20
+    assert all(s == sorted(s) for s in multi), [s for s in multi if s != sorted(s)][:3]
