@@ -327,6 +327,23 @@ SECTIONS = [
         "bench/results/eval.json.\n\n![level shares vs λ](../bench/results/eval_sweep.png)",
     ),
     Section(
+        "The judge of generated answers vs people's labels",
+        ("judge.md",),
+        "python bench/judge_agreement.py",
+        "360 generated answers labeled by hand before any judge was trained (data/judge/), split by query; the "
+        "judge that `avgguf eval --generate`, `avgguf judge` and the desktop use, against the old TF-IDF one.",
+        start=(("judge.md", "`python bench/judge_agreement.py"),),
+    ),
+    Section(
+        "Every method's knob: level shares of generated answers per λ, speed, memory, knob change",
+        ("methods.md",),
+        "python bench/methods.py --queries 3 --max-tokens 64 --lambdas=-1,-0.5,0,0.5,1,1.5 --speed-tokens 32 "
+        "--repeats 3 --plot docs/methods.png --out bench/results/methods.md",
+        "The paper's figure for prompting, weight AVs, control vectors (from the AV's pair and from preference "
+        "data) and PAD, judged by the generated-answer judge.\n\n![level shares vs λ per method](methods.png)",
+        start=(("methods.md", "`python bench/methods.py"),),
+    ),
+    Section(
         "AV transfer to another fine-tune of the same base",
         ("transfer.md",),
         "python recipes/train_sft.py --out runs/sft --steps 40\n"

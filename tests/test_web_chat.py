@@ -427,3 +427,36 @@ def test_each_finished_answer_gets_the_judges_level(browser, server):
     wait(lambda: answers(browser) and answers(browser)[0].get_attribute("data-level") == level, what="the kept level")
     bad = httpx.post(server + "/avgguf/judge", json={"rows": [{"domain": "medical", "query": "q"}]})
     assert bad.status_code == 400 and "answer" in bad.text
+
+
+def test_a_control_vector_is_a_slider_like_any_av(browser, tmp_path):
+    """A modelfile mixing a LoRA AV and a control vector: both are sliders (the vector marked "control vector"),
+    and the vector's value steers the answer and is recorded in data-coefficients like an AV's."""
+    import numpy as np
+
+    from avgguf.gguf.control_vector import write_control_vector
+
+    rng = np.random.default_rng(0)
+    tone = write_control_vector(
+        tmp_path / "tone.gguf", {il: rng.normal(0, 0.6, 576).astype(np.float32) for il in range(1, 30)}, "llama"
+    )
+    path = tmp_path / "mixed.yaml"
+    avs = {"medical": str(ROOT / "modelfiles" / "avs" / "medical.gguf"), "tone": str(tone)}
+    spec = {"base": "builtin:smollm2-135m-instruct", "avs": avs, "defaults": {"max_tokens": 24, "temperature": 0.0}}
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    proc, url = start(path)
+    try:
+        fresh(browser, url)
+        kinds = {e.get_attribute("data-av"): e.get_attribute("data-kind") for e in css(browser, "input[type=range][data-av]")}
+        assert kinds == {"medical": "LoRA", "tone": "control vector"}
+        assert "control vector" in browser.find_element("css selector", "label[for='av-tone']").text
+        question = "I have had a headache for three days. What should I do?"
+        plain = answer(browser, question)
+        set_slider(browser, "tone", 2)
+        steered = answer(browser, question, 2)
+        assert json.loads(steered.get_attribute("data-coefficients")) == {"medical": 0, "tone": 2}
+        assert json.loads(plain.get_attribute("data-coefficients")) == {"medical": 0, "tone": 0}
+        assert steered.find_element("css selector", ".text").text != plain.find_element("css selector", ".text").text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -58,6 +58,12 @@ class Runtime:
     def n_ctx(self) -> int:
         return self.engine.n_ctx
 
+    @property
+    def knob_kinds(self) -> dict[str, str]:
+        """Each knob's kind, in the modelfile's order: "control vector" (one add per layer) or "LoRA"."""
+        vectors = self.engine.control_vectors.vectors
+        return {name: "control vector" if name in vectors else "LoRA" for name in self.modelfile.av_paths}
+
     def set_coefficients(self, coefficients: dict[str, float]) -> bool:
         return self.engine.set_coefficients(coefficients)
 

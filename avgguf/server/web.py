@@ -62,6 +62,7 @@ async def knobs(registry: RegistryDep):
             {
                 "id": name,
                 "avs": list(mf.av_paths),
+                "kinds": _kinds(served),  # "LoRA" or "control vector" per knob (the slider's badge)
                 "profiles": {p: mf.coefficients(p) for p in mf.spec.profiles},
                 "default_profile": mf.spec.default_profile,
                 "decode": dict(mf.spec.profile_decode),
@@ -70,6 +71,11 @@ async def knobs(registry: RegistryDep):
             }
         )
     return {"object": "list", "data": data, "judge": _judge_available()}
+
+
+def _kinds(served) -> dict[str, str]:
+    runtime = getattr(served, "runtime", None)
+    return runtime.knob_kinds if runtime is not None else {}
 
 
 def _n_ctx(served) -> int | None:

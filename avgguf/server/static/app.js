@@ -181,14 +181,21 @@ async function editProfile(action) {
 
 const clamp = (v) => Math.max(-2, Math.min(2, Math.round((Number(v) || 0) * 100) / 100));
 
-function knobRow(name, value) {
+function knobRow(name, value, kind) {
   const row = document.createElement("div");
   row.className = "knob";
   const label = document.createElement("label");
   label.textContent = name;
+  if (kind === "control vector") {
+    const badge = document.createElement("small");
+    badge.className = "kind";
+    badge.textContent = " control vector"; // read with the name: "tone control vector"
+    label.append(badge);
+  }
   const range = document.createElement("input");
   Object.assign(range, { type: "range", min: -2, max: 2, step: 0.05, value });
   range.dataset.av = name;
+  range.dataset.kind = kind || "LoRA";
   const number = document.createElement("input");
   Object.assign(number, { type: "number", min: -2, max: 2, step: 0.05, value });
   number.dataset.avNumber = name;
@@ -212,7 +219,7 @@ function buildSliders(info, coefs) {
   const box = $("#sliders");
   box.replaceChildren();
   if (!info.avs.length) box.textContent = "this model has no alignment vectors";
-  for (const name of info.avs) box.append(knobRow(name, coefs[name]));
+  for (const name of info.avs) box.append(knobRow(name, coefs[name], (info.kinds || {})[name]));
 }
 
 function sliderCoefficients() {
