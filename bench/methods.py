@@ -172,7 +172,7 @@ def render_shares(table: dict, domains: list[str], lambdas: list[float]) -> list
         ref = best_expert(table, d, "weights")[0]
         for m in METHODS:
             share, lam = best_expert(table, d, m)
-            lines.append(f"| {d} | {m} | {share:.2f} | {lam:g} | {share / ref if ref else float('nan'):.2f} |")
+            lines.append(f"| {d} | {m} | {share:.2f} | {lam:g} | {f'{share / ref:.2f}' if ref else '- (weights: 0)'} |")
     return lines
 
 
@@ -322,6 +322,12 @@ def knob_changes(rt: Runtime, avs: list[str], cvs: list[str], repeats: int) -> d
 # --- report -------------------------------------------------------------------------------------------------
 
 
+def _shown(path: Path) -> str:
+    """A path as the report shows it: relative to the checkout where it lies inside."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def render_speed(runs: list[dict], tokens: int, repeats: int) -> list[str]:
     lines = [
         f"Generation tok/s (wall clock after the first token, {tokens} tokens greedy, median of {repeats} alternating "
@@ -381,11 +387,12 @@ def main() -> None:
         "",
         f"`python bench/methods.py {' '.join(sys.argv[1:])}`: SmolLM2-135M-Instruct Q4_1 and the demo AVs, "
         f"{args.queries} held-out queries per domain, greedy, {args.max_tokens} tokens; levels by avgguf's judge of "
-        f"generated answers (held-out agreement with people {report['agreement']:.2f}). Answers: {args.work / 'answers.jsonl'}.",
+        f"generated answers (held-out agreement with people {report['agreement']:.2f}). "
+        f"Answers: {_shown(args.work / 'answers.jsonl')}.",
         "",
         *render_shares(table, domains, lambdas),
         "",
-        "Time to make each artifact (s; the weight AVs are the shipped DPO runs, recipes/train_dpo.py):",
+        "Time to make each artifact (s; the weight AVs are the shipped demo AVs, recipes/train_axis.py):",
         "",
         "| artifact | s |",
         "|---|---|",

@@ -120,6 +120,7 @@ def headline() -> list[tuple[str, str, str, str]]:
     rt = "runtime_speed.md"
     bake = "bake_speed.md"
     srv = "server_load.md"
+    mt = "methods.md"
     default = "avgguf serve (default: --parallel 4, a K/V stream per request, merge auto)"
     unified = "avgguf serve --parallel 8 --kv-unified (merge auto)"
     stock = "llama-server --parallel 8"
@@ -165,6 +166,15 @@ def headline() -> list[tuple[str, str, str, str]]:
             f"`--kv-unified` {cell(srv, 'requests/s', server=unified, **SERVER)} ({line_value(srv, unified)})",
             f"llama-server {cell(srv, 'requests/s', server=stock, **SERVER)} ({line_value(srv, stock)})",
             srv,
+        ),
+        (
+            "three live knobs as control vectors: generation speed vs the base (SmolLM2 / synthetic 1.2B Q4_0)",
+            " / ".join(cell(mt, "vs base", model=m, setting="control vectors, 3") for m in ("smollm2", "synthetic-1b")),
+            "three LoRA AVs live, separate: "
+            + " / ".join(
+                cell(mt, "vs base", model=m, setting="weights, 3 AVs (live, separate)") for m in ("smollm2", "synthetic-1b")
+            ),
+            mt,
         ),
     ]
 
