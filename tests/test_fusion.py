@@ -130,3 +130,27 @@ def test_scaled_blocks_multiplies_values():
         got = gguf.quants.dequantize(scaled_blocks(raw, qtype, -0.37), qtype)
         want = -0.37 * gguf.quants.dequantize(raw, qtype)  # block scales rounded to f16 once
         np.testing.assert_allclose(got, want, rtol=0, atol=2e-3 * np.abs(want).max())
+
+
+def test_recompressed_live_sets_report_their_fidelity(tiny_kit):
+    """fused_rank: a set's sum re-compressed to one low rank per tensor (issue #25 item 2). At a rank that holds
+    the whole sum it answers as the exact merge (f16 factors); at a low rank it keeps part of the energy and its
+    logits lie between the base's and the exact merge's; the energy kept is recorded per set."""
+    root, p, q = tiny_kit
+    want = merged_logits(p, q, 0.5, -1.0)
+    errors, kept = {}, {}
+    for rank in (None, 4096, 24):
+        eng = Engine(p.base_gguf, n_ctx=64, logits_all=True, type_k=F32, type_v=F32, fuse="sync", fused_rank=rank)
+        try:
+            base = eng.all_logits(TOKENS)
+            eng.load_adapter("medical", root / "medical.gguf")
+            eng.load_adapter("legal", root / "legal.gguf")
+            assert eng.set_coefficients({"medical": 0.5, "legal": -1.0}) and eng.fused
+            errors[rank] = float(np.abs(eng.all_logits(TOKENS) - want).max())
+            kept[rank] = eng.sets.fusion.energy_kept.get((("legal", -1.0), ("medical", 0.5)))
+        finally:
+            eng.close()
+    base_error = float(np.abs(base - want).max())
+    assert kept[None] is None and kept[4096] == pytest.approx(1.0, abs=1e-6) and 0.2 < kept[24] < 0.99
+    assert errors[None] < 1e-3 and errors[4096] < 2e-2
+    assert errors[4096] < errors[24] < base_error, (errors, base_error, kept)

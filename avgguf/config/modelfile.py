@@ -54,6 +54,7 @@ class Defaults(Strict):
     n_threads: int | None = Field(None, ge=0)  # None or 0: adaptive (avgguf.runtime.threads)
     n_gpu_layers: int = Field(0, ge=-1)
     merge: Literal["auto", "on", "off"] = "auto"  # a set in use runs on merged weights (avgguf.runtime.merged)
+    fused_rank: int | None = Field(None, ge=1)  # a set's fused adapter re-compressed to this rank (not exact)
 
 
 class AVSpec(Strict):

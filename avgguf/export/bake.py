@@ -18,13 +18,13 @@ import shutil
 from pathlib import Path
 
 import gguf
-import numpy as np
 from gguf import GGMLQuantizationType as QType
 
 from avgguf.gguf import adapter_format as fmt
 from avgguf import atomic
 from avgguf.errors import AvggufError
 from avgguf.gguf.fuse import Cancelled, write_fused
+from avgguf.gguf.recompress import write_recompressed
 from avgguf.export.merge import Bake, open_av_sources, touched_names, write_merged_f32
 from avgguf.export.requant_bake import baked_kept_type
 from avgguf.config.modelfile import Modelfile
@@ -86,41 +86,8 @@ def fused_adapter(bake: Bake, out: Path, rank: int | None = None) -> Path:
         else:
             with atomic.scratch_dir(out) as scratch:
                 exact = write_fused(bake.active, scratch / "exact.gguf", arch)
-                recompress(exact, tmp, arch, rank, bake.metadata())
+                write_recompressed(exact, tmp, arch, rank, bake.metadata())
     return out
-
-
-def recompress(src: Path, out: Path, arch: str, rank: int, extra: dict) -> None:
-    """Each pair's B @ A truncated to `rank` by an exact SVD of the product (QR of both factors first)."""
-    info = fmt.read_adapter(src)
-    tensors = {t.name: t for t in gguf.GGUFReader(src).tensors}
-    writer = fmt.AdapterWriter(out, arch, f"{info.name} rank {rank}")
-    try:
-        for base in info.pairs:
-            a, b = (fmt.tensor_floats(tensors[base + s], np.float64) for s in (fmt.LORA_A, fmt.LORA_B))
-            delta_left, delta_right = (a, b.T) if base == fmt.TOKEN_EMBD else (b, a)  # delta = left @ right
-            left, right = _truncated_product(delta_left, delta_right, rank)
-            la, lb = fmt.pair_from_factors(base, left, right)
-            writer.add_pair(base, la, lb, "f16")
-        for key, value in extra.items():
-            writer.add_metadata(key, value)
-        writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
-
-
-def _truncated_product(left: np.ndarray, right: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """left @ right truncated to `rank`; a MoE expert stack (E, out, r) @ (E, r, in) per expert, at one rank."""
-    if left.ndim == 3:
-        parts = [_truncated_product(le, ri, rank) for le, ri in zip(left, right)]
-        return np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts])
-    ql, rl = np.linalg.qr(left)
-    qr_, rr = np.linalg.qr(right.T)
-    u, s, vt = np.linalg.svd(rl @ rr.T)
-    k = min(rank, len(s))
-    root = np.sqrt(s[:k])
-    return (ql @ u[:, :k]) * root, (root[:, None] * vt[:k]) @ qr_.T
 
 
 # --- gguf ---------------------------------------------------------------------------------------------------

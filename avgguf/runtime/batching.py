@@ -165,6 +165,26 @@ class WaitList:
             req.emit(Event("done", finish="cancelled"))
 
 
+def step_entries(members: list[Sequence], capacity: int, chunk: int) -> tuple[list, list]:
+    """One step's batch entries and, per entry, the sequence that samples from its logits (or None).
+    Decoding sequences take the `capacity` first, then prompt chunks (at most `chunk` tokens each). The
+    entries go in sequence-id order: with a K/V stream per sequence llama.cpp splits a batch into
+    micro-batches of consecutive sequence ids only (llama_batch_allocr::split_equal, sequential), so in any
+    other order one step of 8 sequences ran as up to 8 forward passes."""
+    parts, budget = [], capacity
+    for seq in sorted(members, key=lambda s: bool(s.todo)):
+        if budget <= 0:
+            break
+        part = seq.inputs(min(budget, chunk))
+        budget -= len(part)
+        parts.append((seq, part))
+    entries, owners = [], []
+    for seq, part in sorted(parts, key=lambda p: p[0].slot):
+        entries += part
+        owners += [seq if want else None for *_, want in part]
+    return entries, owners
+
+
 class Batcher:
     """The scheduler of one model: `n_seq` sequences at once, a bounded wait list, one thread."""
 
@@ -304,7 +324,7 @@ class Batcher:
         group = self._turns.next({s.group for s in self._running})
         members = [s for s in self._running if s.group == group]
         self._adapters.use(group, members[0].fused)  # every member of a fused group has the set's one adapter
-        entries, owners = self._entries(members)
+        entries, owners = step_entries(members, self._ctx.capacity, self.chunk)
         self._steps += 1
         if self._steps % ADAPT_EVERY == 0 or len(self.peers) > 1:  # peers start and stop: check every step
             self._adapt_threads()
@@ -312,25 +332,6 @@ class Batcher:
         for index, seq in enumerate(owners):
             if seq is not None:
                 self._sample(seq, index)
-
-    def _entries(self, members: list[Sequence]) -> tuple[list, list]:
-        """This step's batch entries and, per entry, the sequence that samples from its logits (or None).
-        Decoding sequences take the budget first, then prompt chunks. The entries go in sequence-id order: with
-        a K/V stream per sequence llama.cpp splits a batch into micro-batches of consecutive sequence ids only
-        (llama_batch_allocr::split_equal, sequential), so in any other order one step of 8 sequences ran as up
-        to 8 forward passes."""
-        parts, budget = [], self._ctx.capacity
-        for seq in sorted(members, key=lambda s: bool(s.todo)):
-            if budget <= 0:
-                break
-            part = seq.inputs(min(budget, self.chunk))
-            budget -= len(part)
-            parts.append((seq, part))
-        entries, owners = [], []
-        for seq, part in sorted(parts, key=lambda p: p[0].slot):
-            entries += part
-            owners += [seq if want else None for *_, want in part]
-        return entries, owners
 
     def _adapt_threads(self) -> None:
         """The engine's thread count, split between the peers with work."""

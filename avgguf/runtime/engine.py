@@ -131,10 +131,13 @@ class Engine(Vocabulary, Scoring):
         verbose: bool = False,
         fuse: str = "async",
         merge: str = "off",
+        fused_rank: int | None = None,
         **llama_kwargs,
     ):
         """`fuse`: async | sync | off; `merge`: run a set that stays in use on merged weights
-        (avgguf.runtime.merged): auto | on | off."""
+        (avgguf.runtime.merged): auto | on | off; `fused_rank`: a set's fused adapter re-compressed to this
+        rank per tensor (cheaper, not exact; None: the exact fused adapter)."""
+        self.fused_rank = fused_rank
         self.model_path = Path(model_path)
         self.base = fmt.read_base_model(self.model_path)
         self.threads = threads if isinstance(threads, ThreadPolicy) else ThreadPolicy.from_settings(threads)
@@ -206,7 +209,8 @@ class Engine(Vocabulary, Scoring):
     def fusion_cache(self, capacity: int = 4) -> FusedAdapters:
         """A cache of fused adapters of this model's AVs of its own (for a context other than the engine's)."""
         paths = {n: a.path for n, a in self.adapters.items()}
-        return FusedAdapters(llama.model_handle(self._model_llm), self.base.arch, paths, capacity=capacity)
+        model = llama.model_handle(self._model_llm)
+        return FusedAdapters(model, self.base.arch, paths, capacity=capacity, rank=self.fused_rank)
 
     # -- threads ----------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from avgguf.atomic import OutputError
 from avgguf.errors import AdapterError, AvggufError
 from avgguf.gguf.fuse import Cancelled, fused_path, write_fused
+from avgguf.gguf.recompress import write_recompressed
 from avgguf.runtime import llama
 from avgguf.runtime.background import Failures, Key, Lru, Worker, niced
 from avgguf.runtime.scratch import (
@@ -41,12 +42,16 @@ class FusedAdapters:
 
     RETRY_AFTER = 60.0
 
-    def __init__(self, model, arch: str, paths: dict[str, Path], capacity: int = 4):
-        """`model`: the llama_model pointer the adapters are loaded into (avgguf.runtime.llama.model_handle)."""
+    def __init__(self, model, arch: str, paths: dict[str, Path], capacity: int = 4, rank: int | None = None):
+        """`model`: the llama_model pointer the adapters are loaded into (avgguf.runtime.llama.model_handle).
+        `rank`: re-compress each set's sum to this rank per tensor (avgguf.gguf.recompress: cheaper to run,
+        no longer exact; `energy_kept` says how close); None: the exact concatenation."""
         self._llama_model = model
         self._arch = arch
         self._paths = paths
         self.capacity = capacity
+        self.rank = rank
+        self.energy_kept: dict[Key, float] = {}  # per re-compressed set: the share of the exact sum's energy
         self._dirs: dict[Path, Path] = {}  # location -> this cache's scratch directory there
         self._built: Lru[Path] = Lru()  # files the worker wrote, oldest first (the worker adds, callers take)
         self._loaded: Lru[object] = Lru()  # adapters loaded into llama.cpp (callers' threads only)
@@ -92,13 +97,25 @@ class FusedAdapters:
         tried = []
         for location in self._locations(need):
             try:
-                return write_fused(sources, fused_path(self._scratch(location), key), self._arch, stop=stop)
+                return self._write_at(self._scratch(location), key, sources, stop)
             except (OSError, OutputError) as exc:  # full (ENOSPC), read-only...: the next location
                 tried.append(f"{location}: {exc}")
         raise AvggufError(
             f"no room for a fused adapter of about {need >> 20} MiB "
             f"({'; '.join(tried) or f'{SHM_DIR} and the user cache dir are too full'})"
         )
+
+    def _write_at(self, directory: Path, key: Key, sources: list, stop) -> Path:
+        out = fused_path(directory, key)
+        if self.rank is None:
+            return write_fused(sources, out, self._arch, stop=stop)
+        exact = write_fused(sources, out.with_suffix(".exact.gguf"), self._arch, stop=stop)
+        try:
+            self.energy_kept[key] = write_recompressed(exact, out, self._arch, self.rank, stop=stop)
+        finally:
+            exact.unlink(missing_ok=True)
+        log.info("set %s re-compressed to rank %d: %.3f of its energy kept", dict(key), self.rank, self.energy_kept[key])
+        return out
 
     def _build(self, key: Key, stop=None) -> Path | None:
         """Write this set's fused file; its path, or None (cancelled, or failed: recorded and logged)."""

@@ -47,6 +47,7 @@ class Runtime:
             verbose=verbose,
             fuse=fuse,
             merge=merge or d.merge,
+            fused_rank=d.fused_rank,
         )
         for name, path in modelfile.av_paths.items():
             self.engine.load_adapter(name, path)  # a LoRA AV or a control vector (told apart by the file)
