@@ -121,7 +121,7 @@ def headline() -> list[tuple[str, str, str, str]]:
     bake = "bake_speed.md"
     srv = "server_load.md"
     mt = "methods.md"
-    default = "avgguf serve (default: --parallel 4, a K/V stream per request, merge auto)"
+    default = "avgguf serve --parallel 8 (the default on this model: a K/V stream per request, merge auto)"
     unified = "avgguf serve --parallel 8 --kv-unified (merge auto)"
     stock = "llama-server --parallel 8"
     shipped = "demo_fidelity_shipped.md"
@@ -304,9 +304,10 @@ SECTIONS = [
         "Stock llama-server built from the llama.cpp source in llama-cpp-python's sdist, same GGUF and AVs via "
         "`--lora-scaled FNAME:0,...` (`-nr`: no repacked weights, avgguf's own policy on this AMX CPU); every "
         "request sets its adapter scales with llama-server's per-request `lora` field, which both accept. "
-        "`avgguf serve`'s default is `--parallel 4` with a K/V stream per request; `--kv-unified` shares one K/V "
-        "buffer: about twice the requests/s at 8 clients, but greedy answers under load then differ from solo "
-        "ones (the agreement lines). The full matrix (1/4/8 clients, alternating sets, --merge off, --contexts 2): "
+        "`avgguf serve`'s default is a K/V stream per request and `--parallel 8` where 8 x n_ctx tokens of K/V fit "
+        "1 GiB (this model), else 4; `--kv-unified` shares one K/V buffer: more requests/s at 8 clients, but "
+        "greedy answers under load then differ from solo ones (the agreement lines). "
+        "The full matrix (1/4/8 clients, alternating sets, --merge off, --contexts 2): "
         "the command without --issue25.",
     ),
     Section(

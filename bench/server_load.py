@@ -108,8 +108,8 @@ def avgguf_servers(counts: list[str], issue25: bool) -> list[tuple[str, list[str
     avgguf = [sys.executable, "-m", "avgguf.cli", "serve", str(ROOT / "modelfiles" / "demo.yaml")]
     avgguf += ["--threads", str(os.cpu_count())]
     p8 = ["--parallel", "8"]
-    default = [("avgguf serve (default: --parallel 4, a K/V stream per request, merge auto)", avgguf)]
-    default += [("avgguf serve --parallel 8 (merge auto)", [*avgguf, *p8])]
+    default = [("avgguf serve --parallel 4 (a K/V stream per request, merge auto)", [*avgguf, "--parallel", "4"])]
+    default += [("avgguf serve --parallel 8 (the default on this model: a K/V stream per request, merge auto)", [*avgguf, *p8])]
     default += [("avgguf serve --parallel 8 --kv-unified (merge auto)", [*avgguf, *p8, "--kv-unified"])]
     if issue25:
         return default

@@ -296,3 +296,23 @@ def test_a_step_lists_its_sequences_in_id_order(rt, monkeypatch):
     multi = [s for s in steps if len(set(s)) > 1]
     assert len(multi) > 20
     assert all(s == sorted(s) for s in multi), [s for s in multi if s != sorted(s)][:3]
+
+
+def test_serve_picks_8_sequences_where_their_kv_fits_1_gib(rt):
+    """`serve` without --parallel: 8 sequences where 8 x n_ctx tokens of f16 K/V fit 1 GiB, else llama-server's
+    4 (avgguf.runtime.contexts.auto_parallel): the shapes of the model as read from its GGUF."""
+    from avgguf.gguf.adapter_format import read_base_model
+    from avgguf.runtime.contexts import auto_parallel, kv_bytes_per_token
+    from avgguf.config.builtin import builtin_path
+    from avgguf.server.registry import Served
+
+    smol = read_base_model(builtin_path()).shapes  # 30 layers, 3 K/V heads of 64: 23 040 bytes per token
+    assert kv_bytes_per_token(smol) == 30 * 2 * 192 * 2
+    assert auto_parallel(smol, 2048) == 8 and auto_parallel(smol, 8192) == 4
+    llama8b = {f"blk.{i}.attn_{kv}.weight": (1024, 4096) for i in range(32) for kv in "kv"}
+    assert auto_parallel(llama8b, 2048) == 4 and auto_parallel(llama8b, 1024) == 8
+    served = Served(rt.modelfile, rt)
+    try:
+        assert served.parallel == 8 and [b.n_seq for b in served.batchers] == [8]
+    finally:
+        served.close()

@@ -21,14 +21,14 @@ def add_serve_parser(sub, parent) -> None:
     p.add_argument(
         "--parallel",
         type=cli_args.positive_int,
-        default=4,
-        help="requests decoded together per model "
-        "(continuous batching in one llama.cpp context; KV cache for N x n_ctx tokens; default 4)",
+        default=None,
+        help="requests decoded together per model (continuous batching in one llama.cpp context; KV cache for "
+        "N x n_ctx tokens; default: 8 where that K/V fits 1 GiB, else 4)",
     )
     p.add_argument(
         "--max-queue",
         type=cli_args.positive_int,
-        help="answer 503 when this many requests already wait for a model (default: 4 x --parallel)",
+        help="answer 503 when this many requests already wait for a model (default: 4 per parallel request)",
     )
     p.add_argument("--docs", action="store_true", help="serve FastAPI's /docs and /openapi.json (off by default)")
     p.add_argument(
@@ -105,7 +105,7 @@ def _serve(args, on_ready=None, key: str | None = None) -> int:
         raise AvggufError("--lora applies to one base GGUF; give a single BASE.gguf (or list adapters in modelfiles)")
     models = [open_target(t, loras, cli_args.cvec_layers(args))[0] for t in args.targets]
     passed = {name: getattr(args, name) for name in SERVE_OPTIONS}
-    serve(models, args.host, args.port, key, max_queue=args.max_queue or 4 * args.parallel, on_ready=on_ready, **passed)
+    serve(models, args.host, args.port, key, max_queue=args.max_queue, on_ready=on_ready, **passed)
     return 0
 
 

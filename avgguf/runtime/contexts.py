@@ -15,6 +15,24 @@ from avgguf.runtime import llama
 EXACT_ROWS = 63
 
 
+# `serve --parallel` by default: 8 sequences where their K/V (f16, n_ctx cells each) fits AUTO_KV_BYTES, else 4
+# (llama-server's default count). 8 pays on the CPU (bench/results/server_load.md: at 8 clients 1.28x
+# llama-server's requests/s, 4: 1.10x); above 1 GiB of K/V the memory matters more.
+AUTO_PARALLEL, FALLBACK_PARALLEL, AUTO_KV_BYTES = 8, 4, 1 << 30
+
+
+def kv_bytes_per_token(shapes: dict[str, tuple[int, ...]]) -> int:
+    """f16 K and V bytes one token takes in every layer (the rows of each attn_k/attn_v weight; 0 for a model
+    without attention, e.g. recurrent)."""
+    rows = sum(shape[0] for name, shape in shapes.items() if name.endswith((".attn_k.weight", ".attn_v.weight")))
+    return 2 * rows
+
+
+def auto_parallel(shapes: dict[str, tuple[int, ...]], n_ctx: int) -> int:
+    """The sequences a batching context gets when none is asked for (AUTO_PARALLEL where it fits)."""
+    return AUTO_PARALLEL if AUTO_PARALLEL * n_ctx * kv_bytes_per_token(shapes) <= AUTO_KV_BYTES else FALLBACK_PARALLEL
+
+
 class SideContext:
     """A llama_context on `model` with fixed adapters; tokens are appended (KV kept), last logits read."""
 

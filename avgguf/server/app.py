@@ -340,7 +340,7 @@ def serve(
     stats: bool = False,
     allow_write: bool = False,
     on_ready=None,
-    parallel: int = 4,
+    parallel: int | None = None,
     max_queue: int | None = None,
     kv_unified: bool = False,
     contexts: int = 1,

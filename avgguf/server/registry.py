@@ -12,6 +12,7 @@ from fastapi import Request
 from avgguf.config.modelfile import Modelfile
 from avgguf.runtime import merged as hot
 from avgguf.runtime.batching import Batcher
+from avgguf.runtime.contexts import auto_parallel
 from avgguf.runtime.session import Runtime
 from avgguf.server.guard import Handoff
 from avgguf.server.hot_sets import HotSets
@@ -28,13 +29,16 @@ class Served:
     runtime: Runtime
     global_scales: dict[str, float] | None = None  # set by POST /lora-adapters
     max_queue: int | None = None
-    parallel: int = 4
+    parallel: int | None = None  # None: avgguf.runtime.contexts.auto_parallel (8 where the K/V fits 1 GiB, else 4)
     kv_unified: bool = False
     contexts: int = 1
     merge: bool = False  # hot sets on merged weights (avgguf.runtime.merged)
     waiting: int = 0
 
     def __post_init__(self):
+        if self.parallel is None:
+            engine = self.runtime.engine
+            self.parallel = auto_parallel(engine.base.shapes, engine.n_ctx)
         self.pool: asyncio.Queue = asyncio.Queue()  # the runtime, for PAD requests (one at a time)
         self.pool.put_nowait(self.runtime)
         n = self.contexts
@@ -117,7 +121,7 @@ class Registry:
         stats: bool = False,
         allow_write: bool = False,
         max_queue: int | None = None,
-        parallel: int = 4,
+        parallel: int | None = None,
         kv_unified: bool = False,
         contexts: int = 1,
         merge: str | None = "off",
