@@ -246,14 +246,16 @@ SECTIONS = [
     Section(
         "Full-speed profiles: fused adapters, merged hot sets, `avgguf bake`, llama-export-lora",
         ("bake_speed.md",),
-        "python bench/bake_speed.py --models smollm2 --repeats 5 --export-lora /path/to/llama-export-lora --work /big/tmp\n"
+        "python bench/bake_speed.py --models smollm2 --repeats 3 --tokens 64 --json bench/results/bake_speed.json\n"
         "python bench/bake_speed.py --models synthetic-1b --repeats 3 --export-lora /path/to/llama-export-lora --work /big/tmp",
         "Every group measures its own base in the same run, paths alternating, 64 tokens greedy, 2 threads. "
         "Fidelity is against the full-precision merged model (the base's weights in float32 + Σλ·ΔW): "
         "**KL kept** = 1 − KL(fp ‖ path) / KL(fp ‖ base) over expert answers to held-out queries; **margin kept** "
         "= the path's change of the preference margin over fp's. \"live, merged hot set\" is what "
         "`run`/`chat`/`serve` serve once a set has answered (`--merge on`; `auto` picks it on SmolLM2, not on "
-        'the 1.2B Q4_0 model); its "build" is the background bake and load. llama-export-lora refuses '
+        'the 1.2B Q4_0 model); its "build" is the background bake and load. The SmolLM2 rows are from the current demo AVs, '
+        "without llama-export-lora this time (no binary built; its rows for the previous AVs are in git history). "
+        '"re-compressed to rank R" is `defaults: fused_rank: R` (the live path before a merge). llama-export-lora refuses '
         "quantized LoRAs, so it was given exact f16 copies of the AVs. The synthetic 1.2B model has random "
         "weights (speed only). Raw numbers: bench/results/bake_speed.json.",
     ),
