@@ -343,7 +343,8 @@ SECTIONS = [
         "The judge of generated answers vs people's labels",
         ("judge.md",),
         "python bench/judge_agreement.py",
-        "360 generated answers labeled by hand before any judge was trained (data/judge/), split by query; the "
+        "648 generated answers (the demo AVs, PAD and control vectors) labeled by hand before any judge was trained "
+        "(data/judge/), split by query, and a second annotator's labels of 96 of them; the "
         "judge that `avgguf eval --generate`, `avgguf judge` and the desktop use, against the old TF-IDF one.",
         start=(("judge.md", "`python bench/judge_agreement.py"),),
     ),

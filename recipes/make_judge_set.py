@@ -15,6 +15,14 @@ Rows (one JSON object a line):
                 "temperature": 0.0, "seed": 0, "max_tokens": 100, "query_split": "eval"},
      "label": null, "label_note": null}
 
+`--knobs MODELFILE` adds the second kind of round (issue #23 item 3: base, AVs, PAD and control vectors):
+the same queries (and `--per-domain` more) answered by each method of bench/methods.py at one λ per method
+and query, rotating through ROUND_LAMBDAS so every method meets every λ: the current demo AV live
+("av"), PAD with that AV (`decode="pad"`), and the control vectors made from the AV's pair and from the
+preference data (knobs `cvpair_<domain>` / `cvpref_<domain>` of the modelfile `bench/methods.py` writes,
+bench/out/methods/methods.yaml). Those rows' ids carry the method (`medical-03-cvpair+1`) and their source
+`"round": 3`.
+
 `label` / `label_note` are written afterwards by a person reading each answer (rubric: recipes/
 make_preferences.py, plus "off-level", see data/judge/README.md); rows already in the file are kept as
 they are (so re-running with a larger --per-domain only adds answers).
@@ -36,6 +44,8 @@ LAMBDAS = (-1.0, -0.5, 0.0, 0.5, 1.0, 1.5)
 DOMAINS = ("medical", "legal", "financial")
 SAMPLED = {"temperature": 0.7, "seed": 0}
 GREEDY = {"temperature": 0.0, "seed": 0}
+ROUND_LAMBDAS = (-1.0, -0.5, 0.5, 1.0, 1.5)
+ROUND_METHODS = ("av", "pad", "cvpair", "cvpref")  # one λ each per query
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -59,6 +69,21 @@ def pick_queries(domain: str, per_domain: int) -> list[dict]:
             row = qs[(7 * i + 3) % len(qs)]  # vary the question form across topics
             picked.append({"query": row["query"], "topic": topic, "query_split": split})
     return picked[:per_domain]
+
+
+def round_jobs(domain: str, queries: list[dict]) -> list[tuple]:
+    """(domain, query index, query, method, λ) of the knobs round: per query one λ per method, rotating."""
+    jobs = []
+    for i, q in enumerate(queries):
+        for k, method in enumerate(ROUND_METHODS):
+            jobs.append((domain, i, q, method, ROUND_LAMBDAS[(i + 2 * k) % len(ROUND_LAMBDAS)]))
+    return jobs
+
+
+def knob_coefficients(model, domain: str, method: str, lam: float) -> tuple[dict, str]:
+    """The coefficients (every knob named, the method's at λ) and the decode mode of one round-3 answer."""
+    knob = domain if method in ("av", "pad") else f"{method}_{domain}"
+    return model.set({**{name: 0.0 for name in model.avs}, knob: lam}), "pad" if method == "pad" else "weights"
 
 
 def previous_rows(path: Path) -> dict[str, dict]:
@@ -96,8 +121,32 @@ def generate(out: Path, per_domain: int, max_tokens: int) -> int:
     return len(todo)
 
 
-def row_id(domain: str, i: int, lam: float) -> str:
-    return f"{domain}-{i:02d}-l{lam:+g}"
+def row_id(domain: str, i: int, lam: float, method: str = "l") -> str:
+    return f"{domain}-{i:02d}-{method}{lam:+g}"
+
+
+def generate_round(out: Path, knobs: Path, per_domain: int, max_tokens: int) -> int:
+    """The knobs round (see the module doc): rows not in `out` yet are appended after the rows already there."""
+    import avgguf
+    from tqdm import tqdm
+
+    old = previous_rows(out)
+    jobs = [job for d in DOMAINS for job in round_jobs(d, pick_queries(d, per_domain))]
+    todo = [job for job in jobs if row_id(job[0], job[1], job[4], job[3]) not in old]
+    rows = list(old.values())
+    with avgguf.open(knobs) as model:
+        for domain, i, q, method, lam in tqdm(todo, desc="answers", unit="answer"):
+            decode = GREEDY if i % 2 == 0 else SAMPLED
+            coefs, mode = knob_coefficients(model, domain, method, lam)
+            answer = model.chat(q["query"], max_tokens=max_tokens, decode=mode, **decode).strip()
+            used = {k: v for k, v in coefs.items() if v}
+            source = {"method": method, "coefficients": used, "decode": mode, **decode, "max_tokens": max_tokens}
+            source.update({"query_split": q["query_split"], "round": 3})
+            rid = row_id(domain, i, lam, method)
+            rows.append({"id": rid, "domain": domain, "query": q["query"], "topic": q["topic"], "answer": answer})
+            rows[-1].update({"source": source, "label": None, "label_note": None})
+    atomic.write_text_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return len(todo)
 
 
 def main() -> None:
@@ -105,8 +154,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "data" / "judge" / "answers.jsonl")
     ap.add_argument("--per-domain", type=int, default=20, help="queries per domain (each answered at every λ)")
     ap.add_argument("--max-tokens", type=int, default=100)
+    ap.add_argument("--knobs", type=Path, help="a modelfile with the demo AVs and cvpair_/cvpref_<domain> knobs: the knobs round")
     args = ap.parse_args()
-    n = generate(args.out, args.per_domain, args.max_tokens)
+    if args.knobs:
+        n = generate_round(args.out, args.knobs, args.per_domain, args.max_tokens)
+    else:
+        n = generate(args.out, args.per_domain, args.max_tokens)
     print(f"{n} new answers generated into {args.out}")
 
 

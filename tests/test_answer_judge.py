@@ -16,9 +16,10 @@ from avgguf.errors import AvggufError
 from avgguf.eval import answer_judge as aj
 
 ROOT = Path(__file__).resolve().parent.parent
-# measured: 0.78 (98 of 126) on the held-out answers (bench/results/judge.md); the margin allows a 1-2 answer drift from a
-# scikit-learn or llama.cpp tokenizer upgrade, not a judge that stopped working
-MIN_AGREEMENT = 0.72
+# measured: 0.69 (154 of 222) on the held-out answers of all three rounds (bench/results/judge.md; two people agree on
+# 0.80 of them); the margin allows a few answers' drift from a scikit-learn or llama.cpp tokenizer upgrade, not a judge
+# that stopped working (the TF-IDF one it replaced scores 0.36)
+MIN_AGREEMENT = 0.65
 QUERY = "Could you walk me through a fever in an adult?"
 
 
@@ -43,7 +44,11 @@ def test_split_keeps_each_query_on_one_side():
 def test_every_row_is_labeled_by_the_rubric():
     rows = aj.read_labeled()
     assert {r["label"] for r in rows} == set(aj.LEVELS)
-    assert all(r["label_note"] and r["source"]["method"] == "av" for r in rows)
+    assert all(r["label_note"] and r["source"]["method"] in ("av", "pad", "cvpair", "cvpref") for r in rows)
+    assert {r["source"]["method"] for r in rows if r["source"].get("round") == 3} == {"av", "pad", "cvpair", "cvpref"}
+    second = [json.loads(line) for line in (ROOT / "data" / "judge" / "second_annotator.jsonl").read_text().splitlines()]
+    ids = {r["id"] for r in rows}
+    assert len(second) >= 50 and all(o["id"] in ids and o["label"] in aj.LEVELS for o in second)
 
 
 def test_echo_and_loops_are_off_level():

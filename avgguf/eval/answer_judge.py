@@ -275,7 +275,7 @@ class AnswerJudge:
     hand features (the rest). Class weights balanced: expert answers are few. The settings were chosen by a
     repeated grouped cross-validation on the train split only (bench/judge_agreement.py prints it)."""
 
-    def __init__(self, features: Features, c: float = 0.1, hand_weight: float = 0.25, embedding_weight: float = 0.5):
+    def __init__(self, features: Features, c: float = 0.01, hand_weight: float = 0.25, embedding_weight: float = 0.5):
         self.features, self.c = features, c
         self.weights = (hand_weight, embedding_weight, 1.0 - hand_weight - embedding_weight)
         self.parts: list[tuple[slice, object, object, float]] = []
